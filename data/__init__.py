@@ -1,0 +1,1 @@
+"""Preference-data readers and tokenisation; the embedded synthetic world and its reference model."""

@@ -1,0 +1,1 @@
+"""Metrics, the paper's experiments in miniature, and benchmarks."""
