@@ -1,0 +1,199 @@
+"""HF-format checkpoints: `config.json` + `model.safetensors` (or shards with `model.safetensors.index.json`).
+
+One explicit name table maps HF's keys to ours; a missing, unexpected or mis-shaped key is an error that lists
+them, never a silently random weight. Loading builds the model on the meta device and assigns the tensors read
+from the safetensors files (memory-mapped), so the process holds about one copy of the weights, not two; with a
+`device`, tensors are read straight onto it (a 7B checkpoint goes to the GPU without a CPU copy of the model).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from models.mistral import ConfigError, Mistral, MistralConfig
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# {HF name: our name}; "{}" is the layer index. Our modules mirror HF's names without the "model." prefix that
+# MistralForCausalLM puts around the decoder.
+_FROM_HF = {
+    "model.embed_tokens.weight": "embed_tokens.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.input_layernorm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_layernorm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.self_attn.q_proj.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.self_attn.k_proj.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.self_attn.v_proj.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.self_attn.o_proj.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.gate_proj.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.up_proj.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down_proj.weight",
+}
+_TO_HF = {ours: hf for hf, ours in _FROM_HF.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is; the message names the path and the keys."""
+
+
+def _translate(name: str, table: dict) -> str | None:
+    """Map one key through a table whose entries may hold "{}" for a layer index; None if no entry matches."""
+    layer = re.search(r"\.(\d+)\.", name)
+    pattern = name.replace(f".{layer.group(1)}.", ".{}.", 1) if layer else name
+    target = table.get(pattern)
+    if target is None:
+        return None
+    return target.format(layer.group(1)) if layer else target
+
+
+def hf_to_ours(name: str) -> str | None:
+    return _translate(name, _FROM_HF)
+
+
+def ours_to_hf(name: str) -> str | None:
+    return _translate(name, _TO_HF)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    single, index = path / SINGLE_FILE, path / INDEX_FILE
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({error})") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
+        return files
+    found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+    hint = f" (found {', '.join(found)}: only safetensors is read; convert them first)" if found else ""
+    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Mistral:
+    """Load an HF-format Mistral (or Llama) directory. dtype None keeps the stored dtype; device None is CPU."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such model directory")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: missing config.json")
+    try:
+        config = MistralConfig.from_json(path / "config.json")
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None
+    files = _weight_files(path)
+    with torch.device("meta"):
+        model = Mistral(config)
+    expected = {name: p.shape for name, p in model.state_dict(keep_vars=True).items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")  # the same tensor as embed_tokens.weight; HF does not store it
+
+    device_str = str(torch.device(device)) if device is not None else "cpu"
+    state, unexpected, misshaped = {}, [], []
+    for file in files:
+        with safe_open(str(file), framework="pt", device=device_str) as f:
+            for hf_name in f.keys():
+                name = hf_to_ours(hf_name)
+                if name is None or name not in expected:
+                    if config.tie_word_embeddings and name == "lm_head.weight":
+                        continue  # some tied checkpoints store the head too; it must equal the embedding
+                    unexpected.append(f"{hf_name} ({file.name})")
+                    continue
+                tensor = f.get_tensor(hf_name)
+                if tensor.shape != expected[name]:
+                    misshaped.append(f"{hf_name}: {tuple(tensor.shape)} in {file.name}, "
+                                     f"config expects {tuple(expected[name])}")
+                    continue
+                state[name] = tensor.to(dtype) if dtype is not None else tensor
+    missing = [ours_to_hf(name) for name in expected if name not in state]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped tensors: {'; '.join(misshaped)}")
+    if problems:
+        raise CheckpointError(f"{path}: " + " | ".join(problems))
+
+    model.load_state_dict(state, strict=False, assign=True)  # strictness checked above, with HF names in errors
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
+def save_pretrained(model: Mistral, path, max_shard_bytes: int | None = None, tokenizer_path=None) -> Path:
+    """Write `model` as an HF-format directory that `MistralForCausalLM.from_pretrained` loads.
+
+    With `max_shard_bytes`, weights are split into `model-0000i-of-0000n.safetensors` plus an index, as HF does
+    for large models. The directory is written to a temporary sibling first and renamed into place, so an
+    interrupted save never leaves a half-written checkpoint; an existing directory is refused.
+    """
+    path = Path(path)
+    if path.exists():
+        raise CheckpointError(f"{path}: already exists; refusing to overwrite")
+    config = model.config
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        hf_name = ours_to_hf(name)
+        if hf_name is None:
+            raise CheckpointError(f"{name}: no HF name for this parameter (merge or remove LoRA layers first)")
+        state[hf_name] = tensor.detach().contiguous().cpu()
+
+    dtype = next(iter(state.values())).dtype
+    hf_config = config.to_hf_dict() | {"dtype": str(dtype).removeprefix("torch."),
+                                       "torch_dtype": str(dtype).removeprefix("torch.")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        shards = _split(state, max_shard_bytes)
+        metadata = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], str(staging / SINGLE_FILE), metadata=metadata)
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards, start=1):
+                file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(staging / file_name), metadata=metadata)
+                for name, tensor in shard.items():
+                    weight_map[name] = file_name
+                    total += tensor.numel() * tensor.element_size()
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, staging / "tokenizer.model")
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _split(state: dict, max_shard_bytes: int | None) -> list[dict]:
+    if max_shard_bytes is None:
+        return [state]
+    shards, current, size = [], {}, 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    return shards + [current] if current else shards

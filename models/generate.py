@@ -1,0 +1,113 @@
+"""Generation as small composable functions (after gpt-fast):
+
+    logits_to_probs -> sample_token -> prefill -> decode_one_token -> generate
+
+The sampling methods the paper compares (token temperature; top-k; top-p; min-p) are pure functions over a
+`[..., V]` logit tensor. Filters follow HF transformers' order: temperature first, then top-k, top-p, min-p,
+each computed on the tempered distribution. Temperature 0 is greedy decoding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.mistral import KVCache, Mistral
+
+
+def top_k_filter(logits, k: int):
+    """Keep the k largest logits per row (ties at the k-th value kept), -inf elsewhere."""
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits, p: float):
+    """Nucleus sampling: keep the smallest set of most likely tokens whose probability reaches p (always >= 1)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    remove_sorted = cumulative - sorted_logits.softmax(-1) >= p  # mass before this token already reaches p
+    remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def min_p_filter(logits, p_base: float):
+    """min-p (Nguyen et al. 2024): keep tokens with probability >= p_base * (probability of the top token)."""
+    probs = logits.softmax(-1)
+    threshold = p_base * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def logits_to_probs(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                    min_p: float | None = None):
+    """Sampling distribution [..., V] from raw logits (float32). Temperature must be > 0 here (0 is greedy)."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    if min_p is not None:
+        logits = min_p_filter(logits, min_p)
+    return logits.softmax(-1)
+
+
+def sample_token(logits, temperature: float = 1.0, top_k=None, top_p=None, min_p=None, generator=None):
+    """One token per row of `logits` [B, V]: argmax at temperature 0, else a draw from `logits_to_probs`."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = logits_to_probs(logits, temperature, top_k, top_p, min_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prefill(model: Mistral, prompt, cache: KVCache):
+    """Run the prompt [B, T] through the model, filling the cache; logits of the last position [B, V]."""
+    return model(prompt, cache=cache)[:, -1]
+
+
+def decode_one_token(model: Mistral, token, cache: KVCache):
+    """Feed one token per row [B] at cache.pos; logits of the next position [B, V]."""
+    return model(token[:, None], cache=cache)[:, -1]
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # per sample, the new tokens up to and including EOS (if it came)
+    logprobs: list[float]  # per sample, log-probability of those tokens under the model (temperature 1, unfiltered)
+
+
+@torch.no_grad()
+def generate(model: Mistral, prompt_ids: list[int], max_new_tokens: int, num_samples: int = 1,
+             temperature: float = 1.0, top_k=None, top_p=None, min_p=None, eos_id: int | None = None,
+             generator: torch.Generator | None = None) -> Generation:
+    """`num_samples` continuations of one prompt, batched: the prompt is prefilled once and its cache repeated."""
+    if not prompt_ids:
+        raise ValueError("generate: prompt_ids is empty (a chat prompt starts with BOS)")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    device = model.embed_tokens.weight.device
+    dtype = model.embed_tokens.weight.dtype
+    prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, dtype=dtype, device=device)
+    logits = prefill(model, prompt, cache)  # (1, V)
+    cache.reorder(torch.zeros(num_samples, dtype=torch.long, device=device))
+    logits = logits.expand(num_samples, -1)  # (N, V)
+
+    new_tokens = torch.zeros(num_samples, max_new_tokens, dtype=torch.long, device=device)
+    logprobs = torch.zeros(num_samples, device=device)
+    finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    lengths = torch.full((num_samples,), max_new_tokens, device=device)
+    for step in range(max_new_tokens):
+        token = sample_token(logits, temperature, top_k, top_p, min_p, generator)  # (N,)
+        token_logprob = logits.float().log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+        logprobs += torch.where(finished, 0.0, token_logprob)
+        new_tokens[:, step] = token
+        if eos_id is not None:
+            just_finished = (token == eos_id) & ~finished
+            lengths = torch.where(just_finished, step + 1, lengths)
+            finished |= just_finished
+            if bool(finished.all()):
+                break
+        if step + 1 < max_new_tokens:
+            logits = decode_one_token(model, token, cache)
+    tokens = [new_tokens[i, : int(lengths[i])].tolist() for i in range(num_samples)]
+    return Generation(tokens=tokens, logprobs=logprobs.tolist())
