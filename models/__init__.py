@@ -1,7 +1,11 @@
 """The Mistral-architecture decoder, its KV cache, tokenizer, hand-written LoRA and HF-format checkpoint I/O."""
 from models.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from models.generate import generate
+from models.lora import (AdapterError, LoRALinear, add_lora, disable_lora, load_adapter, load_lora_state_dict,
+                         lora_parameters, lora_state_dict, merge_lora, save_adapter)
 from models.mistral import ConfigError, KVCache, Mistral, MistralConfig, build_model
+from models.tokenizer import Tokenizer
 
 __all__ = ["MistralConfig", "ConfigError", "Mistral", "KVCache", "build_model", "load_pretrained", "save_pretrained",
-           "CheckpointError", "generate"]
+           "CheckpointError", "generate", "Tokenizer", "add_lora", "disable_lora", "merge_lora", "save_adapter",
+           "load_adapter", "lora_parameters", "lora_state_dict", "load_lora_state_dict", "LoRALinear", "AdapterError"]
