@@ -86,7 +86,7 @@ class Tokenizer:
         `messages` is [system?] user (assistant user)*: roles alternate, the first non-system turn is the
         user's and the last turn is the user's. Earlier assistant turns are closed with EOS.
         """
-        system, turns = _split_system(messages)
+        system, turns = validate_messages(messages)
         if not turns or turns[-1]["role"] != "user":
             raise ValueError("encode_prompt: messages must end with a user turn")
         ids = [self.bos_id]
@@ -106,14 +106,14 @@ class Tokenizer:
         prompt_ids + response_ids is the whole conversation, and prompt_ids is exactly
         encode_prompt(messages[:-1]): the boundary is where the segments meet, found without any re-encoding.
         """
-        _split_system(messages)
+        validate_messages(messages)
         if not messages or messages[-1]["role"] != "assistant":
             raise ValueError("encode_chat: messages must end with an assistant turn")
         return self.encode_prompt(messages[:-1]), self.encode_response(messages[-1]["content"])
 
 
-def _split_system(messages) -> tuple[str | None, list[dict]]:
-    """Validate a message list and split off its optional leading system message."""
+def validate_messages(messages) -> tuple[str | None, list[dict]]:
+    """Check roles, types and alternation of a message list -> (system text or None, the other turns)."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
     for position, message in enumerate(messages):

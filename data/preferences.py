@@ -1,0 +1,339 @@
+"""Preference-data readers: a local .jsonl / .json file -> PreferenceRecords (chat prompt, chosen, rejected).
+
+The file format is detected by content: a first non-blank character `[` is a JSON array, anything else is
+JSON Lines (blank lines ignored). Each object is in one of the layouts users actually have:
+
+  standard        {"prompt": str, "chosen": str, "rejected": str}                           (TRL)
+  conversational  {"prompt": [messages], "chosen": [messages], "rejected": [messages], ...}
+                  chosen / rejected are the assistant message list, or the whole conversation, prompt
+                  included (UltraFeedback-binarized; its "prompt" may then be the user's string); extra keys
+                  such as score_chosen, score_rejected, messages are ignored; with no "prompt", two whole
+                  conversations that share every turn before the reply
+  HH-RLHF         {"chosen": str, "rejected": str}: whole transcripts with "\\n\\nHuman:" / "\\n\\nAssistant:"
+                  markers; the prompt is everything up to and including the last "\\n\\nAssistant:" the two share
+
+plus an optional "chosen_prob" in [0, 1] (soft label: the fraction of raters preferring chosen; default 1).
+`column_map` renames fields, e.g. {"prompt": "question", "chosen": "good", "rejected": "bad"}.
+
+Bad input (missing file, empty file, non-UTF-8 bytes, malformed JSON, missing field, wrong type) raises
+DataError, whose message is the one line `path:line: problem` (for a JSON array, the line on which the
+element starts; `path: problem` where no line applies: a missing or empty file). Valid but unusable pairs
+(identical or empty responses, empty prompt, an HH transcript that is not a chat) are skipped and counted
+in a DataSummary, whose format() says what was skipped, why and where.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+
+from models.tokenizer import validate_messages
+
+COLUMNS = ("prompt", "chosen", "rejected", "chosen_prob")
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+_HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
+_JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+class DataError(ValueError):
+    """Bad input data. str(error) is one line, `path:line: problem`, fit to print before exiting 1."""
+
+    def __init__(self, path: str, line: int | None, problem: str):
+        self.path, self.line, self.problem = path, line, problem
+        super().__init__(f"{path}:{line}: {problem}" if line is not None else f"{path}: {problem}")
+
+
+class UnusablePair(Exception):
+    """A well-formed record that cannot be trained on; str(error) is the skip reason counted in DataSummary."""
+
+
+@dataclasses.dataclass
+class PreferenceRecord:
+    prompt: list[dict]  # chat messages: [system?] user (assistant user)*, ending with a user turn
+    chosen: str  # the preferred assistant reply
+    rejected: str  # the dispreferred assistant reply
+    chosen_prob: float = 1.0  # P(chosen preferred); 1.0 is a hard label
+    line: int = 0  # line where the record starts in its file
+
+
+@dataclasses.dataclass
+class DataSummary:
+    """What happened to every record of one file: kept, or skipped with a reason and its line numbers."""
+
+    path: str
+    sha256: str  # of the file's bytes: the dataset content hash for the reference cache
+    num_read: int = 0
+    num_kept: int = 0
+    skipped: dict = dataclasses.field(default_factory=dict)  # reason -> [line, ...]
+    truncated: dict = dataclasses.field(default_factory=dict)  # what was truncated -> count
+
+    def skip(self, reason: str, line: int) -> None:
+        self.skipped.setdefault(reason, []).append(line)
+
+    def count_truncation(self, what: str) -> None:
+        self.truncated[what] = self.truncated.get(what, 0) + 1
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(len(lines) for lines in self.skipped.values())
+
+    def format(self) -> str:
+        """One header line, then one line per skip reason and per kind of truncation."""
+        out = [f"{self.path}: read {self.num_read} pairs, kept {self.num_kept}, skipped {self.num_skipped}"]
+        for reason, lines in self.skipped.items():
+            shown = ", ".join(str(line) for line in lines[:8]) + (", ..." if len(lines) > 8 else "")
+            out.append(f"  skipped {len(lines)}: {reason} (line {shown})")
+        for what, count in self.truncated.items():
+            out.append(f"  truncated {count}: {what}")
+        return "\n".join(out)
+
+
+def read_preferences(path, column_map: dict | None = None) -> tuple[list[PreferenceRecord], DataSummary]:
+    """Read every record of a .jsonl / .json file; raise DataError on bad input, count unusable pairs."""
+    columns = _columns(column_map)
+    path = os.fspath(path)
+    values, sha256 = _read_json_values(path)
+    summary = DataSummary(path=path, sha256=sha256)
+    records = []
+    for line, value in values:
+        summary.num_read += 1
+        try:
+            record = parse_record(value, columns, path, line)
+        except UnusablePair as unusable:
+            summary.skip(str(unusable), line)
+            continue
+        records.append(record)
+    summary.num_kept = len(records)
+    return records, summary
+
+
+def parse_record(value, columns: dict, path: str, line: int) -> PreferenceRecord:
+    """One JSON value -> a PreferenceRecord; DataError if malformed, UnusablePair if it cannot be trained on."""
+    def fail(problem):
+        raise DataError(path, line, problem)
+
+    if not isinstance(value, dict):
+        fail(f"expected a JSON object, got {_json_type(value)}")
+    for name in ("chosen", "rejected"):
+        if columns[name] not in value:
+            fail(f'missing field "{columns[name]}"')
+        if not isinstance(value[columns[name]], (str, list)):
+            fail(f'field "{columns[name]}" must be a string or a list of messages, '
+                 f"got {_json_type(value[columns[name]])}")
+    chosen_value, rejected_value = value[columns["chosen"]], value[columns["rejected"]]
+
+    if columns["prompt"] in value:
+        prompt_value = value[columns["prompt"]]
+        if isinstance(prompt_value, str):
+            prompt = [{"role": "user", "content": prompt_value}]
+        elif isinstance(prompt_value, list):
+            prompt = _messages(prompt_value, columns["prompt"], fail)
+        else:
+            fail(f'field "{columns["prompt"]}" must be a string or a list of messages, got {_json_type(prompt_value)}')
+        prefix_c, chosen = _split_reply(chosen_value, columns["chosen"], fail)
+        prefix_r, rejected = _split_reply(rejected_value, columns["rejected"], fail)
+        for prefix, name in ((prefix_c, columns["chosen"]), (prefix_r, columns["rejected"])):
+            # A whole conversation must continue the prompt; a string prompt may be its last user turn only.
+            if prefix and prefix != prompt and not (isinstance(prompt_value, str) and prefix[-1] == prompt[-1]):
+                fail(f'field "{name}" is a conversation whose turns before the reply differ from "{columns["prompt"]}"')
+        if prefix_c and prefix_r and prefix_c != prefix_r:
+            fail(f'fields "{columns["chosen"]}" and "{columns["rejected"]}" continue different conversations')
+        prompt = prefix_c or prefix_r or prompt
+    elif isinstance(chosen_value, str) and isinstance(rejected_value, str):
+        if ASSISTANT not in os.path.commonprefix([chosen_value, rejected_value]):
+            fail(f'missing field "{columns["prompt"]}" ("{columns["chosen"]}" and "{columns["rejected"]}" are not '
+                 f'HH-RLHF transcripts: they share no "\\n\\nAssistant:" turn)')
+        prompt, chosen, rejected = split_hh_transcripts(chosen_value, rejected_value)
+    elif isinstance(chosen_value, list) and isinstance(rejected_value, list):
+        prefix_c, chosen = _split_reply(chosen_value, columns["chosen"], fail)
+        prefix_r, rejected = _split_reply(rejected_value, columns["rejected"], fail)
+        if not prefix_c or prefix_c != prefix_r:
+            fail(f'missing field "{columns["prompt"]}" (and "{columns["chosen"]}" / "{columns["rejected"]}" '
+                 f"are not two conversations that share every turn before the reply)")
+        prompt = prefix_c
+    else:
+        fail(f'missing field "{columns["prompt"]}"')
+
+    chosen_prob = 1.0
+    if columns["chosen_prob"] in value:
+        chosen_prob = value[columns["chosen_prob"]]
+        if isinstance(chosen_prob, bool) or not isinstance(chosen_prob, (int, float)) \
+                or not (math.isfinite(chosen_prob) and 0.0 <= chosen_prob <= 1.0):
+            fail(f'field "{columns["chosen_prob"]}" must be a number in [0, 1], got {json.dumps(chosen_prob)}')
+
+    if not any(message["content"].strip() for message in prompt if message["role"] == "user"):
+        raise UnusablePair("empty prompt")
+    if not chosen.strip():
+        raise UnusablePair("empty chosen response")
+    if not rejected.strip():
+        raise UnusablePair("empty rejected response")
+    if chosen == rejected:
+        raise UnusablePair("chosen and rejected responses are identical")
+    return PreferenceRecord(prompt, chosen, rejected, float(chosen_prob), line)
+
+
+def split_hh_transcripts(chosen: str, rejected: str) -> tuple[list[dict], str, str]:
+    """Two HH-RLHF transcripts -> (prompt messages, chosen reply, rejected reply); UnusablePair if not a chat.
+
+    The prompt is everything up to and including the last "\\n\\nAssistant:" both transcripts share; its
+    "\\n\\nHuman:" / "\\n\\nAssistant:" turns become user / assistant messages. Turn contents and the replies
+    are stripped of surrounding whitespace: the space after "Assistant:" belongs to the marker, and the chat
+    format gives every segment its own leading "▁" anyway.
+    """
+    common = os.path.commonprefix([chosen, rejected])
+    if ASSISTANT not in common:
+        raise ValueError('split_hh_transcripts: the transcripts share no "\\n\\nAssistant:" turn')
+    cut = common.rfind(ASSISTANT) + len(ASSISTANT)
+    chosen_reply, rejected_reply = chosen[cut:], rejected[cut:]
+    if HUMAN in chosen_reply or HUMAN in rejected_reply or ASSISTANT in chosen_reply or ASSISTANT in rejected_reply:
+        raise UnusablePair("HH-RLHF transcripts differ before their last turn")
+    parts = _HH_MARKER.split(chosen[:cut])  # [text before the first marker, role, content, role, content, ...]
+    if parts[0].strip():
+        raise UnusablePair('HH-RLHF transcript does not start with "\\n\\nHuman:"')
+    messages = [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+                for role, content in zip(parts[1::2], parts[2::2])]
+    messages = messages[:-1]  # the final, empty "Assistant:" turn is the reply to come
+    try:
+        validate_messages(messages)
+    except ValueError:
+        raise UnusablePair("HH-RLHF transcript turns do not alternate Human, Assistant") from None
+    if messages[-1]["role"] != "user":
+        raise UnusablePair("HH-RLHF transcript turns do not alternate Human, Assistant")
+    return messages, chosen_reply.strip(), rejected_reply.strip()
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+
+def _columns(column_map: dict | None) -> dict:
+    columns = {name: name for name in COLUMNS}
+    for name, key in (column_map or {}).items():
+        if name not in COLUMNS:
+            raise ValueError(f"column_map: unknown column {name!r} (expected some of {COLUMNS})")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"column_map[{name!r}] must be a non-empty field name, got {key!r}")
+        columns[name] = key
+    return columns
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _messages(value: list, name: str, fail, alternate: bool = True) -> list[dict]:
+    """Validate a JSON list of chat messages (roles alternate unless told otherwise), keeping role and content."""
+    for position, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            fail(f'field "{name}" message {position}: expected an object with "role" and "content"')
+        if not isinstance(message["content"], str):
+            fail(f'field "{name}" message {position}: "content" must be a string, got {_json_type(message["content"])}')
+    messages = [{"role": message["role"], "content": message["content"]} for message in value]
+    if alternate:
+        try:
+            validate_messages(messages)
+        except ValueError as error:
+            fail(f'field "{name}": {error}')
+    return messages
+
+
+def _split_reply(value, name: str, fail) -> tuple[list[dict], str]:
+    """A reply as a string, [assistant message] or a whole conversation -> (turns before the reply, reply)."""
+    if isinstance(value, str):
+        return [], value
+    if not value:
+        fail(f'field "{name}" is an empty list of messages')
+    if len(value) == 1:  # TRL's conversational layout: the assistant message alone
+        messages = _messages(value, name, fail, alternate=False)
+    else:  # UltraFeedback-binarized: the whole conversation, prompt included
+        messages = _messages(value, name, fail)
+    if messages[-1]["role"] != "assistant":
+        fail(f'field "{name}": the last message must be the assistant\'s reply, got role {messages[-1]["role"]!r}')
+    return messages[:-1], messages[-1]["content"]
+
+
+def _read_json_values(path: str) -> tuple[list[tuple[int, object]], str]:
+    """The JSON values of a .jsonl or .json file, each with the line it starts on; and the file's sha256."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read()
+    except FileNotFoundError:
+        raise DataError(path, None, "no such file") from None
+    except IsADirectoryError:
+        raise DataError(path, None, "is a directory, expected a .jsonl or .json file") from None
+    sha256 = hashlib.sha256(raw).hexdigest()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DataError(path, line, f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {column})") from None
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not content
+    if not text.strip():
+        raise DataError(path, None, "file is empty (no preference pairs)")
+    values = _json_array(text, path) if text.lstrip().startswith("[") else _json_lines(text, path)
+    if not values:
+        raise DataError(path, None, "JSON array is empty (no preference pairs)")
+    return values, sha256
+
+
+def _json_lines(text: str, path: str) -> list[tuple[int, object]]:
+    values = []
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold \u2028
+        if not line.strip():
+            continue
+        try:
+            values.append((number, json.loads(line)))
+        except json.JSONDecodeError as error:
+            problem = f"malformed JSON: {error.msg} (column {error.colno})"
+            if number == 1 and _is_one_json_object(text):
+                problem = "the file is one JSON object; expected JSON Lines (one object per line) or a JSON array"
+            raise DataError(path, number, problem) from None
+    return values
+
+
+def _is_one_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _json_array(text: str, path: str) -> list[tuple[int, object]]:
+    """Parse a top-level JSON array element by element, to know the line on which each element starts."""
+    decoder = json.JSONDecoder()
+    values = []
+    position = _JSON_WHITESPACE.match(text, text.index("[") + 1).end()
+    line, counted_to = 1, 0  # line number of `position`, counted incrementally (files can be large)
+
+    def line_at(offset):
+        nonlocal line, counted_to
+        line += text.count("\n", counted_to, offset)
+        counted_to = offset
+        return line
+
+    if text.startswith("]", position):
+        position += 1
+    else:
+        while True:
+            start_line = line_at(position)
+            try:
+                value, position = decoder.raw_decode(text, position)
+            except json.JSONDecodeError as error:
+                raise DataError(path, error.lineno, f"malformed JSON in array element {len(values)}: "
+                                                    f"{error.msg} (column {error.colno})") from None
+            values.append((start_line, value))
+            position = _JSON_WHITESPACE.match(text, position).end()
+            if text.startswith(",", position):
+                position = _JSON_WHITESPACE.match(text, position + 1).end()
+                continue
+            if text.startswith("]", position):
+                position += 1
+                break
+            raise DataError(path, line_at(position),
+                            f"malformed JSON: expected ',' or ']' after array element {len(values) - 1}")
+    if text[position:].strip():
+        raise DataError(path, line_at(position), "malformed JSON: extra data after the array's closing ']'")
+    return values

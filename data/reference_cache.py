@@ -1,0 +1,146 @@
+"""On-disk cache of reference log-probabilities, computed once per dataset and reference model.
+
+SPL's loss (Eq. 5) needs log pi_ref(y|x) and log pi_ref(y'|x) for every pair, and they never change during
+training: the reference is frozen. And since SPL is DPO with the reference log-ratio scaled by beta / alpha,
+one cache serves every (alpha, beta). This module stores them in one safetensors file,
+
+    ref_chosen_logps    float32 [N]     row i belongs to the PreferenceExample with index i
+    ref_rejected_logps  float32 [N]
+
+with the cache key in the file's metadata. The key names everything the numbers depend on: the dataset's
+content hash, the reference model's identity (a string or hash the caller supplies), the tokenisation
+settings (max_length, max_prompt_length, chat format, tokenizer file hash) and, as a last guard, a hash of
+the token ids themselves. A cache whose key differs in any field is stale and never used; files are written
+to a temporary name and renamed, so a crash mid-write never leaves a truncated cache behind.
+
+The compute function is the caller's (this module knows nothing of models): reference_logps(path, key,
+compute) returns the cached tensors on a hit and otherwise calls compute(), saves, and returns its result.
+"""
+from __future__ import annotations
+
+import array
+import dataclasses
+import hashlib
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = "1"
+TENSOR_NAMES = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+class CacheMiss(Exception):
+    """The cache cannot be used; str(miss) says why (no file, unreadable, or which key field is stale)."""
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes (the dataset file, the tokenizer.model), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def examples_sha256(examples) -> str:
+    """sha256 of every example's index and prompt / chosen / rejected ids, in order (lengths delimit lists)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for ids in ([example.index], example.prompt_ids, example.chosen_ids, example.rejected_ids):
+            digest.update(array.array("q", [len(ids), *ids]).tobytes())
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceCacheKey:
+    dataset_sha256: str
+    reference_model: str
+    max_length: int
+    max_prompt_length: int
+    chat_format: str
+    tokenizer_sha256: str
+    num_examples: int
+    examples_sha256: str  # last: the other fields name a mismatch more readably
+
+    @classmethod
+    def build(cls, examples, *, dataset_sha256: str, reference_model: str, max_length: int,
+              max_prompt_length: int, chat_format: str, tokenizer_sha256: str) -> "ReferenceCacheKey":
+        return cls(dataset_sha256, reference_model, max_length, max_prompt_length, chat_format, tokenizer_sha256,
+                   len(examples), examples_sha256(examples))
+
+    def metadata(self) -> dict[str, str]:
+        """The key as safetensors metadata (str -> str)."""
+        fields = {name: str(value) for name, value in dataclasses.asdict(self).items()}
+        return {"format_version": FORMAT_VERSION, **fields}
+
+    def digest(self) -> str:
+        """A short hash of the whole key, for a file name per key (see cache_path)."""
+        return hashlib.sha256(repr(sorted(self.metadata().items())).encode()).hexdigest()[:16]
+
+
+def cache_path(directory, key: ReferenceCacheKey) -> str:
+    """`directory/ref_logps-<key digest>.safetensors`: different settings get different files."""
+    return os.path.join(os.fspath(directory), f"ref_logps-{key.digest()}.safetensors")
+
+
+def load_reference_logps(path, key: ReferenceCacheKey) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ref_chosen_logps [N], ref_rejected_logps [N]) from `path`, or CacheMiss if absent, unreadable or stale."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CacheMiss(f"no cache file at {path}")
+    try:
+        with safe_open(path, framework="pt") as file:
+            stored = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+    except Exception as error:  # a corrupt file is a miss, not a crash: it is recomputed and replaced
+        raise CacheMiss(f"unreadable cache file {path} ({type(error).__name__}: {error})") from None
+    for name, expected in key.metadata().items():
+        if stored.get(name) != expected:
+            raise CacheMiss(f"stale cache {path}: {name} is {stored.get(name)!r} there, {expected!r} now")
+    if set(tensors) != set(TENSOR_NAMES) or any(t.shape != (key.num_examples,) for t in tensors.values()):
+        shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+        raise CacheMiss(f"malformed cache {path}: expected {TENSOR_NAMES} of shape ({key.num_examples},), got {shapes}")
+    return tensors["ref_chosen_logps"], tensors["ref_rejected_logps"]
+
+
+def save_reference_logps(path, key: ReferenceCacheKey, ref_chosen_logps: torch.Tensor,
+                         ref_rejected_logps: torch.Tensor) -> None:
+    """Write both [N] tensors as float32 with the key in the metadata, atomically (temp file + rename)."""
+    path = os.fspath(path)
+    tensors = {}
+    for name, tensor in zip(TENSOR_NAMES, (ref_chosen_logps, ref_rejected_logps)):
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != (key.num_examples,):
+            raise ValueError(f"{name} must be a tensor of shape ({key.num_examples},), "
+                             f"got {getattr(tensor, 'shape', type(tensor).__name__)}")
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} must be finite floating-point log-probabilities")
+        tensors[name] = tensor.detach().to("cpu", torch.float32).contiguous()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, temporary, metadata=key.metadata())
+        os.replace(temporary, path)  # atomic on POSIX: readers see the old file or the new one, never half
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def reference_logps(path, key: ReferenceCacheKey, compute, log=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached reference log-probs: load on a hit; else compute() -> (chosen [N], rejected [N]), save, return.
+
+    `log`, if given (e.g. print), receives one line saying whether the cache was used and why not.
+    """
+    try:
+        ref_chosen_logps, ref_rejected_logps = load_reference_logps(path, key)
+        if log is not None:
+            log(f"reference log-probs: loaded {key.num_examples} pairs from {os.fspath(path)}")
+        return ref_chosen_logps, ref_rejected_logps
+    except CacheMiss as miss:
+        if log is not None:
+            log(f"reference log-probs: {miss}; computing them")
+    ref_chosen_logps, ref_rejected_logps = compute()
+    save_reference_logps(path, key, ref_chosen_logps, ref_rejected_logps)
+    return (ref_chosen_logps.detach().to("cpu", torch.float32),
+            ref_rejected_logps.detach().to("cpu", torch.float32))
