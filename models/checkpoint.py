@@ -102,23 +102,25 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Mist
         expected.pop("lm_head.weight")  # the same tensor as embed_tokens.weight; HF does not store it
 
     device_str = str(torch.device(device)) if device is not None else "cpu"
-    state, unexpected, misshaped = {}, [], []
+    state, unexpected, misshaped, misshaped_names, stored_head = {}, [], [], set(), None
     for file in files:
         with safe_open(str(file), framework="pt", device=device_str) as f:
             for hf_name in f.keys():
                 name = hf_to_ours(hf_name)
                 if name is None or name not in expected:
                     if config.tie_word_embeddings and name == "lm_head.weight":
-                        continue  # some tied checkpoints store the head too; it must equal the embedding
+                        stored_head = (f.get_tensor(hf_name), file.name)  # some tied checkpoints store it too
+                        continue
                     unexpected.append(f"{hf_name} ({file.name})")
                     continue
                 tensor = f.get_tensor(hf_name)
                 if tensor.shape != expected[name]:
                     misshaped.append(f"{hf_name}: {tuple(tensor.shape)} in {file.name}, "
                                      f"config expects {tuple(expected[name])}")
+                    misshaped_names.add(name)  # reported as mis-shaped, not also as missing
                     continue
                 state[name] = tensor.to(dtype) if dtype is not None else tensor
-    missing = [ours_to_hf(name) for name in expected if name not in state]
+    missing = [ours_to_hf(name) for name in expected if name not in state and name not in misshaped_names]
     problems = []
     if missing:
         problems.append(f"missing keys: {', '.join(missing)}")
@@ -128,6 +130,11 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Mist
         problems.append(f"mis-shaped tensors: {'; '.join(misshaped)}")
     if problems:
         raise CheckpointError(f"{path}: " + " | ".join(problems))
+    if stored_head is not None and not torch.equal(stored_head[0].to(state["embed_tokens.weight"]),
+                                                    state["embed_tokens.weight"]):
+        # A tied head that is stored must equal the embedding; HF transformers would silently untie them.
+        raise CheckpointError(f"{path}: tie_word_embeddings is true but lm_head.weight ({stored_head[1]}) differs "
+                              f"from model.embed_tokens.weight; set tie_word_embeddings to false to load both")
 
     model.load_state_dict(state, strict=False, assign=True)  # strictness checked above, with HF names in errors
     if config.tie_word_embeddings:

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random checkpoints written by HF transformers itself, and tiny models of ours.
+
+HF transformers is imported inside the fixtures (it takes seconds to import and is a test-only dependency), so
+test files that do not ask for these fixtures never pay for it.
+
+Weights are drawn at a scale where every part of the network matters (`randomize_weights_`): HF's default
+init (normal, std 0.02) makes attention almost uniform and logits almost constant, so a wrong RoPE theta, a
+wrong window or a swapped projection could hide under a 1e-4 tolerance.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+# The architecture every tiny test model starts from; tests override single fields.
+TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, sliding_window=None, max_position_embeddings=256, rms_norm_eps=1e-6,
+            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+def randomize_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """In place, by parameter kind (the same rule for HF's modules and ours):
+    norm weights 1 + 0.1 N(0, 1); embeddings N(0, 1); linear weights [out, in] N(0, 1 / in), so that
+    activations, attention scores q.k / sqrt(hd) and logits are all O(1)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # tied weights appear once
+            noise = torch.randn(param.shape, generator=generator)
+            if param.dim() == 1:
+                param.copy_(1.0 + 0.1 * noise)
+            elif "embed" in name:
+                param.copy_(noise)
+            else:
+                param.copy_(noise / param.shape[1] ** 0.5)
+    return model
+
+
+@pytest.fixture
+def randomize():
+    """`randomize(model, seed=0)`: see `randomize_weights_`."""
+    return randomize_weights_
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Factory: `make(name="hf", model_type="mistral", max_shard_size=None, seed=0, **config_overrides)` ->
+    `(path, hf_model)`. Builds HF's `MistralForCausalLM` (or `LlamaForCausalLM` for model_type "llama") in
+    float32 with eager attention, randomizes its weights, and writes it under tmp_path with HF's own
+    `save_pretrained` (`max_shard_size` e.g. "20KB" gives a sharded checkpoint). The returned model is the
+    oracle: in eval mode, float32, the very weights on disk."""
+    import transformers
+
+    def make(name: str = "hf", model_type: str = "mistral", max_shard_size=None, seed: int = 0, **overrides):
+        fields = TINY | overrides
+        if model_type == "llama":
+            fields.pop("sliding_window")
+            config = transformers.LlamaConfig(**fields, attn_implementation="eager")
+            model = transformers.LlamaForCausalLM(config)
+        else:
+            config = transformers.MistralConfig(**fields, attn_implementation="eager")
+            model = transformers.MistralForCausalLM(config)
+        model = randomize_weights_(model.float(), seed).eval()
+        path = tmp_path / name
+        if max_shard_size is None:
+            model.save_pretrained(path)
+        else:
+            model.save_pretrained(path, max_shard_size=max_shard_size)
+        return path, model
+
+    return make
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: `make(seed=0, dtype=torch.float32, **config_overrides)` -> our randomized `Mistral` in eval mode."""
+    from models import Mistral, MistralConfig
+
+    def make(seed: int = 0, dtype=torch.float32, **overrides):
+        fields = TINY | overrides
+        fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
+        config = MistralConfig(rope_theta=fields.pop("rope_theta", 10000.0), **fields)
+        return randomize_weights_(Mistral(config), seed).to(dtype).eval()
+
+    return make
