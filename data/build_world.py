@@ -1,0 +1,90 @@
+"""Write the embedded world and train its tokenizer: `python -m data.build_world --out data/world [--seed S]`.
+
+The files are data/world.py's `world_files(generate_world(seed, k, k_other))`, byte for byte, plus
+`tokenizer.model`: a sentencepiece BPE model trained on the world's SFT text with Mistral's conventions
+
+    unk 0 "<unk>", bos 1 "<s>", eos 2 "</s>", no pad; byte_fallback (any UTF-8 text round-trips, a newline is
+    the byte piece <0x0A>, as in Mistral's tokenizer); digits split one per piece; identity normalisation with
+    whitespace kept, so decode(encode(text)) == text; "[INST]" and "[/INST]" one piece each (user-defined
+    symbols "▁[INST]" and "▁[/INST]": the chat format always puts a space, i.e. "▁", in front of them).
+
+Training is deterministic (one thread, every sentence, no sampling, written through `model_writer`, so no path
+is recorded in the model), so two builds with the same arguments are byte-identical. Existing files are
+overwritten; nothing else in --out is touched (the reference model lives beside the world, in --out/model).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+from data.world import DEFAULT_DIR, FILES, generate_world, world_files
+
+VOCAB_SIZE = 2000
+CHAT_MARKERS = ("▁[INST]", "▁[/INST]")
+
+
+def tokenizer_corpus(sft_records) -> list[str]:
+    """The lines sentencepiece learns from: every SFT prompt and response, split at newlines (sentencepiece
+    reads sentences, not paragraphs; newlines themselves go to byte fallback)."""
+    return [line for record in sft_records for text in (record["prompt"], record["response"])
+            for line in text.split("\n") if line]
+
+
+def train_tokenizer(lines, vocab_size: int = VOCAB_SIZE) -> bytes:
+    """A serialized sentencepiece model (the bytes of tokenizer.model) trained on `lines`."""
+    import sentencepiece
+
+    if vocab_size < 300:
+        raise ValueError(f"train_tokenizer: vocab_size must be >= 300 (256 byte pieces, specials, characters), "
+                         f"got {vocab_size}")
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        hard_vocab_limit=False,  # a world too small for vocab_size gets the pieces it has, not an error
+        character_coverage=1.0, byte_fallback=True, split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+        user_defined_symbols=list(CHAT_MARKERS), normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True,
+        input_sentence_size=0, shuffle_input_sentence=False, num_threads=1, minloglevel=2)
+    return model.getvalue()
+
+
+def build_world(out=DEFAULT_DIR, seed: int = 0, k: int = 20, k_other: int = 4,
+                vocab_size: int = VOCAB_SIZE) -> dict[str, Path]:
+    """Generate the world, write its files and tokenizer.model into `out`; returns FILES name -> path."""
+    out = Path(out)
+    world = generate_world(seed, k, k_other)
+    out.mkdir(parents=True, exist_ok=True)
+    for filename, text in world_files(world).items():
+        (out / filename).write_text(text, encoding="utf-8")
+    (out / FILES["tokenizer"]).write_bytes(train_tokenizer(tokenizer_corpus(world.sft), vocab_size))
+    return {name: out / filename for name, filename in world.spec["files"].items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data.build_world", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(DEFAULT_DIR), help="directory to write (default: data/world)")
+    parser.add_argument("--seed", type=int, default=0, help="the world's seed (default 0)")
+    parser.add_argument("--k", type=int, default=20, help="comparisons per opinion pair in the counts and sampled "
+                                                          "files (default 20)")
+    parser.add_argument("--k-other", type=int, default=4, help="comparisons per story, arithmetic and multiple-"
+                                                               "choice pair in their counts files (default 4)")
+    parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help=f"tokenizer vocabulary (default "
+                                                                           f"{VOCAB_SIZE})")
+    args = parser.parse_args(argv)
+    try:
+        paths = build_world(args.out, args.seed, args.k, args.k_other, args.vocab_size)
+    except (ValueError, OSError) as error:
+        print(f"build_world: {error}", file=sys.stderr)
+        return 1
+    total = sum(path.stat().st_size for path in paths.values())
+    for name, path in paths.items():
+        print(f"{path}  {path.stat().st_size / 1e3:8.1f} kB")
+    print(f"wrote {len(paths)} files, {total / 1e6:.2f} MB, seed {args.seed}, into {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
