@@ -1,9 +1,233 @@
-"""Sample completions from a model (placeholder until sampling lands)."""
+"""Sample completions from a model: N per prompt, batched over the N with one KV cache.
+
+    python sample.py --prompt "Which season is the best?" -n 8 --temperature 1.2 --min-p 0.1
+    python sample.py --model DIR --adapter runs/spl/adapter --prompts prompts.txt -n 16 --json > samples.jsonl
+
+With no --model it samples from the embedded world's reference model (data/world/model/). The tokenizer is the
+`tokenizer.model` beside the model. Prompts are user turns in the Mistral chat format,
+BOS + enc("[INST] {prompt} [/INST]"), or BOS + enc(prompt) with --no-chat; `--prompts FILE` reads one prompt per
+line (a .txt file; blank lines are skipped) or JSONL objects with a "prompt" field (a .jsonl file).
+
+Each prompt is prefilled once, its KV cache repeated N times, and the N completions decoded as one batch until
+each has emitted EOS or --max-new-tokens tokens (models/generate.py). Sampling: temperature, then top-k, top-p
+and min-p, each computed on the tempered distribution (HF transformers' order); temperature 0 is greedy and
+ignores the filters. min-p's threshold p_base * max_v p(v) (Nguyen et al. 2024) is therefore taken on the
+tempered distribution; implementations differ in this order, and truncating before temperature instead keeps
+fewer tokens at T > 1. This follows HF's order; the SPL paper does not state its own. The paper's settings: min-p p_base = 0.1, top-p 0.9, top-k 180 (Section 4.1).
+
+`--json` prints one object per completion: prompt, prompt_index, index (the sample's number within its prompt),
+prompt_ids, token_ids (the new tokens, the final EOS included when it came), text (decoded, EOS dropped), eos
+(whether it stopped at EOS) and logprob: log pi(token_ids | prompt_ids) under the sampling model (with its
+adapter), at temperature 1 and unfiltered, whatever the sampling settings, so it is the model's own
+probability of the text, comparable across settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = ROOT / "data" / "world" / "model"
 
 
-def main():
-    print("spl: sampling is not built yet")
+class UsageError(ValueError):
+    """A bad command line; printed as one line, exit code 2."""
+
+
+class PromptError(ValueError):
+    """A bad prompts file; the message is `path:line: problem`."""
+
+
+@dataclass
+class Completion:
+    prompt: str
+    prompt_index: int
+    index: int  # the sample's number within its prompt, 0..N-1
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    eos: bool
+    logprob: float  # log pi(token_ids | prompt_ids): the sampling model at temperature 1, unfiltered
+
+
+# ---- prompts --------------------------------------------------------------------------------------------------
+
+
+def read_prompts(path) -> list[str]:
+    """Prompts from a .jsonl file (objects with a string "prompt") or any other file (one prompt per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"{path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise PromptError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            prompts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PromptError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise PromptError(f'{path}:{number}: missing field "prompt"')
+        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
+            raise PromptError(f'{path}:{number}: field "prompt" must be a non-empty string, '
+                              f'got {record["prompt"]!r:.60}')
+        prompts.append(record["prompt"])
+    if not prompts:
+        raise PromptError(f"{path}: no prompts")
+    return prompts
+
+
+def prompt_ids(tokenizer, text: str, chat: bool = True) -> list[int]:
+    """BOS + enc("[INST] text [/INST]") (a user turn, Mistral's chat format), or BOS + enc(text) without chat."""
+    if chat:
+        return tokenizer.encode_prompt([{"role": "user", "content": text}])
+    return [tokenizer.bos_id] + tokenizer.encode(text)
+
+
+# ---- sampling -------------------------------------------------------------------------------------------------
+
+
+def sample_completions(model, tokenizer, prompts, num_samples: int = 1, max_new_tokens: int = 128,
+                       temperature: float = 1.0, top_k=None, top_p=None, min_p=None, chat: bool = True,
+                       generator=None) -> list[Completion]:
+    """`num_samples` completions of each prompt (one batch per prompt), in prompt order."""
+    import torch
+
+    from models.generate import generate
+
+    completions = []
+    with torch.no_grad():
+        for prompt_index, text in enumerate(prompts):
+            ids = prompt_ids(tokenizer, text, chat)
+            out = generate(model, ids, max_new_tokens, num_samples, temperature, top_k, top_p, min_p,
+                           eos_id=tokenizer.eos_id, generator=generator)
+            for index, (tokens, logprob) in enumerate(zip(out.tokens, out.logprobs)):
+                eos = bool(tokens) and tokens[-1] == tokenizer.eos_id
+                completions.append(Completion(text, prompt_index, index, ids, tokens, tokenizer.decode(tokens), eos,
+                                              logprob))
+    return completions
+
+
+def print_readable(completions: list[Completion], file=None) -> None:
+    file = file or sys.stdout  # looked up at call time, so redirections (and pytest's capsys) apply
+    for c in completions:
+        if c.index == 0:
+            print(f"\n=== prompt {c.prompt_index + 1}: {c.prompt}", file=file)
+        stop = "eos" if c.eos else "max tokens"
+        print(f"[{c.index}] {c.text}\n    ({len(c.token_ids)} tokens, {stop}, logprob {c.logprob:.3f})", file=file)
+
+
+# ---- the command line -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help=f"HF-format model directory with tokenizer.model (default: {DEFAULT_MODEL})")
+    p.add_argument("--adapter", help="PEFT-format LoRA adapter directory (e.g. a train.py run's adapter/)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt")
+    source.add_argument("--prompts", help="prompts file: one per line (.txt) or JSONL with a \"prompt\" field")
+    p.add_argument("-n", "--num-samples", type=int, default=1, help="completions per prompt (default 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float, help="p_base of min-p sampling")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="prompt as BOS + text, without the chat format")
+    p.add_argument("--json", action="store_true", help="one JSON object per completion")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    args = p.parse_args(argv)
+    checks = [
+        (args.num_samples >= 1, f"-n must be >= 1, got {args.num_samples}"),
+        (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
+        (args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}"),
+        (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (args.min_p is None or 0 <= args.min_p <= 1, f"--min-p must be in [0, 1], got {args.min_p}"),
+        (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
+        (args.prompt is None or args.prompt.strip() != "", "--prompt is empty"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    return args
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device (try cpu, cuda, cuda:0 or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from models import CheckpointError, Tokenizer, load_adapter, load_pretrained
+
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    model_dir = Path(args.model) if args.model else DEFAULT_MODEL
+    if args.model is None and not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: the embedded world's reference model is not built yet; "
+                              f"pass --model DIR")
+    device = resolve_device(args.device)
+    model = load_pretrained(model_dir, dtype=getattr(torch, args.dtype), device=device).eval()
+    tokenizer_path = model_dir / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise CheckpointError(f"{tokenizer_path}: missing (the sentencepiece tokenizer.model must sit beside "
+                              f"the model)")
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens, more than the model's vocab_size "
+                              f"{model.config.vocab_size}")
+    if args.adapter:
+        load_adapter(model, args.adapter)
+        model.to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    completions = sample_completions(model, tokenizer, prompts, args.num_samples, args.max_new_tokens,
+                                     args.temperature, args.top_k, args.top_p, args.min_p, chat=not args.no_chat,
+                                     generator=generator)
+    if args.json:
+        for c in completions:
+            print(json.dumps(asdict(c), ensure_ascii=False))
+    else:
+        print_readable(completions)
+    return 0
+
+
+def main(argv=None) -> int:
+    from models import CheckpointError, ConfigError
+
+    try:
+        return run(parse_args(argv))
+    except SystemExit as exit:  # argparse's own errors (usage printed): return the code instead of exiting
+        return int(exit.code or 0)
+    except UsageError as error:
+        print(f"sample.py: error: {error}", file=sys.stderr)
+        return 2
+    except (PromptError, CheckpointError, ConfigError) as error:  # AdapterError is a CheckpointError
+        print(f"sample.py: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

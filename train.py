@@ -1,9 +1,483 @@
-"""Train a policy with Soft Preference Learning (placeholder until the training loop lands)."""
+"""Train a policy with Soft Preference Learning (or DPO, IPO, cDPO, f-DPO, SFT, a reward model).
+
+    python train.py --alpha 0.2 --beta 0.1                                 # the embedded world, LoRA, CPU
+    python train.py --model DIR --data prefs.jsonl --alpha 0.2 --beta 0.1 --preset paper-chat --device cuda
+
+With no --model/--data it trains on the embedded synthetic world (data/world/): opinion questions with known
+population preferences and a tiny reference model trained by this project. There the closed-form SPL optimum
+`pi ∝ pi_ref^(beta/alpha) p^(1/alpha)` (Prop. A.1) is computable, and the run ends with a report comparing it
+with what was learned.
+
+The loop, top to bottom: reference log-probs once (the model before any update); then per optimizer step
+`grad_accum` micro-batches whose losses are averaged, gradient clipping, AdamW on the trainable (LoRA)
+parameters, warmup + cosine learning rate; a metrics line per step; atomic checkpoints every --save-every steps.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+WORLD_DIR = ROOT / "data" / "world"
+LOSSES = ("spl", "dpo", "ipo", "cdpo", "fdpo", "sft", "reward")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# The paper's two recipes (Appendix B.3: chat on HH-RLHF; Appendix C.4: math, Zephyr-like on UltraFeedback).
+# LoRA targets are not stated in the paper; all seven projections are our choice.
+PRESETS = {
+    "paper-chat": dict(lora_rank=16, lora_alpha=16.0, lora_dropout=0.05, lr=1e-5, warmup_steps=150, batch_size=8,
+                       steps=5000, epochs=None, max_length=512, max_prompt_length=256, beta=0.1),
+    "paper-math": dict(lora_rank=64, lora_alpha=64.0, lora_dropout=0.05, lr=1e-5, warmup_steps=150, batch_size=4,
+                       steps=None, epochs=1, max_length=1024, max_prompt_length=512, beta=0.1),
+}
 
 
-def main():
-    print("spl: the training loop is not built yet")
+class UsageError(ValueError):
+    """A bad command line; printed as one line, exit code 2."""
+
+
+@dataclass
+class TrainConfig:
+    """Every training option, flat. Saved as config.json in the run directory and checked on --resume."""
+    model: str | None = None  # HF-format directory; None: the embedded world's reference model
+    init_config: str | None = None  # a config.json to train from random weights (the world's SFT model)
+    data: str | None = None  # preference (or SFT) file; None: the embedded world's opinion pairs
+    loss: str = "spl"
+    alpha: float = 0.2
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    ipo_tau: float = 0.1
+    fdpo_divergence: str = "reverse_kl"
+    fdpo_alpha: float = 0.5
+    average_logprobs: bool = False
+    lora_rank: int = 8  # 0: full fine-tune
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    steps: int | None = 150
+    epochs: float | None = None
+    batch_size: int = 16  # pairs (or sequences, for SFT) per optimizer step, all processes together
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    max_prompt_length: int = 64
+    group_by_length: bool = False
+    dtype: str = "float32"
+    device: str = "auto"
+    compile: str = "auto"
+    seed: int = 0
+    out: str = "runs/spl"
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    log_every: int = 1
+    resume: bool = False
+    overwrite: bool = False
+    preset: str | None = None
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    chosen_prob_key: str = "chosen_prob"
+    response_key: str = "response"
+    progress: bool = True
+
+
+def parse_args(argv=None) -> TrainConfig:
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF-format model directory (default: the embedded world's reference model)")
+    p.add_argument("--init-config", help="train from random weights built from this config.json (full fine-tune)")
+    p.add_argument("--data", help="JSON/JSONL preference data (or SFT records for --loss sft)")
+    p.add_argument("--loss", choices=LOSSES, default=defaults.loss)
+    p.add_argument("--alpha", type=float, help=f"SPL entropy coefficient (default {defaults.alpha})")
+    p.add_argument("--beta", type=float, help=f"cross-entropy (reference) coefficient (default {defaults.beta})")
+    p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, help="cdpo: label noise eps")
+    p.add_argument("--ipo-tau", type=float, default=defaults.ipo_tau)
+    p.add_argument("--fdpo-divergence", choices=("reverse_kl", "forward_kl", "js", "alpha"),
+                   default=defaults.fdpo_divergence)
+    p.add_argument("--fdpo-alpha", type=float, default=defaults.fdpo_alpha)
+    p.add_argument("--average-logprobs", action="store_true", help="length-normalised sequence log-probs")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's recipes (Appendix B.3 / C.4)")
+    for name in ("lora_rank", "lora_alpha", "lora_dropout", "lr", "weight_decay", "warmup_steps", "steps",
+                 "epochs", "batch_size", "grad_accum", "max_grad_norm", "max_length", "max_prompt_length"):
+        kind = {int: int, float: float}.get(type(getattr(defaults, name)), float)
+        if name in ("steps", "lora_rank", "warmup_steps", "batch_size", "grad_accum", "max_length",
+                    "max_prompt_length"):
+            kind = int
+        p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"default {getattr(defaults, name)}")
+    p.add_argument("--lora-targets", help=f"comma-separated, or all-linear (default {','.join(LORA_TARGETS)})")
+    p.add_argument("--group-by-length", action="store_true")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=defaults.dtype)
+    p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ... or auto")
+    p.add_argument("--compile", dest="compile", action="store_const", const="on", default=defaults.compile,
+                   help="torch.compile the fused log-prob kernel (default: on CUDA, off on CPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="off")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--out", default=defaults.out, help="run directory")
+    p.add_argument("--save-every", type=int, default=defaults.save_every, help="checkpoint period in steps; 0: off")
+    p.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
+    p.add_argument("--eval-every", type=int, default=defaults.eval_every, help="world report period; 0: at the end")
+    p.add_argument("--log-every", type=int, default=defaults.log_every)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
+    for key in ("prompt", "chosen", "rejected", "chosen_prob", "response"):
+        p.add_argument(f"--{key.replace('_', '-')}-key", default=getattr(defaults, f"{key}_key"),
+                       help=f"field name of the {key} in the data")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    args = p.parse_args(argv)
+
+    values = {}
+    if args.preset:
+        values.update(PRESETS[args.preset])
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    if "lora_targets" in given:
+        targets = given.pop("lora_targets")
+        given["lora_targets"] = (list(LORA_TARGETS) if targets == "all-linear"
+                                 else [t.strip() for t in targets.split(",") if t.strip()])
+    if given.get("epochs") is not None and "steps" not in given:
+        values["steps"] = None
+    values.update(given)
+    config = dataclasses.replace(defaults, **values)
+    validate(config)
+    return config
+
+
+def validate(c: TrainConfig) -> None:
+    """Impossible values fail here, at start-up, with one line each (never mid-run)."""
+    def fail(message):
+        raise UsageError(message)
+
+    if c.alpha <= 0 or not math.isfinite(c.alpha):
+        fail(f"--alpha must be > 0 (the entropy coefficient), got {c.alpha}")
+    if c.beta < 0 or not math.isfinite(c.beta):
+        fail(f"--beta must be >= 0 (0 is reference-free), got {c.beta}")
+    if c.loss in ("dpo", "cdpo", "fdpo") and c.beta <= 0:
+        fail(f"--loss {c.loss} needs --beta > 0, got {c.beta}")
+    if not 0 <= c.label_smoothing < 0.5:
+        fail(f"--label-smoothing must be in [0, 0.5), got {c.label_smoothing}")
+    if c.ipo_tau <= 0:
+        fail(f"--ipo-tau must be > 0, got {c.ipo_tau}")
+    if not 0 < c.fdpo_alpha < 1:
+        fail(f"--fdpo-alpha must be in (0, 1), got {c.fdpo_alpha}")
+    if c.lora_rank < 0:
+        fail(f"--lora-rank must be >= 0 (0: full fine-tune), got {c.lora_rank}")
+    if c.lora_rank > 0 and c.lora_alpha <= 0:
+        fail(f"--lora-alpha must be > 0, got {c.lora_alpha}")
+    if not 0 <= c.lora_dropout < 1:
+        fail(f"--lora-dropout must be in [0, 1), got {c.lora_dropout}")
+    unknown = [t for t in c.lora_targets if t not in LORA_TARGETS]
+    if unknown or not c.lora_targets:
+        fail(f"--lora-targets: unknown {unknown or 'empty list'}; choose from {', '.join(LORA_TARGETS)} or all-linear")
+    if c.lr <= 0 or c.weight_decay < 0 or c.max_grad_norm <= 0:
+        fail(f"--lr and --max-grad-norm must be > 0 and --weight-decay >= 0 "
+             f"(got {c.lr}, {c.max_grad_norm}, {c.weight_decay})")
+    if (c.steps is None) == (c.epochs is None):
+        fail("give exactly one of --steps and --epochs")
+    if c.steps is not None and c.steps <= 0:
+        fail(f"--steps must be > 0, got {c.steps}")
+    if c.epochs is not None and c.epochs <= 0:
+        fail(f"--epochs must be > 0, got {c.epochs}")
+    if c.warmup_steps < 0:
+        fail(f"--warmup-steps must be >= 0, got {c.warmup_steps}")
+    if c.batch_size <= 0 or c.grad_accum <= 0 or c.batch_size % c.grad_accum:
+        fail(f"--batch-size ({c.batch_size}) must be a positive multiple of --grad-accum ({c.grad_accum})")
+    if c.max_prompt_length <= 0 or c.max_length <= c.max_prompt_length:
+        fail(f"need 0 < --max-prompt-length ({c.max_prompt_length}) < --max-length ({c.max_length})")
+    if c.save_every < 0 or c.eval_every < 0 or c.log_every <= 0 or c.keep_checkpoints <= 0:
+        fail("--save-every and --eval-every must be >= 0, --log-every and --keep-checkpoints > 0")
+    if c.model and c.init_config:
+        fail("give --model or --init-config, not both")
+    if c.init_config and c.lora_rank:
+        fail("--init-config trains from random weights: use --lora-rank 0 (a full fine-tune)")
+    if c.loss == "reward" and c.lora_rank == 0:
+        fail("--loss reward trains LoRA plus a scalar head: give --lora-rank > 0")
+
+
+# --------------------------------------------------------------------------------------------------- schedule
+
+def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, floor_ratio: float = 0.1) -> float:
+    """Linear warmup over `warmup_steps`, then cosine decay to `floor_ratio * peak` at `total_steps`."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * (floor_ratio + (1 - floor_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    from data.preferences import DataError
+    from models import CheckpointError, ConfigError
+    from spl.runs import RunError
+
+    try:
+        config = parse_args(argv)
+        return train(config)
+    except (UsageError, DataError, CheckpointError, ConfigError, RunError) as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, UsageError) else 1
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device (try cpu, cuda, cuda:0 or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def reference_identity(model_dir: Path | None, c: TrainConfig) -> str:
+    """What the reference log-probs depend on besides the data: the weights, their dtype, the objective's
+    length normalisation. Weight files under 1 GB are hashed; larger ones are named by size and mtime."""
+    import hashlib
+
+    from data.reference_cache import file_sha256
+
+    if model_dir is None:
+        return f"random-init:{c.init_config}:{c.seed}"
+    parts = [file_sha256(model_dir / "config.json")]
+    files = sorted(model_dir.glob("*.safetensors"))
+    small = sum(f.stat().st_size for f in files) < 1 << 30
+    for f in files:
+        stat = f.stat()
+        parts.append(file_sha256(f) if small else f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    parts += [c.dtype, f"average={c.average_logprobs}"]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def train(c: TrainConfig) -> int:
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from data.batching import PreferenceBatches
+    from data.reference_cache import ReferenceCacheKey, cache_path, file_sha256, reference_logps
+    from data.sft import SequenceBatches, load_sft_data
+    from data.tokenization import load_preference_data
+    from models import MistralConfig, Tokenizer, add_lora, build_model, load_pretrained, save_pretrained
+    from models.lora import load_lora_state_dict, save_adapter
+    from spl import runs
+    from spl.step import (PREFERENCE_LOSSES, Objective, RewardHead, preference_step, reference_logprobs,
+                          reward_step, sft_step)
+
+    out = Path(c.out)
+    runs.check_run_dir(out, c.resume, c.overwrite)  # before any work, and before anything is written
+    device = resolve_device(c.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.dtype]
+    compile = {"auto": device.type == "cuda", "on": True, "off": False}[c.compile]
+    torch.manual_seed(c.seed)
+    np.random.seed(c.seed)
+    world = c.model is None and c.init_config is None and c.data is None
+
+    # ---- model and tokenizer
+    if c.init_config:
+        model_dir = None
+        model = build_model(MistralConfig.from_json(c.init_config), dtype=dtype, device=device, seed=c.seed)
+        tokenizer_path = Path(c.init_config).parent / "tokenizer.model"
+    else:
+        model_dir = Path(c.model) if c.model else WORLD_DIR / "model"
+        model = load_pretrained(model_dir, dtype=dtype, device=device)
+        tokenizer_path = model_dir / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise UsageError(f"{tokenizer_path}: missing (the sentencepiece tokenizer.model must sit beside the model)")
+    tokenizer = Tokenizer(tokenizer_path)
+
+    # ---- data
+    data_path = Path(c.data) if c.data else WORLD_DIR / ("sft.jsonl" if c.loss == "sft" else "opinion_pairs_soft.jsonl")
+    column_map = {"prompt": c.prompt_key, "chosen": c.chosen_key, "rejected": c.rejected_key,
+                  "chosen_prob": c.chosen_prob_key}
+    if c.loss == "sft":
+        examples, summary = load_sft_data(data_path, tokenizer, c.max_length, c.max_prompt_length,
+                                          {"prompt": c.prompt_key, "response": c.response_key})
+    else:
+        examples, summary = load_preference_data(data_path, tokenizer, c.max_length, c.max_prompt_length, column_map)
+    print(summary.format())
+    if not examples:
+        raise UsageError(f"{data_path}: no usable examples")
+    if c.loss == "cdpo" and any(e.chosen_prob != 1.0 for e in examples):
+        raise UsageError(f"{data_path}: --loss cdpo smooths every label by --label-smoothing; the data's soft "
+                         f"labels ({c.chosen_prob_key}) would be ignored: use --loss spl or dpo with them")
+    total_steps = c.steps or max(1, math.ceil(c.epochs * len(examples) / c.batch_size))
+    micro_batch = c.batch_size // c.grad_accum
+
+    # ---- the run directory, now that every input has been read and checked
+    runs.prepare_run_dir(out, c.resume, c.overwrite)
+    if not c.resume:
+        runs.write_json_atomic(out / "config.json", dataclasses.asdict(c))
+
+    # ---- reference log-probs: the model as loaded, before any update or LoRA (so also right on --resume)
+    objective = Objective(c.loss, c.alpha, c.beta, c.label_smoothing, c.ipo_tau, c.fdpo_divergence, c.fdpo_alpha,
+                          c.average_logprobs)
+    if c.loss in PREFERENCE_LOSSES:
+        def compute():
+            model.eval()
+            chosen = torch.zeros(len(examples))
+            rejected = torch.zeros(len(examples))
+            order = PreferenceBatches(examples, micro_batch * 2, tokenizer.pad_id, seed=c.seed)
+            for _ in tqdm(range(len(order)), desc="reference log-probs", disable=not c.progress, leave=False):
+                batch = {k: v.to(device) for k, v in next(order).items()}
+                ref_c, ref_r = reference_logprobs(model, batch, average=c.average_logprobs, compile=compile)
+                chosen[batch["pair_index"].cpu()] = ref_c.float().cpu()
+                rejected[batch["pair_index"].cpu()] = ref_r.float().cpu()
+            return chosen, rejected
+
+        key = ReferenceCacheKey.build(examples, dataset_sha256=file_sha256(data_path),
+                                      reference_model=reference_identity(model_dir, c), max_length=c.max_length,
+                                      max_prompt_length=c.max_prompt_length, chat_format="mistral-v1",
+                                      tokenizer_sha256=file_sha256(tokenizer_path))
+        ref_chosen_all, ref_rejected_all = reference_logps(cache_path(out / "cache", key), key, compute, log=print)
+        ref_chosen_all, ref_rejected_all = ref_chosen_all.to(device), ref_rejected_all.to(device)
+
+    # ---- trainable parameters: LoRA (everything else frozen), or the whole model
+    if c.lora_rank:
+        add_lora(model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets)
+    head = RewardHead(model.config.hidden_size).to(device) if c.loss == "reward" else None
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if head is not None:
+        trainable |= {f"reward_head.{name}": p for name, p in head.named_parameters()}
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay)
+    Batches = SequenceBatches if c.loss == "sft" else PreferenceBatches
+    batches = Batches(examples, micro_batch, tokenizer.pad_id, seed=c.seed, group_by_length=c.group_by_length)
+    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {sum(p.numel() for p in trainable.values()) / 1e6:.3f}M "
+          f"trainable; {len(examples)} examples, {total_steps} steps of {c.batch_size} on {device}")
+
+    # ---- resume
+    start_step = 0
+    if c.resume:
+        runs.clean_interrupted_saves(out)
+        checkpoints = runs.complete_checkpoints(out)
+        if checkpoints:
+            tensors, optimizer_state, rng, state = runs.load_checkpoint(checkpoints[-1])
+            if set(tensors) != set(trainable):
+                raise runs.RunError(f"{checkpoints[-1]}: holds {sorted(set(tensors) ^ set(trainable))[:4]}... "
+                                    f"that this run does not train")
+            with torch.no_grad():
+                for name, p in trainable.items():
+                    p.copy_(tensors[name])
+            optimizer.load_state_dict(optimizer_state)
+            runs.set_rng_state(rng)
+            batches.load_state_dict(state["data"])
+            start_step = state["step"]
+            print(f"resumed from {checkpoints[-1]} at step {start_step}")
+        else:
+            print(f"{out}: no complete checkpoint yet; starting from step 0")
+
+    def save(step):
+        return runs.save_checkpoint(out, step, trainable, optimizer, {"data": batches.state_dict()},
+                                    keep=c.keep_checkpoints)
+
+    # ---- the loop
+    log = runs.MetricsLog(out / "metrics.jsonl", resume_step=start_step if c.resume else None)
+    model.train()
+    last_saved = None
+    with runs.StopSignals() as signals:
+        progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
+                        disable=not c.progress, dynamic_ncols=True)
+        for step in progress:
+            lr = learning_rate(step, total_steps, c.warmup_steps, c.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            started = time.perf_counter()
+            micro_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(c.grad_accum)]
+            units = [len(b["chosen_prob"]) if "chosen_prob" in b else int(b["loss_mask"].sum()) for b in micro_batches]
+            sums, tokens = {}, 0
+            for batch, n in zip(micro_batches, units):
+                if c.loss == "sft":
+                    loss, metrics, _ = sft_step(model, batch, compile=compile)
+                elif c.loss == "reward":
+                    loss, metrics, _ = reward_step(model, head, batch)
+                else:
+                    index = batch["pair_index"]
+                    loss, metrics, _ = preference_step(model, batch, ref_chosen_all[index], ref_rejected_all[index],
+                                                       objective, compile=compile)
+                (loss * n / sum(units)).backward()  # the mean over every pair (or token) of the optimizer step
+                for name, value in metrics.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+                tokens += int(batch["attention_mask"].sum())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), c.max_grad_norm))
+            if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+                kept = f"; the last good checkpoint is {last_saved}" if last_saved else ""
+                print(f"train.py: error: non-finite loss or gradient at step {step + 1} (loss {sums['loss']}, "
+                      f"grad norm {grad_norm}); stopped without applying it{kept}", file=sys.stderr)
+                log.close()
+                return 1
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - started
+            record = {"step": step + 1, **{k: v / sum(units) for k, v in sums.items()}, "lr": lr,
+                      "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed}
+            if (step + 1) % c.log_every == 0 or step + 1 == total_steps:
+                log.write(record)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+            if c.save_every and (step + 1) % c.save_every == 0:
+                last_saved = save(step + 1)
+            if world and c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < total_steps:
+                log.write({"step": step + 1, **world_report(model, tokenizer, c, device, brief=True)})
+            if signals.received:
+                if last_saved is None or not last_saved.name.endswith(f"{step + 1:06d}"):
+                    last_saved = save(step + 1)
+                print(f"\n{signals.name}: saved {last_saved}; continue with the same command plus --resume")
+                log.close()
+                return 128 + signals.received
+        progress.close()
+    log.close()
+
+    # ---- outputs
+    if c.save_every and (last_saved is None or not last_saved.name.endswith(f"{total_steps:06d}")):
+        save(total_steps)
+    if c.lora_rank:
+        save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir or c.init_config), overwrite=True)
+        if head is not None:
+            from safetensors.torch import save_file
+            save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                      str(out / "adapter" / "reward_head.safetensors"))
+        print(f"adapter: {out / 'adapter'} (PEFT format)")
+    else:
+        final = out / "model"
+        if final.exists():
+            import shutil
+            shutil.rmtree(final)
+        save_pretrained(model, final, tokenizer_path=tokenizer_path)
+        print(f"model: {final} (HF format)")
+    if world and c.loss in ("spl", "dpo") and c.lora_rank:
+        report = world_report(model, tokenizer, c, device)
+        runs.write_json_atomic(out / "report.json", report)
+        print_report(report)
+    return 0
+
+
+def world_report(model, tokenizer, c: TrainConfig, device, brief: bool = False) -> dict:
+    """The embedded world's opinion questions: population, reference, learned and closed-form distributions."""
+    from data.world import load_world
+    from eval.opinions import opinion_report
+
+    alpha = c.beta if c.loss == "dpo" else c.alpha
+    report = opinion_report(model, tokenizer, load_world(WORLD_DIR).opinions, alpha, c.beta, device=device)
+    if brief:
+        return {"mean_tv_learned_vs_closed_form": report["mean_tv_learned_vs_closed_form"]}
+    return report
+
+
+def print_report(report: dict, rows: int = 4) -> None:
+    from eval.opinions import format_report
+
+    print(format_report(report, rows))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Write the embedded world and train its tokenizer: `python -m data.build_world --out data/world [--seed S]`.
+"""Write the embedded world and train its tokenizer: `python -m data.build_world --out data/world [--seed S]`;
+with `--train-model`, also train its reference model from scratch (`--out/model`, in HF format).
 
 The files are data/world.py's `world_files(generate_world(seed, k, k_other))`, byte for byte, plus
 `tokenizer.model`: a sentencepiece BPE model trained on the world's SFT text with Mistral's conventions
@@ -23,6 +24,17 @@ from data.world import DEFAULT_DIR, FILES, generate_world, world_files
 
 VOCAB_SIZE = 2000
 CHAT_MARKERS = ("▁[INST]", "▁[/INST]")
+
+# The reference model: a tiny Mistral (GQA: 6 query heads share 2 key/value heads), 2.45M parameters.
+REFERENCE_CONFIG = {
+    "model_type": "mistral", "vocab_size": VOCAB_SIZE, "hidden_size": 192, "intermediate_size": 512,
+    "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 32,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "sliding_window": None, "tie_word_embeddings": False,
+    "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2,
+}
+# Trained by this project's own loop in SFT mode, a full fine-tune from random weights over the world's SFT text.
+REFERENCE_TRAINING = ["--loss", "sft", "--lora-rank", "0", "--lr", "3e-3", "--epochs", "6", "--batch-size", "32",
+                      "--warmup-steps", "50", "--max-length", "128", "--max-prompt-length", "64", "--seed", "0"]
 
 
 def tokenizer_corpus(sft_records) -> list[str]:
@@ -63,6 +75,32 @@ def build_world(out=DEFAULT_DIR, seed: int = 0, k: int = 20, k_other: int = 4,
     return {name: out / filename for name, filename in world.spec["files"].items()}
 
 
+def train_reference_model(out=DEFAULT_DIR, progress: bool = True) -> Path:
+    """Train the world's reference model with `train.py --loss sft` (REFERENCE_TRAINING) and install it as
+    `out/model`, replacing any model there only once the new one is complete. About 15 minutes on 2 CPU cores."""
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+
+    out = Path(out).resolve()
+    root = Path(__file__).resolve().parents[1]
+    config_path = out / "reference_config.json"  # beside tokenizer.model, where --init-config looks for it
+    config_path.write_text(json.dumps(REFERENCE_CONFIG, indent=2) + "\n", encoding="utf-8")
+    with tempfile.TemporaryDirectory(dir=out) as scratch:
+        run = Path(scratch) / "run"
+        command = [sys.executable, str(root / "train.py"), "--init-config", str(config_path),
+                   "--data", str(out / FILES["sft"]), "--out", str(run), *REFERENCE_TRAINING]
+        if not progress:
+            command.append("--no-progress")
+        subprocess.run(command, check=True, cwd=root)
+        target = out / "model"
+        if target.exists():
+            shutil.rmtree(target)
+        (run / "model").rename(target)
+    return target
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.build_world", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(DEFAULT_DIR), help="directory to write (default: data/world)")
@@ -73,6 +111,8 @@ def main(argv=None) -> int:
                                                                "choice pair in their counts files (default 4)")
     parser.add_argument("--vocab-size", type=int, default=VOCAB_SIZE, help=f"tokenizer vocabulary (default "
                                                                            f"{VOCAB_SIZE})")
+    parser.add_argument("--train-model", action="store_true", help="also train the reference model from scratch "
+                                                                    "into --out/model (about 15 minutes on 2 cores)")
     args = parser.parse_args(argv)
     try:
         paths = build_world(args.out, args.seed, args.k, args.k_other, args.vocab_size)
@@ -83,6 +123,14 @@ def main(argv=None) -> int:
     for name, path in paths.items():
         print(f"{path}  {path.stat().st_size / 1e3:8.1f} kB")
     print(f"wrote {len(paths)} files, {total / 1e6:.2f} MB, seed {args.seed}, into {args.out}")
+    if args.train_model:
+        import subprocess
+
+        try:
+            print(f"reference model: {train_reference_model(args.out)}")
+        except subprocess.CalledProcessError as error:
+            print(f"build_world: training the reference model failed (exit {error.returncode})", file=sys.stderr)
+            return 1
     return 0
 
 

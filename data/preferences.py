@@ -69,6 +69,7 @@ class DataSummary:
     num_kept: int = 0
     skipped: dict = dataclasses.field(default_factory=dict)  # reason -> [line, ...]
     truncated: dict = dataclasses.field(default_factory=dict)  # what was truncated -> count
+    unit: str = "pairs"  # what one record is, for the printed summary ("records" for SFT data)
 
     def skip(self, reason: str, line: int) -> None:
         self.skipped.setdefault(reason, []).append(line)
@@ -82,7 +83,7 @@ class DataSummary:
 
     def format(self) -> str:
         """One header line, then one line per skip reason and per kind of truncation."""
-        out = [f"{self.path}: read {self.num_read} pairs, kept {self.num_kept}, skipped {self.num_skipped}"]
+        out = [f"{self.path}: read {self.num_read} {self.unit}, kept {self.num_kept}, skipped {self.num_skipped}"]
         for reason, lines in self.skipped.items():
             shown = ", ".join(str(line) for line in lines[:8]) + (", ..." if len(lines) > 8 else "")
             out.append(f"  skipped {len(lines)}: {reason} (line {shown})")

@@ -82,3 +82,46 @@ def tiny_model():
         return randomize_weights_(Mistral(config), seed).to(dtype).eval()
 
     return make
+
+
+TINY_TEXT = [
+    "the cat sat on the mat and looked at the dog",
+    "a dog ran to the park with a red ball",
+    "which pet is best? cats are calm, dogs are loyal, fish are quiet",
+    "the sun is warm and the sky is blue today",
+]
+
+
+def train_tiny_tokenizer(prefix, vocab_size: int = 300) -> str:
+    """A sentencepiece BPE model trained on TINY_TEXT with Mistral's special ids and byte fallback; returns
+    the path of the .model file."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TINY_TEXT * 20), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+        user_defined_symbols=["[INST]", "[/INST]"], minloglevel=2)
+    return f"{prefix}.model"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A tiny random Mistral saved in HF format with a tokenizer trained here, plus 24 soft-labelled preference
+    pairs: {"model": dir, "data": jsonl, "root": dir}. For end-to-end tests of train.py and its pieces."""
+    import json
+
+    from models import MistralConfig, build_model, save_pretrained
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    tokenizer = train_tiny_tokenizer(root / "sp")
+    config = MistralConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6,
+                           rope_theta=10000.0, sliding_window=None, tie_word_embeddings=False,
+                           max_position_embeddings=512)
+    model_dir = root / "model"
+    save_pretrained(build_model(config, seed=0), model_dir, tokenizer_path=tokenizer)
+    rows = [{"prompt": f"which pet is best? {i}", "chosen": "dogs are loyal", "rejected": "fish are quiet",
+             "chosen_prob": 0.75} for i in range(24)]
+    data = root / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return {"model": model_dir, "data": data, "root": root}

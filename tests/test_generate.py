@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from models import KVCache, generate, load_pretrained
-from models.generate import logits_to_probs, min_p_filter, sample_token, top_k_filter, top_p_filter
+from models import KVCache, load_pretrained
+from models.generate import generate, logits_to_probs, min_p_filter, sample_token, top_k_filter, top_p_filter
 
 INF = float("inf")
 

@@ -1,0 +1,113 @@
+"""Supervised fine-tuning data: chat records -> token sequences whose loss covers the response and its EOS.
+
+Accepted records (JSON Lines or a JSON array, read with the same checks and line-numbered errors as preference
+data): `{"prompt": str | messages, "response": str}` or `{"messages": [..., {"role": "assistant", ...}]}`.
+The prompt goes through the tokenizer's chat format and the response is encoded separately and ends with one
+EOS, so the prompt is an exact token prefix, as for preference pairs. Truncation is the same too: a prompt
+longer than max_prompt_length keeps BOS and its end; the response is cut to fit max_length.
+
+The SFT loss is the mean negative log-likelihood per response token (spl/step.py `sft_step`). This is how the
+embedded world's reference model is trained (`train.py --loss sft`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from data.batching import PreferenceBatches
+from data.preferences import DataError, DataSummary, _messages, _read_json_values
+from data.tokenization import check_lengths
+
+
+@dataclasses.dataclass
+class SequenceExample:
+    prompt_ids: list[int]
+    response_ids: list[int]  # ends with EOS unless truncated
+    index: int
+
+
+def _record(value, columns: dict, path: str, line: int) -> tuple[list[dict], str]:
+    def fail(problem):
+        raise DataError(path, line, problem)
+
+    if not isinstance(value, dict):
+        fail(f"expected a JSON object, got {type(value).__name__}")
+    if "messages" in value and columns["prompt"] not in value:
+        messages = _messages(value["messages"], "messages", fail)
+        if not messages or messages[-1]["role"] != "assistant":
+            fail('"messages" must end with an assistant turn (the response to train on)')
+        return messages[:-1], messages[-1]["content"]
+    for key in (columns["prompt"], columns["response"]):
+        if key not in value:
+            fail(f'missing field "{key}"')
+    prompt, response = value[columns["prompt"]], value[columns["response"]]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list):
+        prompt = _messages(prompt, columns["prompt"], fail)
+    else:
+        fail(f'field "{columns["prompt"]}" must be a string or a list of messages, got {type(prompt).__name__}')
+    if not isinstance(response, str):
+        fail(f'field "{columns["response"]}" must be a string, got {type(response).__name__}')
+    return prompt, response
+
+
+def load_sft_data(path, tokenizer, max_length: int, max_prompt_length: int,
+                  column_map: dict | None = None) -> tuple[list[SequenceExample], DataSummary]:
+    """Read, validate and tokenise an SFT file. Raises DataError on bad input; empty responses are skipped
+    and counted in the summary."""
+    check_lengths(max_length, max_prompt_length)
+    columns = {"prompt": "prompt", "response": "response", **(column_map or {})}
+    path = os.fspath(path)
+    values, sha256 = _read_json_values(path)
+    summary = DataSummary(path=path, sha256=sha256, unit="records")
+    examples = []
+    for line, value in values:
+        summary.num_read += 1
+        prompt, response = _record(value, columns, path, line)
+        if not response.strip():
+            summary.skip("empty response", line)
+            continue
+        prompt_ids = tokenizer.encode_prompt(prompt)
+        response_ids = tokenizer.encode_response(response)  # enc(response) + EOS
+        if len(prompt_ids) > max_prompt_length:
+            prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - (max_prompt_length - 1):]  # BOS + the end
+            summary.count_truncation(f"prompts cut to max_prompt_length={max_prompt_length} (kept their end)")
+        budget = max_length - len(prompt_ids)
+        if len(response_ids) > budget:
+            summary.count_truncation(f"responses cut to fit max_length={max_length} (kept their start)")
+            response_ids = response_ids[:budget]
+        examples.append(SequenceExample(prompt_ids, response_ids, index=len(examples)))
+    summary.num_kept = len(examples)
+    return examples, summary
+
+
+def collate_sequences(examples: list[SequenceExample], pad_id: int, pad_to_multiple: int = 1) -> dict:
+    """B sequences -> input_ids, targets (shifted left), loss_mask (response tokens and EOS as targets),
+    attention_mask, each [B, T], right-padded; the same conventions as `data.batching.collate`."""
+    longest = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    T = -(-longest // pad_to_multiple) * pad_to_multiple
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(examples), T), dtype=torch.bool)
+    loss_mask = torch.zeros((len(examples), T), dtype=torch.bool)
+    for row, e in enumerate(examples):
+        ids = e.prompt_ids + e.response_ids
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = True
+        loss_mask[row, len(e.prompt_ids) - 1:len(ids) - 1] = True  # targets[t] = ids[t + 1] is a response token
+    targets = torch.full_like(input_ids, pad_id)
+    targets[:, :-1] = input_ids[:, 1:]  # position t predicts token t + 1
+    return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask, "attention_mask": attention_mask,
+            "index": torch.tensor([e.index for e in examples])}
+
+
+class SequenceBatches(PreferenceBatches):
+    """The same seeded, resumable batch order as preference pairs, over single sequences."""
+
+    def __init__(self, examples, batch_size: int, pad_id: int, seed: int = 0, group_by_length: bool = False,
+                 drop_last: bool = False, pad_to_multiple: int = 1):
+        super().__init__(examples, batch_size, pad_id, seed, group_by_length, drop_last, pad_to_multiple,
+                         collate_fn=collate_sequences,
+                         length_fn=lambda e: len(e.prompt_ids) + len(e.response_ids))

@@ -1,0 +1,112 @@
+"""Generation speed: `models.generate.generate` against HF transformers' `generate` on the same checkpoint.
+
+    python eval/bench_generate.py                      # N = 16 samples x 128 new tokens, the world model's shape
+    python eval/bench_generate.py --threads 1 --repeats 5   # on a busy machine: one thread each avoids
+                                                           # OpenMP threads spinning against other jobs
+
+A random Mistral of the embedded world's reference-model shape (vocab 2000, hidden 192, 4 layers, 6 heads,
+2 KV heads, head_dim 32, FFN 512) is built by HF transformers and saved to a temporary directory; ours loads the
+same files. Both sample N completions of one prompt at temperature 1 with no filter and no EOS stop (ours:
+eos_id=None; HF: min_new_tokens = max_new_tokens, so EOS cannot end a row early), so both produce exactly
+N x max_new_tokens tokens. Each method runs once to warm up, then `--repeats` times; the table gives the median
+wall time, tokens/s (N x max_new_tokens / time) and the speed ratio against HF. CPU, float32.
+
+What differs between the two: ours prefills the prompt once and repeats its KV cache N times, and decodes into a
+preallocated cache; HF expands the prompt to N rows (num_return_sequences) and grows a DynamicCache.
+Timings on a shared machine vary with its load; compare ratios from the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+WORLD_SHAPE = dict(vocab_size=2000, hidden_size=192, num_hidden_layers=4, num_attention_heads=6,
+                   num_key_value_heads=2, head_dim=32, intermediate_size=512)
+
+
+def build_checkpoint(directory: Path, seed: int = 0):
+    """A random HF MistralForCausalLM of the world model's shape, saved with HF's save_pretrained."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.MistralConfig(**WORLD_SHAPE, sliding_window=None, max_position_embeddings=1024,
+                                        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1,
+                                        eos_token_id=2)
+    model = transformers.MistralForCausalLM(config).float().eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def time_runs(function, repeats: int) -> list[float]:
+    function()  # warm-up: first-call allocations and kernel selection
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-n", "--num-samples", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--prompt-length", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from models import load_pretrained
+    from models.generate import generate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n, new = args.num_samples, args.max_new_tokens
+    prompt = torch.randint(3, WORLD_SHAPE["vocab_size"], (args.prompt_length,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model = build_checkpoint(Path(tmp) / "model")
+        ours = load_pretrained(Path(tmp) / "model").eval()
+
+    def run_ours():
+        out = generate(ours, prompt, max_new_tokens=new, num_samples=n, temperature=1.0, eos_id=None,
+                       generator=torch.Generator().manual_seed(1))
+        assert all(len(t) == new for t in out.tokens)
+
+    input_ids = torch.tensor([prompt])
+    attention_mask = torch.ones_like(input_ids)
+
+    def run_hf():
+        torch.manual_seed(1)
+        with torch.no_grad():
+            out = hf_model.generate(input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.0,
+                                    top_k=0, top_p=1.0, num_return_sequences=n, max_new_tokens=new,
+                                    min_new_tokens=new, pad_token_id=0)
+        assert out.shape == (n, len(prompt) + new)
+
+    results = {"ours (models.generate)": time_runs(run_ours, args.repeats),
+               "HF transformers generate": time_runs(run_hf, args.repeats)}
+
+    tokens = n * new
+    baseline = statistics.median(results["HF transformers generate"])
+    print(f"N = {n} samples x {new} new tokens, prompt {len(prompt)} tokens, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, CPU float32, median of {args.repeats}")
+    print(f"{'method':<26} {'seconds':>9} {'tokens/s':>10} {'speed vs HF':>12}")
+    for name, times in results.items():
+        seconds = statistics.median(times)
+        print(f"{name:<26} {seconds:>9.3f} {tokens / seconds:>10.0f} {baseline / seconds:>11.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Benchmark: sequence log-probs, forward + backward, naive vs torch's chunked F.linear_cross_entropy vs ours.
+
+    python eval/bench_logprobs.py                      # every method, each in its own process, then a table
+    python eval/bench_logprobs.py --method fused       # one method in this process, one JSON line
+    python eval/bench_logprobs.py --device cuda --dtype bfloat16 --batch 8 --dim 4096
+
+Every method computes the same thing: per-sequence sums of the log-probabilities of the masked-in targets
+under softmax(hidden @ weight.T), then backward of sum_b g[b] * logp[b] with a fixed random g (a preference
+loss weights every sequence differently), into hidden and, with --train-weight, into weight.
+
+    naive           log_softmax(hidden @ weight.T).gather(targets), masked sum     (spl.logprobs reference)
+    torch_chunked   F.linear_cross_entropy(..., reduction="none", ignore_index=-100,
+                    options=LinearCrossEntropyOptions()): torch's own chunked kernel; "none" is the
+                    reduction that yields per-token values to sum per sequence ("sum" gives one scalar)
+    fused           spl.logprobs.sequence_logprobs (torch.compile'd chunks)
+    fused_eager     the same with compile=False
+    matmul          the floor: the projection's GEMMs alone (hidden @ weight.T, then [N, V] @ weight back to
+                    [N, D], and with --train-weight [V, N] @ [N, D]), no softmax, no masking
+
+Memory on CPU: the resident-set high-water mark over the timed region. After a warm-up iteration (which
+includes compilation), gc and glibc's malloc_trim(0) hand freed heap pages back to the OS so the baseline
+RSS is live memory only; writing "5" to /proc/self/clear_refs resets VmHWM to it; after the timed
+iterations, peak extra = VmHWM - baseline. The inputs and parameter gradients live before the reset.
+On CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus what was allocated then.
+Time: median over --iters timed iterations (CUDA synchronised). Shared machines give noisy times.
+"""
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+from spl.logprobs import DEFAULT_CHUNK_SIZE, naive_sequence_logprobs, sequence_logprobs  # noqa: E402
+
+METHODS = ["naive", "torch_chunked", "fused", "fused_eager", "matmul"]
+
+
+def make_inputs(args):
+    """Seeded hidden [B, T, D] (requires grad), weight [V, D], targets [B, T], mask [B, T], upstream g [B]."""
+    generator = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    shape = (args.batch, args.seq, args.dim)
+    hidden = torch.randn(shape, generator=generator).to(device=args.device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(args.vocab, args.dim, generator=generator) / args.dim ** 0.5).to(args.device, dtype)
+    weight.requires_grad_(args.train_weight)
+    targets = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator)
+    prompt_lengths = (torch.rand(args.batch, generator=generator) * args.prompt_fraction * args.seq).long()
+    mask = torch.arange(args.seq)[None, :] >= prompt_lengths[:, None]  # [B, T]: response after the prompt
+    targets = targets.masked_fill(~mask, -100).to(args.device)
+    upstream = torch.randn(args.batch, generator=generator).to(args.device)
+    return hidden, weight, targets, mask.to(args.device), upstream
+
+
+def step_function(method, args, hidden, weight, targets, mask, upstream):
+    """-> a function running one forward + backward of `method`."""
+    if method == "matmul":
+        flat_hidden = hidden.detach().reshape(-1, args.dim)  # [N, D]
+
+        def step():
+            logits = flat_hidden @ weight.detach().T  # [N, V]
+            grad_hidden = logits @ weight.detach()  # [N, D]: the backward GEMM into hidden
+            if args.train_weight:
+                grad_weight = logits.T @ flat_hidden  # [V, D]
+            return grad_hidden
+        return step
+
+    if method == "naive":
+        def logps():
+            return naive_sequence_logprobs(hidden, weight, targets, mask)
+    elif method == "torch_chunked":
+        options = torch.nn.LinearCrossEntropyOptions()
+
+        def logps():
+            losses = F.linear_cross_entropy(hidden.reshape(-1, args.dim), weight, targets.reshape(-1),
+                                            reduction="none", ignore_index=-100, options=options)  # [N]
+            return -losses.float().reshape(args.batch, args.seq).sum(-1)  # [B]; ignored tokens give 0
+    else:
+        compile = method == "fused"
+
+        def logps():
+            return sequence_logprobs(hidden, weight, targets, mask, chunk_size=args.chunk_size, compile=compile)
+
+    def step():
+        hidden.grad = weight.grad = None
+        (logps() * upstream).sum().backward()
+    return step
+
+
+def resident_kb(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def run_one(args):
+    """Time and measure one method in this process; -> dict."""
+    torch.manual_seed(0)
+    inputs = make_inputs(args)
+    step = step_function(args.method, args, *inputs)
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    start = time.perf_counter()
+    step()  # warm-up, compilation included
+    sync()
+    warmup_s = time.perf_counter() - start
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # VmHWM := VmRSS
+        baseline = resident_kb("VmRSS") * 1024
+        if resident_kb("VmHWM") * 1024 > baseline + 2 ** 20:  # the warm-up's peak would still show
+            raise RuntimeError("writing 5 to /proc/self/clear_refs did not reset VmHWM on this kernel")
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if cuda else resident_kb("VmHWM") * 1024
+    return {"method": args.method, "peak_extra_mb": (peak - baseline) / 2 ** 20,
+            "time_ms": 1000 * statistics.median(times), "warmup_s": warmup_s}
+
+
+def run_all(args):
+    """Each method in a fresh subprocess (so no allocator or compile state leaks between them); print a table."""
+    passthrough = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
+                   if name not in ("method", "methods", "train_weight")]
+    passthrough += ["--train-weight"] if args.train_weight else []
+    results = []
+    for method in args.methods.split(","):
+        command = [sys.executable, os.path.abspath(__file__), "--method", method, *passthrough]
+        completed = subprocess.run(command, capture_output=True, text=True)
+        if completed.returncode != 0:
+            sys.exit(f"{method} failed:\n{completed.stderr}")
+        results.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+    naive = next((r for r in results if r["method"] == "naive"), results[0])
+    print(f"B={args.batch} T={args.seq} D={args.dim} V={args.vocab} {args.dtype} on {args.device}, "
+          f"prompt fraction {args.prompt_fraction}, weight {'trained' if args.train_weight else 'frozen'}, "
+          f"chunk {args.chunk_size}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {args.iters}")
+    print(f"{'method':<14} {'peak extra MB':>14} {'x naive':>8} {'time ms':>9} {'x naive':>8} {'warm-up s':>10}")
+    for r in results:
+        print(f"{r['method']:<14} {r['peak_extra_mb']:>14.1f} {r['peak_extra_mb'] / naive['peak_extra_mb']:>8.3f} "
+              f"{r['time_ms']:>9.1f} {r['time_ms'] / naive['time_ms']:>8.3f} {r['warmup_s']:>10.1f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--method", choices=METHODS, help="run one method here and print JSON")
+    parser.add_argument("--methods", default="naive,torch_chunked,fused,fused_eager,matmul")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--prompt-fraction", type=float, default=0.0,
+                        help="mask out a random prompt of up to this fraction of each row (0: every token counts)")
+    parser.add_argument("--train-weight", action="store_true", help="weight requires grad (full fine-tune)")
+    parser.add_argument("--iters", type=int, default=3)
+    args = parser.parse_args()
+    if args.method:
+        print(json.dumps(run_one(args)))
+    else:
+        run_all(args)
+
+
+if __name__ == "__main__":
+    main()

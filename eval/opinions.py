@@ -1,0 +1,88 @@
+"""Representation on the embedded world's opinion questions: learned policy against the closed-form optimum.
+
+For a question with options y_1..y_K, a model's distribution over the options is its sequence probabilities
+normalised over them, `pi(y_i | x) / sum_j pi(y_j | x)` (each option scored as response + EOS after the chat
+prompt). SPL's loss only ever compares options of the same prompt, so this normalised distribution is exactly
+what it determines, and its optimum is (Prop. A.1)
+
+    pi*(y_i) ∝ pi_ref(y_i)^(beta/alpha) * p(y_i)^(1/alpha)
+
+with p the population's preferences and pi_ref the reference model's normalised distribution. The report
+places, per question, population, reference, learned and closed form side by side, and the total-variation
+distance between learned and closed form.
+"""
+from __future__ import annotations
+
+import torch
+
+from data.sft import SequenceExample, collate_sequences
+from spl.step import policy_logprobs
+from spl.theory import optimal_policy
+
+
+@torch.no_grad()
+def option_distributions(model, tokenizer, questions, device=None, batch_size: int = 64) -> list[torch.Tensor]:
+    """Per question, the model's distribution over its options (float64 [K])."""
+    examples = []
+    for q in questions:
+        prompt_ids = tokenizer.encode_prompt([{"role": "user", "content": q.prompt}])
+        examples += [SequenceExample(prompt_ids, tokenizer.encode_response(option), len(examples))
+                     for option in q.options]
+    was_training = model.training
+    model.eval()
+    logps = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate_sequences(examples[start:start + batch_size], tokenizer.pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logps.append(policy_logprobs(model, batch, compile=False).double().cpu())  # (rows,)
+    model.train(was_training)
+    logps = torch.cat(logps)
+    distributions, offset = [], 0
+    for q in questions:
+        k = len(q.options)
+        distributions.append(torch.softmax(logps[offset:offset + k], dim=0))  # normalise over the options
+        offset += k
+    return distributions
+
+
+def total_variation(p, q) -> float:
+    return 0.5 * float((p - q).abs().sum())
+
+
+def opinion_report(model, tokenizer, questions, alpha: float, beta: float, device=None) -> dict:
+    """The report.json of the main job: per question its options, population, reference, learned, closed_form
+    and their total-variation distance; plus the mean over questions. Needs a LoRA model (the reference is the
+    same model with its adapters off)."""
+    from models.lora import disable_lora
+
+    learned = option_distributions(model, tokenizer, questions, device)
+    with disable_lora(model):
+        reference = option_distributions(model, tokenizer, questions, device)
+    rows = []
+    for q, ref, pol in zip(questions, reference, learned):
+        population = torch.tensor(q.population, dtype=torch.float64)
+        closed_form = optimal_policy(ref, population, alpha, beta)  # Prop. A.1
+        rows.append({"prompt": q.prompt, "options": list(q.options), "population": population.tolist(),
+                     "reference": ref.tolist(), "learned": pol.tolist(), "closed_form": closed_form.tolist(),
+                     "tv_learned_vs_closed_form": total_variation(pol, closed_form)})
+    mean_tv = sum(r["tv_learned_vs_closed_form"] for r in rows) / len(rows)
+    return {"alpha": alpha, "beta": beta, "global_temperature": alpha / beta if beta else float("inf"),
+            "questions": rows, "mean_tv_learned_vs_closed_form": mean_tv,
+            "max_tv_learned_vs_closed_form": max(r["tv_learned_vs_closed_form"] for r in rows)}
+
+
+def format_report(report: dict, rows: int = 4) -> str:
+    """A readable table for the first `rows` questions, then the summary line."""
+    lines = [f"alpha = {report['alpha']:g}, beta = {report['beta']:g} (global temperature alpha/beta = "
+             f"{report['global_temperature']:g}); distributions over each question's options:"]
+    for q in report["questions"][:rows]:
+        lines.append(f"\n  {q['prompt']}")
+        width = max(len(option) for option in q["options"])
+        lines.append(f"    {'option':<{width}}  population  reference  learned  closed form")
+        for i, option in enumerate(q["options"]):
+            lines.append(f"    {option:<{width}}  {q['population'][i]:10.3f}  {q['reference'][i]:9.3f}  "
+                         f"{q['learned'][i]:7.3f}  {q['closed_form'][i]:11.3f}")
+        lines.append(f"    total variation, learned vs closed form: {q['tv_learned_vs_closed_form']:.4f}")
+    lines.append(f"\nmean total variation over {len(report['questions'])} questions, learned vs closed form: "
+                 f"{report['mean_tv_learned_vs_closed_form']:.4f} (max {report['max_tv_learned_vs_closed_form']:.4f})")
+    return "\n".join(lines)

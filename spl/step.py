@@ -1,0 +1,142 @@
+"""One training step's math: sequence log-probs of a batch, the chosen objective, and what a trainer logs.
+
+A preference batch holds B pairs in one tensor of 2B rows (rows 0..B-1 prompt + chosen, rows B..2B-1 prompt +
+rejected; see `data/batching.py`), so the policy sees both in one forward pass:
+
+    hidden = model.hidden_states(input_ids)                                   [2B, T, D]
+    logps  = sum_t loss_mask * log softmax(hidden @ lm_head.T)[targets]       [2B]   (fused: spl/logprobs.py)
+    loss   = mean_b  loss_fn(logps[:B], logps[B:], ref_chosen, ref_rejected)  (spl/losses.py)
+
+Reference log-probs are computed once per dataset with LoRA disabled (`reference_logprobs`), so the policy's
+step needs one forward and one backward. Everything here is a function of tensors and a model; the loop,
+files and schedules live in train.py.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from spl import losses as L
+from spl.logprobs import sequence_logprobs
+
+PREFERENCE_LOSSES = ("spl", "dpo", "cdpo", "ipo", "fdpo")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Which loss and its coefficients (train.py's --loss, --alpha, --beta, ...)."""
+    loss: str = "spl"
+    alpha: float = 0.2
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # cdpo
+    ipo_tau: float = 0.1  # ipo
+    fdpo_divergence: str = "reverse_kl"  # fdpo
+    fdpo_alpha: float = 0.5  # fdpo's alpha-divergence parameter
+    average_logprobs: bool = False  # length-normalised log-probs (IPO and SimPO-style variants)
+
+
+def policy_logprobs(model, batch, *, average: bool = False, compile=None):
+    """Summed (or averaged) log-probs of each row's masked-in targets under `model`: [rows]."""
+    hidden = model.hidden_states(batch["input_ids"])  # (rows, T, D)
+    return sequence_logprobs(hidden, model.lm_head.weight, batch["targets"], batch["loss_mask"],
+                             average=average, compile=compile)  # (rows,)
+
+
+@torch.no_grad()
+def reference_logprobs(model, batch, *, average: bool = False, compile=None):
+    """The same log-probs under the reference policy: the model with every LoRA branch off (torchtune's
+    disable_adapter: the reference for free), or the model as it is if it has no LoRA yet.
+    Returns (ref_chosen_logps [B], ref_rejected_logps [B])."""
+    from models.lora import disable_lora, lora_modules
+
+    with disable_lora(model) if lora_modules(model) else contextlib.nullcontext():
+        logps = policy_logprobs(model, batch, average=average, compile=compile)  # (2B,)
+    pairs = logps.shape[0] // 2
+    return logps[:pairs], logps[pairs:]
+
+
+def preference_losses(objective: Objective, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                      ref_rejected_logps, chosen_prob=None):
+    """(losses [B], chosen_rewards [B], rejected_rewards [B]) of the objective's loss."""
+    args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    name = objective.loss
+    if name == "spl":
+        return L.spl_loss(*args, objective.alpha, objective.beta, chosen_prob=chosen_prob)
+    if name == "dpo":
+        return L.dpo_loss(*args, objective.beta, chosen_prob=chosen_prob)
+    if name == "cdpo":  # label smoothing is its own (uniform) soft label; per-example ones are refused at start-up
+        return L.cdpo_loss(*args, objective.beta, objective.label_smoothing)
+    if name == "ipo":
+        return L.ipo_loss(*args, objective.ipo_tau, chosen_prob=chosen_prob)
+    if name == "fdpo":
+        return L.fdpo_loss(*args, objective.beta, objective.fdpo_divergence, objective.fdpo_alpha,
+                           chosen_prob=chosen_prob)
+    raise ValueError(f"unknown preference loss {name!r} (choose from {', '.join(PREFERENCE_LOSSES)})")
+
+
+def preference_step(model, batch, ref_chosen_logps, ref_rejected_logps, objective: Objective, *, compile=None):
+    """Mean loss over the batch's pairs (with grad) and detached metrics.
+
+    Logged metrics: the loss; the margin, i.e. chosen_reward - rejected_reward, which for SPL is the logit z of
+    Eq. 5; the implicit rewards `alpha * log pi - beta * log pi_ref` (Eq. 39 without log Z); reward accuracy (the
+    fraction of pairs whose chosen reward is higher); the policy's log-probs of chosen and rejected.
+    """
+    logps = policy_logprobs(model, batch, average=objective.average_logprobs, compile=compile)  # (2B,)
+    pairs = logps.shape[0] // 2
+    chosen_logps, rejected_logps = logps[:pairs], logps[pairs:]  # (B,), (B,)
+    losses, chosen_rewards, rejected_rewards = preference_losses(
+        objective, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, batch.get("chosen_prob"))
+    metrics = {
+        "loss": losses.detach().sum(),
+        "margin": (chosen_rewards - rejected_rewards).sum(),
+        "reward_chosen": chosen_rewards.sum(),
+        "reward_rejected": rejected_rewards.sum(),
+        "reward_accuracy": (chosen_rewards > rejected_rewards).float().sum(),
+        "logps_chosen": chosen_logps.detach().sum(),
+        "logps_rejected": rejected_logps.detach().sum(),
+    }
+    return losses.mean(), metrics, pairs  # metrics are sums over the batch's pairs: divide by the pair count
+
+
+def sft_step(model, batch, *, compile=None):
+    """Supervised fine-tuning: mean negative log-likelihood per response token of the batch.
+    Returns (loss, metrics as sums, token count)."""
+    logps = policy_logprobs(model, batch, compile=compile)  # (rows,) summed over response tokens
+    tokens = batch["loss_mask"].sum()
+    loss = -logps.sum() / tokens.clamp(min=1)
+    return loss, {"loss": loss.detach() * tokens, "logps": logps.detach().sum()}, int(tokens)
+
+
+class RewardHead(nn.Module):
+    """A scalar head on the decoder's final hidden state at the sequence's last real token (its EOS):
+    score(x, y) = w . h_last + b. Trained with the Bradley-Terry loss (Eq. 2) for `train.py --loss reward`."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.score = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, hidden, attention_mask):
+        last = attention_mask.long().sum(-1) - 1  # (rows,) index of the last real token
+        h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (rows, D)
+        return self.score(h_last.float()).squeeze(-1)  # (rows,)
+
+
+def reward_scores(model, head: RewardHead, batch):
+    """Scalar scores [rows] of every sequence in a batch."""
+    hidden = model.hidden_states(batch["input_ids"])  # (rows, T, D)
+    return head(hidden, batch["attention_mask"])
+
+
+def reward_step(model, head: RewardHead, batch):
+    scores = reward_scores(model, head, batch)  # (2B,)
+    pairs = scores.shape[0] // 2
+    losses, chosen, rejected = L.bradley_terry_loss(scores[:pairs], scores[pairs:], batch.get("chosen_prob"))
+    metrics = {"loss": losses.detach().sum(), "margin": (chosen - rejected).sum(),
+               "reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(),
+               "reward_accuracy": (chosen > rejected).float().sum()}
+    return losses.mean(), metrics, pairs

@@ -1,0 +1,193 @@
+"""train.py end to end on a tiny random model: a few steps, resume, signals, bad input, presets.
+
+Oracles: invariants. A run resumed from its checkpoint ends bit-identical to the uninterrupted run (same
+command); a SIGKILL at an arbitrary moment loses at most the work since the last complete checkpoint and the
+resumed run still ends bit-identical; SIGTERM leaves a complete, loadable checkpoint; bad inputs exit
+non-zero with one line naming the problem and leave existing files untouched; presets equal the values
+stated in the paper's Appendix B.3 and C.4.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny(tiny_run):
+    return tiny_run
+
+
+def args(tiny, out, *extra):
+    return ["--model", str(tiny["model"]), "--data", str(tiny["data"]), "--out", str(out), "--steps", "6",
+            "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps", "2", "--lora-rank", "4",
+            "--lora-dropout", "0.1", "--no-progress", "--max-length", "40", "--max-prompt-length", "24", *extra]
+
+
+def adapter(out):
+    return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_few_steps_write_every_output(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(args(tiny, out, "--alpha", "0.2", "--beta", "0.1")) == 0
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["alpha"] == 0.2 and config["beta"] == 0.1 and config["lora_rank"] == 4
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "margin", "reward_chosen", "reward_rejected", "reward_accuracy", "logps_chosen",
+                "logps_rejected", "lr", "grad_norm", "tokens_per_s"):
+        assert all(key in r for r in records), key
+    # The adapter moved away from B = 0, and the SPL margin z moved toward the optimum of the soft-label loss
+    # with q = 0.75, z* = logit(0.75) = ln 3 (d loss / dz = sigmoid(z) - q), lowering the loss.
+    assert any(t.abs().max() > 0 for name, t in adapter(out).items() if "lora_B" in name)
+    assert abs(records[-1]["margin"] - math.log(3)) < abs(records[0]["margin"] - math.log(3))
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_resume_is_bit_identical(tiny, tmp_path):
+    """Uninterrupted 6 steps vs. the same command stopped after its step-3 checkpoint and resumed."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert train.main(args(tiny, full, "--save-every", "3")) == 0
+    assert train.main(args(tiny, resumed, "--save-every", "3")) == 0
+    # Roll the second run back to its step-3 checkpoint, as if it had died right after writing it.
+    import shutil
+    shutil.rmtree(resumed / "checkpoints" / "step_000006")
+    shutil.rmtree(resumed / "adapter")
+    assert train.main(args(tiny, resumed, "--save-every", "3", "--resume")) == 0
+    assert_same_tensors(adapter(full), adapter(resumed))
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def _start(tiny, out, *extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(tiny, out, *extra)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(path: Path, process, timeout=120):
+    deadline = time.time() + timeout
+    while not (path.exists() and (path.is_dir() or path.stat().st_size > 0)):
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_is_bit_identical(tiny, tmp_path):
+    """Killed hard at an arbitrary moment after the first checkpoint: resume ends where the full run ends."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    many = ("--steps", "40", "--save-every", "2")
+    assert train.main(args(tiny, full, *many)) == 0
+    process = _start(tiny, killed, *many)
+    _wait_for(killed / "checkpoints" / "step_000002", process)
+    time.sleep(0.3)  # somewhere in a later step, or in the middle of a save
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert train.main(args(tiny, killed, *many, "--resume")) == 0
+    assert_same_tensors(adapter(full), adapter(killed))
+    assert not list((killed / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigterm_saves_a_loadable_checkpoint(tiny, tmp_path):
+    out = tmp_path / "run"
+    process = _start(tiny, out, "--steps", "100000")
+    _wait_for(out / "metrics.jsonl", process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "Traceback" not in output
+    checkpoints = sorted((out / "checkpoints").glob("step_*"))
+    assert len(checkpoints) == 1
+    state = json.loads((checkpoints[0] / "state.json").read_text())
+    tensors = load_file(str(checkpoints[0] / "trainable.safetensors"))
+    assert state["step"] >= 1 and any("lora_B" in name for name in tensors)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--alpha", "0"), "--alpha must be > 0"),
+    (("--alpha", "-1"), "--alpha must be > 0"),
+    (("--beta", "-0.1"), "--beta must be >= 0"),
+    (("--batch-size", "3", "--grad-accum", "2"), "must be a positive multiple of --grad-accum"),
+    (("--max-prompt-length", "64"), "--max-prompt-length (64) < --max-length (40)"),
+    (("--lora-targets", "q_proj,w9"), "unknown ['w9']"),
+])
+def test_bad_options_exit_with_one_line(tiny, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert train.main(args(tiny, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: error:") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_bad_paths_exit_with_one_line(tiny, tmp_path, capsys):
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"prompt": "a", "chosen": "b"}\n', encoding="utf-8")
+    cases = [
+        (["--data", str(bad_data)], f'{bad_data}:1: missing field "rejected"'),
+        (["--data", str(tmp_path / "none.jsonl")], "no such file"),
+        (["--model", str(tmp_path / "no-model")], "no such model directory"),
+    ]
+    for override, message in cases:
+        argv = args(tiny, tmp_path / "run") + override  # later flags win
+        assert train.main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+        assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_is_never_overwritten(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert train.main(args(tiny, out)) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_script_reports_bad_input_without_traceback(tiny, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args(tiny, tmp_path / "r", "--alpha", "-1")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_presets_are_the_papers_recipes():
+    """Appendix B.3 (chat): LoRA r = 16, lora_alpha = 16, dropout 0.05, lr 1e-5, 150 warmup steps, batch 8,
+    5000 steps, max length 512, beta = 0.1. Appendix C.4 (math): r = 64, lora_alpha = 64, dropout 0.05,
+    lr 1e-5, 150 warmup steps, batch 4, one epoch, max length 1024, beta = 0.1."""
+    chat = train.parse_args(["--preset", "paper-chat", "--alpha", "0.2"])
+    assert (chat.lora_rank, chat.lora_alpha, chat.lora_dropout, chat.lr, chat.warmup_steps, chat.batch_size,
+            chat.steps, chat.max_length, chat.beta, chat.alpha) == (16, 16, 0.05, 1e-5, 150, 8, 5000, 512, 0.1, 0.2)
+    math_ = train.parse_args(["--preset", "paper-math"])
+    assert (math_.lora_rank, math_.lora_alpha, math_.lora_dropout, math_.lr, math_.warmup_steps, math_.batch_size,
+            math_.epochs, math_.steps, math_.max_length, math_.beta) == (64, 64, 0.05, 1e-5, 150, 4, 1, None, 1024, 0.1)
+    # Flags given on the command line win over the preset.
+    assert train.parse_args(["--preset", "paper-chat", "--lr", "2e-5"]).lr == 2e-5
+
+
+def test_learning_rate_schedule():
+    """Linear warmup to the peak, then cosine to 10% of it: lr(w-1) = peak, lr(total) = 0.1 peak."""
+    peak, warmup, total = 1.0, 10, 110
+    assert train.learning_rate(0, total, warmup, peak) == pytest.approx(0.1)
+    assert train.learning_rate(warmup - 1, total, warmup, peak) == pytest.approx(1.0)
+    assert train.learning_rate(warmup + 50, total, warmup, peak) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert train.learning_rate(total, total, warmup, peak) == pytest.approx(0.1)
