@@ -338,7 +338,7 @@ def train(c: TrainConfig) -> int:
 
         key = ReferenceCacheKey.build(examples, dataset_sha256=file_sha256(data_path),
                                       reference_model=reference_identity(model_dir, c), max_length=c.max_length,
-                                      max_prompt_length=c.max_prompt_length, chat_format="mistral-v1",
+                                      max_prompt_length=c.max_prompt_length, chat_format=tokenizer.chat_format,
                                       tokenizer_sha256=file_sha256(tokenizer_path))
         ref_chosen_all, ref_rejected_all = reference_logps(cache_path(out / "cache", key), key, compute, log=print)
         ref_chosen_all, ref_rejected_all = ref_chosen_all.to(device), ref_rejected_all.to(device)

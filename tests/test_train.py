@@ -191,3 +191,23 @@ def test_learning_rate_schedule():
     assert train.learning_rate(warmup - 1, total, warmup, peak) == pytest.approx(1.0)
     assert train.learning_rate(warmup + 50, total, warmup, peak) == pytest.approx(0.1 + 0.9 * 0.5)
     assert train.learning_rate(total, total, warmup, peak) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "fdpo", "reward", "sft"])
+def test_every_loss_runs(tiny, tmp_path, loss):
+    """Two steps of each objective: finite metrics and its output written (an SFT file is made from the pairs)."""
+    extra = ["--loss", loss, "--steps", "2"]
+    if loss == "sft":
+        sft = tmp_path / "sft.jsonl"
+        sft.write_text("".join(json.dumps({"prompt": f"which pet is best? {i}", "response": "dogs are loyal"}) + "\n"
+                               for i in range(8)), encoding="utf-8")
+        extra += ["--data", str(sft)]
+    if loss == "fdpo":
+        extra += ["--fdpo-divergence", "js"]
+    out = tmp_path / "run"
+    assert train.main(args(tiny, out, *extra)) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    if loss == "reward":
+        assert (out / "adapter" / "reward_head.safetensors").is_file()
