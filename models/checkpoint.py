@@ -185,11 +185,22 @@ def save_pretrained(model: Mistral, path, max_shard_bytes: int | None = None, to
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, staging / "tokenizer.model")
+        publish_permissions(staging)
         os.replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def publish_permissions(directory: Path) -> None:
+    """Give a staged directory and its files the modes a plain mkdir/open would have (mkdtemp makes 0700 and
+    safetensors may write 0600), so a saved model or adapter can be served by other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for file in directory.iterdir():
+        os.chmod(file, 0o666 & ~umask)
 
 
 def _split(state: dict, max_shard_bytes: int | None) -> list[dict]:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.checkpoint import CheckpointError, ours_to_hf
+from models.checkpoint import CheckpointError, ours_to_hf, publish_permissions
 
 TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -266,6 +266,7 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | Non
     try:
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        publish_permissions(staging)
         if directory.exists():  # overwrite: move the old one aside first, so a failure can put it back
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
             os.replace(directory, old / directory.name)

@@ -245,3 +245,18 @@ def test_failed_save_leaves_nothing(tiny_model, tmp_path):
     with pytest.raises(FileNotFoundError):
         save_pretrained(tiny_model(), tmp_path / "ckpt2", tokenizer_path=tmp_path / "no_tokenizer.model")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_directory_has_ordinary_permissions(tiny_model, tmp_path):
+    """A saved model is staged in a private temporary directory; once published it must have the modes a
+    plain mkdir/open give under the process umask (others can read and serve it)."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    try:
+        path = save_pretrained(tiny_model(), tmp_path / "m")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()} == {0o644}
