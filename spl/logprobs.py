@@ -18,10 +18,16 @@ is frozen (a LoRA run's lm_head) the forward pass computes it chunk by chunk and
 scale: no logits are kept and no [V, D] buffer is allocated. When `weight` requires grad, the backward
 pass recomputes each chunk's logits from the saved log-sum-exp and accumulates both gradients.
 
-The pure per-chunk math is torch.compiled (the token dimension dynamic, so varying lengths do not
-recompile); `compile=False` or the environment variable SPL_NO_COMPILE=1 gives the eager path, and it is
-used automatically, with one warning, where compilation is unavailable. bfloat16 inputs: the projection
-runs in the input dtype (its GEMM accumulates in float32), everything after it in float32; outputs are float32.
+Memory: one float32 [C, V] logits buffer, reused by every chunk and overwritten in place by the softmax
+gradient, is the only vocabulary-sized allocation (C = 256, V = 32000: 33 MB; eager logsumexp adds a second,
+transient one), plus the [N, D] saved gradient. Larger C means faster GEMMs and more memory
+(eval/bench_logprobs.py measures both).
+
+The pure per-chunk math after each GEMM is torch.compiled (two fused kernels, the token dimension dynamic,
+so varying lengths do not recompile); `compile=False` or the environment variable SPL_NO_COMPILE=1 gives the
+eager path, and it is used automatically, with one warning, where compilation is unavailable. bfloat16
+inputs: the projection runs in the input dtype (its GEMM accumulates in float32), everything after it in
+float32; outputs are float32.
 """
 import os
 import warnings
@@ -123,6 +129,7 @@ def _logits_buffer(positions, weight, chunk_size):
     return torch.empty(min(chunk_size, positions.shape[0]), weight.shape[0], dtype=torch.float32, device=weight.device)
 
 
+@torch.no_grad()  # as autograd.Function.forward runs: one grad mode, so the compiled chunks never recompile
 def _forward_only(hidden, weight, positions, targets, chunk_size, compile):
     """log-probs [N] of the tokens at `positions` of hidden [M, D], no gradient: one GEMM per chunk."""
     token_logps = torch.empty(positions.shape[0], dtype=torch.float32, device=hidden.device)  # [N]
@@ -201,7 +208,8 @@ def _select_tokens(name, hidden, weight, targets, mask, chunk_size):
         raise ValueError(f"{name}: weight must be [V, D] with D = {hidden.shape[2]} (hidden's last dim), "
                          f"got shape {tuple(weight.shape)}")
     if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
-        raise ValueError(f"{name}: hidden and weight must share one floating dtype, got {hidden.dtype} and {weight.dtype}")
+        raise ValueError(f"{name}: hidden and weight must share one floating dtype, "
+                         f"got {hidden.dtype} and {weight.dtype}")
     if hidden.device != weight.device or targets.device != hidden.device or mask.device != hidden.device:
         raise ValueError(f"{name}: hidden, weight, targets and mask must be on one device, got {hidden.device}, "
                          f"{weight.device}, {targets.device} and {mask.device}")
