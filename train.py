@@ -11,6 +11,24 @@ with what was learned.
 The loop, top to bottom: reference log-probs once (the model before any update); then per optimizer step
 `grad_accum` micro-batches whose losses are averaged, gradient clipping, AdamW on the trainable (LoRA)
 parameters, warmup + cosine learning rate; a metrics line per step; atomic checkpoints every --save-every steps.
+
+At scale, with no change to the code:
+
+    torchrun --nproc_per_node 8 train.py --model DIR --data prefs.jsonl --dtype bfloat16 --grad-checkpointing
+    torchrun --nproc_per_node 8 train.py ... --fsdp      # frozen weights sharded across the GPUs (FSDP2)
+
+--batch-size is the number of pairs per optimizer step, all processes together:
+batch_size = processes x grad_accum x micro-batch. Every process draws the same seeded order of global
+micro-batches and takes its own contiguous share of each, back-propagates `sum over its pairs of loss / N`
+with N the step's global pair count, and the trainable (LoRA) gradients are summed across processes in one
+all-reduce per optimizer step: the update equals the one-process update on the same global batch. (A manual
+all-reduce rather than DistributedDataParallel: the step calls `model.hidden_states`, not the model's forward
+that DDP hooks; the LoRA gradients are a few MB; and one reduction after all accumulation micro-batches is
+exact and visible.) Reference log-probs: each process scores its share, an all-reduce joins them, rank 0
+writes the cache. Only rank 0 writes files and prints; a checkpoint holds the global data position and every
+process's RNG state, so --resume works under torchrun. --fsdp shards the frozen base weights with
+`torch.distributed.fsdp.fully_shard` (per decoder block, then the root) and keeps the LoRA parameters and the
+output head whole on every process, so gradients, optimizer and checkpoints are the same as without it.
 """
 from __future__ import annotations
 
@@ -18,6 +36,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -56,14 +76,14 @@ class TrainConfig:
     fdpo_divergence: str = "reverse_kl"
     fdpo_alpha: float = 0.5
     average_logprobs: bool = False
-    lora_rank: int = 8  # 0: full fine-tune
-    lora_alpha: float = 16.0
+    lora_rank: int = 16  # 0: full fine-tune
+    lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    lr: float = 3e-3
+    lr: float = 5e-3
     weight_decay: float = 0.0
-    warmup_steps: int = 10
-    steps: int | None = 150
+    warmup_steps: int = 20
+    steps: int | None = 250
     epochs: float | None = None
     batch_size: int = 16  # pairs (or sequences, for SFT) per optimizer step, all processes together
     grad_accum: int = 1
@@ -71,7 +91,9 @@ class TrainConfig:
     max_length: int = 128
     max_prompt_length: int = 64
     group_by_length: bool = False
-    dtype: str = "float32"
+    dtype: str = "float32"  # bfloat16: frozen weights in bf16; LoRA, its gradients and AdamW state stay float32
+    grad_checkpointing: bool = False  # recompute each decoder block's activations in the backward pass
+    fsdp: bool = False  # shard the frozen weights across torchrun's processes (FSDP2)
     device: str = "auto"
     compile: str = "auto"
     seed: int = 0
@@ -116,7 +138,12 @@ def parse_args(argv=None) -> TrainConfig:
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"default {getattr(defaults, name)}")
     p.add_argument("--lora-targets", help=f"comma-separated, or all-linear (default {','.join(LORA_TARGETS)})")
     p.add_argument("--group-by-length", action="store_true")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=defaults.dtype)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=defaults.dtype,
+                   help="bfloat16: frozen weights in bf16, LoRA and optimizer state in float32")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="activation checkpointing per decoder block (less memory, one more forward)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the frozen weights across processes (FSDP2 fully_shard)")
     p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ... or auto")
     p.add_argument("--compile", dest="compile", action="store_const", const="on", default=defaults.compile,
                    help="torch.compile the fused log-prob kernel (default: on CUDA, off on CPU)")
@@ -147,12 +174,13 @@ def parse_args(argv=None) -> TrainConfig:
         values["steps"] = None
     values.update(given)
     config = dataclasses.replace(defaults, **values)
-    validate(config)
+    validate(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     return config
 
 
-def validate(c: TrainConfig) -> None:
-    """Impossible values fail here, at start-up, with one line each (never mid-run)."""
+def validate(c: TrainConfig, world_size: int = 1) -> None:
+    """Impossible values fail here, at start-up, with one line each (never mid-run). world_size: the number of
+    processes (torchrun's WORLD_SIZE)."""
     def fail(message):
         raise UsageError(message)
 
@@ -190,6 +218,9 @@ def validate(c: TrainConfig) -> None:
         fail(f"--warmup-steps must be >= 0, got {c.warmup_steps}")
     if c.batch_size <= 0 or c.grad_accum <= 0 or c.batch_size % c.grad_accum:
         fail(f"--batch-size ({c.batch_size}) must be a positive multiple of --grad-accum ({c.grad_accum})")
+    if c.batch_size % (c.grad_accum * world_size):
+        fail(f"--batch-size ({c.batch_size}) is pairs per step over all processes: it must be a multiple of "
+             f"--grad-accum ({c.grad_accum}) x {world_size} processes = {c.grad_accum * world_size}")
     if c.max_prompt_length <= 0 or c.max_length <= c.max_prompt_length:
         fail(f"need 0 < --max-prompt-length ({c.max_prompt_length}) < --max-length ({c.max_length})")
     if c.save_every < 0 or c.eval_every < 0 or c.log_every <= 0 or c.keep_checkpoints <= 0:
@@ -200,6 +231,13 @@ def validate(c: TrainConfig) -> None:
         fail("--init-config trains from random weights: use --lora-rank 0 (a full fine-tune)")
     if c.loss == "reward" and c.lora_rank == 0:
         fail("--loss reward trains LoRA plus a scalar head: give --lora-rank > 0")
+    if c.dtype == "bfloat16" and c.lora_rank == 0:
+        fail("--dtype bfloat16 keeps frozen weights in bf16: a full fine-tune (--lora-rank 0) would train bf16 "
+             "weights with bf16 AdamW state; use --dtype float32 or LoRA")
+    if c.fsdp and world_size < 2:
+        fail("--fsdp shards the frozen weights across processes: launch with torchrun --nproc_per_node N (N > 1)")
+    if c.fsdp and c.lora_rank == 0:
+        fail("--fsdp shards the frozen weights of a LoRA run: give --lora-rank > 0")
 
 
 # --------------------------------------------------------------------------------------------------- schedule
@@ -223,7 +261,9 @@ def main(argv=None) -> int:
         config = parse_args(argv)
         return train(config)
     except (UsageError, DataError, CheckpointError, ConfigError, RunError) as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
+        # Every process meets these alike (same inputs; run-directory checks are rank 0's, broadcast): one line.
+        if Processes.from_environment().main:
+            print(f"train.py: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, UsageError) else 1
 
 
@@ -260,38 +300,229 @@ def reference_identity(model_dir: Path | None, c: TrainConfig) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
+# --------------------------------------------------------------------------------------------------- processes
+# With one process (plain `python train.py`) every helper below is the identity and no collective is called.
+
+@dataclass(frozen=True)
+class Processes:
+    """This process among torchrun's, from the RANK, WORLD_SIZE and LOCAL_RANK it sets; without torchrun,
+    rank 0 of 1."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> "Processes":
+        env = os.environ
+        return cls(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def start_processes(procs: Processes, device_name: str):
+    """The device this process drives. Under torchrun, also join the process group: NCCL with one GPU per
+    process (cuda:LOCAL_RANK), gloo on CPU."""
+    import torch
+    import torch.distributed as dist
+
+    device = resolve_device(device_name)
+    if not procs.distributed:
+        return device
+    if device_name not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device {device_name}: under torchrun every process takes cuda:LOCAL_RANK; "
+                         f"give --device auto, cuda or cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", procs.local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=procs.rank, world_size=procs.world_size, device_id=device)
+    else:
+        dist.init_process_group("gloo", rank=procs.rank, world_size=procs.world_size)
+    return device
+
+
+def broadcast_from_main(procs: Processes, value):
+    """Rank 0's `value` (any picklable object) on every process."""
+    if not procs.distributed:
+        return value
+    import torch.distributed as dist
+
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def sum_across(procs: Processes, values: list, device) -> list:
+    """Every value summed over all processes (one float64 all-reduce); `values` unchanged with one process."""
+    if not procs.distributed:
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    summed = torch.tensor(values, dtype=torch.float64, device=device)  # [len(values)]
+    dist.all_reduce(summed)
+    return summed.tolist()
+
+
+def sum_gradients_(procs: Processes, parameters: list) -> None:
+    """All-reduce (sum) the gradients of `parameters` in one flat buffer. Each process back-propagated
+    sum over its pairs of loss / N (N: the step's pairs over all processes), so the sum is the gradient of the
+    global mean loss, the one-process gradient; every process then holds it and takes the same AdamW step."""
+    if not procs.distributed:
+        return
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])  # [sum of numels]
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(parameters, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+
+
+def share_batches(batches, procs: Processes):
+    """Make `batches` (PreferenceBatches or SequenceBatches, the same seeded order on every process) yield this
+    process's share of each global batch: the batch's examples cut into world_size contiguous shares, each
+    collated alone (so padded to its own longest row). A share left empty by a short last batch takes the
+    batch's first example and batch["counts"] = False: the process still runs the forward and backward passes
+    that the collectives (and FSDP) expect, but adds nothing to the step. One process: `batches` unchanged."""
+    if not procs.distributed:
+        return batches
+    collate = batches.collate_fn
+
+    def collate_share(examples, pad_id, pad_to_multiple):
+        per_process = -(-len(examples) // procs.world_size)
+        share = examples[procs.rank * per_process:(procs.rank + 1) * per_process]
+        batch = collate(share or examples[:1], pad_id, pad_to_multiple)
+        batch["counts"] = bool(share)
+        return batch
+
+    batches.collate_fn = collate_share
+    return batches
+
+
+def shared_reference_logps(path, key, compute, procs: Processes, device):
+    """Reference log-probs ([N] chosen, [N] rejected, on `device`), computed once for all processes: rank 0 reads
+    the cache and sends it; on a miss every process scores its share (compute() returns its pairs' values and
+    zeros elsewhere), an all-reduce joins the shares and rank 0 writes the cache. With one process this is
+    data.reference_cache.reference_logps (same messages, same file)."""
+    import torch
+    import torch.distributed as dist
+
+    from data.reference_cache import CacheMiss, load_reference_logps, save_reference_logps
+
+    cached = None
+    if procs.main:
+        try:
+            cached = torch.stack(load_reference_logps(path, key)).to(device)  # [2, N]
+            print(f"reference log-probs: loaded {key.num_examples} pairs from {os.fspath(path)}")
+        except CacheMiss as miss:
+            print(f"reference log-probs: {miss}; computing them")
+    if broadcast_from_main(procs, cached is not None):
+        if procs.distributed:
+            cached = cached if procs.main else torch.empty(2, key.num_examples, device=device)
+            dist.broadcast(cached, src=0)
+        return cached[0], cached[1]
+    both = torch.stack(compute()).float().to(device)  # [2, N]: this process's pairs, zeros elsewhere
+    if procs.distributed:
+        dist.all_reduce(both)
+    if procs.main:
+        save_reference_logps(path, key, both[0], both[1])
+    return both[0], both[1]
+
+
+def shard_frozen_weights(model, procs: Processes, device) -> None:
+    """FSDP2: `fully_shard` each decoder block, then the root (embeddings and final norm), over all processes.
+
+    The trainable (LoRA) parameters and the output head stay whole on every process (`ignored_params`): the
+    fused log-prob kernel reads lm_head.weight outside any module's forward, and the LoRA gradients then take
+    the same all-reduce, optimizer and checkpoints as without FSDP. `hidden_states` is registered as a forward
+    method, so the root gathers its shards when the step calls it. FSDP moves what it shards to `device`, one
+    block at a time; the whole parameters are moved here."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from models.lora import lora_modules
+
+    whole = {p for p in model.parameters() if p.requires_grad} | {model.lm_head.weight}
+    mesh = init_device_mesh(device.type, (procs.world_size,))
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, ignored_params=whole)
+    fully_shard(model, mesh=mesh, ignored_params=whole)
+    register_fsdp_forward_method(model, "hidden_states")
+    model.lm_head.to(device)
+    for module in lora_modules(model).values():
+        module.lora_A.to(device)
+        module.lora_B.to(device)
+
+
+# --------------------------------------------------------------------------------------------------- train
+
 def train(c: TrainConfig) -> int:
+    """Join torchrun's process group when launched by it, run, and leave it."""
+    procs = Processes.from_environment()
+    device = start_processes(procs, c.device)
+    try:
+        return run(c, procs, device)
+    finally:
+        if procs.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def run(c: TrainConfig, procs: Processes, device) -> int:
     import numpy as np
     import torch
     from tqdm import tqdm
 
     from data.batching import PreferenceBatches
-    from data.reference_cache import ReferenceCacheKey, cache_path, file_sha256, reference_logps
+    from data.reference_cache import ReferenceCacheKey, cache_path, file_sha256
     from data.sft import SequenceBatches, load_sft_data
     from data.tokenization import load_preference_data
     from models import MistralConfig, Tokenizer, add_lora, build_model, load_pretrained, save_pretrained
-    from models.lora import load_lora_state_dict, save_adapter
+    from models.lora import save_adapter
     from spl import runs
     from spl.step import (PREFERENCE_LOSSES, Objective, RewardHead, preference_step, reference_logprobs,
                           reward_step, sft_step)
 
+    say = print if procs.main else (lambda *args, **kwargs: None)  # only rank 0 prints
     out = Path(c.out)
-    runs.check_run_dir(out, c.resume, c.overwrite)  # before any work, and before anything is written
-    device = resolve_device(c.device)
+    # Before any work, and before anything is written; rank 0 looks (it is the one that will write).
+    problem = None
+    if procs.main:
+        try:
+            runs.check_run_dir(out, c.resume, c.overwrite)
+        except runs.RunError as error:
+            problem = str(error)
+    problem = broadcast_from_main(procs, problem)
+    if problem:
+        raise runs.RunError(problem)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.dtype]
     compile = {"auto": device.type == "cuda", "on": True, "off": False}[c.compile]
     torch.manual_seed(c.seed)
     np.random.seed(c.seed)
     world = c.model is None and c.init_config is None and c.data is None
 
-    # ---- model and tokenizer
+    # ---- model and tokenizer. Read tensor by tensor straight onto the device (no CPU copy of a 7B model). With
+    # --fsdp each process reads it into CPU memory and FSDP moves its shards to its GPU block by block, so no GPU
+    # ever holds the whole model.
+    load_device = torch.device("cpu") if c.fsdp else device
     if c.init_config:
         model_dir = None
-        model = build_model(MistralConfig.from_json(c.init_config), dtype=dtype, device=device, seed=c.seed)
+        model = build_model(MistralConfig.from_json(c.init_config), dtype=dtype, device=load_device, seed=c.seed)
         tokenizer_path = Path(c.init_config).parent / "tokenizer.model"
     else:
         model_dir = Path(c.model) if c.model else WORLD_DIR / "model"
-        model = load_pretrained(model_dir, dtype=dtype, device=device)
+        model = load_pretrained(model_dir, dtype=dtype, device=load_device)
         tokenizer_path = model_dir / "tokenizer.model"
     if not tokenizer_path.is_file():
         raise UsageError(f"{tokenizer_path}: missing (the sentencepiece tokenizer.model must sit beside the model)")
@@ -306,97 +537,140 @@ def train(c: TrainConfig) -> int:
                                           {"prompt": c.prompt_key, "response": c.response_key})
     else:
         examples, summary = load_preference_data(data_path, tokenizer, c.max_length, c.max_prompt_length, column_map)
-    print(summary.format())
+    say(summary.format())
     if not examples:
         raise UsageError(f"{data_path}: no usable examples")
     if c.loss == "cdpo" and any(e.chosen_prob != 1.0 for e in examples):
         raise UsageError(f"{data_path}: --loss cdpo smooths every label by --label-smoothing; the data's soft "
                          f"labels ({c.chosen_prob_key}) would be ignored: use --loss spl or dpo with them")
     total_steps = c.steps or max(1, math.ceil(c.epochs * len(examples) / c.batch_size))
-    micro_batch = c.batch_size // c.grad_accum
+    micro_batch = c.batch_size // c.grad_accum  # pairs per accumulation step, all processes together
 
     # ---- the run directory, now that every input has been read and checked
-    runs.prepare_run_dir(out, c.resume, c.overwrite)
-    if not c.resume:
-        runs.write_json_atomic(out / "config.json", dataclasses.asdict(c))
+    if procs.main:
+        runs.prepare_run_dir(out, c.resume, c.overwrite)
+        if not c.resume:
+            runs.write_json_atomic(out / "config.json", dataclasses.asdict(c))
 
-    # ---- reference log-probs: the model as loaded, before any update or LoRA (so also right on --resume)
+    # ---- trainable parameters: LoRA (everything else frozen; its B = 0, so the model is still the reference),
+    # or the whole model. The same draws on every process; afterwards each process its own dropout noise.
+    if c.lora_rank:
+        add_lora(model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets)
+    if procs.rank:
+        torch.manual_seed(c.seed + procs.rank)
+    model.gradient_checkpointing = c.grad_checkpointing
+    num_parameters = model.num_parameters()
+    if c.fsdp:
+        shard_frozen_weights(model, procs, device)
+
+    # ---- reference log-probs: the model as loaded, LoRA off, before any update (so also right on --resume)
     objective = Objective(c.loss, c.alpha, c.beta, c.label_smoothing, c.ipo_tau, c.fdpo_divergence, c.fdpo_alpha,
                           c.average_logprobs)
     if c.loss in PREFERENCE_LOSSES:
         def compute():
             model.eval()
-            chosen = torch.zeros(len(examples))
-            rejected = torch.zeros(len(examples))
-            order = PreferenceBatches(examples, micro_batch * 2, tokenizer.pad_id, seed=c.seed)
-            for _ in tqdm(range(len(order)), desc="reference log-probs", disable=not c.progress, leave=False):
-                batch = {k: v.to(device) for k, v in next(order).items()}
+            chosen = torch.zeros(len(examples), device=device)  # [N]
+            rejected = torch.zeros(len(examples), device=device)  # [N]
+            order = share_batches(PreferenceBatches(examples, micro_batch * 2, tokenizer.pad_id, seed=c.seed), procs)
+            for _ in tqdm(range(len(order)), desc="reference log-probs", disable=not (c.progress and procs.main),
+                          leave=False):
+                batch = next(order)
+                counts = batch.pop("counts", True)
+                batch = {k: v.to(device) for k, v in batch.items()}
                 ref_c, ref_r = reference_logprobs(model, batch, average=c.average_logprobs, compile=compile)
-                chosen[batch["pair_index"].cpu()] = ref_c.float().cpu()
-                rejected[batch["pair_index"].cpu()] = ref_r.float().cpu()
+                if counts:
+                    chosen[batch["pair_index"]] = ref_c.float()
+                    rejected[batch["pair_index"]] = ref_r.float()
             return chosen, rejected
 
         key = ReferenceCacheKey.build(examples, dataset_sha256=file_sha256(data_path),
                                       reference_model=reference_identity(model_dir, c), max_length=c.max_length,
                                       max_prompt_length=c.max_prompt_length, chat_format=tokenizer.chat_format,
                                       tokenizer_sha256=file_sha256(tokenizer_path))
-        ref_chosen_all, ref_rejected_all = reference_logps(cache_path(out / "cache", key), key, compute, log=print)
-        ref_chosen_all, ref_rejected_all = ref_chosen_all.to(device), ref_rejected_all.to(device)
+        ref_chosen_all, ref_rejected_all = shared_reference_logps(cache_path(out / "cache", key), key, compute,
+                                                                  procs, device)
 
-    # ---- trainable parameters: LoRA (everything else frozen), or the whole model
-    if c.lora_rank:
-        add_lora(model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets)
     head = RewardHead(model.config.hidden_size).to(device) if c.loss == "reward" else None
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if head is not None:
         trainable |= {f"reward_head.{name}": p for name, p in head.named_parameters()}
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay)
     Batches = SequenceBatches if c.loss == "sft" else PreferenceBatches
-    batches = Batches(examples, micro_batch, tokenizer.pad_id, seed=c.seed, group_by_length=c.group_by_length)
-    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {sum(p.numel() for p in trainable.values()) / 1e6:.3f}M "
-          f"trainable; {len(examples)} examples, {total_steps} steps of {c.batch_size} on {device}")
+    batches = share_batches(Batches(examples, micro_batch, tokenizer.pad_id, seed=c.seed,
+                                    group_by_length=c.group_by_length), procs)
+    processes = f" x {procs.world_size} processes{' (FSDP)' if c.fsdp else ''}" if procs.distributed else ""
+    say(f"model: {num_parameters / 1e6:.2f}M parameters, {sum(p.numel() for p in trainable.values()) / 1e6:.3f}M "
+        f"trainable; {len(examples)} examples, {total_steps} steps of {c.batch_size} on {device}{processes}")
 
-    # ---- resume
+    # ---- resume (every process reads the checkpoint rank 0 picked)
     start_step = 0
     if c.resume:
-        runs.clean_interrupted_saves(out)
-        checkpoints = runs.complete_checkpoints(out)
-        if checkpoints:
-            tensors, optimizer_state, rng, state = runs.load_checkpoint(checkpoints[-1])
+        checkpoint = None
+        if procs.main:
+            runs.clean_interrupted_saves(out)
+            checkpoints = runs.complete_checkpoints(out)
+            checkpoint = str(checkpoints[-1]) if checkpoints else None
+        checkpoint = broadcast_from_main(procs, checkpoint)
+        if checkpoint:
+            checkpoint = Path(checkpoint)
+            tensors, optimizer_state, rng, state = runs.load_checkpoint(checkpoint)
             if set(tensors) != set(trainable):
-                raise runs.RunError(f"{checkpoints[-1]}: holds {sorted(set(tensors) ^ set(trainable))[:4]}... "
+                raise runs.RunError(f"{checkpoint}: holds {sorted(set(tensors) ^ set(trainable))[:4]}... "
                                     f"that this run does not train")
             with torch.no_grad():
                 for name, p in trainable.items():
                     p.copy_(tensors[name])
             optimizer.load_state_dict(optimizer_state)
-            runs.set_rng_state(rng)
+            rng_states = rng["per_rank"] if "per_rank" in rng else [rng]  # one per process that wrote it
+            if len(rng_states) == procs.world_size:
+                runs.set_rng_state(rng_states[procs.rank])
+            else:
+                say(f"{checkpoint}: written by {len(rng_states)} process(es), resumed by {procs.world_size}: the "
+                    f"data position is global and carries over; dropout noise starts from fresh seeds")
             batches.load_state_dict(state["data"])
             start_step = state["step"]
-            print(f"resumed from {checkpoints[-1]} at step {start_step}")
+            say(f"resumed from {checkpoint} at step {start_step}")
         else:
-            print(f"{out}: no complete checkpoint yet; starting from step 0")
+            say(f"{out}: no complete checkpoint yet; starting from step 0")
 
     def save(step):
+        """Every process calls this (their RNG states are gathered); rank 0 writes."""
+        rng = runs.rng_state()
+        if procs.distributed:
+            import torch.distributed as dist
+
+            states = [None] * procs.world_size if procs.main else None
+            dist.gather_object(rng, states, dst=0)
+            rng = {"per_rank": states}
+        if not procs.main:
+            return out / "checkpoints" / f"step_{step:06d}"
         return runs.save_checkpoint(out, step, trainable, optimizer, {"data": batches.state_dict()},
-                                    keep=c.keep_checkpoints)
+                                    keep=c.keep_checkpoints, rng=rng)
+
+    scores_here = procs.main or c.fsdp  # the world report runs the model: on every process when FSDP shards it
 
     # ---- the loop
-    log = runs.MetricsLog(out / "metrics.jsonl", resume_step=start_step if c.resume else None)
+    log = runs.MetricsLog(out / "metrics.jsonl", resume_step=start_step if c.resume else None, enabled=procs.main)
     model.train()
     last_saved = None
     with runs.StopSignals() as signals:
         progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
-                        disable=not c.progress, dynamic_ncols=True)
+                        disable=not (c.progress and procs.main), dynamic_ncols=True)
         for step in progress:
             lr = learning_rate(step, total_steps, c.warmup_steps, c.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             started = time.perf_counter()
-            micro_batches = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(c.grad_accum)]
-            units = [len(b["chosen_prob"]) if "chosen_prob" in b else int(b["loss_mask"].sum()) for b in micro_batches]
+            micro_batches, counted = [], []
+            for _ in range(c.grad_accum):
+                batch = next(batches)  # this process's share of the next global micro-batch
+                counted.append(batch.pop("counts", True))
+                micro_batches.append({k: v.to(device) for k, v in batch.items()})
+            units = [(len(b["chosen_prob"]) if "chosen_prob" in b else int(b["loss_mask"].sum())) if counts else 0
+                     for b, counts in zip(micro_batches, counted)]
+            total_units = sum_across(procs, [sum(units)], device)[0]  # pairs (or tokens) of the whole step
             sums, tokens = {}, 0
-            for batch, n in zip(micro_batches, units):
+            for batch, n, counts in zip(micro_batches, units, counted):
                 if c.loss == "sft":
                     loss, metrics, _ = sft_step(model, batch, compile=compile)
                 elif c.loss == "reward":
@@ -405,41 +679,52 @@ def train(c: TrainConfig) -> int:
                     index = batch["pair_index"]
                     loss, metrics, _ = preference_step(model, batch, ref_chosen_all[index], ref_rejected_all[index],
                                                        objective, compile=compile)
-                (loss * n / sum(units)).backward()  # the mean over every pair (or token) of the optimizer step
+                (loss * n / total_units).backward()  # the mean over every pair (or token) of the optimizer step
                 for name, value in metrics.items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
-                tokens += int(batch["attention_mask"].sum())
+                    sums[name] = sums.get(name, 0.0) + (float(value) if counts else 0.0)
+                tokens += int(batch["attention_mask"].sum()) if counts else 0
+            sum_gradients_(procs, list(trainable.values()))
+            names = list(sums)  # the same order on every process
+            reduced = sum_across(procs, [sums[name] for name in names] + [tokens], device)
+            sums, tokens = dict(zip(names, reduced[:-1])), reduced[-1]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), c.max_grad_norm))
             if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
                 kept = f"; the last good checkpoint is {last_saved}" if last_saved else ""
-                print(f"train.py: error: non-finite loss or gradient at step {step + 1} (loss {sums['loss']}, "
-                      f"grad norm {grad_norm}); stopped without applying it{kept}", file=sys.stderr)
+                if procs.main:
+                    print(f"train.py: error: non-finite loss or gradient at step {step + 1} (loss {sums['loss']}, "
+                          f"grad norm {grad_norm}); stopped without applying it{kept}", file=sys.stderr)
                 log.close()
                 return 1
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - started
-            record = {"step": step + 1, **{k: v / sum(units) for k, v in sums.items()}, "lr": lr,
+            record = {"step": step + 1, **{k: v / total_units for k, v in sums.items()}, "lr": lr,
                       "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed}
             if (step + 1) % c.log_every == 0 or step + 1 == total_steps:
                 log.write(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
             if c.save_every and (step + 1) % c.save_every == 0:
                 last_saved = save(step + 1)
-            if world and c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < total_steps:
+            if world and c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < total_steps and scores_here:
                 log.write({"step": step + 1, **world_report(model, tokenizer, c, device, brief=True)})
-            if signals.received:
+            stop = sum_across(procs, [float(signals.received is not None)], device)[0] > 0  # all stop together
+            if stop:
                 if last_saved is None or not last_saved.name.endswith(f"{step + 1:06d}"):
                     last_saved = save(step + 1)
-                print(f"\n{signals.name}: saved {last_saved}; continue with the same command plus --resume")
+                say(f"\n{signals.name or 'a stop signal to another process'}: saved {last_saved}; continue with "
+                    f"the same command plus --resume")
                 log.close()
-                return 128 + signals.received
+                return 128 + (signals.received or signal.SIGTERM)
         progress.close()
     log.close()
 
     # ---- outputs
     if c.save_every and (last_saved is None or not last_saved.name.endswith(f"{total_steps:06d}")):
         save(total_steps)
+    final_report = world and c.loss in ("spl", "dpo") and c.lora_rank and scores_here
+    report = world_report(model, tokenizer, c, device) if final_report else None
+    if not procs.main:
+        return 0
     if c.lora_rank:
         save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir or c.init_config), overwrite=True)
         if head is not None:
@@ -454,8 +739,7 @@ def train(c: TrainConfig) -> int:
             shutil.rmtree(final)
         save_pretrained(model, final, tokenizer_path=tokenizer_path)
         print(f"model: {final} (HF format)")
-    if world and c.loss in ("spl", "dpo") and c.lora_rank:
-        report = world_report(model, tokenizer, c, device)
+    if report is not None:
         runs.write_json_atomic(out / "report.json", report)
         print_report(report)
     return 0

@@ -68,9 +68,11 @@ def write_json_atomic(path: Path, value) -> None:
 # ------------------------------------------------------------------------------------------------ RNG state
 
 def rng_state() -> dict:
+    """Every RNG this process draws from. CUDA: the current device's only (a process drives one GPU; asking
+    every visible GPU would create a CUDA context on each, in every torchrun process)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -79,7 +81,10 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if isinstance(state["cuda"], (list, tuple)):  # older checkpoints: every visible device's state
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -92,9 +97,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(out: Path, step: int, trainable: dict, optimizer, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(out: Path, step: int, trainable: dict, optimizer, state: dict, keep: int = 2,
+                    rng: dict | None = None) -> Path:
     """Atomically write checkpoint `step` (trainable tensors by name, optimizer, RNGs, a JSON-able state dict)
-    and delete all but the newest `keep` complete checkpoints."""
+    and delete all but the newest `keep` complete checkpoints. rng: what to store as the RNG state (train.py
+    gathers every process's under torchrun); None: this process's rng_state()."""
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -102,7 +109,7 @@ def save_checkpoint(out: Path, step: int, trainable: dict, optimizer, state: dic
     tensors = {name: t.detach().contiguous().cpu() for name, t in trainable.items()}
     save_file(tensors, str(staging / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    torch.save(rng_state(), staging / "rng.pt")
+    torch.save(rng if rng is not None else rng_state(), staging / "rng.pt")
     write_json_atomic(staging / "state.json", {"step": step, **state})
     for file in staging.iterdir():
         with open(file, "rb") as f:

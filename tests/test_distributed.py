@@ -1,0 +1,150 @@
+"""train.py under torchrun (CPU, gloo): data parallel, resume, FSDP2, and the batch split behind them.
+
+Oracles: invariants. Two processes that each take half of every global micro-batch, weight their losses by the
+global pair count and sum their LoRA gradients compute the one-process gradient of the same global batch, so the
+adapters agree up to float32 summation order (within 1e-5 after 4 AdamW steps; measured ~2e-6). A run resumed
+under torchrun from its step-2 checkpoint, with the frozen weights sharded by FSDP2 and activation
+checkpointing on, computes the same steps again and must land on the same adapter. The batch split is checked
+against its definition: every rank's share is a disjoint, contiguous piece of the global batch and the pieces
+cover it.
+
+The data set has 21 pairs with responses of different lengths: with 4 pairs per global micro-batch, the epoch
+ends in a batch of 1 pair, so one rank gets an empty share (it runs on a stand-in pair weighted 0), and each
+share is padded to its own longest row, not the global batch's.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-5
+
+
+def args(data, model, out, *extra):
+    return ["--model", str(model), "--data", str(data), "--out", str(out), "--steps", "4", "--batch-size", "8",
+            "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps", "2", "--lora-rank", "4", "--no-progress",
+            "--max-length", "40", "--max-prompt-length", "24", "--save-every", "2", *extra]
+
+
+def torchrun(argv, processes=2):
+    """`torchrun --standalone --nproc_per_node N train.py argv` (a free port, one thread per process)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(ROOT / "train.py"), *argv]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def adapter(out):
+    return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close_adapters(a, b):
+    assert a.keys() == b.keys()
+    assert any(t.abs().max() > 1e-3 for name, t in a.items() if "lora_B" in name)  # it trained
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=TOLERANCE, msg=name)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_run, tmp_path_factory):
+    """The same 4-step job run by one process and by two under torchrun."""
+    root = tmp_path_factory.mktemp("distributed")
+    rows = [json.loads(line) for line in Path(tiny_run["data"]).read_text().splitlines()][:21]
+    for i, row in enumerate(rows):
+        row["chosen"] += " and calm" * (i % 4)  # different lengths: each share has its own padding
+    data = root / "prefs21.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    one, two = root / "one", root / "two"
+    assert train.main(args(data, tiny_run["model"], one)) == 0
+    stdout = torchrun(args(data, tiny_run["model"], two, "--grad-checkpointing"))
+    return {"data": data, "model": tiny_run["model"], "one": one, "two": two, "stdout": stdout, "root": root}
+
+
+def test_two_processes_equal_one_process(runs):
+    assert_close_adapters(adapter(runs["one"]), adapter(runs["two"]))
+    one, two = metrics(runs["one"]), metrics(runs["two"])
+    assert [r["step"] for r in two] == [1, 2, 3, 4]  # rank 0 alone writes the log: one line per step
+    for a, b in zip(one, two):  # the logged means are over the global batch, all processes together
+        for key in ("loss", "margin", "reward_accuracy", "logps_chosen", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
+def test_only_rank_zero_prints_and_writes(runs):
+    stdout = runs["stdout"]
+    assert stdout.count("model: ") == 1 and stdout.count("adapter: ") == 1
+    assert "x 2 processes" in stdout
+    checkpoints = sorted(p.name for p in (runs["two"] / "checkpoints").iterdir())
+    assert checkpoints == ["step_000002", "step_000004"]  # no temporary directories left by other ranks
+    rng = torch.load(runs["two"] / "checkpoints" / "step_000002" / "rng.pt", weights_only=False)
+    assert len(rng["per_rank"]) == 2  # every process's RNG, so dropout noise resumes per process
+
+
+def test_resume_under_torchrun_with_fsdp(runs):
+    """Roll the two-process run back to its step-2 checkpoint and resume it with FSDP2 sharding the frozen
+    weights: steps 3 and 4 again, the same adapter (and the same as one process's)."""
+    resumed = runs["root"] / "resumed"
+    shutil.copytree(runs["two"], resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000004")
+    shutil.rmtree(resumed / "adapter")
+    stdout = torchrun(args(runs["data"], runs["model"], resumed, "--resume", "--fsdp"))
+    assert "resumed from" in stdout and "step 2" in stdout and "(FSDP)" in stdout
+    assert "reference log-probs: loaded" in stdout  # the cache rank 0 wrote, sent to the other process
+    assert_close_adapters(adapter(runs["two"]), adapter(resumed))
+    assert_close_adapters(adapter(runs["one"]), adapter(resumed))
+    assert [r["step"] for r in metrics(resumed)] == [1, 2, 3, 4]
+
+
+def test_shares_partition_every_global_batch(tiny_run):
+    """share_batches: for each global batch of the one-process order, the ranks' shares are contiguous, disjoint
+    and cover it; a rank with nothing left gets a stand-in pair marked counts=False."""
+    from data.batching import PreferenceBatches
+    from data.tokenization import PreferenceExample
+
+    examples = [PreferenceExample([1, 5 + i], [7] * (1 + i % 3) + [2], [8, 2], 0.75, index=i) for i in range(9)]
+    whole = PreferenceBatches(examples, 4, pad_id=0, seed=3)
+    world = 3
+    shares = [train.share_batches(PreferenceBatches(examples, 4, pad_id=0, seed=3), train.Processes(rank, world))
+              for rank in range(world)]
+    for _ in range(len(whole) * 2):  # two epochs: 4 + 4 + 1 pairs each
+        expected = next(whole)["pair_index"].tolist()
+        got = [next(share) for share in shares]
+        counted = [b["pair_index"].tolist() for b in got if b["counts"]]
+        assert sum(counted, []) == expected  # contiguous pieces, in order, covering the batch exactly once
+        for b in got:
+            if not b["counts"]:
+                assert b["pair_index"].tolist() == expected[:1]  # the stand-in: the batch's first pair
+            assert b["attention_mask"][:, -1].any()  # padded to its own longest row, not the batch's
+    assert train.share_batches(whole, train.Processes()) is whole  # one process: unchanged
+
+
+def test_batch_size_must_split_over_processes(monkeypatch, capsys):
+    """--batch-size counts pairs over all processes: it must divide into processes x grad_accum micro-batches,
+    checked at start-up from torchrun's WORLD_SIZE, before any process group or file."""
+    with pytest.raises(train.UsageError, match=r"multiple of --grad-accum \(2\) x 2 processes = 4"):
+        train.validate(train.TrainConfig(batch_size=6, grad_accum=2), world_size=2)
+    train.validate(train.TrainConfig(batch_size=8, grad_accum=2), world_size=2)  # 2 processes x 2 x 2
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert train.main(["--batch-size", "6", "--grad-accum", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--grad-accum (1) x 4 processes = 4" in err and err.count("\n") == 1
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert train.main(["--fsdp"]) == 2
+    err = capsys.readouterr().err
+    assert "--fsdp shards the frozen weights across processes" in err and err.count("\n") == 1
