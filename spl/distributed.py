@@ -1,0 +1,153 @@
+"""Several processes under torchrun: who this process is, the few collectives a training step needs, FSDP2.
+
+With one process (plain `python train.py`) every helper here is the identity and no collective is called.
+Data parallelism is done by hand rather than with DistributedDataParallel: every process draws the same seeded
+global batch and takes a contiguous share (`share_batches`); the step's pair count is summed over processes so
+each one back-propagates its share of the global mean loss; one all-reduce of the LoRA gradients per optimizer
+step (`sum_gradients_`) then gives every process the one-process gradient. (DDP hooks `forward`, while the
+training step calls `hidden_states`; and one reduction after gradient accumulation is exact and easy to read.)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process among torchrun's, from the RANK, WORLD_SIZE and LOCAL_RANK it sets; without torchrun,
+    rank 0 of 1."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> "Processes":
+        env = os.environ
+        return cls(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def broadcast_from_main(procs: Processes, value):
+    """Rank 0's `value` (any picklable object) on every process."""
+    if not procs.distributed:
+        return value
+    import torch.distributed as dist
+
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def sum_across(procs: Processes, values: list, device) -> list:
+    """Every value summed over all processes (one float64 all-reduce); `values` unchanged with one process."""
+    if not procs.distributed:
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    summed = torch.tensor(values, dtype=torch.float64, device=device)  # [len(values)]
+    dist.all_reduce(summed)
+    return summed.tolist()
+
+
+def sum_gradients_(procs: Processes, parameters: list) -> None:
+    """All-reduce (sum) the gradients of `parameters` in one flat buffer. Each process back-propagated
+    sum over its pairs of loss / N (N: the step's pairs over all processes), so the sum is the gradient of the
+    global mean loss, the one-process gradient; every process then holds it and takes the same AdamW step."""
+    if not procs.distributed:
+        return
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])  # [sum of numels]
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(parameters, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+
+
+def share_batches(batches, procs: Processes):
+    """Make `batches` (PreferenceBatches or SequenceBatches, the same seeded order on every process) yield this
+    process's share of each global batch: the batch's examples cut into world_size contiguous shares, each
+    collated alone (so padded to its own longest row). A share left empty by a short last batch takes the
+    batch's first example and batch["counts"] = False: the process still runs the forward and backward passes
+    that the collectives (and FSDP) expect, but adds nothing to the step. One process: `batches` unchanged."""
+    if not procs.distributed:
+        return batches
+    collate = batches.collate_fn
+
+    def collate_share(examples, pad_id, pad_to_multiple):
+        per_process = -(-len(examples) // procs.world_size)
+        share = examples[procs.rank * per_process:(procs.rank + 1) * per_process]
+        batch = collate(share or examples[:1], pad_id, pad_to_multiple)
+        batch["counts"] = bool(share)
+        return batch
+
+    batches.collate_fn = collate_share
+    return batches
+
+
+def shared_reference_logps(path, key, compute, procs: Processes, device):
+    """Reference log-probs ([N] chosen, [N] rejected, on `device`), computed once for all processes: rank 0 reads
+    the cache and sends it; on a miss every process scores its share (compute() returns its pairs' values and
+    zeros elsewhere), an all-reduce joins the shares and rank 0 writes the cache. With one process this is
+    data.reference_cache.reference_logps (same messages, same file)."""
+    import torch
+    import torch.distributed as dist
+
+    from data.reference_cache import CacheMiss, load_reference_logps, save_reference_logps
+
+    cached = None
+    if procs.main:
+        try:
+            cached = torch.stack(load_reference_logps(path, key)).to(device)  # [2, N]
+            print(f"reference log-probs: loaded {key.num_examples} pairs from {os.fspath(path)}")
+        except CacheMiss as miss:
+            print(f"reference log-probs: {miss}; computing them")
+    if broadcast_from_main(procs, cached is not None):
+        if procs.distributed:
+            cached = cached if procs.main else torch.empty(2, key.num_examples, device=device)
+            dist.broadcast(cached, src=0)
+        return cached[0], cached[1]
+    both = torch.stack(compute()).float().to(device)  # [2, N]: this process's pairs, zeros elsewhere
+    if procs.distributed:
+        dist.all_reduce(both)
+    if procs.main:
+        save_reference_logps(path, key, both[0], both[1])
+    return both[0], both[1]
+
+
+def shard_frozen_weights(model, procs: Processes, device) -> None:
+    """FSDP2: `fully_shard` each decoder block, then the root (embeddings and final norm), over all processes.
+
+    The trainable (LoRA) parameters and the output head stay whole on every process (`ignored_params`): the
+    fused log-prob kernel reads lm_head.weight outside any module's forward, and the LoRA gradients then take
+    the same all-reduce, optimizer and checkpoints as without FSDP. `hidden_states` is registered as a forward
+    method, so the root gathers its shards when the step calls it. FSDP moves what it shards to `device`, one
+    block at a time; the whole parameters are moved here."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from models.lora import lora_modules
+
+    whole = {p for p in model.parameters() if p.requires_grad} | {model.lm_head.weight}
+    mesh = init_device_mesh(device.type, (procs.world_size,))
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, ignored_params=whole)
+    fully_shard(model, mesh=mesh, ignored_params=whole)
+    register_fsdp_forward_method(model, "hidden_states")
+    model.lm_head.to(device)
+    for module in lora_modules(model).values():
+        module.lora_A.to(device)
+        module.lora_B.to(device)
