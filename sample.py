@@ -166,17 +166,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resolve_device(name: str):
-    import torch
+    """--device as a torch.device (auto: CUDA if available); a bad name is a usage error."""
+    from models.checkpoint import resolve_device as resolve
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device (try cpu, cuda, cuda:0 or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return device
+        return resolve(name)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def run(args: argparse.Namespace) -> int:

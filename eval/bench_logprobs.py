@@ -33,19 +33,16 @@ On CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus wh
 Time: median over --iters timed iterations (CUDA synchronised). Shared machines give noisy times.
 """
 import argparse
-import ctypes
-import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+from eval.measure import measure  # noqa: E402
 from spl.logprobs import DEFAULT_CHUNK_SIZE, naive_sequence_logprobs, sequence_logprobs  # noqa: E402
 
 MMAP_THRESHOLD = "131072"  # bytes; see the docstring
@@ -104,48 +101,19 @@ def step_function(method, args, hidden, weight, targets, mask, upstream):
     return step
 
 
-def resident_kb(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def run_one(args):
     """Time and measure one method in this process; -> dict."""
     torch.manual_seed(0)
     inputs = make_inputs(args)
     step = step_function(args.method, args, *inputs)
-    cuda = args.device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    start = time.perf_counter()
-    step()  # warm-up, compilation included
-    sync()
-    warmup_s = time.perf_counter() - start
     hidden, weight = inputs[:2]
-    hidden.grad = weight.grad = None  # the timed region's peak includes the gradients it produces
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # VmHWM := VmRSS
-        baseline = resident_kb("VmRSS") * 1024
-        if resident_kb("VmHWM") * 1024 > baseline + 2 ** 20:  # the warm-up's peak would still show
-            raise RuntimeError("writing 5 to /proc/self/clear_refs did not reset VmHWM on this kernel")
-    times = []
-    for _ in range(args.iters):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if cuda else resident_kb("VmHWM") * 1024
-    return {"method": args.method, "peak_extra_mb": (peak - baseline) / 2 ** 20,
-            "time_ms": 1000 * statistics.median(times), "warmup_s": warmup_s}
+
+    def drop_gradients():
+        hidden.grad = weight.grad = None  # the timed region's peak includes the gradients it produces
+
+    result = measure(step, torch.device(args.device), args.iters, before_reset=drop_gradients)
+    return {"method": args.method, "peak_extra_mb": result["peak_extra_mb"], "time_ms": result["time_ms"],
+            "warmup_s": result["warmup_s"]}
 
 
 def run_all(args):

@@ -39,8 +39,6 @@ default (a dynamic threshold that rises to the size of freed buffers, after whic
 step stay in the heap) VmHWM also counts that retention, on both sides; --glibc-heap measures that way.
 """
 import argparse
-import ctypes
-import gc
 import json
 import os
 import statistics
@@ -57,6 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from models import Mistral, MistralConfig, add_lora, build_model, load_pretrained, save_pretrained  # noqa: E402
 from models.lora import TARGET_NAMES  # noqa: E402
 from spl.step import Objective, preference_step, reference_logprobs  # noqa: E402
+from eval.measure import measure  # noqa: E402
 
 ALPHA, BETA, CHOSEN_PROB = 0.2, 0.1, 0.75
 
@@ -209,45 +208,6 @@ def hf_step(shape: Shape, dtype, device, checkpoint, grad_checkpointing: bool, c
 
 
 # ------------------------------------------------------------------------------------------------------ measurement
-
-def resident_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def measure(step, device, iters: int) -> dict:
-    """Median step time and peak memory over `iters` steps after one warm-up step (compilation included)."""
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    start = time.perf_counter()
-    first_loss = float(step())
-    sync()
-    warmup_s = time.perf_counter() - start
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # VmHWM := VmRSS
-        baseline = resident_kb("VmRSS") * 1024
-        if resident_kb("VmHWM") * 1024 > baseline + 2 ** 20:
-            raise RuntimeError("writing 5 to /proc/self/clear_refs did not reset VmHWM on this kernel")
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if cuda else resident_kb("VmHWM") * 1024
-    return {"time_ms": 1000 * statistics.median(times), "peak_mb": peak / 2 ** 20,
-            "peak_extra_mb": (peak - baseline) / 2 ** 20, "first_loss": first_loss, "warmup_s": warmup_s}
-
 
 def matmul_rate(device, dtype, n: int, iters: int = 10) -> float:
     """Measured FLOP/s of an n x n x n torch.mm in `dtype` on `device` (median of `iters`)."""

@@ -83,6 +83,20 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
+def resolve_device(name: str) -> torch.device:
+    """A device name as a torch.device: "auto" is CUDA when available, else CPU; ValueError if the name is not a
+    device or names CUDA on a machine without it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (try cpu, cuda, cuda:0 or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Mistral:
     """Load an HF-format Mistral (or Llama) directory. dtype None keeps the stored dtype; device None is CPU."""
     path = Path(path)
