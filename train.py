@@ -334,7 +334,14 @@ def train(c: TrainConfig) -> int:
     procs = Processes.from_environment()
     device = start_processes(procs, c.device)
     try:
-        return run(c, procs, device)
+        code = run(c, procs, device)
+        if procs.distributed:
+            import torch.distributed as dist
+
+            # Leave together: rank 0 still writes the outputs when the others finish, and a gloo process whose
+            # peer tears its connections down first can abort in its own teardown ("terminate called ...").
+            dist.barrier()
+        return code
     finally:
         if procs.distributed:
             import torch.distributed as dist
