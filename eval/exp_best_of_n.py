@@ -39,14 +39,14 @@ reference, as the paper's lr 1e-5 does.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from eval.experiment import check_arguments, parse_list, pyplot, save_figure, write_csv, write_json, write_jsonl
 
 BETA = 0.1
 TEMPERATURES = (1.0, 1.1, 1.2, 1.5)  # DPO's token temperatures (Tables 1-3: 1, 1.1, 1.2)
@@ -197,20 +197,10 @@ def format_tables(table, ks) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: Path, rows) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot(path: Path, table, ks) -> bool:
     """pass@k against k, a panel per level, a line per setting (Figure 3's left columns)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     level_ids = sorted({r["level"] for r in table})
     figure, axes = plt.subplots(1, len(level_ids), figsize=(3.2 * len(level_ids), 3.2), squeeze=False)
@@ -222,19 +212,8 @@ def plot(path: Path, table, ks) -> bool:
         axis.set_xlabel("N (samples)")
     axes[0][0].set_ylabel("best-of-N accuracy")
     axes[0][-1].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(plt, figure, path, dpi=110)
     return True
-
-
-def parse_list(p, name: str, text: str | None, default):
-    if text is None:
-        return default
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        p.error(f"{name}: expected comma-separated numbers, got {text!r}")
 
 
 def main(argv=None) -> int:
@@ -263,10 +242,7 @@ def main(argv=None) -> int:
     steps = args.steps or quick.get("steps", STEPS)
     num_samples = args.num_samples or quick.get("num_samples", NUM_SAMPLES)
     per_level = args.problems or quick.get("problems", PROBLEMS)
-    try:
-        levels = tuple(sorted({int(x) for x in args.levels.split(",")})) if args.levels else LEVELS
-    except ValueError:
-        p.error(f"--levels: expected comma-separated integers, got {args.levels!r}")
+    levels = tuple(sorted(set(parse_list(p, "--levels", args.levels, LEVELS, int))))
     max_new_tokens = args.max_new_tokens or quick.get("max_new_tokens", MAX_NEW_TOKENS)
     checks = [(all(t > 0 for t in temperatures), f"--temperatures must be > 0, got {temperatures}"),
               (all(r > 1 for r in ratios), f"--ratios: SPL needs alpha/beta > 1 (1 is DPO), got {ratios}"),
@@ -276,9 +252,7 @@ def main(argv=None) -> int:
                f"(got {steps}, {num_samples}, {max_new_tokens})"),
               (1 <= per_level <= 32, f"--problems must be in 1..32, got {per_level}"),
               (set(levels) <= {1, 2, 3, 4, 5}, f"--levels must be among 1..5, got {levels}")]
-    for ok, message in checks:
-        if not ok:
-            p.error(message)
+    check_arguments(p, checks)
 
     import torch
 
@@ -300,14 +274,13 @@ def main(argv=None) -> int:
     print(format_tables(table, ks))
     write_csv(out / "pass_at_k.csv", table)
     write_csv(out / "problems.csv", problems)
-    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+    write_jsonl(out / "samples.jsonl", samples)
     experiment = {"settings": [dataclasses.asdict(s) | {"label": s.label} for s in settings], "runs": runs,
                   "beta": args.beta, "steps": steps, "lr": args.lr, "num_samples": num_samples,
                   "levels": list(levels), "problems_per_level": per_level, "max_new_tokens": max_new_tokens,
                   "seed": args.seed,
                   "ks": ks, "seconds": round(time.perf_counter() - started, 1)}
-    (out / "experiment.json").write_text(json.dumps(experiment, indent=1) + "\n", encoding="utf-8")
+    write_json(out / "experiment.json", experiment)
     written = [out / "pass_at_k.csv", out / "problems.csv", out / "samples.jsonl", out / "experiment.json"]
     if plot(out / "best_of_n.png", table, ks):
         written.append(out / "best_of_n.png")

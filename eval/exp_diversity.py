@@ -51,15 +51,15 @@ reference (lr 1e-5 there), rather than the closed-form optimum the opinion exper
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from eval.experiment import check_arguments, parse_list, pyplot, save_figure, write_csv, write_json, write_jsonl
 
 BETA = 0.1
 SPL_RATIOS = (1.5, 2.0, 4.0, 11.0)  # alpha / beta; the paper sweeps [1, 11] (Appendix B.3)
@@ -277,20 +277,10 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: Path, rows) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot(path: Path, rows) -> bool:
     """One panel per (diversity, quality) pair, a line per method; points off the front drawn lighter."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     figure, axes = plt.subplots(len(QUALITY), len(DIVERSITY), figsize=(4 * len(DIVERSITY), 3.5 * len(QUALITY)))
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -308,19 +298,8 @@ def plot(path: Path, rows) -> bool:
             axis.set_xlabel(diversity)
             axis.set_ylabel(quality + (" (lower is better)" if quality == "reference_ce" else ""))
     axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(plt, figure, path, dpi=110)
     return True
-
-
-def parse_list(p, name: str, text: str | None, default):
-    if text is None:
-        return default
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        p.error(f"{name}: expected comma-separated numbers, got {text!r}")
 
 
 def main(argv=None) -> int:
@@ -353,9 +332,7 @@ def main(argv=None) -> int:
                f"need --steps > 0, --num-samples >= 2, --groups >= 1, --max-new-tokens >= 1 "
                f"(got {steps}, {num_samples}, {groups}, {args.max_new_tokens})"),
               (prompts is None or 1 <= prompts <= 6, f"--prompts must be in 1..6, got {prompts}")]
-    for ok, message in checks:
-        if not ok:
-            p.error(message)
+    check_arguments(p, checks)
 
     import torch
 
@@ -376,14 +353,13 @@ def main(argv=None) -> int:
                                          quick.get("max_pairs"), args.max_new_tokens, args.seed, args.progress)
     print("\n" + format_table(rows))
     write_csv(out / "diversity.csv", rows)
-    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+    write_jsonl(out / "samples.jsonl", samples)
     experiment = {"settings": [dataclasses.asdict(s) | {"label": s.label} for s in settings], "runs": runs,
                   "beta": args.beta, "steps": steps, "lr": args.lr, "num_samples": num_samples, "groups": groups,
                   "prompts": prompts, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                   "top_k": scaled_top_k(vocab_size), "vocab_size": vocab_size,
                   "seconds": round(time.perf_counter() - started, 1)}
-    (out / "experiment.json").write_text(json.dumps(experiment, indent=1) + "\n", encoding="utf-8")
+    write_json(out / "experiment.json", experiment)
     written = [out / "diversity.csv", out / "samples.jsonl", out / "experiment.json"]
     if plot(out / "diversity.png", rows):
         written.append(out / "diversity.png")

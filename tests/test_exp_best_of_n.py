@@ -6,7 +6,6 @@ binomial definition 1 - C(n - c, k) / C(n, k) (math.comb, exact integers), not t
 eval.metrics; and the invariants of the estimator: pass@1 is the mean fraction correct c / n, pass@k never
 decreases in k, pass@n is the fraction of problems with at least one correct sample.
 """
-import csv
 import json
 import math
 import re
@@ -17,6 +16,7 @@ import pytest
 
 from data.world import check_answer, load_world
 from eval import exp_best_of_n as exp
+from eval.experiment import read_csv
 
 N = exp.QUICK["num_samples"]
 KS = [1, 2, 4, 8]
@@ -24,12 +24,6 @@ LEVEL_COLUMNS = (["setting", "method", "ratio", "temperature", "level", "problem
                  + ["unique_fraction", "answered"])
 PROBLEM_COLUMNS = ["setting", "problem", "level", "n", "correct", "unique_fraction", "answered"]
 ANSWER = re.compile(r"####\s*(-?\d[\d,]*)")  # the spec: the number after the last "####", commas allowed
-
-
-def read_csv(path):
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        return reader.fieldnames, list(reader)
 
 
 @pytest.fixture(scope="module")

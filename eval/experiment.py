@@ -1,0 +1,89 @@
+"""What the four experiment scripts (eval/exp_*.py) share: argument parsing, result files and the optional plot.
+
+Each experiment is one command that prints a table and writes CSVs (and a PNG when matplotlib is installed) to its
+--out directory; these helpers keep the four doing that the same way. matplotlib is never a requirement:
+`pyplot()` returns None without it and the scripts skip the plot.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+
+def parse_list(parser: argparse.ArgumentParser, name: str, text: str | None, default, kind=float) -> tuple:
+    """A comma-separated option ("1,1.5,2") as a tuple of `kind`; `default` when the option was not given. A value
+    that does not parse is a usage error naming the option (argparse's exit 2)."""
+    if text is None:
+        return tuple(default)
+    try:
+        return tuple(kind(x) for x in text.split(","))
+    except ValueError:
+        parser.error(f"{name}: expected comma-separated {'integers' if kind is int else 'numbers'}, got {text!r}")
+
+
+def check_arguments(parser: argparse.ArgumentParser, checks) -> None:
+    """`checks`: (condition, message) pairs; the first that fails is a usage error with its message (exit 2)."""
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+
+
+def run_name(alpha: float, beta: float) -> str:
+    """The training-run directory of one (alpha, beta): "alpha0.2_beta0.1". Runs are reused by train_policy when
+    their configuration is unchanged, so the name only has to tell the sweep's points apart."""
+    return f"alpha{alpha:g}_beta{beta:g}"
+
+
+def alpha_for(ratio: float, beta: float) -> float:
+    """alpha = ratio * beta, rounded so that 1.1 * 0.1 is 0.11 (not 0.11000000000000001) in names and configs."""
+    return round(ratio * beta, 10)
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    """rows (dicts with the same keys, in the first row's order) as a CSV with a header line."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    """(header, rows) of a CSV written by write_csv; every value is a string, as the csv module reads it."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def write_jsonl(path: Path, records) -> Path:
+    """One JSON object per line (non-ASCII text kept as is)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    return path
+
+
+def write_json(path: Path, value) -> Path:
+    path.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed (it stays an optional
+    extra: the CSVs are the results, the PNG a convenience)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(plt, figure, path: Path, dpi: int = 110) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path

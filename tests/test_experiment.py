@@ -1,0 +1,55 @@
+"""eval/experiment.py: the helpers the experiment scripts share.
+
+Oracles: Python's csv and json modules reading back what was written; argparse's documented usage-error exit (2)."""
+import argparse
+import csv
+import json
+
+import pytest
+
+from eval import experiment
+
+
+def test_parse_list_defaults_values_and_usage_errors(capsys):
+    parser = argparse.ArgumentParser()
+    assert experiment.parse_list(parser, "--ratios", None, [1.0, 2.0]) == (1.0, 2.0)
+    assert experiment.parse_list(parser, "--ratios", "1,1.5,11", ()) == (1.0, 1.5, 11.0)
+    assert experiment.parse_list(parser, "--levels", "3,1", (), int) == (3, 1)
+    for text, kind, what in (("1,x", float, "numbers"), ("1.5", int, "integers")):
+        with pytest.raises(SystemExit) as error:
+            experiment.parse_list(parser, "--opt", text, (), kind)
+        assert error.value.code == 2
+        assert f"--opt: expected comma-separated {what}, got {text!r}" in capsys.readouterr().err
+
+
+def test_check_arguments_reports_the_first_failure(capsys):
+    parser = argparse.ArgumentParser()
+    experiment.check_arguments(parser, [(True, "never shown")])
+    with pytest.raises(SystemExit) as error:
+        experiment.check_arguments(parser, [(True, "a"), (False, "second is wrong"), (False, "third")])
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert "second is wrong" in err and "third" not in err
+
+
+def test_run_names_and_alphas():
+    assert experiment.alpha_for(1.1, 0.1) == 0.11 and 1.1 * 0.1 != 0.11  # the rounding is what makes it 0.11
+    assert experiment.alpha_for(10, 0.1) == 1.0
+    assert experiment.run_name(experiment.alpha_for(1.1, 0.1), 0.1) == "alpha0.11_beta0.1"
+    assert experiment.run_name(1.0, 0.1) == "alpha1_beta0.1"
+
+
+def test_result_files_round_trip(tmp_path):
+    rows = [{"policy": "DPO", "alpha": 0.1, "text": "a, \"quoted\"\nline"}, {"policy": "SPL", "alpha": 0.2, "text": ""}]
+    experiment.write_csv(tmp_path / "t.csv", rows)
+    with open(tmp_path / "t.csv", newline="", encoding="utf-8") as f:
+        assert list(csv.reader(f)) == [["policy", "alpha", "text"], ["DPO", "0.1", "a, \"quoted\"\nline"],
+                                       ["SPL", "0.2", ""]]
+    header, read = experiment.read_csv(tmp_path / "t.csv")
+    assert header == ["policy", "alpha", "text"] and read[0]["text"] == rows[0]["text"] and read[1]["alpha"] == "0.2"
+    records = [{"text": "é ∝"}, {"n": [1, 2]}]
+    experiment.write_jsonl(tmp_path / "s.jsonl", records)
+    lines = (tmp_path / "s.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == records and "é ∝" in lines[0]
+    experiment.write_json(tmp_path / "e.json", {"a": 1})
+    assert json.loads((tmp_path / "e.json").read_text(encoding="utf-8")) == {"a": 1}
