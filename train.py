@@ -431,12 +431,12 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
 
     # ---- trainable parameters: LoRA (everything else frozen; its B = 0, so the model is still the reference),
     # or the whole model. The same draws on every process; afterwards each process its own dropout noise.
+    num_parameters = model.num_parameters()  # the model's own, before LoRA adds its branches
     if c.lora_rank:
         add_lora(model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets)
     if procs.rank:
         torch.manual_seed(c.seed + procs.rank)
     model.gradient_checkpointing = c.grad_checkpointing
-    num_parameters = model.num_parameters()
     if c.fsdp:
         shard_frozen_weights(model, procs, device)
 
@@ -476,8 +476,8 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
     batches = share_batches(Batches(examples, micro_batch, tokenizer.pad_id, seed=c.seed,
                                     group_by_length=c.group_by_length), procs)
     processes = f" x {procs.world_size} processes{' (FSDP)' if c.fsdp else ''}" if procs.distributed else ""
-    say(f"model: {num_parameters / 1e6:.2f}M parameters, {sum(p.numel() for p in trainable.values()) / 1e6:.3f}M "
-        f"trainable; {len(examples)} examples, {total_steps} steps of {c.batch_size} on {device}{processes}")
+    say(f"model: {num_parameters / 1e6:.2f}M parameters; {sum(p.numel() for p in trainable.values()) / 1e6:.3f}M "
+        f"trainable{' (LoRA)' if c.lora_rank else ''}; {len(examples)} examples, {total_steps} steps of {c.batch_size} on {device}{processes}")
 
     # ---- resume (every process reads the checkpoint rank 0 picked)
     start_step = 0

@@ -25,7 +25,7 @@ from data.world import DEFAULT_DIR, FILES, generate_world, world_files
 VOCAB_SIZE = 2000
 CHAT_MARKERS = ("▁[INST]", "▁[/INST]")
 
-# The reference model: a tiny Mistral (GQA: 6 query heads share 2 key/value heads), 2.45M parameters.
+# The reference model: a tiny Mistral (GQA: 6 query heads share 2 key/value heads), 2.34M parameters.
 REFERENCE_CONFIG = {
     "model_type": "mistral", "vocab_size": VOCAB_SIZE, "hidden_size": 192, "intermediate_size": 512,
     "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 32,

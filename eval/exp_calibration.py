@@ -2,11 +2,12 @@
 
     python eval/exp_calibration.py            # reference, DPO, SPL at alpha/beta in {2, 4, 10, 20}, beta = 0.1
     python eval/exp_calibration.py --quick    # reference, DPO and alpha/beta = 10, a few steps (the test's run)
+    python eval/exp_calibration.py --held-out 0   # train on all 48 items' pairs, score them all
 
 The world's multiple-choice items are questions about made-up towns in the paper's Appendix D prompt, with four
 lettered options. Raters hold beliefs p over the options (top belief in [0.3, 0.9]) and each item's true letter
 was drawn from p, so a policy equal to p is calibrated by construction. The SFT text answered with p^(1/2)
-normalised, ten answers per item, and the 2.45M reference model learned that only weakly: its letter
+normalised, ten answers per item, and the 2.34M reference model learned that only weakly: its letter
 probabilities are 0.19 in total variation from p^(1/2) on average and its expected accuracy is 0.33 against the
 raters' 0.62, so it is a weak prior whose confidence roughly matches its accuracy. LoRA policies are trained by
 train.py on the items' preference pairs (`mcq_pairs_soft.jsonl` by default: chosen_prob = p_i / (p_i + p_j),
@@ -20,34 +21,40 @@ times a mild prior pi_ref^0.1, calibrated (Cor. 3.1); alpha/beta = 20 gives abou
 calibration should improve with the global temperature up to alpha = 1 and not beyond. The argmax of p^c is the
 argmax of p for any c > 0, so, up to the prior, accuracy should not move.
 
-Every item has preference pairs: the world has no held-out multiple-choice split, so the evaluation is on the
-48 training items (what is measured is how the learned distribution over the letters relates to the raters'
-beliefs it was trained on, not generalisation). The probabilities are Appendix D's: the model's next-token
-probabilities of the letters A-D after the prompt (as a user turn in the chat format), normalised over the four
-(`eval.metrics.multiple_choice_probabilities`).
+Two splits. The policies train on the pairs of the first 32 items only ("trained": how the learned distribution
+over the letters relates to the raters' beliefs it was trained on, where the closed form applies); the last 16
+(`--held-out`, the items having been drawn at random when the world was built) have no pairs in training
+("held-out": whether the change in confidence carries over to questions the preference data never asked, as in
+the paper, where the policies are trained on chat preferences and scored on MMLU and TruthfulQA; here the
+reference model has seen those items only in its SFT text). The probabilities are Appendix D's: the model's
+next-token probabilities of the letters A-D after the prompt (as a user turn in the chat format), normalised
+over the four (`eval.metrics.multiple_choice_probabilities`).
 
 Metrics per policy, against the items' drawn true letters: ECE (15 equal-width bins on top-label confidence),
-Brier (summed over classes, in [0, 2]) and accuracy (`eval.metrics`). With 48 items one draw of the labels is
-noisy (the raters' own beliefs p, calibrated by construction, score an ECE of 0.26 on it), so the table also
+Brier (summed over classes, in [0, 2]) and accuracy (`eval.metrics`). With 32 and 16 items one draw of the
+labels is noisy (the raters' own beliefs p, calibrated by construction, score an ECE of 0.28 and 0.38 on it), so
+the table also
 gives the same metrics in expectation over labels drawn from p (noise-free for Brier and accuracy, Monte-Carlo
 over label draws for ECE) and the mean confidence (the mean top-label probability) minus the expected accuracy:
-positive is overconfident. Even in expectation ECE is biased upwards with 48 items in 15 bins, the more so the
-more the confidences spread over bins: p itself scores 0.16, the floor for a sharp calibrated predictor here,
-while a predictor whose confidences all sit near one value (like the reference) can score lower.
+positive is overconfident. Even in expectation ECE is biased upwards with so few items in 15 bins, the more so
+the more the confidences spread over bins: p itself scores 0.18 (trained split) and 0.28 (held-out), the floor for
+a sharp calibrated predictor here, while a predictor whose confidences all sit near one value (like the
+reference) can score lower.
 
     E_y~p[Brier(q, y)] = 1 - 2 p.q + |q|^2,      E_y~p[acc] = p[argmax q]
 
-Outputs in --out: `calibration.csv` (the printed table), `probabilities.csv` (per policy and item: the letter
-probabilities, the raters' beliefs and the true letter) and `calibration.png` when matplotlib is installed.
-Training runs live in --out/runs/ and are reused when the configuration is unchanged.
+Outputs in --out: `calibration.csv` (the printed tables, a row per policy and split), `probabilities.csv` (per
+policy and item: its split, the letter probabilities, the raters' beliefs and the true letter) and
+`calibration.png` when matplotlib is installed. Training runs live in --out/runs/ and are reused when the
+configuration is unchanged.
 
 Training: LoRA r = 8 (lora_alpha 16) on all seven projections, 10 warmup steps then cosine decay, batch 16,
-300 steps at a peak lr of 3e-3 (about 2 minutes of CPU a run on one thread, the prompts being ~62 tokens; the
-default sweep took 9.8 minutes of CPU, 10.7 of wall time on the shared two-core machine). Measured
-(mean TV over the letters from the closed form): DPO is the slow one, its target p^10 being nearly one-hot per
-item; at 6e-3 its loss stalls at ln 2 and the letters' total mass collapses (TV 0.74 after 300 steps); at 3e-3
-it reaches 0.14 after 300 steps and 0.17 after 400, so more steps buy little. SPL converges faster the
-higher alpha/beta: 0.14, 0.11, 0.04, 0.02 at 2, 4, 10, 20 after 300 steps.
+300 steps at a peak lr of 3e-3 (about 2 minutes a run on one thread, the prompts being ~62 tokens; the default
+sweep took 9.8 minutes on the shared two-core machine). Measured (mean TV over the trained items' letters from the
+closed form, 300 steps): DPO is the slow one, its target p^10 being nearly one-hot per item; at 6e-3 its loss
+stalls at ln 2 and the letters' total mass collapses (TV 0.74 with all 48 items trained); at 3e-3 it reaches
+0.12, and more steps buy little (0.17 after 400 with all 48). SPL converges faster the higher alpha/beta: 0.08,
+0.07, 0.02, 0.02 at 2, 4, 10, 20.
 """
 from __future__ import annotations
 
@@ -72,6 +79,7 @@ QUICK = dict(ratios=(1.0, 10.0), steps=14)
 LETTERS = "ABCD"
 N_BINS = 15
 LABEL_DRAWS = 2000  # label draws from p for the expected ECE
+HELD_OUT = 16  # the last items (ids mcq-32 .. mcq-47) get no preference pairs in training
 
 
 # ---- the math: pure functions over [N, C] probabilities ---------------------------------------------------------
@@ -100,15 +108,16 @@ def expected_ece(probs: np.ndarray, beliefs: np.ndarray, draws: int, seed: int =
     return total / draws
 
 
-def policy_row(name: str, alpha, beta, probs: np.ndarray, labels: np.ndarray, beliefs: np.ndarray,
+def policy_row(name: str, alpha, beta, split: str, probs: np.ndarray, labels: np.ndarray, beliefs: np.ndarray,
                closed_form: np.ndarray | None, draws: int) -> dict:
-    """One row of the table: the paper's metrics on the drawn labels, their expectations over y ~ p, confidence."""
+    """One row of the table: the paper's metrics on the drawn labels, their expectations over y ~ p, confidence,
+    on the items of one split ("trained" or "held-out")."""
     from eval.metrics import accuracy, brier_score, expected_calibration_error
 
     confidence = float(probs.max(1).mean())
     tv = float(0.5 * np.abs(probs - closed_form).sum(1).mean()) if closed_form is not None else ""
     return {"policy": name, "alpha": alpha, "beta": beta,
-            "alpha_over_beta": alpha / beta if alpha != "" else "",
+            "alpha_over_beta": alpha / beta if alpha != "" else "", "split": split, "items": len(probs),
             "ece": expected_calibration_error(probs, labels, N_BINS), "brier": brier_score(probs, labels),
             "accuracy": accuracy(probs, labels),
             "expected_ece": expected_ece(probs, beliefs, draws), "expected_brier": expected_brier(probs, beliefs),
@@ -119,9 +128,34 @@ def policy_row(name: str, alpha, beta, probs: np.ndarray, labels: np.ndarray, be
 
 # ---- running it ------------------------------------------------------------------------------------------------
 
+def split_items(items, held_out: int) -> dict:
+    """{"trained": the first len(items) - held_out items, "held-out": the last held_out} (the items were drawn at
+    random when the world was built, so the last ones are a random subset); no "held-out" key when it is 0."""
+    if not 0 <= held_out < len(items):
+        raise ValueError(f"split_items: held_out must be in 0..{len(items) - 1}, got {held_out}")
+    splits = {"trained": list(items[:len(items) - held_out])}
+    if held_out:
+        splits["held-out"] = list(items[len(items) - held_out:])
+    return splits
+
+
+def training_pairs(out: Path, source: Path, item_ids) -> Path:
+    """The records of `source` whose "id" is one of item_ids, copied into out (the whole file if that is all)."""
+    import json
+
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["id"] in set(item_ids)]
+    if len(kept) == len(lines):
+        return source
+    path = out / f"{source.stem}_{len(item_ids)}items.jsonl"
+    path.write_text("".join(kept), encoding="utf-8")
+    return path
+
+
 def run_experiment(out: Path, ratios, beta: float, steps: int, lr: float = LR, pairs: str = "soft",
-                   draws: int = LABEL_DRAWS, progress: bool = False):
-    """Score the population, the reference and every trained policy. -> (table rows, probability rows)."""
+                   draws: int = LABEL_DRAWS, held_out: int = HELD_OUT, progress: bool = False):
+    """Train on the pairs of the trained split's items; score the population, the reference and every trained
+    policy on each split. -> (table rows, probability rows)."""
     import torch
 
     from data.world import counts_population, load_world
@@ -134,7 +168,10 @@ def run_experiment(out: Path, ratios, beta: float, steps: int, lr: float = LR, p
     prompts = [item.prompt for item in items]
     labels = np.array([LETTERS.index(item.correct) for item in items])  # (N,)
     beliefs = np.array([item.population for item in items], dtype=np.float64)  # (N, 4)
-    data = world.files["mcq_pairs" + ("_soft" if pairs == "soft" else "")]
+    splits = split_items(items, held_out)
+    split_of = {item.id: name for name, members in splits.items() for item in members}
+    data = training_pairs(out, world.files["mcq_pairs" + ("_soft" if pairs == "soft" else "")],
+                          [item.id for item in splits["trained"]])
     # What the training file encodes: p itself, or for the counts file (K comparisons per pair, each split rounded
     # to 1/K) the Bradley-Terry fit of those counts. Only the closed form uses it; the labels stay drawn from p.
     k = world.comparisons_per_pair["mcq"]
@@ -151,25 +188,35 @@ def run_experiment(out: Path, ratios, beta: float, steps: int, lr: float = LR, p
         model, tokenizer = load_policy(run_dir)
         probs = multiple_choice_probabilities(model, tokenizer, prompts).double().numpy()  # (N, 4)
         closed_form = optimal_policy(torch.from_numpy(reference), torch.from_numpy(encoded), alpha, beta).numpy()
-        tv = 0.5 * np.abs(probs - closed_form).sum(1).mean()
-        print(f"  alpha = {alpha:g}, beta = {beta:g}: mean TV from the closed form over the letters {tv:.4f} "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        trained = len(splits["trained"])  # the trained items come first
+        tv = 0.5 * np.abs(probs - closed_form)[:trained].sum(1).mean()
+        print(f"  alpha = {alpha:g}, beta = {beta:g}: mean TV from the closed form over the trained items' letters "
+              f"{tv:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
         scored.append(("DPO" if math.isclose(alpha, beta) else "SPL", alpha, beta, probs, closed_form))
 
     table, probabilities = [], []
+    for split in splits:
+        members = np.array([split_of[item.id] == split for item in items])  # (N,)
+        for name, alpha, beta_, probs, closed_form in scored:
+            table.append(policy_row(name, alpha, beta_, split, probs[members], labels[members], beliefs[members],
+                                    None if closed_form is None else closed_form[members], draws))
     for name, alpha, beta_, probs, closed_form in scored:
-        table.append(policy_row(name, alpha, beta_, probs, labels, beliefs, closed_form, draws))
         for item, label, row, belief in zip(items, labels, probs, beliefs):
-            probabilities.append({"policy": name, "alpha": alpha, "beta": beta_, "item": item.id, "label": int(label),
+            probabilities.append({"policy": name, "alpha": alpha, "beta": beta_, "item": item.id,
+                                  "split": split_of[item.id], "label": int(label),
                                   **{f"p_{letter}": float(x) for letter, x in zip(LETTERS, row)},
                                   **{f"belief_{letter}": float(x) for letter, x in zip(LETTERS, belief)}})
     return table, probabilities
 
 
 def format_table(table) -> str:
-    lines = [f"{'policy':<10} {'a/b':>5}  {'ECE':>6} {'Brier':>6} {'acc':>6}  {'E[ECE]':>6} {'E[Brier]':>8} "
-             f"{'E[acc]':>6}  {'conf':>6} {'overconf':>8}  {'TV closed form':>14}"]
+    lines, split = [], None
     for row in table:
+        if row["split"] != split:
+            split = row["split"]
+            lines += ([""] if lines else []) + [f"{split} items ({row['items']}):",
+                      f"{'policy':<10} {'a/b':>5}  {'ECE':>6} {'Brier':>6} {'acc':>6}  {'E[ECE]':>6} {'E[Brier]':>8} "
+                      f"{'E[acc]':>6}  {'conf':>6} {'overconf':>8}  {'TV closed form':>14}"]
         ratio = f"{row['alpha_over_beta']:g}" if row["alpha_over_beta"] != "" else ""
         tv = f"{row['tv_vs_closed_form']:.4f}" if row["tv_vs_closed_form"] != "" else ""
         lines.append(f"{row['policy']:<10} {ratio:>5}  {row['ece']:>6.3f} {row['brier']:>6.3f} "
@@ -180,19 +227,21 @@ def format_table(table) -> str:
 
 
 def plot(path: Path, table) -> bool:
-    """ECE, Brier and accuracy against alpha/beta (Figure 4's panels); population and reference as lines."""
+    """Expected ECE, Brier and accuracy against alpha/beta (Figure 4's panels), a line per split; the reference
+    as a horizontal line in its split's colour."""
     plt = pyplot()
     if plt is None:
         return False
-    runs = [row for row in table if row["alpha"] != ""]
-    base = {row["policy"]: row for row in table if row["alpha"] == ""}
-    ratios = [row["alpha_over_beta"] for row in runs]
     figure, axes = plt.subplots(1, 3, figsize=(13, 4))
     for axis, key, label in zip(axes, ("ece", "brier", "accuracy"), ("ECE", "Brier score", "accuracy")):
-        axis.plot(ratios, [row[key] for row in runs], "o-", label="trained (drawn labels)")
-        axis.plot(ratios, [row[f"expected_{key}"] for row in runs], "x--", label="trained (expected over p)")
-        for name, style in (("population", ":"), ("reference", "-.")):
-            axis.axhline(base[name][f"expected_{key}"], linestyle=style, color="gray", label=f"{name} (expected)")
+        for index, split in enumerate(dict.fromkeys(row["split"] for row in table)):
+            rows = [row for row in table if row["split"] == split]
+            runs = [row for row in rows if row["alpha"] != ""]
+            reference = next(row for row in rows if row["policy"] == "reference")
+            axis.plot([row["alpha_over_beta"] for row in runs], [row[f"expected_{key}"] for row in runs], "o-",
+                      color=f"C{index}", label=f"policies, {split} items")
+            axis.axhline(reference[f"expected_{key}"], linestyle="-.", color=f"C{index}",
+                         label=f"reference, {split} items")
         axis.set_xscale("log")
         axis.set_xlabel("alpha / beta (1 = DPO)")
         axis.set_ylabel(label)
@@ -214,6 +263,8 @@ def main(argv=None) -> int:
                    help="mcq_pairs_soft.jsonl (exact soft labels) or mcq_pairs.jsonl (4 counts per pair)")
     p.add_argument("--label-draws", type=int, help=f"label draws for the expected ECE (default {LABEL_DRAWS}; "
                                                    f"--quick 200)")
+    p.add_argument("--held-out", type=int, default=HELD_OUT,
+                   help=f"items (the last ones) left out of training, scored apart (default {HELD_OUT}; 0: none)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     p.add_argument("--progress", action="store_true", help="train.py's progress bars")
     args = p.parse_args(argv)
@@ -222,7 +273,8 @@ def main(argv=None) -> int:
     draws = args.label_draws if args.label_draws is not None else (200 if args.quick else LABEL_DRAWS)
     check_arguments(p, [(all(r >= 1 for r in ratios), f"--ratios: alpha/beta must be >= 1 (1 is DPO), got {ratios}"),
                         (args.beta > 0 and args.lr > 0, f"--beta and --lr must be > 0, got {args.beta}, {args.lr}"),
-                        (steps > 0 and draws > 0, f"--steps and --label-draws must be > 0, got {steps}, {draws}")])
+                        (steps > 0 and draws > 0, f"--steps and --label-draws must be > 0, got {steps}, {draws}"),
+                        (0 <= args.held_out <= 40, f"--held-out must be in 0..40, got {args.held_out}")])
 
     import torch
 
@@ -230,8 +282,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"experiment 4, calibration: reference, then alpha/beta in {', '.join(f'{r:g}' for r in ratios)} at "
-          f"beta = {args.beta:g} (1 = DPO); {steps} steps each, {args.pairs} pairs; 48 items (no held-out split)")
-    table, probabilities = run_experiment(out, ratios, args.beta, steps, args.lr, args.pairs, draws,
+          f"beta = {args.beta:g} (1 = DPO); {steps} steps each, {args.pairs} pairs of {48 - args.held_out} items, "
+          f"{args.held_out} held out")
+    table, probabilities = run_experiment(out, ratios, args.beta, steps, args.lr, args.pairs, draws, args.held_out,
                                           args.progress)
     print("\n" + format_table(table))
     print("\nECE, Brier, acc: against each item's drawn true letter; E[...]: in expectation over letters drawn from "

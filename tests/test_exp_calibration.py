@@ -7,9 +7,11 @@ the expected ECE of one-hot predictions, which is exactly 1 - E[acc] (every conf
 and invariants: the raters' beliefs scored against themselves have overconfidence exactly 0 (mean max p =
 mean p[argmax p]); letter probabilities are distributions, equal to a full forward pass by hand (Appendix D's
 normalisation); DPO (the closed form p^10-like) ends more confident
-than SPL at alpha/beta = 10 after the same steps from the same reference.
+than SPL at alpha/beta = 10 after the same steps from the same reference; the training file holds exactly the
+pairs of the trained split's items (none of the held-out ones).
 """
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from eval import exp_calibration as exp
 from eval.experiment import read_csv
 from eval.metrics import accuracy, brier_score, expected_calibration_error
 
-TABLE_COLUMNS = ["policy", "alpha", "beta", "alpha_over_beta", "ece", "brier", "accuracy", "expected_ece",
+TABLE_COLUMNS = ["policy", "alpha", "beta", "alpha_over_beta", "split", "items", "ece", "brier", "accuracy", "expected_ece",
                  "expected_brier", "expected_accuracy", "mean_confidence", "overconfidence", "tv_vs_closed_form"]
 LETTERS = "ABCD"
 
@@ -33,8 +35,8 @@ def quick_run(tmp_path_factory):
     by_policy = {}
     for row in prob_rows:
         by_policy.setdefault(row["policy"], []).append(row)
-    return {"out": out, "table_columns": table_columns, "table": {r["policy"]: r for r in table},
-            "order": [r["policy"] for r in table], "prob_columns": prob_columns, "probs": by_policy}
+    return {"out": out, "table_columns": table_columns, "table": {(r["policy"], r["split"]): r for r in table},
+            "order": [(r["policy"], r["split"]) for r in table], "prob_columns": prob_columns, "probs": by_policy}
 
 
 def arrays(rows):
@@ -58,14 +60,19 @@ def ece_by_bin_index(probs, labels, n_bins=15):
 
 def test_outputs_and_table_structure(quick_run):
     assert quick_run["table_columns"] == TABLE_COLUMNS
-    assert quick_run["order"] == ["population", "reference", "DPO", "SPL"]
+    policies = ["population", "reference", "DPO", "SPL"]
+    assert quick_run["order"] == [(p, "trained") for p in policies] + [(p, "held-out") for p in policies]
     table = quick_run["table"]
-    assert [float(table[p]["alpha_over_beta"]) for p in ("DPO", "SPL")] == pytest.approx([1.0, 10.0])
-    assert quick_run["prob_columns"] == ["policy", "alpha", "beta", "item", "label", *[f"p_{x}" for x in LETTERS],
-                                         *[f"belief_{x}" for x in LETTERS]]
+    assert [float(table[p, "trained"]["alpha_over_beta"]) for p in ("DPO", "SPL")] == pytest.approx([1.0, 10.0])
+    assert {int(row["items"]) for key, row in table.items() if key[1] == "trained"} == {48 - exp.HELD_OUT}
+    assert {int(row["items"]) for key, row in table.items() if key[1] == "held-out"} == {exp.HELD_OUT}
+    assert quick_run["prob_columns"] == ["policy", "alpha", "beta", "item", "split", "label",
+                                         *[f"p_{x}" for x in LETTERS], *[f"belief_{x}" for x in LETTERS]]
     world = load_world()
+    splits = ["trained"] * (48 - exp.HELD_OUT) + ["held-out"] * exp.HELD_OUT  # the last items are held out
     for policy, rows in quick_run["probs"].items():
-        assert [r["item"] for r in rows] == [item.id for item in world.mcq]  # every item, no held-out split exists
+        assert [r["item"] for r in rows] == [item.id for item in world.mcq]  # every item of both splits
+        assert [r["split"] for r in rows] == splits
         probs, beliefs, labels = arrays(rows)
         np.testing.assert_array_equal(labels, [LETTERS.index(item.correct) for item in world.mcq])
         np.testing.assert_allclose(beliefs, [item.population for item in world.mcq], rtol=0, atol=1e-15)
@@ -76,10 +83,28 @@ def test_outputs_and_table_structure(quick_run):
     assert (quick_run["out"] / "calibration.png").exists() == has_matplotlib  # the plot is optional
 
 
+def split_rows(quick_run):
+    """((policy, split), that split's probability rows) for every row of the table."""
+    for (policy, split), row in quick_run["table"].items():
+        yield row, [r for r in quick_run["probs"][policy] if r["split"] == split]
+
+
+def test_training_file_holds_only_the_trained_items_pairs(quick_run):
+    """Oracle: the world's pair file filtered here by hand; each trained item has its C(4, 2) = 6 pairs."""
+    world = load_world()
+    trained = {item.id for item in world.mcq[:48 - exp.HELD_OUT]}
+    source = world.files["mcq_pairs_soft"].read_text(encoding="utf-8").splitlines()
+    written = list(quick_run["out"].glob("mcq_pairs_soft_*items.jsonl"))
+    assert len(written) == 1
+    lines = written[0].read_text(encoding="utf-8").splitlines()
+    assert lines == [line for line in source if json.loads(line)["id"] in trained]
+    assert len(lines) == 6 * len(trained)
+
+
 def test_metrics_recomputed_from_saved_probabilities(quick_run):
-    for policy, rows in quick_run["probs"].items():
+    for row, rows in split_rows(quick_run):
         probs, beliefs, labels = arrays(rows)
-        row = quick_run["table"][policy]
+        assert len(rows) == int(row["items"])
         ece = float(row["ece"])
         assert 0.0 <= ece <= 1.0 and 0.0 <= float(row["brier"]) <= 2.0 and 0.0 <= float(row["accuracy"]) <= 1.0
         assert ece == pytest.approx(expected_calibration_error(probs, labels, n_bins=15), rel=1e-9, abs=1e-12)
@@ -117,13 +142,14 @@ def test_letter_probabilities_equal_a_full_forward_by_hand(quick_run):
 
 def test_population_is_calibrated_on_average(quick_run):
     """mean_n max_c p_nc - mean_n p_n[argmax p_n] = 0: the raters' beliefs are not over- or under-confident."""
-    assert float(quick_run["table"]["population"]["overconfidence"]) == pytest.approx(0.0, abs=1e-12)
+    for split in ("trained", "held-out"):
+        assert float(quick_run["table"]["population", split]["overconfidence"]) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_dpo_is_more_confident_than_spl_at_global_temperature_ten(quick_run):
     table = quick_run["table"]
-    assert float(table["DPO"]["mean_confidence"]) > float(table["SPL"]["mean_confidence"])
-    assert float(table["DPO"]["overconfidence"]) > float(table["SPL"]["overconfidence"])
+    assert float(table["DPO", "trained"]["mean_confidence"]) > float(table["SPL", "trained"]["mean_confidence"])
+    assert float(table["DPO", "trained"]["overconfidence"]) > float(table["SPL", "trained"]["overconfidence"])
 
 
 def test_expected_metrics_against_closed_forms():
@@ -145,8 +171,17 @@ def test_expected_metrics_against_closed_forms():
 def test_bad_arguments_fail_at_start(capsys):
     for argv, message in ((["--ratios", "0.5"], "--ratios: alpha/beta must be >= 1"),
                           (["--label-draws", "0"], "--label-draws must be > 0"),
-                          (["--ratios", "x"], "--ratios: expected comma-separated numbers")):
+                          (["--ratios", "x"], "--ratios: expected comma-separated numbers"),
+                          (["--held-out", "41"], "--held-out must be in 0..40")):
         with pytest.raises(SystemExit) as error:
             exp.main(argv)
         assert error.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_split_items():
+    items = list(range(48))
+    assert exp.split_items(items, 16) == {"trained": list(range(32)), "held-out": list(range(32, 48))}
+    assert exp.split_items(items, 0) == {"trained": items}
+    with pytest.raises(ValueError, match="held_out"):
+        exp.split_items(items, 48)
