@@ -21,7 +21,9 @@ entropy rises monotonically with alpha (an exact invariant the test checks on th
 
 Outputs in --out: `runs.csv` (the printed table: per run the mean / max total variation learned vs closed form,
 and, averaged over questions, the probability of the population's majority option, the entropy in nats and the
-total variation from the population, learned and closed form; plus rows for the population and the reference),
+total variation from the population, learned and closed form, and the option mass (the probability the policy
+keeps on the options at all, which the loss does not determine: see eval/opinions.py); plus rows for the
+population and the reference),
 `distributions.csv` (per run, question and option: population, reference, learned, closed form), and
 `representation.png` when matplotlib is installed. Training runs live in --out/runs/ and are reused when the
 configuration is unchanged.
@@ -98,7 +100,8 @@ def summarise(report: dict) -> dict:
             **{f"majority_{key}": _mean(_majority(q, key) for q in rows) for key in ("learned", "closed_form")},
             **{f"entropy_{key}": _mean(entropy(q[key]) for q in rows) for key in ("learned", "closed_form")},
             **{f"tv_{key}_vs_population": _mean(total_variation(q[key], q["population"]) for q in rows)
-               for key in ("learned", "closed_form")}}
+               for key in ("learned", "closed_form")},
+            "option_mass": report["mean_learned_option_mass"]}
 
 
 def baseline_rows(report: dict) -> list[dict]:
@@ -113,7 +116,8 @@ def baseline_rows(report: dict) -> list[dict]:
                     "mean_tv_learned_vs_closed_form": "", "max_tv_learned_vs_closed_form": "",
                     "majority_learned": majority, "majority_closed_form": majority,
                     "entropy_learned": ent, "entropy_closed_form": ent,
-                    "tv_learned_vs_population": tv, "tv_closed_form_vs_population": tv})
+                    "tv_learned_vs_population": tv, "tv_closed_form_vs_population": tv,
+                    "option_mass": report["mean_reference_option_mass"] if name == "reference" else ""})
     return out
 
 
@@ -159,22 +163,28 @@ def run_experiment(out: Path, ratios, beta: float, steps: int, lr: float = LR, p
     return baseline_rows(report) + table, distributions
 
 
+def _mass(row) -> str:
+    return f"{row['option_mass']:>6.3f}" if row["option_mass"] != "" else f"{'':>6}"
+
+
 def format_table(table) -> str:
     head = (f"{'policy':<10} {'a/b':>5} {'alpha':>6}  {'TV(learned, closed form)':>24}  {'p(majority)':>17}  "
-            f"{'entropy (nats)':>17}  {'TV from population':>18}")
+            f"{'entropy (nats)':>17}  {'TV from population':>18}  {'option':>6}")
     sub = f"{'':<10} {'':>5} {'':>6}  {'mean':>11} {'max':>12}  {'learned':>8} {'closed':>8}  " \
-          f"{'learned':>8} {'closed':>8}  {'learned':>8} {'closed':>9}"
+          f"{'learned':>8} {'closed':>8}  {'learned':>8} {'closed':>9}  {'mass':>6}"
     lines = [head, sub]
     for row in table:
         if row["alpha"] == "":
             lines.append(f"{row['policy']:<10} {'':>5} {'':>6}  {'':>11} {'':>12}  {row['majority_learned']:>8.3f} "
-                         f"{'':>8}  {row['entropy_learned']:>8.3f} {'':>8}  {row['tv_learned_vs_population']:>8.3f}")
+                         f"{'':>8}  {row['entropy_learned']:>8.3f} {'':>8}  {row['tv_learned_vs_population']:>8.3f}"
+                         f"{'':>10}  {_mass(row)}")
             continue
         lines.append(f"{row['policy']:<10} {row['alpha_over_beta']:>5g} {row['alpha']:>6g}  "
                      f"{row['mean_tv_learned_vs_closed_form']:>11.4f} {row['max_tv_learned_vs_closed_form']:>12.4f}  "
                      f"{row['majority_learned']:>8.3f} {row['majority_closed_form']:>8.3f}  "
                      f"{row['entropy_learned']:>8.3f} {row['entropy_closed_form']:>8.3f}  "
-                     f"{row['tv_learned_vs_population']:>8.3f} {row['tv_closed_form_vs_population']:>9.3f}")
+                     f"{row['tv_learned_vs_population']:>8.3f} {row['tv_closed_form_vs_population']:>9.3f}  "
+                     f"{_mass(row)}")
     return "\n".join(lines)
 
 

@@ -10,6 +10,14 @@ what it determines, and its optimum is (Prop. A.1)
 with p the population's preferences and pi_ref the reference model's normalised distribution. The report
 places, per question, population, reference, learned and closed form side by side, and the total-variation
 distance between learned and closed form.
+
+What the loss does not determine is the option mass, sum_j pi(y_j | x): the probability the policy keeps on the
+options at all. Every term of the loss is a difference of log-probabilities of two options of one prompt, so
+moving all of them by the same amount changes nothing the loss sees, and in practice training lowers them all
+("likelihood displacement", Razin et al. 2024; DPO does it too): the world's reference keeps 0.98 on the options,
+the main job's policy about 0.015, so sampled freely it mostly writes text outside them while its normalised
+distribution matches the closed form. The report gives the mass of both, so the normalised figures are never
+read as more than they are.
 """
 from __future__ import annotations
 
@@ -21,8 +29,8 @@ from spl.theory import optimal_policy
 
 
 @torch.no_grad()
-def option_distributions(model, tokenizer, questions, device=None, batch_size: int = 64) -> list[torch.Tensor]:
-    """Per question, the model's distribution over its options (float64 [K])."""
+def option_logprobs(model, tokenizer, questions, device=None, batch_size: int = 64) -> list[torch.Tensor]:
+    """Per question, log pi(y_i | x) of each option y_i (+ EOS) after the chat prompt (float64 [K])."""
     examples = []
     for q in questions:
         prompt_ids = tokenizer.encode_prompt([{"role": "user", "content": q.prompt}])
@@ -37,12 +45,12 @@ def option_distributions(model, tokenizer, questions, device=None, batch_size: i
         logps.append(policy_logprobs(model, batch, compile=False).double().cpu())  # (rows,)
     model.train(was_training)
     logps = torch.cat(logps)
-    distributions, offset = [], 0
-    for q in questions:
-        k = len(q.options)
-        distributions.append(torch.softmax(logps[offset:offset + k], dim=0))  # normalise over the options
-        offset += k
-    return distributions
+    return list(logps.split([len(q.options) for q in questions]))
+
+
+def option_distributions(model, tokenizer, questions, device=None, batch_size: int = 64) -> list[torch.Tensor]:
+    """Per question, the model's distribution over its options (float64 [K]): softmax of the option log-probs."""
+    return [logps.softmax(0) for logps in option_logprobs(model, tokenizer, questions, device, batch_size)]
 
 
 def total_variation(p, q) -> float:
@@ -55,20 +63,28 @@ def opinion_report(model, tokenizer, questions, alpha: float, beta: float, devic
     same model with its adapters off)."""
     from models.lora import disable_lora
 
-    learned = option_distributions(model, tokenizer, questions, device)
+    learned = option_logprobs(model, tokenizer, questions, device)
     with disable_lora(model):
-        reference = option_distributions(model, tokenizer, questions, device)
+        reference = option_logprobs(model, tokenizer, questions, device)
     rows = []
-    for q, ref, pol in zip(questions, reference, learned):
+    for q, ref_logps, logps in zip(questions, reference, learned):
         population = torch.tensor(q.population, dtype=torch.float64)
+        ref, pol = ref_logps.softmax(0), logps.softmax(0)
         closed_form = optimal_policy(ref, population, alpha, beta)  # Prop. A.1
         rows.append({"prompt": q.prompt, "options": list(q.options), "population": population.tolist(),
                      "reference": ref.tolist(), "learned": pol.tolist(), "closed_form": closed_form.tolist(),
-                     "tv_learned_vs_closed_form": total_variation(pol, closed_form)})
-    mean_tv = sum(r["tv_learned_vs_closed_form"] for r in rows) / len(rows)
+                     "tv_learned_vs_closed_form": total_variation(pol, closed_form),
+                     "reference_option_mass": float(ref_logps.logsumexp(0).exp()),
+                     "learned_option_mass": float(logps.logsumexp(0).exp())})
+
+    def mean(key):
+        return sum(r[key] for r in rows) / len(rows)
+
     return {"alpha": alpha, "beta": beta, "global_temperature": alpha / beta if beta else float("inf"),
-            "questions": rows, "mean_tv_learned_vs_closed_form": mean_tv,
-            "max_tv_learned_vs_closed_form": max(r["tv_learned_vs_closed_form"] for r in rows)}
+            "questions": rows, "mean_tv_learned_vs_closed_form": mean("tv_learned_vs_closed_form"),
+            "max_tv_learned_vs_closed_form": max(r["tv_learned_vs_closed_form"] for r in rows),
+            "mean_reference_option_mass": mean("reference_option_mass"),
+            "mean_learned_option_mass": mean("learned_option_mass")}
 
 
 def format_report(report: dict, rows: int = 4) -> str:
@@ -85,4 +101,7 @@ def format_report(report: dict, rows: int = 4) -> str:
         lines.append(f"    total variation, learned vs closed form: {q['tv_learned_vs_closed_form']:.4f}")
     lines.append(f"\nmean total variation over {len(report['questions'])} questions, learned vs closed form: "
                  f"{report['mean_tv_learned_vs_closed_form']:.4f} (max {report['max_tv_learned_vs_closed_form']:.4f})")
+    lines.append(f"probability kept on the options (the loss fixes only their ratios): learned "
+                 f"{report['mean_learned_option_mass']:.3f}, reference {report['mean_reference_option_mass']:.3f} "
+                 f"(mean over questions)")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from eval.experiment import read_csv
 
 TABLE_COLUMNS = ["policy", "alpha", "beta", "alpha_over_beta", "mean_tv_learned_vs_closed_form",
                  "max_tv_learned_vs_closed_form", "majority_learned", "majority_closed_form", "entropy_learned",
-                 "entropy_closed_form", "tv_learned_vs_population", "tv_closed_form_vs_population"]
+                 "entropy_closed_form", "tv_learned_vs_population", "tv_closed_form_vs_population", "option_mass"]
 DIST_COLUMNS = ["alpha", "beta", "alpha_over_beta", "question", "option", "population", "reference", "learned",
                 "closed_form"]
 
@@ -56,6 +56,7 @@ def test_outputs_and_table_structure(quick_run):
     assert [r["policy"] for r in table] == ["population", "reference", "DPO", "SPL"]
     assert [float(r["alpha"]) for r in table[2:]] == [0.1, 1.0] and {r["beta"] for r in table[2:]} == {"0.1"}
     assert [float(r["alpha_over_beta"]) for r in table[2:]] == pytest.approx([1.0, 10.0])
+    assert table[0]["option_mass"] == "" and all(0 < float(r["option_mass"]) <= 1 for r in table[1:])
     world = load_world()
     assert set(quick_run["runs"]) == {0.1, 1.0}
     for questions in quick_run["runs"].values():

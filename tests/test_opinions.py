@@ -1,7 +1,7 @@
 """eval/opinions.py: the main job's report of learned vs. closed-form distributions over opinion options.
 
 Oracles: each option's probability computed here by one full forward over prompt + option + EOS and
-normalised by hand; the closed form from `spl.theory.optimal_policy`; the invariants that with B = 0 the
+normalised by hand (its sum before normalising is the option mass); the closed form from `spl.theory.optimal_policy`; the invariants that with B = 0 the
 learned distribution is the reference and that total variation is half the L1 distance.
 """
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ def setup(tiny_run):
     return model, Tokenizer(tiny_run["model"] / "tokenizer.model")
 
 
-def by_hand(model, tokenizer, question):
+def by_hand(model, tokenizer, question, normalise=True):
     logps = []
     for option in question.options:
         prompt = tokenizer.encode_prompt([{"role": "user", "content": question.prompt}])
@@ -40,7 +40,7 @@ def by_hand(model, tokenizer, question):
         logits = model(ids)[0].double().log_softmax(-1)  # (T, V)
         logps.append(sum(logits[len(prompt) - 1 + i, token] for i, token in enumerate(response)))
     probs = torch.stack(logps).exp()
-    return probs / probs.sum()
+    return probs / probs.sum() if normalise else probs
 
 
 def test_option_distributions_equal_full_forward(setup):
@@ -67,3 +67,30 @@ def test_report_with_fresh_lora(setup):
     assert report["global_temperature"] == pytest.approx(3.0)
     text = format_report(report)
     assert "which pet is best?" in text and "closed form" in text and f"{mean:.4f}" in text
+
+
+def test_option_mass_is_the_unnormalised_sum(setup):
+    """option mass = sum_i pi(y_i | x) by full forwards; with B = 0 the learned mass is the reference's; after the
+    LoRA B matrices are randomised the policy's mass differs and is again its own unnormalised sum."""
+    model, tokenizer = setup
+    add_lora(model, rank=2, alpha=4)
+    report = opinion_report(model, tokenizer, QUESTIONS, alpha=0.3, beta=0.1)
+    with torch.no_grad():
+        masses = [float(by_hand(model, tokenizer, q, normalise=False).sum()) for q in QUESTIONS]
+    for row, mass in zip(report["questions"], masses):
+        assert row["reference_option_mass"] == pytest.approx(mass, rel=1e-5)
+        assert row["learned_option_mass"] == pytest.approx(mass, rel=1e-5)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B.weight"):
+                param.normal_(0, 0.5)
+    report = opinion_report(model, tokenizer, QUESTIONS, alpha=0.3, beta=0.1)
+    with torch.no_grad():
+        learned = [float(by_hand(model, tokenizer, q, normalise=False).sum()) for q in QUESTIONS]
+    for row, mass, ref_mass in zip(report["questions"], learned, masses):
+        assert row["learned_option_mass"] == pytest.approx(mass, rel=1e-5)
+        assert row["reference_option_mass"] == pytest.approx(ref_mass, rel=1e-5)
+        assert abs(mass - ref_mass) > 1e-3 * ref_mass  # the randomised adapter moved it, so the check has teeth
+    assert report["mean_learned_option_mass"] == pytest.approx(sum(learned) / 2, rel=1e-5)
+    assert "probability kept on the options" in format_report(report)
