@@ -244,7 +244,7 @@ def plot(path: Path, table) -> bool:
                          label=f"reference, {split} items")
         axis.set_xscale("log")
         axis.set_xlabel("alpha / beta (1 = DPO)")
-        axis.set_ylabel(label)
+        axis.set_ylabel(f"{label} (expected over labels from p)")
     axes[0].legend(fontsize=8)
     save_figure(plt, figure, path, dpi=120)
     return True

@@ -53,3 +53,16 @@ def test_result_files_round_trip(tmp_path):
     assert [json.loads(line) for line in lines] == records and "é ∝" in lines[0]
     experiment.write_json(tmp_path / "e.json", {"a": 1})
     assert json.loads((tmp_path / "e.json").read_text(encoding="utf-8")) == {"a": 1}
+
+
+def test_pyplot_is_optional(monkeypatch):
+    """Without matplotlib pyplot() is None (the scripts then skip the PNG); with it, the Agg backend, which needs
+    no display."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        plt = experiment.pyplot()
+        assert plt is not None and plt.get_backend().lower() == "agg"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    assert experiment.pyplot() is None
