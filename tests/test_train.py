@@ -184,6 +184,22 @@ def test_presets_are_the_papers_recipes():
     assert train.parse_args(["--preset", "paper-chat", "--lr", "2e-5"]).lr == 2e-5
 
 
+def test_own_model_without_preset_takes_the_chat_recipe():
+    """--model with no --preset: every option not given comes from paper-chat (the world's defaults, lr 5e-3 for a
+    2.3M-parameter model, are not a recipe for a real checkpoint); flags given win; an explicit --preset wins; the
+    world keeps its own defaults."""
+    own = train.parse_args(["--model", "some/dir"])
+    chat = train.parse_args(["--preset", "paper-chat"])
+    for key in train.PRESETS["paper-chat"]:
+        assert getattr(own, key) == getattr(chat, key), key
+    assert own.preset == "paper-chat" and own.lr == 1e-5
+    given = train.parse_args(["--model", "some/dir", "--lr", "1e-4", "--epochs", "2"])
+    assert (given.lr, given.epochs, given.steps, given.lora_rank) == (1e-4, 2, None, 16)
+    assert train.parse_args(["--model", "some/dir", "--preset", "paper-math"]).lora_rank == 64
+    world = train.parse_args([])
+    assert world.preset is None and world.lr == train.TrainConfig().lr == 5e-3
+
+
 def test_learning_rate_schedule():
     """Linear warmup to the peak, then cosine to 10% of it: lr(w-1) = peak, lr(total) = 0.1 peak."""
     peak, warmup, total = 1.0, 10, 110
