@@ -143,8 +143,9 @@ def training_pairs(out: Path, source: Path, item_ids) -> Path:
     """The records of `source` whose "id" is one of item_ids, copied into out (the whole file if that is all)."""
     import json
 
+    wanted = set(item_ids)
     lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line)["id"] in set(item_ids)]
+    kept = [line for line in lines if json.loads(line)["id"] in wanted]
     if len(kept) == len(lines):
         return source
     path = out / f"{source.stem}_{len(item_ids)}items.jsonl"
