@@ -33,7 +33,7 @@ when matplotlib is installed. Training runs live in --out/runs/ and are reused w
 Training: LoRA r = 8 (lora_alpha 16) on all seven projections, lr 3e-3, 10 warmup steps, batch 16, 40 steps,
 given explicitly so that changes to train.py's defaults do not change this experiment. As on the stories
 (eval/exp_diversity.py), preference training costs this tiny model accuracy: after 40 steps DPO's level-1
-pass@1 is about half the reference's (measured on 4 problems: 9.6% against 17.6%), after 150 steps about a
+pass@1 is about half the reference's (the default run: 7.3% against 13.4% on 12 problems), after 150 steps about a
 third (6% on 6 problems), its solutions full of other tasks' words; 40 steps keep the policies near their
 reference, as the paper's lr 1e-5 does.
 """
