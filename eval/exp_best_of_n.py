@@ -21,7 +21,8 @@ fraction (samples with any '#### N'), both averaged over problems.
 
 Subsampled to fit the time budget: the first 12 of the 32 held-out problems at each of levels 1-3 (the
 paper samples 200 problems per dataset; the default run took 11 minutes on one thread of the shared two-core
-machine). Levels 4 and 5 are left out by default because the world's 2.34M-parameter
+machine; `--problems 32`, every held-out problem, 24 minutes, and it undid the 12-problem run's ordering of SPL
+over DPO at pass@128: see the README). Levels 4 and 5 are left out by default because the world's 2.34M-parameter
 reference model can hardly do them: measured at T = 1 on their first 4-8 problems, 0.2% of its samples are right
 at level 4 and none at level 5 (level 1: 16-18%, level 2: 0.2-1%, level 3: 0.1-0.2%), the trained policies at
 most 0.8%, so their pass@k counts one or two lucky samples whatever the setting. Level 1 plays the paper's
