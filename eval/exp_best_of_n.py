@@ -48,7 +48,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from eval.experiment import check_arguments, parse_list, pyplot, save_figure, write_csv, write_json, write_jsonl
+from eval.experiment import (alpha_for, check_arguments, first_records, parse_list, pyplot, save_figure, write_csv,
+                             write_json, write_jsonl)
 
 BETA = 0.1
 TEMPERATURES = (1.0, 1.1, 1.2, 1.5)  # DPO's token temperatures (Tables 1-3: 1, 1.1, 1.2)
@@ -119,17 +120,6 @@ def level_rows(setting: "Setting", problems: list[dict], ks) -> list[dict]:
 
 # ---- running it -------------------------------------------------------------------------------------------------
 
-def arithmetic_data(out: Path, world, max_pairs: int | None) -> Path:
-    """The world's soft arithmetic pairs, or their first max_pairs records copied into out (for --quick)."""
-    source = world.files["arithmetic_pairs_soft"]
-    if max_pairs is None:
-        return source
-    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)[:max_pairs]
-    path = out / f"arithmetic_pairs_soft_first{max_pairs}.jsonl"
-    path.write_text("".join(lines), encoding="utf-8")
-    return path
-
-
 def held_out_problems(world, levels, per_level: int) -> list:
     """The first per_level held-out problems of each of the levels, level by level."""
     return [p for level in sorted(levels)
@@ -147,14 +137,14 @@ def run_experiment(out: Path, settings, steps: int, lr: float, beta: float, num_
     from sample import sample_completions
 
     world = load_world()
-    data = arithmetic_data(out, world, max_pairs)
+    data = first_records(out, world.files["arithmetic_pairs_soft"], max_pairs)
     problems = held_out_problems(world, levels, per_level)
     ks = ks_up_to(num_samples)
     runs, table, problem_rows, samples = {}, [], [], []
     for setting in settings:
         if setting.policy not in runs and setting.method != "reference":
             started = time.perf_counter()
-            alpha = round(setting.ratio * beta, 10)
+            alpha = alpha_for(setting.ratio, beta)
             runs[setting.policy] = str(train_policy(
                 out / "runs" / setting.policy, data, alpha, beta, loss=setting.method, steps=steps,
                 extra=TRAIN_ARGS + ("--lr", lr, "--seed", seed), progress=progress))

@@ -171,6 +171,7 @@ def run_experiment(out: Path, ratios, beta: float, steps: int, lr: float = LR, p
     beliefs = np.array([item.population for item in items], dtype=np.float64)  # (N, 4)
     splits = split_items(items, held_out)
     split_of = {item.id: name for name, members in splits.items() for item in members}
+    in_split = {name: np.array([split_of[item.id] == name for item in items]) for name in splits}  # (N,) masks
     data = training_pairs(out, world.files["mcq_pairs" + ("_soft" if pairs == "soft" else "")],
                           [item.id for item in splits["trained"]])
     # What the training file encodes: p itself, or for the counts file (K comparisons per pair, each split rounded
@@ -189,15 +190,13 @@ def run_experiment(out: Path, ratios, beta: float, steps: int, lr: float = LR, p
         model, tokenizer = load_policy(run_dir)
         probs = multiple_choice_probabilities(model, tokenizer, prompts).double().numpy()  # (N, 4)
         closed_form = optimal_policy(torch.from_numpy(reference), torch.from_numpy(encoded), alpha, beta).numpy()
-        trained = len(splits["trained"])  # the trained items come first
-        tv = 0.5 * np.abs(probs - closed_form)[:trained].sum(1).mean()
+        tv = 0.5 * np.abs(probs - closed_form)[in_split["trained"]].sum(1).mean()
         print(f"  alpha = {alpha:g}, beta = {beta:g}: mean TV from the closed form over the trained items' letters "
               f"{tv:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
         scored.append(("DPO" if math.isclose(alpha, beta) else "SPL", alpha, beta, probs, closed_form))
 
     table, probabilities = [], []
-    for split in splits:
-        members = np.array([split_of[item.id] == split for item in items])  # (N,)
+    for split, members in in_split.items():
         for name, alpha, beta_, probs, closed_form in scored:
             table.append(policy_row(name, alpha, beta_, split, probs[members], labels[members], beliefs[members],
                                     None if closed_form is None else closed_form[members], draws))

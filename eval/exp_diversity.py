@@ -59,7 +59,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from eval.experiment import check_arguments, parse_list, pyplot, save_figure, write_csv, write_json, write_jsonl
+from eval.experiment import (alpha_for, check_arguments, first_records, parse_list, pyplot, save_figure, write_csv,
+                             write_json, write_jsonl)
 
 BETA = 0.1
 SPL_RATIOS = (1.5, 2.0, 4.0, 11.0)  # alpha / beta; the paper sweeps [1, 11] (Appendix B.3)
@@ -206,17 +207,6 @@ def mark_fronts(rows) -> None:
 
 # ---- running it -------------------------------------------------------------------------------------------------
 
-def story_data(out: Path, world, max_pairs: int | None) -> Path:
-    """The world's soft story pairs, or their first max_pairs records copied into out (for --quick)."""
-    source = world.files["story_pairs_soft"]
-    if max_pairs is None:
-        return source
-    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)[:max_pairs]
-    path = out / f"story_pairs_soft_first{max_pairs}.jsonl"
-    path.write_text("".join(lines), encoding="utf-8")
-    return path
-
-
 def run_experiment(out: Path, settings, steps: int, lr: float, beta: float, num_samples: int, groups: int,
                    prompts: int | None, max_pairs: int | None, max_new_tokens: int, seed: int,
                    progress: bool = False) -> tuple[list[dict], list[dict], dict]:
@@ -225,14 +215,14 @@ def run_experiment(out: Path, settings, steps: int, lr: float, beta: float, num_
     from eval.policies import load_policy, train_policy
 
     world = load_world()
-    data = story_data(out, world, max_pairs)
+    data = first_records(out, world.files["story_pairs_soft"], max_pairs)
     story_prompts = list(world.stories.prompts.values())[:prompts]
     reference, tokenizer = load_policy(None)
     runs, rows, samples = {}, [], []
     for setting in settings:
         if setting.policy not in runs and setting.policy != "reference":
             started = time.perf_counter()
-            alpha = round(setting.ratio * beta, 10)
+            alpha = alpha_for(setting.ratio, beta)
             runs[setting.policy] = str(train_policy(
                 out / "runs" / setting.policy, data, alpha, beta, loss="dpo" if setting.policy == "dpo" else "spl",
                 steps=steps, extra=TRAIN_ARGS + ("--lr", lr, "--seed", seed), progress=progress))

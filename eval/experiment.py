@@ -41,6 +41,16 @@ def alpha_for(ratio: float, beta: float) -> float:
     return round(ratio * beta, 10)
 
 
+def first_records(out: Path, source: Path, max_records: int | None) -> Path:
+    """`source` itself (a JSON Lines file), or its first max_records lines copied into out (the --quick runs)."""
+    if max_records is None:
+        return source
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)[:max_records]
+    path = out / f"{source.stem}_first{max_records}.jsonl"
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
 def write_csv(path: Path, rows: list[dict]) -> Path:
     """rows (dicts with the same keys, in the first row's order) as a CSV with a header line."""
     with open(path, "w", newline="", encoding="utf-8") as f:

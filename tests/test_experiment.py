@@ -66,3 +66,15 @@ def test_pyplot_is_optional(monkeypatch):
         assert plt is not None and plt.get_backend().lower() == "agg"
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     assert experiment.pyplot() is None
+
+
+def test_first_records(tmp_path):
+    """None gives the source file itself; n gives a new file of exactly its first n lines, named after it."""
+    source = tmp_path / "pairs_soft.jsonl"
+    source.write_text("".join(f'{{"i": {i}}}\n' for i in range(5)), encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert experiment.first_records(out, source, None) == source
+    path = experiment.first_records(out, source, 3)
+    assert path == out / "pairs_soft_first3.jsonl"
+    assert path.read_text(encoding="utf-8").splitlines() == ['{"i": 0}', '{"i": 1}', '{"i": 2}']
