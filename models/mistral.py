@@ -134,8 +134,8 @@ class MistralConfig:
 
 
 class RMSNorm(nn.Module):
-    """x -> weight * x / sqrt(mean(x^2) + eps), computed in float32 and cast back to x's dtype before the weight,
-    as HF and mistral-inference do (so bf16 results match theirs)."""
+    """x -> weight * x / sqrt(mean(x^2) + eps), computed in float32 (float64 stays float64) and cast back to x's
+    dtype before the weight, as HF and mistral-inference do (so bf16 results match theirs)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -143,17 +143,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.type_as(x)
 
 
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
-    """cos and sin tables [T, head_dim] for absolute `positions` [T], rotate-half layout: frequency i sits at
+    """cos and sin tables [..., T, head_dim] for absolute `positions` [..., T] (one row of positions per sequence
+    when sequences start at different offsets, as in spl/prefix.py), rotate-half layout: frequency i sits at
     columns i and i + head_dim/2. Computed in float32, then cast (as HF does)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, hd)
+    angles = positions.float()[..., None] * inv_freq  # (..., T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., T, hd)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -166,9 +167,10 @@ def apply_rope(x, cos, sin):
 
 
 def attention_mask(query_positions, key_positions, sliding_window: int | None):
-    """Boolean [Tq, Tk], True where a query may attend: causal (key <= query) and, with a window, the last
-    `sliding_window` positions, itself included (query - key < sliding_window), HF's convention."""
-    distance = query_positions[:, None] - key_positions[None, :]  # (Tq, Tk)
+    """Boolean [..., Tq, Tk] from absolute positions [..., Tq] and [..., Tk], True where a query may attend: causal
+    (key <= query) and, with a window, the last `sliding_window` positions, itself included
+    (query - key < sliding_window), HF's convention."""
+    distance = query_positions[..., :, None] - key_positions[..., None, :]  # (..., Tq, Tk)
     allowed = distance >= 0
     if sliding_window is not None:
         allowed = allowed & (distance < sliding_window)
@@ -186,12 +188,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, start_pos: int = 0):
+    def project(self, x, cos, sin):
+        """Queries, keys and values of x [B, T, D], rotated by RoPE: (B, nh, T, hd), (B, nkv, T, hd) x 2."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, mask, cache=None, start_pos: int = 0):
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)  # (B, nh, T, hd), (B, nkv, T, hd), (B, nkv, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_index, start_pos, k, v)  # (B, nkv, start_pos + T, hd)
         if mask is None:  # full causal attention over a fresh sequence: let SDPA pick its fused causal kernel

@@ -1,0 +1,178 @@
+"""spl/prefix.py: shared-prefix scoring equals scoring every row on its own.
+
+Oracle: the unshared path, `model.hidden_states(prompt + response)` over each whole row followed by the naive
+`log_softmax(hidden @ lm_head.T)` gathered at the targets (spl.logprobs.naive_sequence_logprobs), in float64 so
+that the only difference left is summation order (~1e-13). Compared tensor by tensor: the log-probs of every
+row and the gradient of every parameter (the full model, and a LoRA model's adapters), on small random models
+with GQA, sliding windows shorter than the rows, prompts of different lengths (one of a single token) and one
+to three responses per prompt.
+"""
+import pytest
+import torch
+
+from models import add_lora
+from spl.logprobs import naive_sequence_logprobs
+from spl.prefix import shared_prefix_hidden_states, shared_prefix_logprobs, split_shared_prefix
+
+TOL = dict(rtol=1e-9, atol=1e-10)  # float64; observed differences ~1e-14
+
+
+def grouped_batch(prompts, responses, pad_id=0):
+    """The agreed prompt-grouped batch (PLAN.md): one right-padded row prompt + response per (prompt index,
+    response ids) in `responses`, with response_prompt and prompt_lengths, loss mask on the response's tokens."""
+    rows = [prompts[p] + ids for p, ids in responses]
+    T = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), T), pad_id)
+    attention = torch.zeros(len(rows), T, dtype=torch.bool)
+    loss_mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for r, ((p, _), row) in enumerate(zip(responses, rows)):
+        input_ids[r, :len(row)] = torch.tensor(row)
+        attention[r, :len(row)] = True
+        loss_mask[r, len(prompts[p]) - 1:len(row) - 1] = True
+    targets = torch.full_like(input_ids, pad_id)
+    targets[:, :-1] = input_ids[:, 1:]
+    return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask, "attention_mask": attention,
+            "response_prompt": torch.tensor([p for p, _ in responses]),
+            "prompt_lengths": torch.tensor([len(prompts[p]) for p, _ in responses])}
+
+
+def random_ids(generator, n, vocab=128):
+    return torch.randint(3, vocab, (n,), generator=generator).tolist()
+
+
+def mixed_batch(seed=0):
+    """Four prompts of lengths 9, 1 (BOS only), 6 and 13 with 2, 1, 3 and 2 responses of lengths 1..7, rows in a
+    shuffled prompt order: longer than the sliding windows below, so windows cut into prefixes."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [[1] + random_ids(g, 8), [1], [1] + random_ids(g, 5), [1] + random_ids(g, 12)]
+    responses = [(2, random_ids(g, 3) + [2]), (0, random_ids(g, 6) + [2]), (3, random_ids(g, 2) + [2]),
+                 (1, random_ids(g, 4) + [2]), (2, [2]), (0, random_ids(g, 1) + [2]), (2, random_ids(g, 5) + [2]),
+                 (3, random_ids(g, 7) + [2])]
+    return grouped_batch(prompts, responses)
+
+
+def shared_logprobs(model, batch):
+    """spl.prefix's shared hidden states through the same naive float64 head as the oracle (the fused head of
+    `shared_prefix_logprobs` works in float32; it is compared at float32 tolerance below)."""
+    split = split_shared_prefix(batch)
+    hidden = shared_prefix_hidden_states(model, split["prefix_ids"], split["prefix_lengths"],
+                                         split["continuation_ids"], split["continuation_start"],
+                                         split["response_prompt"])  # (R, Tr, D): every prompt computed once
+    return naive_sequence_logprobs(hidden, model.lm_head.weight, split["continuation_targets"],
+                                   split["continuation_loss_mask"])  # (R,)
+
+
+def unshared_logprobs(model, batch):
+    hidden = model.hidden_states(batch["input_ids"])  # (R, T, D): every row's prompt computed again
+    return naive_sequence_logprobs(hidden, model.lm_head.weight, batch["targets"], batch["loss_mask"])  # (R,)
+
+
+def logprobs_and_grads(score, model, batch, weights):
+    """Log-probs [R] and the gradient of sum_r weights[r] * logp[r] for every trainable parameter."""
+    model.zero_grad(set_to_none=True)
+    logps = score(model, batch)
+    (logps * weights).sum().backward()
+    return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_as_unshared(model, batch, seed=0):
+    weights = torch.randn(batch["input_ids"].shape[0], generator=torch.Generator().manual_seed(seed),
+                          dtype=torch.float64)  # distinct per row: a wrong row-to-gradient routing shows
+    shared, shared_grads = logprobs_and_grads(shared_logprobs, model, batch, weights)
+    unshared, unshared_grads = logprobs_and_grads(unshared_logprobs, model, batch, weights)
+    torch.testing.assert_close(shared, unshared, **TOL)
+    assert shared_grads.keys() == unshared_grads.keys() and shared_grads
+    for name, grad in unshared_grads.items():
+        assert grad.abs().max() > 0, name  # every parameter is reached, so equality below means something
+        torch.testing.assert_close(shared_grads[name], grad, **TOL, msg=name)
+
+
+ARCHITECTURES = {
+    "gqa_window_3": dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=3),
+    "multi_query_window_1": dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=1),
+    "full_attention_mha": dict(num_attention_heads=4, num_key_value_heads=4, sliding_window=None),
+    "tied_window_7_head_dim_16": dict(tie_word_embeddings=True, sliding_window=7, head_dim=16),
+}
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_full_model_logprobs_and_every_gradient_equal_the_unshared_path(tiny_model, architecture):
+    model = tiny_model(seed=1, dtype=torch.float64, **ARCHITECTURES[architecture])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    assert_same_as_unshared(model, mixed_batch())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_gradients_equal_the_unshared_path(tiny_model, checkpointing):
+    """LoRA on all seven projections with B moved off zero; with gradient checkpointing (train mode) too."""
+    model = tiny_model(seed=2, dtype=torch.float64, sliding_window=4)
+    add_lora(model, rank=4, alpha=8, targets="all-linear")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    model.double()
+    model.gradient_checkpointing = checkpointing
+    model.train(checkpointing)
+    assert_same_as_unshared(model, mixed_batch(seed=3), seed=1)
+
+
+def test_pairs_whose_prompts_are_all_one_token(tiny_model):
+    """No prefix at all (Tp = 0): every row is its own continuation."""
+    model = tiny_model(seed=3, dtype=torch.float64, sliding_window=2)
+    g = torch.Generator().manual_seed(5)
+    batch = grouped_batch([[1], [1]], [(0, random_ids(g, 4) + [2]), (1, random_ids(g, 2) + [2]), (0, [2])])
+    assert split_shared_prefix(batch)["prefix_ids"].shape == (2, 0)
+    assert_same_as_unshared(model, batch)
+
+
+def test_split_computes_each_prompt_once_and_each_response_token_once():
+    """Invariant: prefix tokens = sum over prompts of (L - 1); real continuation tokens = sum over rows of the
+    response length + 1; and every row is its prefix followed by its continuation."""
+    batch = mixed_batch()
+    split = split_shared_prefix(batch)
+    assert split["prefix_ids"].shape == (4, 12) and split["prefix_lengths"].tolist() == [8, 0, 5, 12]
+    lengths = batch["attention_mask"].sum(-1)
+    for r in range(len(lengths)):
+        p, start = int(batch["response_prompt"][r]), int(split["continuation_start"][r])
+        real = int(lengths[r]) - start
+        row = torch.cat([split["prefix_ids"][p, :start], split["continuation_ids"][r, :real]])
+        assert row.tolist() == batch["input_ids"][r, :lengths[r]].tolist()
+        assert split["continuation_loss_mask"][r].sum() == batch["loss_mask"][r].sum()
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_fused_logprobs_and_lora_gradients_agree_eager_and_compiled(tiny_model, compile):
+    """`shared_prefix_logprobs` (the fused float32 head, eager and under torch.compile as train.py --compile runs
+    it) against the unshared float32 path: log-probs and LoRA gradients at float32 tolerance."""
+    model = tiny_model(seed=4, sliding_window=5)
+    add_lora(model, rank=4, alpha=8, targets="all-linear")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    batch = mixed_batch(seed=7)
+    weights = torch.linspace(-1, 1, batch["input_ids"].shape[0])
+    shared, shared_grads = logprobs_and_grads(
+        lambda m, b: shared_prefix_logprobs(m, b, compile=compile), model, batch, weights)
+    unshared, unshared_grads = logprobs_and_grads(unshared_logprobs, model, batch, weights)
+    torch.testing.assert_close(shared, unshared, rtol=1e-5, atol=1e-5)
+    for name, grad in unshared_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bad_batches_are_refused():
+    batch = mixed_batch()
+    wrong_prompt = {**batch, "input_ids": batch["input_ids"].clone()}
+    wrong_prompt["input_ids"][5, 3] += 1  # row 5 belongs to prompt 0, like row 1
+    with pytest.raises(ValueError, match="different prompt tokens"):
+        split_shared_prefix(wrong_prompt)
+    into_prompt = {**batch, "loss_mask": batch["loss_mask"].clone()}
+    into_prompt["loss_mask"][0, 2] = True
+    with pytest.raises(ValueError, match="loss_mask covers prompt positions"):
+        split_shared_prefix(into_prompt)
+    wrong_length = {**batch, "prompt_lengths": batch["prompt_lengths"].clone()}
+    wrong_length["prompt_lengths"][1] -= 1
+    with pytest.raises(ValueError, match="different prompt_lengths"):
+        split_shared_prefix(wrong_length)
