@@ -176,3 +176,18 @@ def test_bad_batches_are_refused():
     wrong_length["prompt_lengths"][1] -= 1
     with pytest.raises(ValueError, match="different prompt_lengths"):
         split_shared_prefix(wrong_length)
+
+
+def test_bench_prefix_smoke(capsys):
+    """eval/bench_prefix.py end to end on a tiny model: both sides' first loss agree (B = 0, the same batch), and
+    the shared side computes fewer positions."""
+    from eval import bench_prefix
+
+    bench_prefix.main(["--dim", "64", "--layers", "1", "--vocab", "200", "--pairs", "2", "--batches", "1",
+                       "--repeats", "1", "--prompt-median", "20", "--response-median", "6"])
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("first loss"))
+    unshared, shared = (float(part.split()[-1]) for part in line.split(":", 1)[1].split(","))
+    assert abs(unshared - shared) <= 1e-5 * abs(unshared)
+    ratio = next(line for line in out.splitlines() if line.startswith("pairs:")).rsplit("(", 1)[1]
+    assert float(ratio.split("x")[0]) < 1
