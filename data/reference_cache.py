@@ -2,16 +2,19 @@
 
 SPL's loss (Eq. 5) needs log pi_ref(y|x) and log pi_ref(y'|x) for every pair, and they never change during
 training: the reference is frozen. And since SPL is DPO with the reference log-ratio scaled by beta / alpha,
-one cache serves every (alpha, beta). This module stores them in one safetensors file,
+one cache serves every (alpha, beta). This module stores them in a directory `ref_logps-<key digest>/` holding
+one safetensors file and a manifest (models/files.py: sizes and sha256, written last, verified on load),
 
-    ref_chosen_logps    float32 [N]     row i belongs to the PreferenceExample with index i
-    ref_rejected_logps  float32 [N]
+    ref_logps.safetensors
+      ref_chosen_logps    float32 [N]     row i belongs to the PreferenceExample with index i
+      ref_rejected_logps  float32 [N]
 
 with the cache key in the file's metadata. The key names everything the numbers depend on: the dataset's
 content hash, the reference model's identity (a string or hash the caller supplies), the tokenisation
 settings (max_length, max_prompt_length, chat format, tokenizer file hash) and, as a last guard, a hash of
-the token ids themselves. A cache whose key differs in any field is stale and never used; files are written
-to a temporary name and renamed, so a crash mid-write never leaves a truncated cache behind.
+the token ids themselves. A cache whose key differs in any field is stale and never used. The directory is
+published atomically, so a crash mid-write leaves no cache at all; one that was damaged afterwards (cut short,
+altered) fails its manifest, is reported in one line as a miss, recomputed and replaced.
 
 The compute function is the caller's (this module knows nothing of models): reference_logps(path, key,
 compute) returns the cached tensors on a hit and otherwise calls compute(), saves, and returns its result.
@@ -27,21 +30,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-FORMAT_VERSION = "1"
+from models.files import IntegrityError, file_sha256, publish_directory, verify_directory
+
+FORMAT_VERSION = "2"  # 2: a published directory with a manifest (1 was a bare .safetensors file)
 TENSOR_NAMES = ("ref_chosen_logps", "ref_rejected_logps")
+TENSOR_FILE = "ref_logps.safetensors"
 
 
 class CacheMiss(Exception):
     """The cache cannot be used; str(miss) says why (no file, unreadable, or which key field is stale)."""
-
-
-def file_sha256(path) -> str:
-    """sha256 of a file's bytes (the dataset file, the tokenizer.model), read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def examples_sha256(examples) -> str:
@@ -81,21 +78,27 @@ class ReferenceCacheKey:
 
 
 def cache_path(directory, key: ReferenceCacheKey) -> str:
-    """`directory/ref_logps-<key digest>.safetensors`: different settings get different files."""
-    return os.path.join(os.fspath(directory), f"ref_logps-{key.digest()}.safetensors")
+    """`directory/ref_logps-<key digest>`: different settings get different cache directories."""
+    return os.path.join(os.fspath(directory), f"ref_logps-{key.digest()}")
 
 
 def load_reference_logps(path, key: ReferenceCacheKey) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ref_chosen_logps [N], ref_rejected_logps [N]) from `path`, or CacheMiss if absent, unreadable or stale."""
+    """(ref_chosen_logps [N], ref_rejected_logps [N]) from the cache directory `path`, or CacheMiss if absent,
+    incomplete, damaged (its manifest disagrees), unreadable or stale."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CacheMiss(f"no cache file at {path}")
+    if not os.path.isdir(path):
+        raise CacheMiss(f"no cache at {path}")
     try:
-        with safe_open(path, framework="pt") as file:
+        verify_directory(path)
+    except IntegrityError as error:
+        raise CacheMiss(f"damaged cache: {error}") from None
+    file_path = os.path.join(path, TENSOR_FILE)
+    try:
+        with safe_open(file_path, framework="pt") as file:
             stored = file.metadata() or {}
             tensors = {name: file.get_tensor(name) for name in file.keys()}
     except Exception as error:  # a corrupt file is a miss, not a crash: it is recomputed and replaced
-        raise CacheMiss(f"unreadable cache file {path} ({type(error).__name__}: {error})") from None
+        raise CacheMiss(f"unreadable cache file {file_path} ({type(error).__name__}: {error})") from None
     for name, expected in key.metadata().items():
         if stored.get(name) != expected:
             raise CacheMiss(f"stale cache {path}: {name} is {stored.get(name)!r} there, {expected!r} now")
@@ -107,7 +110,8 @@ def load_reference_logps(path, key: ReferenceCacheKey) -> tuple[torch.Tensor, to
 
 def save_reference_logps(path, key: ReferenceCacheKey, ref_chosen_logps: torch.Tensor,
                          ref_rejected_logps: torch.Tensor) -> None:
-    """Write both [N] tensors as float32 with the key in the metadata, atomically (temp file + rename)."""
+    """Write both [N] tensors as float32 with the key in the metadata into the cache directory `path`, published
+    atomically with a manifest; a previous (stale or damaged) cache there is replaced."""
     path = os.fspath(path)
     tensors = {}
     for name, tensor in zip(TENSOR_NAMES, (ref_chosen_logps, ref_rejected_logps)):
@@ -117,14 +121,8 @@ def save_reference_logps(path, key: ReferenceCacheKey, ref_chosen_logps: torch.T
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise ValueError(f"{name} must be finite floating-point log-probabilities")
         tensors[name] = tensor.detach().to("cpu", torch.float32).contiguous()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, temporary, metadata=key.metadata())
-        os.replace(temporary, path)  # atomic on POSIX: readers see the old file or the new one, never half
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with publish_directory(path, overwrite=True) as staging:
+        save_file(tensors, str(staging / TENSOR_FILE), metadata=key.metadata())
 
 
 def reference_logps(path, key: ReferenceCacheKey, compute, log=None) -> tuple[torch.Tensor, torch.Tensor]:

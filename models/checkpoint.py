@@ -8,20 +8,20 @@ from the safetensors files (memory-mapped), so the process holds about one copy 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from models.files import IntegrityError, publish_directory, verify_directory
 from models.mistral import ConfigError, Mistral, MistralConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+HASH_LIMIT = 1 << 30  # a model directory with a manifest: sizes always checked, sha256 up to 1 GiB of files
 
 # {HF name: our name}; "{}" is the layer index. Our modules mirror HF's names without the "model." prefix that
 # MistralForCausalLM puts around the decoder.
@@ -44,6 +44,21 @@ _TO_HF = {ours: hf for hf, ours in _FROM_HF.items()}
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is; the message names the path and the keys."""
+
+
+def raise_key_problems(source, missing, unexpected, misshaped, error=CheckpointError) -> None:
+    """The one report of a state dict that does not fit its model, shared by models and adapters: raise
+    `error("source: missing keys: a, b | unexpected keys: c | mis-shaped tensors: d: (2, 3), ...")` listing every
+    problem at once, or return if all three lists are empty. Each entry is already a readable string."""
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped tensors: {'; '.join(misshaped)}")
+    if problems:
+        raise error(f"{source}: " + " | ".join(problems))
 
 
 def _translate(name: str, table: dict) -> str | None:
@@ -108,6 +123,10 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Mist
         config = MistralConfig.from_json(path / "config.json")
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
+    try:  # a directory we wrote carries a manifest: a file cut short or altered is named before it is parsed
+        verify_directory(path, required=False, hash_limit=HASH_LIMIT)
+    except IntegrityError as error:
+        raise CheckpointError(str(error)) from None
     files = _weight_files(path)
     with torch.device("meta"):
         model = Mistral(config)
@@ -118,32 +137,28 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Mist
     device_str = str(torch.device(device)) if device is not None else "cpu"
     state, unexpected, misshaped, misshaped_names, stored_head = {}, [], [], set(), None
     for file in files:
-        with safe_open(str(file), framework="pt", device=device_str) as f:
-            for hf_name in f.keys():
-                name = hf_to_ours(hf_name)
-                if name is None or name not in expected:
-                    if config.tie_word_embeddings and name == "lm_head.weight":
-                        stored_head = (f.get_tensor(hf_name), file.name)  # some tied checkpoints store it too
+        try:
+            with safe_open(str(file), framework="pt", device=device_str) as f:
+                for hf_name in f.keys():
+                    name = hf_to_ours(hf_name)
+                    if name is None or name not in expected:
+                        if config.tie_word_embeddings and name == "lm_head.weight":
+                            stored_head = (f.get_tensor(hf_name), file.name)  # some tied checkpoints store it too
+                            continue
+                        unexpected.append(f"{hf_name} ({file.name})")
                         continue
-                    unexpected.append(f"{hf_name} ({file.name})")
-                    continue
-                tensor = f.get_tensor(hf_name)
-                if tensor.shape != expected[name]:
-                    misshaped.append(f"{hf_name}: {tuple(tensor.shape)} in {file.name}, "
-                                     f"config expects {tuple(expected[name])}")
-                    misshaped_names.add(name)  # reported as mis-shaped, not also as missing
-                    continue
-                state[name] = tensor.to(dtype) if dtype is not None else tensor
+                    tensor = f.get_tensor(hf_name)
+                    if tensor.shape != expected[name] or not tensor.is_floating_point():
+                        misshaped.append(f"{hf_name}: {tuple(tensor.shape)} in {file.name}, config expects "
+                                         f"{tuple(expected[name])}" if tensor.shape != expected[name] else
+                                         f"{hf_name}: {tensor.dtype} in {file.name}, not floating point")
+                        misshaped_names.add(name)  # reported as mis-shaped, not also as missing
+                        continue
+                    state[name] = tensor.to(dtype) if dtype is not None else tensor
+        except SafetensorError as error:  # cut short, not safetensors at all, or a header made to break readers
+            raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from None
     missing = [ours_to_hf(name) for name in expected if name not in state and name not in misshaped_names]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped tensors: {'; '.join(misshaped)}")
-    if problems:
-        raise CheckpointError(f"{path}: " + " | ".join(problems))
+    raise_key_problems(path, missing, unexpected, misshaped)
     if stored_head is not None and not torch.equal(stored_head[0].to(state["embed_tokens.weight"]),
                                                     state["embed_tokens.weight"]):
         # A tied head that is stored must equal the embedding; HF transformers would silently untie them.
@@ -160,8 +175,8 @@ def save_pretrained(model: Mistral, path, max_shard_bytes: int | None = None, to
     """Write `model` as an HF-format directory that `MistralForCausalLM.from_pretrained` loads.
 
     With `max_shard_bytes`, weights are split into `model-0000i-of-0000n.safetensors` plus an index, as HF does
-    for large models. The directory is written to a temporary sibling first and renamed into place, so an
-    interrupted save never leaves a half-written checkpoint; an existing directory is refused.
+    for large models. The directory is published atomically with a manifest (models/files.py), so an interrupted
+    save never leaves a half-written checkpoint and load_pretrained verifies it; an existing directory is refused.
     """
     path = Path(path)
     if path.exists():
@@ -179,9 +194,7 @@ def save_pretrained(model: Mistral, path, max_shard_bytes: int | None = None, to
     dtype = next(iter(state.values())).dtype
     hf_config = config.to_hf_dict() | {"dtype": str(dtype).removeprefix("torch."),
                                        "torch_dtype": str(dtype).removeprefix("torch.")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with publish_directory(path) as staging:
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         shards = _split(state, max_shard_bytes)
         metadata = {"format": "pt"}
@@ -199,22 +212,7 @@ def save_pretrained(model: Mistral, path, max_shard_bytes: int | None = None, to
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, staging / "tokenizer.model")
-        publish_permissions(staging)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
-
-
-def publish_permissions(directory: Path) -> None:
-    """Give a staged directory and its files the modes a plain mkdir/open would have (mkdtemp makes 0700 and
-    safetensors may write 0600), so a saved model or adapter can be served by other users."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for file in directory.iterdir():
-        os.chmod(file, 0o666 & ~umask)
 
 
 def _split(state: dict, max_shard_bytes: int | None) -> list[dict]:

@@ -31,18 +31,16 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from models.checkpoint import CheckpointError, ours_to_hf, publish_permissions
+from models.checkpoint import CheckpointError, ours_to_hf, raise_key_problems
+from models.files import IntegrityError, publish_directory, verify_directory
 
 TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -254,15 +252,7 @@ def load_lora_state_dict(model: nn.Module, state: dict, source: str = "state dic
     unexpected = [name for name in state if name not in expected]
     misshaped = [f"{name}: {tuple(state[name].shape)}, model expects {tuple(p.shape)}"
                  for name, p in expected.items() if name in state and state[name].shape != p.shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped tensors: {'; '.join(misshaped)}")
-    if problems:
-        raise AdapterError(f"{source}: " + " | ".join(problems))
+    raise_key_problems(source, missing, unexpected, misshaped, error=AdapterError)
     with torch.no_grad():
         for name, parameter in expected.items():
             parameter.copy_(state[name])
@@ -295,8 +285,8 @@ def _adapter_settings(model: nn.Module) -> tuple[int, float, float, tuple[str, .
 def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | None = None, overwrite: bool = False):
     """Write the adapter as PEFT does: `adapter_config.json` + `adapter_model.safetensors` (float32 A and B).
 
-    Written to a temporary sibling and renamed into place, so an interrupted save leaves no half-written adapter;
-    an existing directory is refused unless `overwrite=True`. Returns the directory's Path.
+    Published atomically with a manifest (models/files.py), so an interrupted save leaves no half-written adapter
+    and load_adapter verifies it; an existing directory is refused unless `overwrite=True`. Returns its Path.
     """
     directory = Path(directory)
     if directory.exists() and not overwrite:
@@ -313,26 +303,9 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | Non
     }
     tensors = {_peft_key(name): tensor.float().contiguous().cpu() for name, tensor in lora_state_dict(model).items()}
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with publish_directory(directory, overwrite=overwrite) as staging:  # the old one stays until the new is whole
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        publish_permissions(staging)
-        if directory.exists():  # overwrite: move the old one aside first, so a failure can put it back
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            os.replace(directory, old / directory.name)
-            try:
-                os.replace(staging, directory)
-            except BaseException:
-                os.replace(old / directory.name, directory)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 
@@ -385,6 +358,10 @@ def load_adapter(model: nn.Module, directory):
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterError(f"{directory}: no such adapter directory")
+    try:  # ours carry a manifest: a file cut short or altered is named before it is parsed (PEFT's have none)
+        verify_directory(directory, required=False)
+    except IntegrityError as error:
+        raise AdapterError(str(error)) from None
     rank, alpha, dropout, targets = _read_adapter_config(directory)
     weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file():
@@ -400,8 +377,11 @@ def load_adapter(model: nn.Module, directory):
     else:
         add_lora(model, rank, alpha, dropout, targets)
 
-    with safe_open(str(weights), framework="pt", device="cpu") as f:
-        state = {key: f.get_tensor(key) for key in f.keys()}  # PEFT's key names
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            state = {key: f.get_tensor(key) for key in f.keys()}  # PEFT's key names
+    except SafetensorError as error:
+        raise AdapterError(f"{weights}: not a readable safetensors file ({error})") from None
     return load_lora_state_dict(model, state, source=str(weights), rename=_peft_key)
 
 

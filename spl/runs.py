@@ -1,68 +1,175 @@
-"""A training run's directory: resolved config, metrics log, atomic checkpoints, resume, and stop signals.
+"""A training run's directory: its lock, resolved config, metrics log, verified checkpoints, resume, stop signals.
 
     out/
+      .lock                   held (flock) by the one process using the directory; names it (pid, host, start)
       config.json             the resolved training options (written once; checked on --resume)
       metrics.jsonl           one JSON object per logged step
-      checkpoints/step_000100/  trainable.safetensors, optimizer.pt, rng.pt, state.json  (complete or absent)
+      checkpoints/step_000100/  a checkpoint (complete with its manifest, or absent):
+        trainable.safetensors   the trained tensors by parameter name (LoRA A and B, or every weight)
+        optimizer.safetensors   AdamW's per-parameter tensors, "state.<i>.<name>" (exp_avg, exp_avg_sq, step)
+        optimizer.json          everything else of optimizer.state_dict(): param_groups (lr, betas, ...), scalars
+        rng.safetensors         per process r: "rank<r>.torch", "rank<r>.cuda" (where used), "rank<r>.numpy" keys
+        rng.json                per process: numpy's position and Gaussian cache, Python random's state
+        state.json              the step and the data position
+        manifest.json           size and sha256 of each file above, written last (models/files.py)
       adapter/                the final LoRA adapter in PEFT's format (or model/ for a full fine-tune)
 
-A checkpoint is written into a temporary sibling directory, each file flushed to disk, and then renamed into
-place: a rename within one filesystem is atomic, so a process killed at any instant (SIGKILL included) leaves
-either the previous complete checkpoints or the new complete one, plus at most a `.tmp-*` directory that the
-next resume deletes. Resume restores the trainable tensors, the optimizer, every RNG and the data position, so
-on CPU a resumed run continues bit for bit as the uninterrupted run would have.
+Nothing here can execute code when read: tensors are safetensors, the rest JSON (no pickle, no torch.load). A
+checkpoint is published atomically (models/files.py: temporary sibling, fsync, manifest last, rename), so a
+process killed at any instant (SIGKILL included) leaves the previous complete checkpoints or the new complete
+one, plus at most a staging directory that the next resume deletes. Loading verifies the manifest first; resume
+takes the newest checkpoint that verifies and loads, saying in one line why each newer one was passed over.
+Resume restores the trainable tensors, the optimizer, every RNG and the data position, so a resumed run
+continues bit for bit as the uninterrupted run would have.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import random
 import re
 import shutil
 import signal
-import tempfile
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from models.files import IntegrityError, is_staging, publish_directory, verify_directory, write_json_atomic
+
+__all__ = ["RunError", "RunLock", "check_run_dir", "prepare_run_dir", "write_json_atomic", "rng_state",
+           "set_rng_state", "save_checkpoint", "load_checkpoint", "complete_checkpoints", "checkpoint_dirs",
+           "load_latest_checkpoint", "clean_interrupted_saves", "MetricsLog", "StopSignals"]
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{6,})$")
+LOCK_NAME = ".lock"
 
 
 class RunError(ValueError):
     """A run directory that cannot be used as asked; the message names it and says what to do."""
 
 
+# ------------------------------------------------------------------------------------------------ the lock
+
+class RunLock:
+    """`with RunLock(out):` holds out/.lock for the block; a second process asking for it gets RunError naming
+    the holder ("in use by process 1234 on host since ..."), whatever its flags (--resume, --overwrite).
+
+    The lock is flock(2) on out/.lock, which the kernel drops when the holder exits in any way, SIGKILL included:
+    a lock left by a dead process never blocks. The file names its holder (JSON: pid, host, started); finding
+    that text when taking the lock means its writer died holding it, and `took_over` names that process (the
+    caller prints it). On release the file is unlinked (while still locked; a process that opened the old file
+    in the meantime sees that it is no longer the one at out/.lock and opens the new one), and `out` itself is
+    removed if this lock created it and nothing else was written (a run refused for bad input leaves nothing).
+    Under torchrun only rank 0 takes it."""
+
+    def __init__(self, out):
+        self.out = Path(out)
+        self.path = self.out / LOCK_NAME
+        self.fd = None
+        self.created = False
+        self.took_over: str | None = None
+
+    def __enter__(self):
+        if self.out.exists() and not self.out.is_dir():
+            raise RunError(f"{self.out}: exists and is not a directory; give another --out")
+        self.created = not self.out.exists()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            while self.fd is None:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _read_holder(fd)
+                    os.close(fd)
+                    raise RunError(f"{self.out}: in use by {holder}; wait for it to finish or stop it "
+                                   f"(one process per run directory)") from None
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:  # its holder unlinked it between our open and our flock: open the new one
+                    os.close(fd)
+                    continue
+                self.fd = fd
+        except OSError as error:
+            self._remove_created()
+            raise RunError(f"{self.path}: cannot take the run directory's lock ({error.strerror})") from None
+        stale = _read_holder(self.fd, default=None)
+        if stale is not None:
+            self.took_over = f"{self.path}: took over the lock of {stale}, which no longer runs"
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(holder).encode(), 0)
+        os.fsync(self.fd)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+        self._remove_created()
+        return False
+
+    def _remove_created(self):
+        """rmdir `out` if this lock created it and it is empty again (rmdir refuses a non-empty directory)."""
+        if self.created:
+            try:
+                os.rmdir(self.out)
+            except OSError:
+                pass
+
+
+def _read_holder(fd, default="another process"):
+    """The holder a lock file names, as "process 1234 on host (since ...)", or `default` if it names none."""
+    text = ""
+    try:
+        text = os.pread(fd, 4096, 0).decode("utf-8", errors="replace")
+        holder = json.loads(text)
+        return f"process {int(holder['pid'])} on {holder['host']} (since {holder['started']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return default if not text.strip() else f"a process ({text.strip()[:80]!r})"
+
+
+def _own_files(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if p.name != LOCK_NAME]
+
+
 def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse, before any work, a run directory that cannot be used as asked. Writes nothing."""
+    """Refuse, before any work, a run directory that cannot be used as asked. Writes nothing. (Its own lock file,
+    held by this process, does not make it non-empty.)"""
     if resume and overwrite:
         raise RunError("--resume and --overwrite contradict each other: pick one")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out}: exists and is not a directory; give another --out")
     if resume and not (out / "config.json").is_file():
         raise RunError(f"{out}: nothing to resume (no config.json); drop --resume to start a new run")
-    if not resume and not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if not resume and not overwrite and out.is_dir() and _own_files(out):
         raise RunError(f"{out}: already exists and is not empty; pass --resume to continue it or "
                        f"--overwrite to replace it")
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Create `out` (deleting it first with --overwrite), or accept it for --resume."""
+    """Create `out` (emptying it first with --overwrite, the lock file kept), or accept it for --resume."""
     check_run_dir(out, resume, overwrite)
     if resume:
         return
-    if overwrite and out.exists():
-        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-
-
-def write_json_atomic(path: Path, value) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if overwrite:
+        for path in _own_files(out):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 # ------------------------------------------------------------------------------------------------ RNG state
@@ -81,76 +188,196 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
-        if isinstance(state["cuda"], (list, tuple)):  # older checkpoints: every visible device's state
-            torch.cuda.set_rng_state_all(state["cuda"])
-        else:
-            torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rng_to_files(per_rank: list[dict]) -> tuple[dict, dict]:
+    """Per-process RNG states as (tensors, JSON): torch's and CUDA's byte states and numpy's 624 MT19937 words
+    as tensors; numpy's position and cached Gaussian, and Python's (version, 625 words, gauss_next), as JSON."""
+    tensors, meta = {}, {"processes": len(per_rank), "ranks": []}
+    for rank, state in enumerate(per_rank):
+        tensors[f"rank{rank}.torch"] = state["torch"].contiguous()
+        if "cuda" in state:
+            tensors[f"rank{rank}.cuda"] = state["cuda"].cpu().contiguous()
+        kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+        tensors[f"rank{rank}.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))  # uint32 words
+        version, words, gauss_next = state["python"]
+        meta["ranks"].append({"numpy": {"kind": kind, "position": int(position), "has_gauss": int(has_gauss),
+                                        "cached_gaussian": float(cached_gaussian)},
+                              "python": {"version": version, "words": list(words), "gauss_next": gauss_next}})
+    return tensors, meta
+
+
+def _rng_from_files(tensors: dict, meta: dict) -> list[dict]:
+    per_rank = []
+    for rank, entry in enumerate(meta["ranks"]):
+        numpy_state = entry["numpy"]
+        keys = tensors[f"rank{rank}.numpy"].numpy().astype(np.uint32)
+        state = {"torch": tensors[f"rank{rank}.torch"],
+                 "numpy": (numpy_state["kind"], keys, numpy_state["position"], numpy_state["has_gauss"],
+                           numpy_state["cached_gaussian"]),
+                 "python": (entry["python"]["version"], tuple(entry["python"]["words"]), entry["python"]["gauss_next"])}
+        if f"rank{rank}.cuda" in tensors:
+            state["cuda"] = tensors[f"rank{rank}.cuda"]
+        per_rank.append(state)
+    return per_rank
+
+
+# ------------------------------------------------------------------------------------------------ optimizer state
+
+def _to_json(value):
+    """A state-dict value as JSON; tuples tagged so that they come back as tuples (AdamW's betas)."""
+    if isinstance(value, tuple):
+        return {"__tuple__": [_to_json(v) for v in value]}
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint's JSON")
+
+
+def _from_json(value):
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_from_json(v) for v in value["__tuple__"])
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+def _optimizer_to_files(state_dict: dict) -> tuple[dict, dict]:
+    """optimizer.state_dict() as (tensors "state.<param index>.<name>", JSON of everything else)."""
+    tensors, scalars = {}, {}
+    for index, entries in state_dict["state"].items():
+        scalars[str(index)] = {}
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[str(index)][name] = _to_json(value)
+    return tensors, {"param_groups": _to_json(state_dict["param_groups"]), "state": scalars}
+
+
+def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
+    state = {int(index): _from_json(entries) for index, entries in meta["state"].items()}
+    for key, tensor in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = tensor
+    return {"state": state, "param_groups": _from_json(meta["param_groups"])}
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(out: Path, step: int, trainable: dict, optimizer, state: dict, keep: int = 2,
                     rng: dict | None = None) -> Path:
-    """Atomically write checkpoint `step` (trainable tensors by name, optimizer, RNGs, a JSON-able state dict)
-    and delete all but the newest `keep` complete checkpoints. rng: what to store as the RNG state (train.py
-    gathers every process's under torchrun); None: this process's rng_state()."""
+    """Publish checkpoint `step` (trainable tensors by name, optimizer, RNGs, a JSON-able state dict) and delete
+    all but the newest `keep` complete checkpoints. rng: what to store as the RNG state, {"per_rank": [...]}
+    (train.py gathers every process's under torchrun) or one process's; None: this process's rng_state().
+
+    A save that fails (a full disk, no permission) raises RunError saying so in one line; the directory holds
+    exactly the checkpoints it held before (the failed one's staging directory is removed)."""
     root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=root))
-    tensors = {name: t.detach().contiguous().cpu() for name, t in trainable.items()}
-    save_file(tensors, str(staging / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    torch.save(rng if rng is not None else rng_state(), staging / "rng.pt")
-    write_json_atomic(staging / "state.json", {"step": step, **state})
-    for file in staging.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(staging)
-    if final.exists():  # a checkpoint of this step from a run that was resumed before it: replace it
-        shutil.rmtree(final)
-    os.rename(staging, final)
-    _fsync_dir(root)
+    rng = rng if rng is not None else rng_state()
+    per_rank = rng["per_rank"] if "per_rank" in rng else [rng]
+    optimizer_tensors, optimizer_meta = _optimizer_to_files(optimizer.state_dict())
+    rng_tensors, rng_meta = _rng_to_files(per_rank)
+    try:
+        with publish_directory(final, overwrite=True) as staging:  # overwrite: a step redone after a resume
+            save_file({name: t.detach().cpu().contiguous() for name, t in trainable.items()},
+                      str(staging / "trainable.safetensors"))
+            save_file(optimizer_tensors, str(staging / "optimizer.safetensors"))
+            (staging / "optimizer.json").write_text(json.dumps(optimizer_meta) + "\n", encoding="utf-8")
+            save_file(rng_tensors, str(staging / "rng.safetensors"))
+            (staging / "rng.json").write_text(json.dumps(rng_meta) + "\n", encoding="utf-8")
+            (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n",
+                                                encoding="utf-8")
+    except OSError as error:
+        previous = [p for p in complete_checkpoints(out) if p != final]
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        reason = error.strerror or (errno.errorcode.get(error.errno) if error.errno else None) or str(error)
+        raise RunError(f"{final}: checkpoint not saved ({reason}); {kept}") from None
     for old in complete_checkpoints(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def complete_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories of interrupted saves are not listed)."""
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Every step_* directory under out/checkpoints, oldest first, complete or not."""
     root = out / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)
-             and (p / "state.json").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
 
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Checkpoints that were completely written (their manifest exists), oldest first; not yet verified."""
+    return [p for p in checkpoint_dirs(out) if (p / "manifest.json").is_file()]
+
+
+def _read_tensors(path: Path) -> dict:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def load_checkpoint(path: Path):
-    """(trainable tensors, optimizer state, rng state, state dict) of one checkpoint directory."""
+    """(trainable tensors, optimizer state dict, {"per_rank": [rng state per process]}, state dict) of one
+    checkpoint directory, after verifying it against its manifest; RunError naming the file otherwise."""
+    path = Path(path)
     try:
-        trainable = load_file(str(path / "trainable.safetensors"))
-        optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RuntimeError) as error:
-        raise RunError(f"{path}: unreadable checkpoint ({error})") from None
+        verify_directory(path)
+    except IntegrityError as error:
+        raise RunError(f"damaged checkpoint: {error}") from None
+    file = path
+    try:
+        file = path / "trainable.safetensors"
+        trainable = _read_tensors(file)
+        file = path / "optimizer.json"
+        optimizer_state = _optimizer_from_files(_read_tensors(path / "optimizer.safetensors"), _read_json(file))
+        file = path / "rng.json"
+        rng = {"per_rank": _rng_from_files(_read_tensors(path / "rng.safetensors"), _read_json(file))}
+        file = path / "state.json"
+        state = _read_json(file)
+        step = state["step"]
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step {step!r} is not a step number")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, SafetensorError) as error:
+        raise RunError(f"{file}: unreadable checkpoint ({type(error).__name__}: {error})") from None
     return trainable, optimizer_state, rng, state
 
 
+def load_latest_checkpoint(out: Path, say=print):
+    """(path, load_checkpoint(path)) of the newest checkpoint that verifies and loads, or None when the run has
+    none yet. Each newer one that fails is reported by `say` in one line and passed over; when every one fails,
+    RunError names the newest's problem (nothing is resumed from a damaged checkpoint)."""
+    candidates = checkpoint_dirs(out)
+    errors = []
+    for path in reversed(candidates):
+        try:
+            return path, load_checkpoint(path)
+        except RunError as error:
+            errors.append(str(error))
+            say(f"{error}; trying the checkpoint before it" if path != candidates[0] else str(error))
+    if errors:
+        raise RunError(f"{out / 'checkpoints'}: no usable checkpoint ({errors[0]}); start afresh with --overwrite")
+    return None
+
+
 def clean_interrupted_saves(out: Path) -> None:
+    """Delete what interrupted publishes left under out/checkpoints (their staging directories)."""
     root = out / "checkpoints"
     if root.is_dir():
-        for p in root.glob(".tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
+        for p in root.iterdir():
+            if is_staging(p) or p.name.startswith(".tmp-"):  # .tmp-*: staging names of earlier versions
+                shutil.rmtree(p, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ metrics log

@@ -92,8 +92,10 @@ def test_only_rank_zero_prints_and_writes(runs):
     assert "x 2 processes" in stdout
     checkpoints = sorted(p.name for p in (runs["two"] / "checkpoints").iterdir())
     assert checkpoints == ["step_000002", "step_000004"]  # no temporary directories left by other ranks
-    rng = torch.load(runs["two"] / "checkpoints" / "step_000002" / "rng.pt", weights_only=False)
+    from spl.runs import load_checkpoint
+    _, _, rng, _ = load_checkpoint(runs["two"] / "checkpoints" / "step_000002")
     assert len(rng["per_rank"]) == 2  # every process's RNG, so dropout noise resumes per process
+    assert not torch.equal(rng["per_rank"][0]["torch"], rng["per_rank"][1]["torch"])  # each its own
 
 
 def test_resume_under_torchrun_with_fsdp(runs):

@@ -306,7 +306,18 @@ def test_bad_adapters_raise_clear_errors(tiny_model, tmp_path):
     with pytest.raises(AdapterError, match="no such adapter directory"):
         load_adapter(tiny_model(), tmp_path / "nowhere")
 
-    weights = load_file(directory / "adapter_model.safetensors")
+    weights = {k: v.clone() for k, v in load_file(directory / "adapter_model.safetensors").items()}  # not mmapped
+    # Ours has a manifest (models/files.py): a file cut short is named before it is parsed.
+    data = (directory / "adapter_model.safetensors").read_bytes()
+    (directory / "adapter_model.safetensors").write_bytes(data[:100])
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: 100 bytes, manifest\.json says"):
+        load_adapter(tiny_model(), directory)
+    # Edited by hand below, like an adapter another tool wrote: without a manifest, the key checks apply.
+    (directory / "manifest.json").unlink()
+    save_file(weights, directory / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: not a readable safetensors file"):
+        (directory / "adapter_model.safetensors").write_bytes(data[:100])
+        load_adapter(tiny_model(), directory)
     key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
     assert key in weights  # PEFT's naming: adapter name "default" dropped
     broken = {

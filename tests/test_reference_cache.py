@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from data.reference_cache import (CacheMiss, ReferenceCacheKey, cache_path, examples_sha256, file_sha256,
+from data.reference_cache import (TENSOR_FILE, CacheMiss, ReferenceCacheKey, cache_path, examples_sha256, file_sha256,
                                   load_reference_logps, reference_logps, save_reference_logps)
 from data.tokenization import PreferenceExample
 
@@ -41,14 +41,14 @@ def test_miss_computes_then_hit_returns_identical_tensors(tmp_path):
     path = cache_path(tmp_path, key)
     compute, lines = Compute(3), []
     chosen, rejected = reference_logps(path, key, compute, log=lines.append)
-    assert compute.calls == 1 and lines[0].startswith(f"reference log-probs: no cache file at {path}")
+    assert compute.calls == 1 and lines[0].startswith(f"reference log-probs: no cache at {path}")
     torch.testing.assert_close(chosen, compute.chosen.float(), rtol=0, atol=0)
     assert chosen.dtype == torch.float32 and rejected.dtype == torch.float32 and chosen.shape == (3,)
 
     hit_chosen, hit_rejected = reference_logps(path, key, compute, log=lines.append)
     assert compute.calls == 1 and lines[1] == f"reference log-probs: loaded 3 pairs from {path}"
     assert torch.equal(hit_chosen, chosen) and torch.equal(hit_rejected, rejected)
-    with safe_open(path, framework="pt") as file:
+    with safe_open(os.path.join(path, TENSOR_FILE), framework="pt") as file:
         assert file.metadata()["max_length"] == "512"
         assert file.metadata()["examples_sha256"] == examples_sha256(EXAMPLES)
     assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temp file left behind
@@ -65,7 +65,7 @@ def test_miss_computes_then_hit_returns_identical_tensors(tmp_path):
 def test_any_changed_setting_misses(tmp_path, change, field):
     """A cache written under one key is stale under a key that differs in one field; the miss names it."""
     key = ReferenceCacheKey.build(EXAMPLES, **SETTINGS)
-    path = tmp_path / "ref.safetensors"
+    path = tmp_path / "ref"
     reference_logps(path, key, Compute(3))
     changed = ReferenceCacheKey.build(EXAMPLES, **{**SETTINGS, **change})
     with pytest.raises(CacheMiss, match=f"stale cache .*: {field} is"):
@@ -79,7 +79,7 @@ def test_any_changed_setting_misses(tmp_path, change, field):
 def test_changed_data_misses_even_under_the_same_settings(tmp_path):
     """One token changed in one response (e.g. a tokenisation fix) changes the token hash: a miss."""
     key = ReferenceCacheKey.build(EXAMPLES, **SETTINGS)
-    path = tmp_path / "ref.safetensors"
+    path = tmp_path / "ref"
     reference_logps(path, key, Compute(3))
     edited = list(EXAMPLES)
     edited[1] = dataclasses.replace(EXAMPLES[1], chosen_ids=[10, 14, 2])
@@ -90,16 +90,33 @@ def test_changed_data_misses_even_under_the_same_settings(tmp_path):
     assert examples_sha256(EXAMPLES) == examples_sha256([dataclasses.replace(e) for e in EXAMPLES])
 
 
-def test_corrupt_cache_is_a_miss_and_is_replaced(tmp_path):
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "no-manifest"])
+def test_damaged_cache_is_a_miss_naming_the_file_and_is_replaced(tmp_path, damage):
+    """A cache directory whose file was cut short, had one byte changed, was replaced by garbage of the same size,
+    or whose manifest is gone (never completely written) is a miss whose reason names the file; reference_logps
+    then recomputes and publishes a good one. Oracle: the manifest's recorded size and sha256 (models/files.py)."""
     key = ReferenceCacheKey.build(EXAMPLES, **SETTINGS)
-    path = tmp_path / "ref.safetensors"
-    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
-    with pytest.raises(CacheMiss, match="unreadable cache file"):
+    path = tmp_path / "ref"
+    save_reference_logps(path, key, torch.zeros(3), torch.zeros(3))
+    tensors = path / TENSOR_FILE
+    data = tensors.read_bytes()
+    if damage == "truncate":
+        tensors.write_bytes(data[:len(data) // 2])
+    elif damage == "flip":
+        tensors.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    elif damage == "garbage":
+        tensors.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json".ljust(len(data), b"x"))
+    else:
+        (path / "manifest.json").unlink()
+    with pytest.raises(CacheMiss, match="damaged cache: .*(ref_logps.safetensors|manifest.json)") as miss:
         load_reference_logps(path, key)
-    compute = Compute(3)
-    reference_logps(path, key, compute)
+    assert "\n" not in str(miss.value)
+    compute, lines = Compute(3), []
+    reference_logps(path, key, compute, log=lines.append)
+    assert compute.calls == 1 and lines[0].startswith("reference log-probs: damaged cache: ")
     chosen, rejected = load_reference_logps(path, key)
     assert torch.equal(chosen, compute.chosen.float()) and torch.equal(rejected, compute.rejected.float())
+    assert sorted(os.listdir(tmp_path)) == ["ref"]  # nothing left of the damaged one
 
 
 def test_save_rejects_wrong_shapes_and_non_finite_values(tmp_path):

@@ -127,7 +127,8 @@ def test_train_bfloat16_keeps_checkpoints_and_adapter_float32(tiny_run, tmp_path
     assert len(records) == 2 and all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in records)
     checkpoint = out / "checkpoints" / "step_000002"
     assert all(t.dtype == torch.float32 for t in load_file(str(checkpoint / "trainable.safetensors")).values())
-    state = torch.load(checkpoint / "optimizer.pt", weights_only=False)["state"]
+    from spl.runs import load_checkpoint
+    state = load_checkpoint(checkpoint)[1]["state"]
     assert state and all(s[key].dtype == torch.float32 for s in state.values() for key in ("exp_avg", "exp_avg_sq"))
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert all(t.dtype == torch.float32 for t in adapter.values())
