@@ -1,7 +1,18 @@
-"""Preference-data readers: a local .jsonl / .json file -> PreferenceRecords (chat prompt, chosen, rejected).
+"""Preference-data readers: local data as downloaded -> PreferenceRecords (chat prompt, chosen, rejected).
 
-The file format is detected by content: a first non-blank character `[` is a JSON array, anything else is
-JSON Lines (blank lines ignored). Each object is in one of the layouts users actually have:
+What `path` may be (read_rows):
+  a .jsonl / .json file      detected by content: a first non-blank `[` is a JSON array, anything else is JSON
+                             Lines (blank lines ignored); errors name the 1-based line a record starts on
+  a .jsonl.gz / .json.gz     the same, gunzipped in memory (gzip is in the standard library): HH-RLHF's train.jsonl.gz
+  a .parquet file            read with pyarrow (optional: without it, one line says `pip install pyarrow`); errors
+                             name the 0-based row, `file.parquet:row 12: ...`, the index `table[12]` has; a null
+                             column value counts as an absent field
+  a datasets directory       written by `datasets.Dataset(Dict).save_to_disk` (optional: `pip install datasets`);
+                             a DatasetDict needs `split` (`--data-split`) unless it has one split; `dir[train]:row 12`
+  a directory of data files  as a dataset repository is downloaded: `train.jsonl.gz`, `data/test_prefs-00000-of-
+                             00001.parquet`, ...; the split is the file name up to its first "-" or suffix
+
+Each record, whatever the file, is in one of the layouts users actually have:
 
   standard        {"prompt": str, "chosen": str, "rejected": str}                           (TRL)
   conversational  {"prompt": [messages], "chosen": [messages], "rejected": [messages], ...}
@@ -19,31 +30,39 @@ Bad input (missing file, empty file, non-UTF-8 bytes, malformed JSON, missing fi
 DataError, whose message is the one line `path:line: problem` (for a JSON array, the line on which the
 element starts; `path: problem` where no line applies: a missing or empty file). Valid but unusable pairs
 (identical or empty responses, empty prompt, an HH transcript that is not a chat) are skipped and counted
-in a DataSummary, whose format() says what was skipped, why and where.
+in a DataSummary, whose format() says what was skipped, why and where. The same records give the same records,
+skips and DataSummary.sha256 (a hash of the records' content, not of the file's bytes) in every file format.
 """
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
+import importlib
 import json
 import math
 import os
 import re
+import zlib
 
-from models.tokenizer import validate_messages
+from models.chat_format import ChatFormatError, normalize_messages
 
 COLUMNS = ("prompt", "chosen", "rejected", "chosen_prob")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 _HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
 _JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+DATA_SUFFIXES = JSON_SUFFIXES + (".parquet",)
 
 
 class DataError(ValueError):
-    """Bad input data. str(error) is one line, `path:line: problem`, fit to print before exiting 1."""
+    """Bad input data. str(error) is one line, `path:line: problem` (`path:row N: problem` for Parquet and
+    datasets rows), fit to print before exiting 1."""
 
-    def __init__(self, path: str, line: int | None, problem: str):
+    def __init__(self, path: str, line: int | None, problem: str, where: str = "line"):
         self.path, self.line, self.problem = path, line, problem
-        super().__init__(f"{path}:{line}: {problem}" if line is not None else f"{path}: {problem}")
+        location = f"{path}:{line}" if where == "line" else f"{path}:{where} {line}"
+        super().__init__(f"{location}: {problem}" if line is not None else f"{path}: {problem}")
 
 
 class UnusablePair(Exception):
@@ -56,7 +75,7 @@ class PreferenceRecord:
     chosen: str  # the preferred assistant reply
     rejected: str  # the dispreferred assistant reply
     chosen_prob: float = 1.0  # P(chosen preferred); 1.0 is a hard label
-    line: int = 0  # line where the record starts in its file
+    line: int = 0  # line where the record starts in its file (its row, for Parquet and datasets)
 
 
 @dataclasses.dataclass
@@ -64,12 +83,13 @@ class DataSummary:
     """What happened to every record of one file: kept, or skipped with a reason and its line numbers."""
 
     path: str
-    sha256: str  # of the file's bytes: the dataset content hash for the reference cache
+    sha256: str  # of the records read (records_sha256): the dataset's content hash for the reference cache
     num_read: int = 0
     num_kept: int = 0
     skipped: dict = dataclasses.field(default_factory=dict)  # reason -> [line, ...]
     truncated: dict = dataclasses.field(default_factory=dict)  # what was truncated -> count
     unit: str = "pairs"  # what one record is, for the printed summary ("records" for SFT data)
+    where: str = "line"  # what locates a record: a file's "line", a table's "row"
 
     def skip(self, reason: str, line: int) -> None:
         self.skipped.setdefault(reason, []).append(line)
@@ -86,35 +106,46 @@ class DataSummary:
         out = [f"{self.path}: read {self.num_read} {self.unit}, kept {self.num_kept}, skipped {self.num_skipped}"]
         for reason, lines in self.skipped.items():
             shown = ", ".join(str(line) for line in lines[:8]) + (", ..." if len(lines) > 8 else "")
-            out.append(f"  skipped {len(lines)}: {reason} (line {shown})")
+            out.append(f"  skipped {len(lines)}: {reason} ({self.where} {shown})")
         for what, count in self.truncated.items():
             out.append(f"  truncated {count}: {what}")
         return "\n".join(out)
 
 
-def read_preferences(path, column_map: dict | None = None) -> tuple[list[PreferenceRecord], DataSummary]:
-    """Read every record of a .jsonl / .json file; raise DataError on bad input, count unusable pairs."""
+def read_preferences(path, column_map: dict | None = None,
+                     split: str | None = None) -> tuple[list[PreferenceRecord], DataSummary]:
+    """Read every record of `path` (any form in the module docstring); DataError on bad input, count unusable pairs."""
     columns = _columns(column_map)
-    path = os.fspath(path)
-    values, sha256 = _read_json_values(path)
-    summary = DataSummary(path=path, sha256=sha256)
+    name, where, values = read_rows(path, split)
+    summary = DataSummary(path=name, sha256="", where=where)
     records = []
     for line, value in values:
         summary.num_read += 1
         try:
-            record = parse_record(value, columns, path, line)
+            record = parse_record(value, columns, name, line, where)
         except UnusablePair as unusable:
             summary.skip(str(unusable), line)
             continue
         records.append(record)
     summary.num_kept = len(records)
+    summary.sha256 = records_sha256(records)
     return records, summary
 
 
-def parse_record(value, columns: dict, path: str, line: int) -> PreferenceRecord:
+def records_sha256(records: list[PreferenceRecord]) -> str:
+    """sha256 of the records' content (prompt messages, chosen, rejected, chosen_prob), in order: the same for the
+    same records in a .jsonl, a .jsonl.gz, a Parquet file or a datasets directory; lines and rows are not part of it."""
+    digest = hashlib.sha256()
+    for record in records:
+        content = [record.prompt, record.chosen, record.rejected, float(record.chosen_prob)]
+        digest.update(json.dumps(content, ensure_ascii=False, sort_keys=True).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def parse_record(value, columns: dict, path: str, line: int, where: str = "line") -> PreferenceRecord:
     """One JSON value -> a PreferenceRecord; DataError if malformed, UnusablePair if it cannot be trained on."""
     def fail(problem):
-        raise DataError(path, line, problem)
+        raise DataError(path, line, problem, where)
 
     if not isinstance(value, dict):
         fail(f"expected a JSON object, got {_json_type(value)}")
@@ -197,12 +228,9 @@ def split_hh_transcripts(chosen: str, rejected: str) -> tuple[list[dict], str, s
     messages = [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
                 for role, content in zip(parts[1::2], parts[2::2])]
     messages = messages[:-1]  # the final, empty "Assistant:" turn is the reply to come
-    try:
-        validate_messages(messages)
-    except ValueError:
-        raise UnusablePair("HH-RLHF transcript turns do not alternate Human, Assistant") from None
-    if messages[-1]["role"] != "user":
-        raise UnusablePair("HH-RLHF transcript turns do not alternate Human, Assistant")
+    roles = [message["role"] for message in messages]
+    if len(roles) % 2 == 0 or roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
+        raise UnusablePair("HH-RLHF transcript turns do not alternate Human, Assistant")  # not a chat: skipped
     return messages, chosen_reply.strip(), rejected_reply.strip()
 
 
@@ -232,10 +260,10 @@ def _messages(value: list, name: str, fail, alternate: bool = True) -> list[dict
         if not isinstance(message["content"], str):
             fail(f'field "{name}" message {position}: "content" must be a string, got {_json_type(message["content"])}')
     messages = [{"role": message["role"], "content": message["content"]} for message in value]
-    if alternate:
+    if alternate:  # the chat formats' rules (mistral-common's): consecutive turns merge, an empty reply is refused
         try:
-            validate_messages(messages)
-        except ValueError as error:
+            normalize_messages(messages)
+        except ChatFormatError as error:
             fail(f'field "{name}": {error}')
     return messages
 
@@ -255,8 +283,103 @@ def _split_reply(value, name: str, fail) -> tuple[list[dict], str]:
     return messages[:-1], messages[-1]["content"]
 
 
+# ---- the forms data comes in -----------------------------------------------------------------------------------
+
+def read_rows(path, split: str | None = None) -> tuple[str, str, list[tuple[int, object]]]:
+    """(name for messages, "line" or "row", [(line or row, value), ...]) of any form in the module docstring."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if any(os.path.isfile(os.path.join(path, name)) for name in ("dataset_dict.json", "state.json")):
+            return _dataset_rows(path, split)
+        return read_rows(_split_file(path, split), None)
+    if split is not None:
+        raise DataError(path, None, f"--data-split {split!r} names a split, but this is one file (give the "
+                                    f"directory that holds the split files, or leave out --data-split)")
+    if path.endswith(".parquet"):
+        return path, "row", _parquet_rows(path)
+    values, _ = _read_json_values(path)
+    return path, "line", values
+
+
+def _optional(module: str, package: str, path: str, purpose: str):
+    """Import an optional package, or a one-line DataError saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(path, None, f"{purpose} needs the optional package {package}: pip install {package}") from None
+
+
+def _present(row: dict) -> dict:
+    """A table row as a JSON object: a null column is a field the record does not have (Parquet holds one schema
+    for all rows, so a field some records lack is null in the others)."""
+    return {key: value for key, value in row.items() if value is not None}
+
+
+def _parquet_rows(path: str) -> list[tuple[int, object]]:
+    parquet = _optional("pyarrow.parquet", "pyarrow", path, "reading Parquet")
+    if not os.path.isfile(path):
+        raise DataError(path, None, "no such file")
+    try:
+        rows = parquet.read_table(path).to_pylist()
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
+        raise DataError(path, None, f"not a readable Parquet file ({type(error).__name__}: "
+                                    f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    if not rows:
+        raise DataError(path, None, "Parquet file has no rows (no preference pairs)")
+    return [(number, _present(row)) for number, row in enumerate(rows)]
+
+
+def _dataset_rows(path: str, split: str | None) -> tuple[str, str, list[tuple[int, object]]]:
+    datasets = _optional("datasets", "datasets", path, "reading a datasets.save_to_disk directory")
+    try:
+        loaded = datasets.load_from_disk(path)
+    except Exception as error:  # datasets raises FileNotFoundError, ValueError, ... for a damaged directory
+        raise DataError(path, None, f"not a readable datasets directory ({type(error).__name__}: "
+                                    f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    name = path
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        if split is None and len(splits) != 1:
+            raise DataError(path, None, f"has splits {', '.join(splits)}: choose one with --data-split")
+        split = splits[0] if split is None else split
+        if split not in loaded:
+            raise DataError(path, None, f"has no split {split!r} (its splits: {', '.join(splits)})")
+        loaded, name = loaded[split], f"{path}[{split}]"
+    elif split is not None:
+        raise DataError(path, None, f"--data-split {split!r}: this dataset has no splits (a Dataset, not a "
+                                    f"DatasetDict)")
+    rows = loaded.to_list()
+    if not rows:
+        raise DataError(name, None, "dataset has no rows (no preference pairs)")
+    return name, "row", [(number, _present(row)) for number, row in enumerate(rows)]
+
+
+def _split_file(directory: str, split: str | None) -> str:
+    """The one data file of `split` in a downloaded dataset directory (or its data/ folder)."""
+    files = {}  # split -> [path, ...]
+    for folder in (directory, os.path.join(directory, "data")):
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            suffix = next((s for s in DATA_SUFFIXES if name.endswith(s)), None)
+            if suffix and os.path.isfile(os.path.join(folder, name)):
+                files.setdefault(name[:-len(suffix)].split("-")[0], []).append(os.path.join(folder, name))
+    if not files:
+        raise DataError(directory, None, f"is a directory with no data files ({', '.join(DATA_SUFFIXES)}) and "
+                                         f"not a datasets.save_to_disk directory")
+    if split is None:
+        if len(files) != 1:
+            raise DataError(directory, None, f"has splits {', '.join(files)}: choose one with --data-split")
+        split = next(iter(files))
+    if split not in files:
+        raise DataError(directory, None, f"has no split {split!r} (its splits: {', '.join(files)})")
+    if len(files[split]) > 1:
+        raise DataError(directory, None, f"split {split!r} is {len(files[split])} files; pass one of them as "
+                                         f"--data ({', '.join(os.path.basename(f) for f in files[split][:3])}, ...)")
+    return files[split][0]
+
+
 def _read_json_values(path: str) -> tuple[list[tuple[int, object]], str]:
-    """The JSON values of a .jsonl or .json file, each with the line it starts on; and the file's sha256."""
+    """The JSON values of a .jsonl / .json file (gzipped when it ends in .gz), each with the line it starts on;
+    and the sha256 of the file's bytes."""
     try:
         with open(path, "rb") as file:
             raw = file.read()
@@ -265,6 +388,11 @@ def _read_json_values(path: str) -> tuple[list[tuple[int, object]], str]:
     except IsADirectoryError:
         raise DataError(path, None, "is a directory, expected a .jsonl or .json file") from None
     sha256 = hashlib.sha256(raw).hexdigest()
+    if path.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+            raise DataError(path, None, f"not a valid gzip file ({error or type(error).__name__})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -1,13 +1,16 @@
 """Chat-format tokenisation of preference pairs, truncation in token space, and PreferenceExample.
 
-A pair becomes three id lists built separately with the tokenizer's chat format (models/tokenizer.py):
+A pair becomes three id lists built separately with the tokenizer's chat format (models/chat_format.py):
 
-    prompt_ids   = BOS + enc("[INST] ... [/INST]") (+ earlier turns)      Tokenizer.encode_prompt
-    chosen_ids   = enc(chosen) + EOS                                      Tokenizer.encode_response
-    rejected_ids = enc(rejected) + EOS
+    prompt_ids   = BOS + the conversation up to the generation prompt      Tokenizer.encode_prompt
+                   (mistral-v1: BOS + enc("[INST] ... [/INST]"), earlier turns included)
+    chosen_ids   = ids(chosen) + end of turn (EOS; <|im_end|> in ChatML)   Tokenizer.encode_response
+    rejected_ids = ids(rejected) + end of turn
 
 so prompt_ids is an exact token prefix of both sequences: no string slicing, no re-encoding, and exactly
-one EOS (a literal "</s>" in the text is encoded as characters, never as the EOS id).
+one end-of-turn id (a literal "</s>" in the text is encoded as characters, never as the EOS id). A conversation
+the chat format refuses (an empty earlier assistant turn, say), or an id the model's embedding does not have
+(`vocab_size`), is a DataError naming the record's line.
 
 Truncation, in this order (as in eric-mitchell's DPO `tokenize_batch_element`, but always applied):
   1. a prompt longer than max_prompt_length keeps BOS and its last max_prompt_length - 1 tokens: the
@@ -21,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from data.preferences import DataSummary, PreferenceRecord, read_preferences
+from data.preferences import DataError, DataSummary, PreferenceRecord, read_preferences
+from models.chat_format import ChatFormatError
 
 
 @dataclasses.dataclass
@@ -64,14 +68,15 @@ def check_lengths(max_length: int, max_prompt_length: int) -> None:
 
 
 def tokenize_records(records: list[PreferenceRecord], tokenizer, max_length: int, max_prompt_length: int,
-                     summary: DataSummary) -> list[PreferenceExample]:
-    """Records -> PreferenceExamples numbered 0..N-1; every skip and truncation is counted in `summary`."""
+                     summary: DataSummary, vocab_size: int | None = None) -> list[PreferenceExample]:
+    """Records -> PreferenceExamples numbered 0..N-1; every skip and truncation is counted in `summary`.
+
+    `vocab_size` (the model's embedding rows), when given, bounds every id: one at or above it is a DataError.
+    """
     check_lengths(max_length, max_prompt_length)
     examples = []
     for record in records:
-        prompt_ids = tokenizer.encode_prompt(record.prompt)
-        chosen_ids = tokenizer.encode_response(record.chosen)  # enc(chosen) + EOS
-        rejected_ids = tokenizer.encode_response(record.rejected)  # enc(rejected) + EOS
+        prompt_ids, chosen_ids, rejected_ids = encode_record(record, tokenizer, summary, vocab_size)
         prompt, chosen, rejected = truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
         if not chosen or not rejected:
             summary.skip(f"prompt fills max_length={max_length}, no room for a response", record.line)
@@ -89,10 +94,31 @@ def tokenize_records(records: list[PreferenceRecord], tokenizer, max_length: int
     return examples
 
 
-def load_preference_data(path, tokenizer, max_length: int, max_prompt_length: int,
-                         column_map: dict | None = None) -> tuple[list[PreferenceExample], DataSummary]:
-    """Read, validate and tokenise a preference file. Raises DataError on bad input; print(summary.format())."""
+def encode_record(record: PreferenceRecord, tokenizer, summary: DataSummary,
+                  vocab_size: int | None = None) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, chosen_ids, rejected_ids) of one record, or a DataError at its line."""
+    try:
+        ids = (tokenizer.encode_prompt(record.prompt),
+               tokenizer.encode_response(record.chosen),  # ids(chosen) + end of turn
+               tokenizer.encode_response(record.rejected))  # ids(rejected) + end of turn
+    except ChatFormatError as error:
+        raise DataError(summary.path, record.line, f"chat format {tokenizer.chat_format}: {error}",
+                        summary.where) from None
+    if vocab_size is not None:
+        for name, part in zip(("prompt", "chosen", "rejected"), ids):
+            outside = [token for token in part if not 0 <= token < vocab_size]
+            if outside:
+                raise DataError(summary.path, record.line, f"{name} token id {outside[0]} is outside the model's "
+                                                           f"embedding (vocab_size {vocab_size})", summary.where)
+    return ids
+
+
+def load_preference_data(path, tokenizer, max_length: int, max_prompt_length: int, column_map: dict | None = None,
+                         split: str | None = None,
+                         vocab_size: int | None = None) -> tuple[list[PreferenceExample], DataSummary]:
+    """Read, validate and tokenise preference data (any form data/preferences.py reads; `split` for a dataset
+    with splits). Raises DataError on bad input; print(summary.format())."""
     check_lengths(max_length, max_prompt_length)
-    records, summary = read_preferences(path, column_map)
-    examples = tokenize_records(records, tokenizer, max_length, max_prompt_length, summary)
+    records, summary = read_preferences(path, column_map, split)
+    examples = tokenize_records(records, tokenizer, max_length, max_prompt_length, summary, vocab_size)
     return examples, summary

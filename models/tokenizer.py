@@ -1,36 +1,39 @@
-"""The Mistral tokenizer: sentencepiece plus the v0.1/v0.2 instruct chat format.
+"""The tokenizer: sentencepiece, the checkpoint's added tokens, and the chat format chosen from the checkpoint.
 
-Chat format (mistral-common's tokenizer V1, used by Mistral-7B-Instruct v0.1 and v0.2), one conversation:
+`Tokenizer(path/to/tokenizer.model)` reads the sentencepiece model and, when they sit beside it, the HF files
+that say how the model was trained to chat:
 
-    BOS + enc("[INST] {system}\\n\\n{user_1} [/INST]") + enc("{assistant_1}") + EOS
-        + enc("[INST] {user_2} [/INST]") + enc("{assistant_2}") + EOS + ...
+  1. `chat_template` in `tokenizer_config.json` (or a `chat_template.jinja` file) is recognised by the markers
+     it emits (models/chat_format.recognise_template); a template of no known format stops here, naming the file;
+  2. otherwise the sentencepiece model's control pieces decide: [SYSTEM_PROMPT] is Mistral's tokenizer v7, [INST]
+     is v2/v3 (Mistral-7B-Instruct-v0.3), neither is v1 (Mistral-7B v0.1/v0.2, where [INST] is text);
+  3. `chat_format=NAME` (train.py / sample.py `--chat-format`) overrides both.
 
-where enc() is sentencepiece without BOS/EOS and each segment is encoded on its own. Decoded, this reads
-`<s> [INST] user [/INST] assistant</s> [INST] user2 [/INST] ...`; an optional system message is joined to
-the FIRST user turn with a blank line, as mistral-common does for V1.
+`tokenizer.chat_format` is the chosen format's name (part of the reference-cache key), `tokenizer.format_origin`
+says how it was chosen (train.py prints both), and encode_prompt / encode_response / encode_chat delegate to it
+(the formats and the segment-by-segment rule that keeps prompt ids a prefix are in models/chat_format.py).
 
-Why segment by segment: sentencepiece adds a dummy-prefix "▁" (a space) at the start of every string it
-encodes. Encoding the prompt and the response separately therefore gives the response its own leading "▁",
-and the prompt ids are, by construction, an exact token prefix of the whole conversation. Re-encoding the
-concatenated string instead may merge or split pieces across the boundary (`enc("a") + enc("b") != enc("ab")`),
-so the prompt/response boundary can never be recovered by string slicing and re-encoding.
+Added tokens: `tokenizer_config.json`'s `added_tokens_decoder` may give ids at and above the sentencepiece
+model's size (ChatML's `<|im_start|>`, `<|im_end|>` are 32001 and 32000 in OpenHermes-2.5-Mistral). They are
+part of `vocab_size` and `special_id`, never produced by `encode` (a literal "<|im_end|>" in text stays text).
 """
 from __future__ import annotations
 
+import json
 import os
 
 import sentencepiece
 
-ROLES = ("system", "user", "assistant")
-CHAT_FORMAT = "mistral-v1-inst"  # names the format above; part of the reference-cache key (data/reference_cache.py)
+from models.chat_format import (FORMATS, ROLES, ChatFormatError, mistral_version, normalize_messages,
+                                recognise_template)
+
+__all__ = ["Tokenizer", "ROLES", "validate_messages", "check_vocabulary", "describe_format"]
 
 
 class Tokenizer:
     """sentencepiece `tokenizer.model` with Mistral's special ids (unk 0 "<unk>", bos 1 "<s>", eos 2 "</s>")."""
 
-    chat_format = CHAT_FORMAT
-
-    def __init__(self, path_to_tokenizer_model: str | os.PathLike):
+    def __init__(self, path_to_tokenizer_model: str | os.PathLike, chat_format: str | None = None):
         path = os.fspath(path_to_tokenizer_model)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: tokenizer model not found (expected sentencepiece tokenizer.model)")
@@ -39,6 +42,18 @@ class Tokenizer:
         if self.sp.bos_id() < 0 or self.sp.eos_id() < 0:
             raise ValueError(f"{path}: sentencepiece model has no BOS or EOS id (bos={self.sp.bos_id()}, "
                              f"eos={self.sp.eos_id()}); the chat format needs both")
+        self.control_pieces = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())
+                               if self.sp.IsControl(i)}
+        config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
+        config = _read_config(config_path)
+        self.added_tokens = _added_tokens(config, config_path, self.sp.get_piece_size())  # content -> id
+        name, self.format_origin = _choose_format(chat_format, config, config_path, set(self.control_pieces),
+                                                  os.path.basename(path))
+        try:
+            self.format = FORMATS[name](self)
+        except ChatFormatError as error:
+            raise _checkpoint_error(f"{path}: {error}") from None
+        self.chat_format = name
 
     # ---- ids and raw text ------------------------------------------------------------------------------------
 
@@ -51,6 +66,11 @@ class Tokenizer:
         return self.sp.eos_id()
 
     @property
+    def end_of_turn_id(self) -> int:
+        """The id that closes an assistant turn: EOS, or ChatML's <|im_end|>. Generation stops there."""
+        return self.format.end_of_turn
+
+    @property
     def pad_id(self) -> int:
         """The model's pad id, or EOS when it has none (Mistral has none). Padding is always masked out."""
         pad = self.sp.pad_id()
@@ -58,7 +78,12 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.sp.vocab_size()
+        """sentencepiece pieces plus the added tokens above them: every id this tokenizer can emit is below it."""
+        return max([self.sp.vocab_size()] + [token + 1 for token in self.added_tokens.values()])
+
+    def special_id(self, piece: str) -> int | None:
+        """The id of a control piece of the sentencepiece model ("[INST]") or of an added token ("<|im_end|>")."""
+        return self.control_pieces.get(piece, self.added_tokens.get(piece))
 
     def encode(self, text: str) -> list[int]:
         """Plain sentencepiece ids of `text`: no BOS, no EOS, a dummy-prefix "▁" at the start."""
@@ -67,38 +92,27 @@ class Tokenizer:
         return self.sp.encode(text)
 
     def decode(self, ids) -> str:
-        """Text of `ids` with control ids (BOS, EOS, pad) dropped; unknown ids are an error, not silence."""
+        """Text of `ids` with control ids (BOS, EOS, [INST], added tokens) dropped; ids outside are an error."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"Tokenizer.decode: ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
-        return self.sp.decode([i for i in ids if not self.sp.IsControl(i)])
+        pieces = self.sp.get_piece_size()
+        return self.sp.decode([i for i in ids if i < pieces and not self.sp.IsControl(i)])
 
-    # ---- the chat format -------------------------------------------------------------------------------------
+    # ---- the chat format (models/chat_format.py) -------------------------------------------------------------
 
     def encode_response(self, text: str) -> list[int]:
-        """An assistant turn: enc(text) + exactly one EOS."""
-        return self.encode(text) + [self.eos_id]
+        """An assistant turn: its ids + the end-of-turn id (EOS, or <|im_end|> for ChatML)."""
+        return self.format.encode_response(text)
 
     def encode_prompt(self, messages: list[dict]) -> list[int]:
-        """BOS + the conversation up to and including the last user turn's `[/INST]`.
+        """BOS + the conversation up to the assistant's reply to the last user turn (the generation prompt).
 
-        `messages` is [system?] user (assistant user)*: roles alternate, the first non-system turn is the
-        user's and the last turn is the user's. Earlier assistant turns are closed with EOS.
+        `messages` is [system*] then user and assistant turns ending with a user turn, normalised as
+        mistral-common does (models/chat_format.normalize_messages).
         """
-        system, turns = validate_messages(messages)
-        if not turns or turns[-1]["role"] != "user":
-            raise ValueError("encode_prompt: messages must end with a user turn")
-        ids = [self.bos_id]
-        for position, message in enumerate(turns):
-            if message["role"] == "user":
-                content = message["content"]
-                if position == 0 and system is not None:
-                    content = system + "\n\n" + content  # system text joins the FIRST user turn (V1)
-                ids += self.encode(f"[INST] {content} [/INST]")  # own segment: its own dummy prefix
-            else:
-                ids += self.encode_response(message["content"])  # enc(assistant) + EOS
-        return ids
+        return self.format.encode_prompt(messages)
 
     def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """A conversation ending with an assistant turn -> (prompt_ids, response_ids).
@@ -107,30 +121,98 @@ class Tokenizer:
         encode_prompt(messages[:-1]): the boundary is where the segments meet, found without any re-encoding.
         """
         validate_messages(messages)
-        if not messages or messages[-1]["role"] != "assistant":
+        if messages[-1]["role"] != "assistant":
             raise ValueError("encode_chat: messages must end with an assistant turn")
         return self.encode_prompt(messages[:-1]), self.encode_response(messages[-1]["content"])
 
 
 def validate_messages(messages) -> tuple[str | None, list[dict]]:
-    """Check roles, types and alternation of a message list -> (system text or None, the other turns)."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
-    for position, message in enumerate(messages):
-        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
-            raise ValueError(f"message {position}: expected a dict with 'role' and 'content', got {message!r:.80}")
-        if message["role"] not in ROLES:
-            raise ValueError(f"message {position}: unknown role {message['role']!r} (expected one of {ROLES})")
-        if not isinstance(message["content"], str):
-            raise ValueError(f"message {position}: content must be a str, got {type(message['content']).__name__}")
-    system = None
-    turns = list(messages)
-    if turns[0]["role"] == "system":
-        system, turns = turns[0]["content"], turns[1:]
-    for position, message in enumerate(turns):
-        expected = "user" if position % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            offset = position + (system is not None)
-            raise ValueError(f"message {offset}: expected role {expected!r}, got {message['role']!r} "
-                             f"(after an optional system message, turns alternate user, assistant, user, ...)")
-    return system, turns
+    """Check roles and types, normalise as mistral-common does -> (system text or None, alternating turns)."""
+    return normalize_messages(messages)
+
+
+def check_vocabulary(tokenizer: Tokenizer, vocab_size: int, model_dir) -> None:
+    """Refuse a tokenizer that can emit ids the model's embedding does not have (before anything is written).
+
+    A v3 tokenizer.model (32768 pieces) beside a v0.1 model (32000) would otherwise index past the embedding,
+    or, if every id of the data happens to fit, train on ids shifted by 768 without a word.
+    """
+    if tokenizer.vocab_size > vocab_size:
+        raise _checkpoint_error(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, more than the vocab_size "
+                                f"{vocab_size} of the model in {os.fspath(model_dir)} (a tokenizer of another "
+                                f"model?)")
+
+
+def describe_format(tokenizer: Tokenizer) -> str:
+    """One line for start-up: which chat format, and why."""
+    return f"chat format: {tokenizer.chat_format} ({tokenizer.format_origin})"
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+
+def _checkpoint_error(message: str):
+    from models.checkpoint import CheckpointError  # here, not at the top: keeps this module free of torch
+
+    return CheckpointError(message)
+
+
+def _read_config(config_path: str) -> dict:
+    if not os.path.isfile(config_path):
+        return {}
+    try:
+        with open(config_path, encoding="utf-8") as file:
+            config = json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _checkpoint_error(f"{config_path}: not a readable JSON file ({error})") from None
+    if not isinstance(config, dict):
+        raise _checkpoint_error(f"{config_path}: expected a JSON object")
+    return config
+
+
+def _added_tokens(config: dict, config_path: str, num_pieces: int) -> dict[str, int]:
+    """`added_tokens_decoder` {"32000": {"content": "<|im_end|>", ...}} -> {"<|im_end|>": 32000} for ids above
+    the sentencepiece model (those below name its own pieces, <unk> <s> </s>)."""
+    added = {}
+    for key, token in (config.get("added_tokens_decoder") or {}).items():
+        content = token.get("content") if isinstance(token, dict) else None
+        if not (isinstance(key, str) and key.isdigit() and isinstance(content, str)):
+            raise _checkpoint_error(f"{config_path}: added_tokens_decoder entry {key!r} is not "
+                                    f'"id": {{"content": str, ...}}')
+        if int(key) >= num_pieces:
+            added[content] = int(key)
+    return added
+
+
+def _template(config: dict, config_path: str) -> tuple[str | None, str]:
+    """The checkpoint's chat template and where it was found: tokenizer_config.json or chat_template.jinja."""
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    jinja = os.path.join(os.path.dirname(config_path), "chat_template.jinja")
+    if template is None and os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as file:
+            return file.read(), jinja
+    if template is not None and not isinstance(template, str):
+        raise _checkpoint_error(f"{config_path}: chat_template must be a string")
+    return template, config_path
+
+
+def _choose_format(override: str | None, config: dict, config_path: str, control: set[str],
+                   model_name: str) -> tuple[str, str]:
+    """(format name, how it was chosen)."""
+    if override is not None:
+        if override not in FORMATS:
+            raise _checkpoint_error(f"unknown chat format {override!r} (known: {', '.join(FORMATS)})")
+        return override, "--chat-format"
+    template, where = _template(config, config_path)
+    if template is not None:
+        name = recognise_template(template, control)
+        if name is None:
+            raise _checkpoint_error(f"{where}: chat_template is none of the known formats "
+                                    f"({', '.join(FORMATS)}); pass --chat-format NAME")
+        return name, f"chat_template in {os.path.basename(where)}"
+    name = mistral_version(control)
+    pieces = {"mistral-v7": "[SYSTEM_PROMPT]", "mistral-v3": "[INST]"}
+    why = f"{pieces[name]} is a control piece" if name in pieces else "[INST] is not a control piece"
+    return name, f"no chat_template; {why} of {model_name}"

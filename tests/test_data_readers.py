@@ -36,7 +36,10 @@ def test_standard_layout(tmp_path):
         ([user("2+2?")], "4", "5", 0.75, 3),
     ]
     assert (summary.num_read, summary.num_kept, summary.num_skipped) == (2, 2, 0)
-    assert summary.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    # The content hash: sha256 of one canonical JSON line [prompt, chosen, rejected, chosen_prob] per record kept.
+    canonical = "".join(json.dumps(content, ensure_ascii=False, sort_keys=True) + "\n" for content in [
+        [[user("Capital of France?")], "Paris.", "Lyon.", 1.0], [[user("2+2?")], "4", "5", 0.75]])
+    assert summary.sha256 == hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def test_conversational_layout_with_system_message_and_multi_turn_prompt(tmp_path):

@@ -138,9 +138,11 @@ def test_decode_rejects_ids_outside_the_vocabulary(tokenizer):
     ([{"role": "bot", "content": "x"}], "unknown role 'bot'"),
     ([{"role": "user"}], "'role' and 'content'"),
     ([{"role": "user", "content": 3}], "content must be a str"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "message 1: expected role 'assistant'"),
-    ([{"role": "assistant", "content": "a"}], "message 0: expected role 'user'"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "expected role 'assistant'"),
+    ([{"role": "assistant", "content": "a"}], "message 0: the conversation starts with an assistant turn"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}],
+     "message 1: a system message after the first turn is not supported"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}, {"role": "user", "content": "b"}],
+     "message 1: empty assistant turn"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "must end with a user turn"),
 ])
 def test_encode_prompt_rejects_bad_messages(tokenizer, messages, match):
