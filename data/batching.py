@@ -127,3 +127,140 @@ class PreferenceBatches:
         if state["epoch"] < 0 or not 0 <= state["offset"] <= len(self):
             raise ValueError(f"data state {state} is out of range ({len(self)} batches per epoch)")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+# -------------------------------------------------------------------------------------------- prompt-grouped batches
+
+def collate_grouped(examples, pad_id: int, pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """B PreferenceExamples -> one row per distinct (prompt, response), and the pairs as indices into the rows.
+
+    A prompt with K responses and K(K-1)/2 pairs is K rows here, where `collate` makes K(K-1): its responses are
+    scored once each, and every pair's log-ratio is a difference of two rows' log-probs,
+
+        logp[pair_chosen[b]] - logp[pair_rejected[b]]   for pair b.
+
+    Rows are in first-seen order (prompts in the order they first occur, each prompt's responses in the order they
+    first occur), prompt + response right-padded exactly as in `collate`. Two responses are the same row when their
+    prompt and response token ids are equal. Fields:
+
+        input_ids, targets, loss_mask, attention_mask   [R, T]  as in `collate`
+        response_prompt                                 [R]     the row's prompt, 0..P-1 in first-seen order
+        prompt_lengths                                  [R]     len(prompt_ids) of the row
+        pair_chosen, pair_rejected                      [B]     row of each pair's chosen / rejected response
+        chosen_prob, pair_index                         [B]     as in `collate`
+
+    `collate` is the special case where no response repeats: there rows 0..B-1 are the chosen ones and
+    pair_chosen = arange(B), pair_rejected = B + arange(B).
+    """
+    if not examples:
+        raise ValueError("collate_grouped: need at least one PreferenceExample")
+    if pad_to_multiple < 1:
+        raise ValueError(f"collate_grouped: pad_to_multiple must be >= 1, got {pad_to_multiple}")
+    prompt_of = {}  # tuple(prompt_ids) -> its index in the batch
+    row_of = {}  # (prompt index, tuple(response_ids)) -> its row
+    rows, row_prompts, row_prompt_lengths, pair_chosen, pair_rejected = [], [], [], [], []
+    for e in examples:
+        prompt = prompt_of.setdefault(tuple(e.prompt_ids), len(prompt_of))
+        for response, pair_rows in ((e.chosen_ids, pair_chosen), (e.rejected_ids, pair_rejected)):
+            key = (prompt, tuple(response))
+            if key not in row_of:
+                row_of[key] = len(rows)
+                rows.append(e.prompt_ids + response)
+                row_prompts.append(prompt)
+                row_prompt_lengths.append(len(e.prompt_ids))
+            pair_rows.append(row_of[key])
+    longest = max(len(row) for row in rows)
+    T = -(-longest // pad_to_multiple) * pad_to_multiple
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # [R, T]
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.bool)  # [R, T]
+    loss_mask = torch.zeros((len(rows), T), dtype=torch.bool)  # [R, T]
+    for row, (ids, prompt_length) in enumerate(zip(rows, row_prompt_lengths)):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, :len(ids)] = True
+        loss_mask[row, prompt_length - 1:len(ids) - 1] = True  # targets[t] = ids[t + 1] is a response token
+    targets = torch.full_like(input_ids, pad_id)  # [R, T]
+    targets[:, :-1] = input_ids[:, 1:]
+    return {
+        "input_ids": input_ids,
+        "targets": targets,
+        "loss_mask": loss_mask,
+        "attention_mask": attention_mask,
+        "response_prompt": torch.tensor(row_prompts, dtype=torch.long),  # [R]
+        "prompt_lengths": torch.tensor(row_prompt_lengths, dtype=torch.long),  # [R]
+        "pair_chosen": torch.tensor(pair_chosen, dtype=torch.long),  # [B]
+        "pair_rejected": torch.tensor(pair_rejected, dtype=torch.long),  # [B]
+        "chosen_prob": torch.tensor([e.chosen_prob for e in examples], dtype=torch.float32),  # [B]
+        "pair_index": torch.tensor([e.index for e in examples], dtype=torch.long),  # [B]
+    }
+
+
+def row_values(batch, chosen_values: torch.Tensor, rejected_values: torch.Tensor) -> torch.Tensor:
+    """Per-pair values ([B] for the chosen and the rejected responses, e.g. cached reference log-probs) as one
+    value per row of a grouped batch, [R]. A row shared by several pairs takes the value any of them holds (they
+    agree: the same sequence under the same model)."""
+    rows = batch["input_ids"].shape[0]
+    values = torch.zeros(rows, dtype=chosen_values.dtype, device=chosen_values.device)  # [R]
+    values[batch["pair_chosen"]] = chosen_values
+    values[batch["pair_rejected"]] = rejected_values
+    return values
+
+
+def prompt_groups(examples) -> list[list[int]]:
+    """Indices into `examples` grouped by prompt (equal prompt_ids), groups and members in first-seen order."""
+    groups = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(tuple(e.prompt_ids), []).append(i)
+    return list(groups.values())
+
+
+class PromptGroupedBatches(PreferenceBatches):
+    """Endless, seeded, resumable batches of whole prompts: each batch holds `prompts_per_batch` prompts and all
+    of their pairs (collated by `collate_grouped`), so every response of a prompt is in the batch that holds any
+    of its pairs, and each distinct response is scored once.
+
+    An epoch is a permutation of the prompts drawn from (seed, epoch), cut into batches of prompts_per_batch
+    (with group_by_length, prompts of similar longest row share a batch, as in `batch_order`). The position is
+    the same {"epoch", "offset", "seed"} as PreferenceBatches', counted in batches.
+    """
+
+    def __init__(self, examples, prompts_per_batch: int, pad_id: int, seed: int = 0, group_by_length: bool = False,
+                 drop_last: bool = False, pad_to_multiple: int = 1):
+        if not examples:
+            raise ValueError("PromptGroupedBatches: no examples")
+        if prompts_per_batch < 1:
+            raise ValueError(f"PromptGroupedBatches: prompts_per_batch must be >= 1, got {prompts_per_batch}")
+        self.groups = prompt_groups(examples)
+        if drop_last and len(self.groups) < prompts_per_batch:
+            raise ValueError(f"PromptGroupedBatches: drop_last with {len(self.groups)} prompts < prompts_per_batch "
+                             f"{prompts_per_batch} leaves no batch")
+        self.examples, self.batch_size, self.pad_id, self.seed = examples, prompts_per_batch, pad_id, seed
+        self.group_by_length, self.drop_last, self.pad_to_multiple = group_by_length, drop_last, pad_to_multiple
+        self.collate_fn = collate_grouped
+        self.lengths = [max(len(examples[i].prompt_ids) + max(len(examples[i].chosen_ids),
+                                                                len(examples[i].rejected_ids)) for i in group)
+                        for group in self.groups]  # per prompt: its longest row
+        self.epoch, self.offset = 0, 0
+        self._order_epoch, self._order = None, None
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        full, rest = divmod(len(self.groups), self.batch_size)
+        return full + (rest > 0 and not self.drop_last)
+
+    def epoch_order(self, epoch: int) -> list[list[int]]:
+        """This epoch's batches as indices into `examples` (each prompt's pairs together, in data order)."""
+        if self._order_epoch != epoch:
+            prompt_batches = batch_order(self.lengths, self.batch_size, self.seed, epoch, self.group_by_length,
+                                         drop_last=self.drop_last)
+            self._order = [[i for prompt in batch for i in self.groups[prompt]] for batch in prompt_batches]
+            self._order_epoch = epoch
+        return self._order
+
+    @staticmethod
+    def shares(examples, world_size: int) -> list[list]:
+        """One global batch's examples cut into world_size contiguous shares of whole prompts (for torchrun,
+        spl/distributed.share_batches): ceil(P / world_size) prompts each, the last shares possibly empty."""
+        groups = [[examples[i] for i in group] for group in prompt_groups(examples)]
+        per_process = -(-len(groups) // world_size)
+        return [[e for group in groups[rank * per_process:(rank + 1) * per_process] for e in group]
+                for rank in range(world_size)]

@@ -11,6 +11,11 @@ losses not reduced and the rewards detached, as torchtune's and eric-mitchell's 
     f-DPO:         -log sigmoid(beta f'(u) - beta f'(u')),  u = pi/pi_ref      (Wang et al. 2023, "Beyond Reverse KL")
     Bradley-Terry: -log sigmoid(s(y) - s(y'))        for training a reward model (Eq. 2)
 
+Remedies for likelihood displacement (the probability kept on the data's responses falls while the margins grow):
+    anchored SPL:  SPL + anchor * (lse_i log pi(y_i) - lse_i log pi_ref(y_i))^2 per prompt: keeps Prop. A.1
+    RPO:           SPL + w * NLL of the chosen response (Pang et al. 2024; TRL's "sft" term): moves the optimum
+    DPOP:          -log sigmoid(z - alpha lambda max(0, log pi_ref(y)/pi(y)))  (Pal et al. 2024): moves it too
+
 Soft labels. `chosen_prob` q in [0, 1] is the fraction of raters who preferred the chosen response; a loss on
 the logit z then becomes the expected loss over the label, `-(q log sigmoid(z) + (1 - q) log sigmoid(-z))`, and
 q = 1 (or None) is the plain loss. Multi-rater data uses it directly; the closed-form tests minimise it.
@@ -288,3 +293,152 @@ def bradley_terry_loss(chosen_scores, rejected_scores, chosen_prob=None):
     logits = chosen_scores - rejected_scores  # [B] Eq. 2
     losses = _preference_loss(logits, _check_chosen_prob(fn, chosen_prob, logits))
     return losses, chosen_scores.detach(), rejected_scores.detach()
+
+
+# -------------------------------------------------------------------------------------------- likelihood displacement
+# SPL's loss, like DPO's, only sees differences of log-probs of two responses to one prompt, so the probability a
+# policy keeps on a prompt's responses (their "mass") is a flat direction of the loss, and training drifts down it
+# (Razin et al. 2024). `option_mass_anchor` pins exactly that direction and nothing else; `rpo_loss` and
+# `dpop_loss` are the remedies users reach for, which also move the optimum.
+
+def prompt_logsumexp(logps, response_prompt, num_prompts=None):
+    """log sum_{i of prompt q} exp(logps_i) for every prompt q: the log of the probability a policy keeps on the
+    prompt's responses in the batch. logps `[R]` (one per distinct response), response_prompt `[R]` (its prompt,
+    0..P-1). Returns `[P]` in the compute dtype; differentiable (the per-prompt max is the usual detached shift).
+    """
+    fn = "prompt_logsumexp"
+    (logps,) = _check_tensors(fn, logps=logps)
+    if logps.dim() != 1 or response_prompt.shape != logps.shape or response_prompt.dtype != torch.long:
+        raise ValueError(f"{fn}: need logps [R] and integer response_prompt [R], got {tuple(logps.shape)} and "
+                         f"{tuple(response_prompt.shape)} {response_prompt.dtype}")
+    num_prompts = int(response_prompt.max()) + 1 if num_prompts is None else num_prompts
+    shift = torch.full((num_prompts,), -math.inf, dtype=logps.dtype, device=logps.device)  # [P]
+    shift = shift.scatter_reduce(0, response_prompt, logps.detach(), reduce="amax")  # [P] per-prompt max
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))  # a prompt with no rows: lse = -inf
+    total = torch.zeros(num_prompts, dtype=logps.dtype, device=logps.device)  # [P]
+    total = total.index_add(0, response_prompt, torch.exp(logps - shift[response_prompt]))  # [P]
+    return torch.log(total) + shift  # [P]
+
+
+def option_mass_anchor(policy_logps, ref_logps, response_prompt, num_prompts=None, one_sided=False):
+    """The anchor on the flat direction, per prompt q (`[P]`):
+
+        a_q = ( logsumexp_i log pi(y_qi|x_q) - logsumexp_i log pi_ref(y_qi|x_q) )^2      over q's responses y_qi
+
+    i.e. the squared log of the ratio of the probabilities the policy and the reference keep on the prompt's
+    responses. With one_sided it is max(0, lse_ref - lse_pi)^2: only a policy that keeps less than the reference
+    is charged. policy_logps, ref_logps `[R]` over distinct responses, response_prompt `[R]`.
+    Why this leaves SPL's optimum over the responses where Prop. A.1 puts it: see `anchored_spl_loss`.
+    """
+    fn = "option_mass_anchor"
+    policy_logps, ref_logps = _check_tensors(fn, policy_logps=policy_logps, ref_logps=ref_logps)
+    log_ratio = (prompt_logsumexp(policy_logps, response_prompt, num_prompts)
+                 - prompt_logsumexp(ref_logps, response_prompt, num_prompts))  # [P] log mass_pi / mass_ref
+    if one_sided:
+        log_ratio = log_ratio.clamp(max=0)
+    return log_ratio ** 2  # [P]
+
+
+def anchored_spl_loss(policy_logps, ref_logps, pair_chosen, pair_rejected, response_prompt, alpha, beta, anchor,
+                      chosen_prob=None, one_sided=False):
+    """SPL (Eq. 5) over a prompt-grouped batch, plus `anchor` times each pair's prompt's option-mass anchor:
+
+        loss_b = SPL_b( s[c_b] - s[r_b] ) + anchor * a_{q(b)},      s = policy log-probs of the rows,
+
+    policy_logps, ref_logps `[R]` (one per distinct (prompt, response), see data/batching.collate_grouped),
+    pair_chosen / pair_rejected `[B]` rows of each pair, response_prompt `[R]`. Returns the usual triple `[B]`.
+    anchor = 0 is `spl_loss` on the gathered rows, exactly.
+
+    The optimum over the data's responses is Prop. A.1's, with their mass equal to the reference's. Take one
+    prompt x with responses y_1..y_K and n pairs; s_i = log pi(y_i|x), r_i = log pi_ref(y_i|x). Its part of
+    the summed loss is
+
+        J(s) = sum_b l_b(s) + anchor * n * (lse(s) - lse(r))^2,        lse(s) = log sum_i exp(s_i).
+
+    (1) Every l_b depends on s only through s_i - s_j, so l_b(s + c 1) = l_b(s): 1^T grad l_b = 0 (the flat
+        direction). (2) grad of the anchor = 2 anchor n (lse(s) - lse(r)) softmax(s), and 1^T softmax(s) = 1.
+    (3) Project the stationarity condition grad J = 0 on the all-ones direction: 0 + 2 anchor n (lse(s) - lse(r))
+        = 0, so lse(s) = lse(r): the policy keeps exactly the reference's probability on the responses. Then the
+        anchor's gradient vanishes too, and what is left, sum_b grad l_b = 0, is SPL's own stationarity
+        condition, whose solution (soft labels q_ij = p_i/(p_i + p_j), minimised at z = logit(q)) is
+        alpha (s_i - s_j) - beta (r_i - r_j) = log p_i - log p_j, i.e. Prop. A.1:
+
+            s*_i = log [ pi_ref(y_i)^(beta/alpha) p(y_i)^(1/alpha) / Z ] + lse(r)   (`spl.theory.anchored_optimum`)
+
+    The same in coordinates: s = m 1 + u with m = lse(s) and lse(u) = 0 is a bijection, and
+    J = SPL(u) + anchor n (m - lse(r))^2 separates, so its minimisers are exactly {m = lse(r)} x {SPL's in u}: no
+    stationary point is spurious, and the anchor cannot trade ratios for mass at any weight. A model whose
+    parameters are shared by all prompts reaches the joint minimum wherever it can realise s* for every prompt.
+    With one_sided the anchor term is anchor n max(0, lse(r) - m)^2 and the minimisers are
+    {m >= lse(r)} x {SPL's in u}: the ratios are Prop. A.1's still, the mass at least the reference's.
+    """
+    fn = "anchored_spl_loss"
+    anchor = _check_coefficient(fn, "anchor", anchor, allow_zero=True)
+    policy_logps, ref_logps = _check_tensors(fn, policy_logps=policy_logps, ref_logps=ref_logps)
+    if pair_chosen.shape != pair_rejected.shape or pair_chosen.dim() != 1:
+        raise ValueError(f"{fn}: pair_chosen and pair_rejected must be [B], got {tuple(pair_chosen.shape)} and "
+                         f"{tuple(pair_rejected.shape)}")
+    losses, chosen_rewards, rejected_rewards = _spl_loss(
+        fn, policy_logps[pair_chosen], policy_logps[pair_rejected], ref_logps[pair_chosen], ref_logps[pair_rejected],
+        alpha, beta, chosen_prob)  # [B] Eq. 5
+    if anchor > 0:
+        penalty = option_mass_anchor(policy_logps, ref_logps, response_prompt, one_sided=one_sided)  # [P]
+        losses = losses + anchor * penalty[response_prompt[pair_chosen]]  # [B] each pair carries its prompt's
+    return losses, chosen_rewards, rejected_rewards
+
+
+def rpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, alpha, beta,
+             nll_weight, chosen_prob=None):
+    """SPL plus the negative log-likelihood of the chosen response (RPO, Pang et al. 2024, "Iterative Reasoning
+    Preference Optimization"; TRL's `loss_type=["sigmoid", "sft"]`, formerly `rpo_alpha`):
+
+        loss = SPL(z) - nll_weight * log pi(y),        soft labels: - nll_weight * (q log pi(y) + (1 - q) log pi(y'))
+
+    (the NLL of the response the label prefers, in expectation over the label). This takes summed log-probs;
+    TRL averages the NLL over the chosen tokens (pass length-averaged log-probs for theirs). It is NOT invariant
+    along the flat direction: 1^T grad = -nll_weight per pair, so there is no stationary point until the mass on
+    the responses saturates at 1, and at Prop. A.1's ratios the NLL's gradient still pulls probability towards
+    the responses chosen most often: the optimum over the responses is no longer Prop. A.1's.
+    """
+    fn = "rpo_loss"
+    nll_weight = _check_coefficient(fn, "nll_weight", nll_weight, allow_zero=True)
+    losses, chosen_rewards, rejected_rewards = _spl_loss(fn, policy_chosen_logps, policy_rejected_logps,
+                                                         ref_chosen_logps, ref_rejected_logps, alpha, beta,
+                                                         chosen_prob)  # [B] Eq. 5, validates every input
+    dtype = losses.dtype
+    chosen, rejected = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    q = _check_chosen_prob(fn, chosen_prob, losses)
+    nll = -chosen if q is None else -(q * chosen + (1 - q) * rejected)  # [B]
+    return losses + nll_weight * nll, chosen_rewards, rejected_rewards
+
+
+def dpop_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, alpha, beta,
+              dpop_lambda, chosen_prob=None):
+    """DPO-Positive (Pal et al. 2024, "Smaug", Eq. 3) on SPL's logit: the chosen response is penalised for falling
+    below its reference log-prob, inside the sigmoid,
+
+        loss = -log sigmoid( z - alpha * lambda * max(0, log pi_ref(y) - log pi(y)) ),    z = Eq. 5's logit
+
+    (alpha = beta is DPOP exactly: beta (h - lambda max(0, log pi_ref(y)/pi(y)))). With soft labels it is the
+    expectation over the label, the penalty on whichever response the label prefers:
+    q * loss(z, y) + (1 - q) * loss(-z, y'). Like RPO it breaks the flat direction's invariance, and at Prop.
+    A.1's ratios a response held below its reference log-prob (any the optimum lowers) feels a pull that SPL's
+    terms do not balance: its optimum differs. Pal et al. use lambda = 50 (5 for some tasks).
+    """
+    fn = "dpop_loss"
+    dpop_lambda = _check_coefficient(fn, "dpop_lambda", dpop_lambda, allow_zero=True)
+    logits = _spl_logits(fn, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                         alpha, beta)  # [B] Eq. 5, validates every input
+    dtype = logits.dtype
+    alpha, beta = float(alpha), float(beta)
+    pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    rc, rr = ref_chosen_logps.to(dtype), ref_rejected_logps.to(dtype)
+    chosen_logits = logits - alpha * dpop_lambda * torch.relu(rc - pc)  # [B] Pal et al. Eq. 3
+    q = _check_chosen_prob(fn, chosen_prob, logits)
+    losses = -F.logsigmoid(chosen_logits)  # [B]
+    if q is not None:
+        flipped_logits = -logits - alpha * dpop_lambda * torch.relu(rr - pr)  # [B] the label preferring y'
+        losses = q * losses - (1 - q) * F.logsigmoid(flipped_logits)
+    chosen_rewards = (alpha * pc - beta * rc).detach()  # Eq. 39
+    rejected_rewards = (alpha * pr - beta * rr).detach()
+    return losses, chosen_rewards, rejected_rewards

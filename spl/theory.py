@@ -117,6 +117,24 @@ def optimal_policy(ref_probs, p_best, alpha, beta):
     return torch.softmax(log_weights, dim=-1)  # [..., K]
 
 
+def anchored_optimum(ref_logps, p_best, alpha, beta):
+    """The log-probs the policy reaches over a prompt's K responses under SPL + the option-mass anchor
+    (`spl.losses.anchored_spl_loss`): Prop. A.1's distribution, scaled to the reference's mass on them,
+
+        log pi*(y_i) = log [ pi_ref(y_i)^(beta/alpha) p_best(y_i)^(1/alpha) / Z ] + log sum_j pi_ref(y_j).
+
+    ref_logps `[..., K]`: the reference's (unnormalised) log-probs of the responses, finite; p_best `[..., K]` as
+    in `optimal_policy`. Returns `[..., K]`; exp of it sums to the reference's mass, exp(logsumexp(ref_logps)).
+    """
+    fn = "anchored_optimum"
+    ref_logps = _as_tensor(ref_logps)
+    if ref_logps.dim() == 0 or not bool(torch.isfinite(ref_logps).all()):
+        raise ValueError(f"{fn}: ref_logps must be finite log-probs [..., K]")
+    mass = torch.logsumexp(ref_logps, dim=-1, keepdim=True)  # [..., 1]
+    ratios = optimal_policy(torch.exp(ref_logps - mass), p_best, alpha, beta)  # [..., K] Prop. A.1
+    return torch.log(ratios) + mass  # [..., K]
+
+
 def rlhf_optimal_policy(ref_probs, p_best, beta):
     """The KL-regularised RLHF / DPO optimum (Prop. 3.1; A.1 with alpha = beta):
 

@@ -149,3 +149,168 @@ def test_custom_collate_and_length_functions():
                                 length_fn=lambda i: lengths[i])
     got = sorted(sorted(next(batches)) for _ in range(2))
     assert got == [[0, 2, 4], [1, 3, 5]] and all(pad_id == PAD for _, pad_id in calls)
+
+
+# -------------------------------------------------------------------------------------------- prompt-grouped batches
+
+from data.batching import PromptGroupedBatches, collate_grouped, prompt_groups, row_values  # noqa: E402
+
+
+def test_collate_grouped_by_hand():
+    """Prompt A = [1,5] with responses a=[7,2], b=[8,2], c=[9,9,2] and all three pairs (a,b), (a,c), (c,b); prompt
+    B = [1,6,6] with one pair (d=[7,2], a'=[8,2]); a' has a's tokens but another prompt, so it is its own row.
+    Rows (first seen): 0 A+a, 1 A+b, 2 A+c, 3 B+d, 4 B+a' : five rows where `collate` makes eight.
+    pair_chosen = [0, 0, 2, 3], pair_rejected = [1, 2, 1, 4]; response_prompt = [0, 0, 0, 1, 1];
+    loss_mask as in `collate`: t = P-1 .. L-2."""
+    A, B = [1, 5], [1, 6, 6]
+    examples = [PreferenceExample(A, [7, 2], [8, 2], 0.6, index=0), PreferenceExample(A, [7, 2], [9, 9, 2], index=1),
+                PreferenceExample(A, [9, 9, 2], [8, 2], 0.3, index=2), PreferenceExample(B, [7, 2], [8, 2], index=5)]
+    batch = collate_grouped(examples, PAD)
+    P = PAD
+    assert torch.equal(batch["input_ids"], torch.tensor([[1, 5, 7, 2, P], [1, 5, 8, 2, P], [1, 5, 9, 9, 2],
+                                                         [1, 6, 6, 7, 2], [1, 6, 6, 8, 2]]))
+    assert torch.equal(batch["targets"][:, :-1], batch["input_ids"][:, 1:]) and (batch["targets"][:, -1] == P).all()
+    assert torch.equal(batch["loss_mask"], torch.tensor([[0, 1, 1, 0, 0], [0, 1, 1, 0, 0], [0, 1, 1, 1, 0],
+                                                         [0, 0, 1, 1, 0], [0, 0, 1, 1, 0]], dtype=torch.bool))
+    assert torch.equal(batch["attention_mask"], batch["input_ids"] != P)
+    assert torch.equal(batch["response_prompt"], torch.tensor([0, 0, 0, 1, 1]))
+    assert torch.equal(batch["prompt_lengths"], torch.tensor([2, 2, 2, 3, 3]))
+    assert torch.equal(batch["pair_chosen"], torch.tensor([0, 0, 2, 3]))
+    assert torch.equal(batch["pair_rejected"], torch.tensor([1, 2, 1, 4]))
+    assert torch.equal(batch["chosen_prob"], torch.tensor([0.6, 1.0, 0.3, 1.0]))
+    assert torch.equal(batch["pair_index"], torch.tensor([0, 1, 2, 5]))
+    ref = row_values(batch, torch.tensor([-1.0, -1.0, -3.0, -4.0]), torch.tensor([-2.0, -3.0, -2.0, -5.0]))
+    assert torch.equal(ref, torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0]))
+
+
+def grouped_examples(num_prompts, generator, vocab=50):
+    """Prompts with K = 2..5 random distinct responses each and all K(K-1)/2 pairs (random orientation and soft
+    label), the pairs of all prompts shuffled together as a data file would hold them."""
+    examples = []
+    for _ in range(num_prompts):
+        prompt = [1] + torch.randint(3, vocab, (int(torch.randint(1, 6, (1,), generator=generator)),),
+                                     generator=generator).tolist()
+        k = int(torch.randint(2, 6, (1,), generator=generator))
+        responses = set()
+        while len(responses) < k:
+            n = int(torch.randint(1, 6, (1,), generator=generator))
+            responses.add(tuple(torch.randint(3, vocab, (n,), generator=generator).tolist()) + (2,))
+        responses = sorted(responses)
+        for i in range(k):
+            for j in range(i + 1, k):
+                pair = [list(responses[i]), list(responses[j])]
+                if torch.rand(1, generator=generator) < 0.5:
+                    pair.reverse()
+                examples.append((prompt, *pair, float(torch.rand(1, generator=generator))))
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    return [PreferenceExample(*examples[i], index=n) for n, i in enumerate(order)]
+
+
+def test_grouped_rows_are_each_distinct_response_once_and_pairs_index_them():
+    """Oracle: the set of distinct (prompt, response) of the examples. R equals its size (sum over prompts of K,
+    not 2B); each pair's rows, unpadded, are exactly prompt + chosen and prompt + rejected of that example, and
+    response_prompt / prompt_lengths name the row's own prompt."""
+    examples = grouped_examples(6, torch.Generator().manual_seed(0))
+    batch = collate_grouped(examples, PAD)
+    distinct = {(tuple(e.prompt_ids), tuple(r)) for e in examples for r in (e.chosen_ids, e.rejected_ids)}
+    assert batch["input_ids"].shape[0] == len(distinct) < 2 * len(examples)
+    prompts = [tuple(examples[group[0]].prompt_ids) for group in prompt_groups(examples)]
+    unpadded = lambda row: batch["input_ids"][row][batch["attention_mask"][row]].tolist()
+    for b, e in enumerate(examples):
+        for rows, response in ((batch["pair_chosen"], e.chosen_ids), (batch["pair_rejected"], e.rejected_ids)):
+            row = int(rows[b])
+            assert unpadded(row) == e.prompt_ids + response
+            assert prompts[int(batch["response_prompt"][row])] == tuple(e.prompt_ids)
+            assert int(batch["prompt_lengths"][row]) == len(e.prompt_ids)
+    rows = [tuple(unpadded(r)) for r in range(batch["input_ids"].shape[0])]
+    assert len(set(rows)) == len(rows)
+
+
+def test_grouped_loss_and_gradients_equal_the_pair_path_at_anchor_zero(tiny_model):
+    """A tiny Mistral scores the same pairs two ways: `collate` (2B rows) and `collate_grouped` (R distinct rows);
+    SPL's per-pair losses and the gradients of their mean with respect to every weight must agree (float64
+    losses to 1e-10; gradients to 1e-6 of their largest entry, the fused kernel's logit buffer being float32):
+    grouping changes what is computed once, not what is computed."""
+    from spl.logprobs import sequence_logprobs
+    from spl.losses import anchored_spl_loss, spl_loss
+
+    model = tiny_model(dtype=torch.float64, vocab_size=128)
+    examples = grouped_examples(3, torch.Generator().manual_seed(1), vocab=100)
+    generator, per_sequence = torch.Generator().manual_seed(2), {}
+    reference = lambda *ids: per_sequence.setdefault(tuple(ids[0] + ids[1]),
+                                                     -20 * torch.rand(1, generator=generator, dtype=torch.float64))
+    ref = torch.cat([torch.cat([reference(e.prompt_ids, e.chosen_ids), reference(e.prompt_ids, e.rejected_ids)])
+                     for e in examples]).view(-1, 2)  # [B, 2] cached reference log-probs: one value per sequence
+
+    def logps(batch):
+        hidden = model.hidden_states(batch["input_ids"])  # [rows, T, D]
+        return sequence_logprobs(hidden, model.lm_head.weight, batch["targets"], batch["loss_mask"], compile=False)
+
+    def losses_and_grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        losses = loss_fn()
+        losses.mean().backward()
+        return losses.detach(), [p.grad.clone() for p in model.parameters()]
+
+    pairs = collate(examples, PAD)
+    B = len(examples)
+
+    def pair_path():
+        rows = logps(pairs)  # [2B]
+        return spl_loss(rows[:B], rows[B:], ref[:, 0], ref[:, 1], 0.2, 0.1, pairs["chosen_prob"].double())[0]
+
+    grouped = collate_grouped(examples, PAD)
+
+    def grouped_path():
+        ref_rows = row_values(grouped, ref[:, 0], ref[:, 1])
+        return anchored_spl_loss(logps(grouped), ref_rows, grouped["pair_chosen"], grouped["pair_rejected"],
+                                 grouped["response_prompt"], 0.2, 0.1, 0.0, grouped["chosen_prob"].double())[0]
+
+    want_losses, want_grads = losses_and_grads(pair_path)
+    got_losses, got_grads = losses_and_grads(grouped_path)
+    assert grouped["input_ids"].shape[0] < pairs["input_ids"].shape[0]
+    torch.testing.assert_close(got_losses, want_losses, rtol=0, atol=1e-10)
+    for got, want in zip(got_grads, want_grads):  # the fused kernel's [C, V] buffer is float32: 1e-6 relative
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+
+
+def test_grouped_batches_hold_whole_prompts_and_resume_exactly():
+    """Every batch holds all pairs of each prompt it touches; an epoch visits every pair once; a fresh iterator
+    loaded with a mid-epoch-2 state yields the very batches the original yields next."""
+    examples = grouped_examples(7, torch.Generator().manual_seed(3))
+    groups = {tuple(examples[g[0]].prompt_ids): len(g) for g in prompt_groups(examples)}
+    batches = PromptGroupedBatches(examples, prompts_per_batch=2, pad_id=PAD, seed=4, group_by_length=True)
+    assert len(batches) == 4
+    epoch = [next(batches) for _ in range(4)]
+    assert sorted(torch.cat([b["pair_index"] for b in epoch]).tolist()) == list(range(len(examples)))
+    for batch in epoch:
+        by_prompt = {}
+        for i in batch["pair_index"].tolist():
+            by_prompt[tuple(examples[i].prompt_ids)] = by_prompt.get(tuple(examples[i].prompt_ids), 0) + 1
+        assert all(groups[prompt] == count for prompt, count in by_prompt.items()) and len(by_prompt) <= 2
+    next(batches)
+    state = batches.state_dict()
+    assert state == {"epoch": 1, "offset": 1, "seed": 4}
+    expected = [next(batches) for _ in range(5)]
+    resumed = PromptGroupedBatches(examples, prompts_per_batch=2, pad_id=PAD, seed=4, group_by_length=True)
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, [next(resumed) for _ in range(5)]):
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(ValueError, match="prompts_per_batch must be >= 1"):
+        PromptGroupedBatches(examples, prompts_per_batch=0, pad_id=PAD)
+
+
+def test_grouped_shares_split_by_whole_prompts():
+    """torchrun's shares of one global batch: contiguous runs of whole prompts, together exactly the batch's
+    pairs, ceil(P / world_size) prompts each (empty shares at the end when P < world_size)."""
+    examples = grouped_examples(5, torch.Generator().manual_seed(5))
+    order = PromptGroupedBatches(examples, prompts_per_batch=5, pad_id=PAD, seed=0).epoch_order(0)[0]
+    batch_examples = [examples[i] for i in order]
+    for world_size in (1, 2, 3, 7):
+        shares = PromptGroupedBatches.shares(batch_examples, world_size)
+        assert len(shares) == world_size
+        assert [e.index for share in shares for e in share] == [e.index for e in batch_examples]
+        share_prompts = [{tuple(e.prompt_ids) for e in share} for share in shares]
+        assert all(not (a & b) for i, a in enumerate(share_prompts) for b in share_prompts[i + 1:])
+        assert [len(p) for p in share_prompts] == [min(-(-5 // world_size), max(0, 5 - r * -(-5 // world_size)))
+                                                   for r in range(world_size)]

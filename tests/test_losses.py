@@ -376,3 +376,213 @@ def test_bad_input_raises_clear_errors():
         fdpo_loss(pc, pr, rc, rr, 0.1, divergence="alpha", alpha_divergence=0.0)
     with pytest.raises(ValueError, match="bradley_terry_loss: rejected_scores has shape"):
         bradley_terry_loss(pc, pr[:2])
+
+
+# -------------------------------------------------------------------------------------------- likelihood displacement
+
+from spl.losses import anchored_spl_loss, dpop_loss, option_mass_anchor, prompt_logsumexp, rpo_loss  # noqa: E402
+from spl.theory import anchored_optimum  # noqa: E402
+
+
+def test_prompt_logsumexp_and_anchor_against_a_loop():
+    """Oracle: torch.logsumexp over each prompt's rows, picked out by a Python loop; the anchor is the square of
+    the difference of two of them, and its one-sided form keeps only the part where the policy holds less."""
+    generator = torch.Generator().manual_seed(5)
+    response_prompt = torch.tensor([2, 0, 0, 1, 2, 2, 0])
+    policy, ref = (-20 * torch.rand(7, generator=generator, dtype=torch.float64) for _ in range(2))
+    loop = lambda logps: torch.stack([torch.logsumexp(logps[response_prompt == q], 0) for q in range(3)])
+    torch.testing.assert_close(prompt_logsumexp(policy, response_prompt), loop(policy), rtol=0, atol=1e-12)
+    torch.testing.assert_close(option_mass_anchor(policy, ref, response_prompt), (loop(policy) - loop(ref)) ** 2,
+                               rtol=0, atol=1e-12)
+    one_sided = option_mass_anchor(policy, ref, response_prompt, one_sided=True)
+    torch.testing.assert_close(one_sided, torch.clamp(loop(ref) - loop(policy), min=0) ** 2, rtol=0, atol=1e-12)
+    extreme = torch.tensor([-1000.0, -1001.0], dtype=torch.float32)  # exp underflows: the shift keeps it finite
+    torch.testing.assert_close(prompt_logsumexp(extreme, torch.tensor([0, 0])),
+                               torch.tensor([-1000.0 + math.log1p(math.exp(-1.0))]), rtol=0, atol=1e-4)
+
+
+def test_anchored_loss_at_zero_is_spl_on_the_gathered_rows_and_gradients_agree():
+    """anchor = 0: exactly spl_loss on (rows[pair_chosen], rows[pair_rejected]). anchor > 0: each pair's loss
+    gains anchor * (lse_pi - lse_ref)^2 of its prompt, and autograd's gradient of the sum equals the closed form
+    2 anchor n_q (lse_pi - lse_ref) softmax_q(s) added to SPL's (n_q: the prompt's pairs)."""
+    generator = torch.Generator().manual_seed(6)
+    response_prompt = torch.tensor([0, 0, 0, 1, 1])
+    pair_chosen, pair_rejected = torch.tensor([0, 0, 1, 3]), torch.tensor([1, 2, 2, 4])
+    policy = (-10 * torch.rand(5, generator=generator, dtype=torch.float64)).requires_grad_()
+    ref = -10 * torch.rand(5, generator=generator, dtype=torch.float64)
+    q = torch.tensor([0.7, 0.6, 0.2, 0.9], dtype=torch.float64)
+    got = anchored_spl_loss(policy, ref, pair_chosen, pair_rejected, response_prompt, 0.3, 0.1, 0.0, q)
+    want = spl_loss(policy[pair_chosen], policy[pair_rejected], ref[pair_chosen], ref[pair_rejected], 0.3, 0.1, q)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    anchor = 2.5
+    losses, _, _ = anchored_spl_loss(policy, ref, pair_chosen, pair_rejected, response_prompt, 0.3, 0.1, anchor, q)
+    (grad,) = torch.autograd.grad(losses.sum(), policy)
+    (spl_grad,) = torch.autograd.grad(want[0].sum(), policy)
+    expected = spl_grad.clone()
+    for prompt, pairs in ((0, 3), (1, 1)):
+        rows = response_prompt == prompt
+        gap = torch.logsumexp(policy[rows], 0) - torch.logsumexp(ref[rows], 0)
+        expected[rows] += 2 * anchor * pairs * gap * torch.softmax(policy[rows], 0)
+    torch.testing.assert_close(grad, expected.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_rpo_and_dpop_hand_worked_values():
+    """RPO: SPL plus w times the NLL of the label's response; DPOP: the chosen's drop below its reference enters
+    the logit. Pair: policy (-2, -5), reference (-3, -4), alpha 0.5, beta 0.1:
+    z = 0.5 (3) - 0.1 (1) = 1.4. RPO, w = 0.2, hard label: softplus(-1.4) + 0.2 * 2. Soft q = 0.7:
+    0.7 softplus(-1.4) + 0.3 softplus(1.4) + 0.2 (0.7 * 2 + 0.3 * 5).
+    DPOP, lambda 3: the chosen gained (-2 > -3), no penalty: softplus(-1.4); the rejected fell by 1, so the
+    flipped label's logit is -1.4 - 0.5 * 3 * 1 = -2.9: with q = 0.7, 0.7 softplus(-1.4) + 0.3 softplus(2.9)."""
+    pc, pr, rc, rr = (torch.tensor([v], dtype=torch.float64) for v in (-2.0, -5.0, -3.0, -4.0))
+    hard = rpo_loss(pc, pr, rc, rr, 0.5, 0.1, 0.2)[0].item()
+    assert hard == pytest.approx(softplus(-1.4) + 0.4, abs=1e-12)
+    soft = rpo_loss(pc, pr, rc, rr, 0.5, 0.1, 0.2, chosen_prob=0.7)[0].item()
+    assert soft == pytest.approx(0.7 * softplus(-1.4) + 0.3 * softplus(1.4) + 0.2 * (1.4 + 1.5), abs=1e-12)
+    assert dpop_loss(pc, pr, rc, rr, 0.5, 0.1, 3.0)[0].item() == pytest.approx(softplus(-1.4), abs=1e-12)
+    soft = dpop_loss(pc, pr, rc, rr, 0.5, 0.1, 3.0, chosen_prob=0.7)[0].item()
+    assert soft == pytest.approx(0.7 * softplus(-1.4) + 0.3 * softplus(2.9), abs=1e-12)
+    # DPO's form (alpha = beta): -log sigmoid(beta (h - lambda max(0, log pi_ref(y)/pi(y)))), chosen fell by 0.5
+    pc2 = torch.tensor([-3.5], dtype=torch.float64)
+    h = (-3.5 + 5.0) - (-3.0 + 4.0)
+    assert dpop_loss(pc2, pr, rc, rr, 0.1, 0.1, 50.0)[0].item() == pytest.approx(softplus(-0.1 * (h - 50 * 0.5)),
+                                                                                    abs=1e-12)
+
+
+def outcome_set(num_data, num_unmentioned, seed):
+    """A prompt's finite outcome set: num_data responses that the data compares plus num_unmentioned that it
+    never mentions. Returns (ref_logits [N], p_best [K]); the reference is a softmax over all N outcomes, so its
+    mass on the data's responses is below 1."""
+    generator = torch.Generator().manual_seed(seed)
+    ref_logits = torch.randn(num_data + num_unmentioned, generator=generator, dtype=torch.float64)
+    exponentials = -torch.log(torch.rand(num_data, generator=generator, dtype=torch.float64))
+    return ref_logits, exponentials / exponentials.sum()
+
+
+def all_pairs(p_best_per_prompt):
+    """Every unordered pair of every prompt's responses, rows numbered prompt after prompt, with the
+    Bradley-Terry soft labels q_ij = p_i / (p_i + p_j). Returns (pair_chosen, pair_rejected, chosen_prob,
+    response_prompt)."""
+    chosen, rejected, q, response_prompt, start = [], [], [], [], 0
+    for prompt, p_best in enumerate(p_best_per_prompt):
+        k = len(p_best)
+        for i in range(k):
+            for j in range(i + 1, k):
+                chosen.append(start + i), rejected.append(start + j)
+                q.append(float(p_best[i] / (p_best[i] + p_best[j])))
+        response_prompt += [prompt] * k
+        start += k
+    return (torch.tensor(chosen), torch.tensor(rejected), torch.tensor(q, dtype=torch.float64),
+            torch.tensor(response_prompt))
+
+
+def minimise(objective, theta, max_iter=3000):
+    theta = theta.clone().requires_grad_()
+    optimizer = torch.optim.LBFGS([theta], lr=1.0, max_iter=max_iter, tolerance_grad=1e-14, tolerance_change=1e-18,
+                                  history_size=30, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        value = objective(theta)
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    return theta.detach()
+
+
+ANCHOR_GRID = [(0.2, 0.1), (0.1, 0.1), (1.0, 0.1), (0.5, 0.0)]
+
+
+@pytest.mark.parametrize("alpha, beta", ANCHOR_GRID)
+@pytest.mark.parametrize("one_sided", [False, True])
+def test_anchored_spl_optimum_is_prop_a1_with_the_reference_mass(alpha, beta, one_sided):
+    """Two prompts, each with a finite outcome set of 7: K = 4 (then 3) responses that the data compares, plus 3
+    (then 4) that it never mentions. The policy is a free softmax over all 7 outcomes per prompt (initialised at the
+    reference, as training starts), trained on SPL over every pair with Bradley-Terry soft labels plus the
+    anchor. The docstring of `anchored_spl_loss` derives the minimiser: over the data's responses, Prop. A.1's
+    distribution pi_ref^(beta/alpha) p^(1/alpha) / Z (`optimal_policy`) with their total mass equal to the
+    reference's (two-sided anchor), or at least the reference's (one-sided). LBFGS must land there within 1e-6 TV
+    and 1e-6 in log-mass, and the log-probs themselves on `anchored_optimum` (two-sided)."""
+    sizes = (4, 3)
+    sets = [outcome_set(k, 7 - k, seed=10 * k + int(10 * alpha)) for k in sizes]
+    pair_chosen, pair_rejected, chosen_prob, response_prompt = all_pairs([p for _, p in sets])
+    ref_rows = torch.cat([torch.log_softmax(logits, 0)[:k] for (logits, _), k in zip(sets, sizes)])  # [R]
+
+    def rows(theta):  # theta [2, 7]: each prompt's policy logits; the data's responses are its first k outcomes
+        return torch.cat([torch.log_softmax(theta[q], 0)[:k] for q, k in enumerate(sizes)])
+
+    def objective(theta):
+        losses, _, _ = anchored_spl_loss(rows(theta), ref_rows, pair_chosen, pair_rejected, response_prompt,
+                                         alpha, beta, 1.0, chosen_prob, one_sided=one_sided)
+        return losses.sum()
+
+    theta = minimise(objective, torch.stack([logits for logits, _ in sets]))
+    learned = rows(theta)
+    for q, ((ref_logits, p_best), k) in enumerate(zip(sets, sizes)):
+        mine, ref = learned[response_prompt == q], ref_rows[response_prompt == q]
+        target = optimal_policy(ref.exp(), p_best, alpha, beta)  # Prop. A.1 over the data's responses
+        assert 0.5 * (mine.softmax(0) - target).abs().sum().item() < 1e-6, (q, mine.softmax(0), target)
+        mass_gap = (torch.logsumexp(mine, 0) - torch.logsumexp(ref, 0)).item()
+        if one_sided:
+            assert mass_gap > -1e-6
+        else:
+            assert abs(mass_gap) < 1e-6
+            torch.testing.assert_close(mine, anchored_optimum(ref, p_best, alpha, beta), rtol=0, atol=1e-5)
+        assert torch.logsumexp(ref, 0).item() < -0.05  # the unmentioned outcomes hold real mass: the test has teeth
+
+
+def test_without_the_anchor_the_mass_is_a_flat_direction():
+    """On the policies with Prop. A.1's ratios and any mass m on the data's responses (log-probs u* + m), SPL's
+    loss is the same for every m (to rounding): SPL cannot say how much probability the responses keep. The
+    anchored loss on the same line is SPL's plus n (m - lse(r))^2 exactly, so it singles out m = lse(r)."""
+    logits, p_best = outcome_set(4, 3, seed=3)
+    pair_chosen, pair_rejected, chosen_prob, response_prompt = all_pairs([p_best])
+    ref_rows = torch.log_softmax(logits, 0)[:4]
+    family = torch.log(optimal_policy(ref_rows.exp(), p_best, 0.2, 0.1))  # [4], lse = 0
+    ref_mass = torch.logsumexp(ref_rows, 0)
+
+    def total(rows, anchor):
+        return anchored_spl_loss(rows, ref_rows, pair_chosen, pair_rejected, response_prompt, 0.2, 0.1, anchor,
+                                 chosen_prob)[0].sum()
+
+    masses = torch.linspace(-6, 0, 13, dtype=torch.float64)
+    plain = torch.stack([total(family + m, 0.0) for m in masses])
+    torch.testing.assert_close(plain, plain[:1].expand(13), rtol=0, atol=1e-12)
+    anchored = torch.stack([total(family + m, 0.7) for m in masses])
+    torch.testing.assert_close(anchored, plain + 0.7 * 6 * (masses - ref_mass) ** 2, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("remedy", ["rpo", "dpop"])
+def test_rpo_and_dpop_optima_differ_from_prop_a1(remedy):
+    """The same outcome set as above (K = 4 responses + 3 unmentioned), alpha = beta = 0.1 (DPO, a peaked Prop.
+    A.1 that lowers three of the four responses far below the reference). On the family of policies whose
+    distribution over the responses is Prop. A.1's, with any mass m on them, the loss depends on m alone, so its
+    best value there is a 1-D minimum (a fine grid of m, refined). Minimising the loss freely over the 7 logits
+    must reach a value lower by a clear margin: the optimum is not in the family, i.e. not Prop. A.1's ratios,
+    and the distribution it lands on is > 0.05 in TV from Prop. A.1's. (SPL + the anchor, in the test above,
+    reaches its family's value exactly.)"""
+    alpha = beta = 0.1
+    logits, p_best = outcome_set(4, 3, seed=4)
+    pair_chosen, pair_rejected, chosen_prob, _ = all_pairs([p_best])
+    ref_rows = torch.log_softmax(logits, 0)[:4]
+
+    def loss_of_rows(rows):  # rows [..., 4] -> [...]
+        shape = rows.shape[:-1] + pair_chosen.shape
+        args = (rows[..., pair_chosen], rows[..., pair_rejected], ref_rows[pair_chosen].expand(shape),
+                ref_rows[pair_rejected].expand(shape), alpha, beta)
+        if remedy == "rpo":
+            return rpo_loss(*args, 0.5, chosen_prob=chosen_prob.expand(shape))[0].sum(-1)
+        return dpop_loss(*args, 5.0, chosen_prob=chosen_prob.expand(shape))[0].sum(-1)
+
+    family = torch.log(optimal_policy(ref_rows.exp(), p_best, alpha, beta))  # [4] lse = 0
+    grid = torch.linspace(-12, 0, 12001, dtype=torch.float64)  # m, 1e-3 nats apart: far finer than the margin
+    best_on_family = loss_of_rows(family + grid[:, None]).min().item()
+
+    # (RPO has no finite minimiser: it drives the unmentioned outcomes to 0; 50 iterations get far enough)
+    theta = minimise(lambda theta: loss_of_rows(torch.log_softmax(theta, 0)[:4]), logits, max_iter=50)
+    rows = torch.log_softmax(theta, 0)[:4]
+    assert loss_of_rows(rows).item() < best_on_family - 0.1
+    target = optimal_policy(ref_rows.exp(), p_best, alpha, beta)
+    assert 0.5 * (rows.softmax(0) - target).abs().sum().item() > 0.05
