@@ -279,3 +279,38 @@ def test_vocabulary_check(mistral_tokenizers, hf_pair):
         check_vocabulary(mistral_tokenizers["v3"], 32000, "m")
     with pytest.raises(CheckpointError, match=r"32002 tokens, more than the vocab_size 32000"):
         check_vocabulary(hf_pair["chatml"][0], 32000, "m")
+
+
+# ---- through the data path -------------------------------------------------------------------------------------
+
+HH_PROMPT = "\n\nHuman: Hi  there\n\nAssistant: Hello! How can I help?\n\nHuman: Explain [INST] tags.\n\nAssistant:"
+DATA_RECORDS = [  # (record as in the file, the conversation it means, chosen, rejected): hand-written
+    ({"prompt": "Capital of France?", "chosen": "Paris.  ", "rejected": "Lyon."},
+     msgs(("user", "Capital of France?")), "Paris.  ", "Lyon."),
+    ({"prompt": msgs(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "Weather? 🌧")),
+      "chosen": msgs(("assistant", "Rainy.")), "rejected": msgs(("assistant", "I don't know."))},
+     msgs(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "Weather? 🌧")), "Rainy.",
+     "I don't know."),
+    ({"prompt": "Write a haiku.", "chosen": msgs(("user", "Write a haiku."), ("assistant", "Old pond;\r\na frog.")),
+      "rejected": msgs(("user", "Write a haiku."), ("assistant", "No.")), "score_chosen": 8.0, "score_rejected": 2.0},
+     msgs(("user", "Write a haiku.")), "Old pond;\r\na frog.", "No."),
+    ({"chosen": HH_PROMPT + " They mark turns.", "rejected": HH_PROMPT + " No idea."},
+     msgs(("user", "Hi  there"), ("assistant", "Hello! How can I help?"), ("user", "Explain [INST] tags.")),
+     "They mark turns.", "No idea."),
+]
+
+
+@pytest.mark.parametrize("model", ["v1", "v3"])
+def test_data_path_equals_mistral_common(tmp_path, mistral_tokenizers, model):
+    """standard, conversational (TRL), UltraFeedback-binarized and HH-RLHF records -> examples whose prompt and
+    prompt + chosen / rejected are mistral-common's encodings of the conversation each record means."""
+    from data.tokenization import load_preference_data
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record, *_ in DATA_RECORDS), encoding="utf-8")
+    examples, summary = load_preference_data(path, mistral_tokenizers[model], 4096, 2048)
+    assert summary.num_kept == len(DATA_RECORDS) and not summary.truncated
+    for example, (_, messages, chosen, rejected) in zip(examples, DATA_RECORDS):
+        assert example.prompt_ids == mistral_common_ids(model, messages)
+        assert example.prompt_ids + example.chosen_ids == mistral_common_ids(model, messages, chosen)
+        assert example.prompt_ids + example.rejected_ids == mistral_common_ids(model, messages, rejected)
