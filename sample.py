@@ -29,12 +29,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-DEFAULT_MODEL = ROOT / "data" / "world" / "model"
-
-
-class UsageError(ValueError):
-    """A bad command line; printed as one line, exit code 2."""
+from cli import UsageError, resolve_device
+from data.world import MODEL_DIR as DEFAULT_MODEL
 
 
 class PromptError(ValueError):
@@ -163,16 +159,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not ok:
             raise UsageError(message)
     return args
-
-
-def resolve_device(name: str):
-    """--device as a torch.device (auto: CUDA if available); a bad name is a usage error."""
-    from models.checkpoint import resolve_device as resolve
-
-    try:
-        return resolve(name)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
 
 
 def run(args: argparse.Namespace) -> int:

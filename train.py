@@ -10,9 +10,11 @@ population preferences and a tiny reference model trained by this project. There
 `pi ∝ pi_ref^(beta/alpha) p^(1/alpha)` (Prop. A.1) is computable, and the run ends with a report comparing it
 with what was learned.
 
-The loop, top to bottom: reference log-probs once (the model before any update); then per optimizer step
-`grad_accum` micro-batches whose losses are averaged, gradient clipping, AdamW on the trainable (LoRA)
-parameters, warmup + cosine learning rate; a metrics line per step; atomic checkpoints every --save-every steps.
+The loop, top to bottom (`run`, one function per phase): load_model and load_data; trainable_parameters (LoRA);
+reference_log_probs once (the model before any update, cached); resume; then per optimizer step the learning
+rate (warmup + cosine), accumulate_gradients over `grad_accum` micro-batches with the loss that step_function
+chose once for --loss, gradient clipping, AdamW on the trainable parameters, a metrics line, atomic checkpoints
+every --save-every steps (save_checkpoint); last write_outputs (adapter or model, and the world's report).
 
 At scale, with no change to the code:
 
@@ -36,21 +38,41 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from cli import UsageError, resolve_device
+from data.world import DEFAULT_DIR as WORLD_DIR, FILES as WORLD_FILES, MODEL_DIR as WORLD_MODEL
+from data.batching import PreferenceBatches
+from data.preferences import DataError
+from data.reference_cache import ReferenceCacheKey, cache_path, file_sha256
+from data.sft import SequenceBatches, load_sft_data
+from data.tokenization import load_preference_data
+from eval.opinions import format_report, world_report
+from models import (CheckpointError, ConfigError, MistralConfig, Tokenizer, add_lora, build_model, load_pretrained,
+                    save_pretrained)
+from models.lora import TARGET_NAMES, save_adapter
+from spl import runs
 from spl.distributed import (Processes, broadcast_from_main, share_batches, shard_frozen_weights,
                              shared_reference_logps, sum_across, sum_gradients_)
+from spl.losses import FDPO_DIVERGENCES
+from spl.step import (PREFERENCE_LOSSES, Objective, RewardHead, preference_step, reference_logprobs, reward_step,
+                      sft_step)
 
-ROOT = Path(__file__).resolve().parent
-WORLD_DIR = ROOT / "data" / "world"
-LOSSES = ("spl", "dpo", "ipo", "cdpo", "fdpo", "sft", "reward")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LOSSES = (*PREFERENCE_LOSSES, "sft", "reward")
 
 # The paper's two recipes (Appendix B.3: chat on HH-RLHF; Appendix C.4: math, Zephyr-like on UltraFeedback).
 # LoRA targets are not stated in the paper; all seven projections are our choice.
@@ -63,28 +85,25 @@ PRESETS = {
 OWN_MODEL_PRESET = "paper-chat"  # what --model without --preset starts from (TrainConfig's defaults suit the world)
 
 
-class UsageError(ValueError):
-    """A bad command line; printed as one line, exit code 2."""
-
-
 @dataclass
 class TrainConfig:
     """Every training option, flat. Saved as config.json in the run directory and checked on --resume."""
     model: str | None = None  # HF-format directory; None: the embedded world's reference model
     init_config: str | None = None  # a config.json to train from random weights (the world's SFT model)
     data: str | None = None  # preference (or SFT) file; None: the embedded world's opinion pairs
-    loss: str = "spl"
-    alpha: float = 0.2
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    ipo_tau: float = 0.1
-    fdpo_divergence: str = "reverse_kl"
-    fdpo_alpha: float = 0.5
-    average_logprobs: bool = False
+    # The objective (spl/step.py's Objective owns these fields and their defaults; see Objective.from_config)
+    loss: str = Objective.loss
+    alpha: float = Objective.alpha
+    beta: float = Objective.beta
+    label_smoothing: float = Objective.label_smoothing
+    ipo_tau: float = Objective.ipo_tau
+    fdpo_divergence: str = Objective.fdpo_divergence
+    fdpo_alpha: float = Objective.fdpo_alpha
+    average_logprobs: bool = Objective.average_logprobs
     lora_rank: int = 16  # 0: full fine-tune
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    lora_targets: list[str] = field(default_factory=lambda: list(TARGET_NAMES))
     lr: float = 5e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
@@ -130,7 +149,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--beta", type=float, help=f"cross-entropy (reference) coefficient (default {defaults.beta})")
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, help="cdpo: label noise eps")
     p.add_argument("--ipo-tau", type=float, default=defaults.ipo_tau)
-    p.add_argument("--fdpo-divergence", choices=("reverse_kl", "forward_kl", "js", "alpha"),
+    p.add_argument("--fdpo-divergence", choices=FDPO_DIVERGENCES,
                    default=defaults.fdpo_divergence)
     p.add_argument("--fdpo-alpha", type=float, default=defaults.fdpo_alpha)
     p.add_argument("--average-logprobs", action="store_true", help="length-normalised sequence log-probs")
@@ -142,7 +161,7 @@ def parse_args(argv=None) -> TrainConfig:
                     "max_prompt_length"):
             kind = int
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"default {getattr(defaults, name)}")
-    p.add_argument("--lora-targets", help=f"comma-separated, or all-linear (default {','.join(LORA_TARGETS)})")
+    p.add_argument("--lora-targets", help=f"comma-separated, or all-linear (default {','.join(TARGET_NAMES)})")
     p.add_argument("--group-by-length", action="store_true")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=defaults.dtype,
                    help="bfloat16: frozen weights in bf16, LoRA and optimizer state in float32")
@@ -180,7 +199,7 @@ def parse_args(argv=None) -> TrainConfig:
     given = {k: v for k, v in vars(args).items() if v is not None}
     if "lora_targets" in given:
         targets = given.pop("lora_targets")
-        given["lora_targets"] = (list(LORA_TARGETS) if targets == "all-linear"
+        given["lora_targets"] = (list(TARGET_NAMES) if targets == "all-linear"
                                  else [t.strip() for t in targets.split(",") if t.strip()])
     if given.get("epochs") is not None and "steps" not in given:
         values["steps"] = None
@@ -214,9 +233,9 @@ def validate(c: TrainConfig, world_size: int = 1) -> None:
         fail(f"--lora-alpha must be > 0, got {c.lora_alpha}")
     if not 0 <= c.lora_dropout < 1:
         fail(f"--lora-dropout must be in [0, 1), got {c.lora_dropout}")
-    unknown = [t for t in c.lora_targets if t not in LORA_TARGETS]
+    unknown = [t for t in c.lora_targets if t not in TARGET_NAMES]
     if unknown or not c.lora_targets:
-        fail(f"--lora-targets: unknown {unknown or 'empty list'}; choose from {', '.join(LORA_TARGETS)} or all-linear")
+        fail(f"--lora-targets: unknown {unknown or 'empty list'}; choose from {', '.join(TARGET_NAMES)} or all-linear")
     if c.lr <= 0 or c.weight_decay < 0 or c.max_grad_norm <= 0:
         fail(f"--lr and --max-grad-norm must be > 0 and --weight-decay >= 0 "
              f"(got {c.lr}, {c.max_grad_norm}, {c.weight_decay})")
@@ -267,58 +286,36 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, f
 # --------------------------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    from data.preferences import DataError
-    from models import CheckpointError, ConfigError
-    from spl.runs import RunError
-
     try:
         config = parse_args(argv)
         return train(config)
-    except (UsageError, DataError, CheckpointError, ConfigError, RunError) as error:
+    except (UsageError, DataError, CheckpointError, ConfigError, runs.RunError) as error:
         # Every process meets these alike (same inputs; run-directory checks are rank 0's, broadcast): one line.
         if Processes.from_environment().main:
             print(f"train.py: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, UsageError) else 1
 
 
-def resolve_device(name: str):
-    """--device as a torch.device (auto: CUDA if available); a bad name is a usage error."""
-    from models.checkpoint import resolve_device as resolve
-
+def train(c: TrainConfig) -> int:
+    """Join torchrun's process group when launched by it, run, and leave it."""
+    procs = Processes.from_environment()
+    device = start_processes(procs, c.device)
     try:
-        return resolve(name)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+        code = run(c, procs, device)
+        if procs.distributed:
+            # Leave together: rank 0 still writes the outputs when the others finish, and a gloo process whose
+            # peer tears its connections down first can abort in its own teardown ("terminate called ...").
+            dist.barrier()
+        return code
+    finally:
+        if procs.distributed:
+            dist.destroy_process_group()
 
-
-def reference_identity(model_dir: Path | None, c: TrainConfig) -> str:
-    """What the reference log-probs depend on besides the data: the weights, their dtype, the objective's
-    length normalisation. Weight files under 1 GB are hashed; larger ones are named by size and mtime."""
-    import hashlib
-
-    from data.reference_cache import file_sha256
-
-    if model_dir is None:
-        return f"random-init:{c.init_config}:{c.seed}"
-    parts = [file_sha256(model_dir / "config.json")]
-    files = sorted(model_dir.glob("*.safetensors"))
-    small = sum(f.stat().st_size for f in files) < 1 << 30
-    for f in files:
-        stat = f.stat()
-        parts.append(file_sha256(f) if small else f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}")
-    parts += [c.dtype, f"average={c.average_logprobs}"]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
-
-
-# --------------------------------------------------------------------------------------------------- processes
-# The helpers for several processes live in spl/distributed.py; with one process they are the identity.
 
 def start_processes(procs: Processes, device_name: str):
     """The device this process drives. Under torchrun, also join the process group: NCCL with one GPU per
-    process (cuda:LOCAL_RANK), gloo on CPU."""
-    import torch
-    import torch.distributed as dist
-
+    process (cuda:LOCAL_RANK), gloo on CPU. The helpers for several processes live in spl/distributed.py; with
+    one process they are the identity."""
     device = resolve_device(device_name)
     if not procs.distributed:
         return device
@@ -334,211 +331,36 @@ def start_processes(procs: Processes, device_name: str):
     return device
 
 
-# --------------------------------------------------------------------------------------------------- train
-
-def train(c: TrainConfig) -> int:
-    """Join torchrun's process group when launched by it, run, and leave it."""
-    procs = Processes.from_environment()
-    device = start_processes(procs, c.device)
-    try:
-        code = run(c, procs, device)
-        if procs.distributed:
-            import torch.distributed as dist
-
-            # Leave together: rank 0 still writes the outputs when the others finish, and a gloo process whose
-            # peer tears its connections down first can abort in its own teardown ("terminate called ...").
-            dist.barrier()
-        return code
-    finally:
-        if procs.distributed:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
+# --------------------------------------------------------------------------------------------------- the loop
 
 def run(c: TrainConfig, procs: Processes, device) -> int:
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-
-    from data.batching import PreferenceBatches
-    from data.reference_cache import ReferenceCacheKey, cache_path, file_sha256
-    from data.sft import SequenceBatches, load_sft_data
-    from data.tokenization import load_preference_data
-    from models import MistralConfig, Tokenizer, add_lora, build_model, load_pretrained, save_pretrained
-    from models.lora import save_adapter
-    from spl import runs
-    from spl.step import (PREFERENCE_LOSSES, Objective, RewardHead, preference_step, reference_logprobs,
-                          reward_step, sft_step)
-
+    """The whole run, phase by phase; each phase is a function below, in the order it runs."""
     say = print if procs.main else (lambda *args, **kwargs: None)  # only rank 0 prints
     out = Path(c.out)
-    # Before any work, and before anything is written; rank 0 looks (it is the one that will write).
-    problem = None
-    if procs.main:
-        try:
-            runs.check_run_dir(out, c.resume, c.overwrite)
-        except runs.RunError as error:
-            problem = str(error)
-    problem = broadcast_from_main(procs, problem)
-    if problem:
-        raise runs.RunError(problem)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.dtype]
+    check_run_dir(out, c, procs)
     compile = {"auto": device.type == "cuda", "on": True, "off": False}[c.compile]
     torch.manual_seed(c.seed)
     np.random.seed(c.seed)
-    world = c.model is None and c.init_config is None and c.data is None
-
-    # ---- model and tokenizer. Read tensor by tensor straight onto the device (no CPU copy of a 7B model). With
-    # --fsdp each process reads it into CPU memory and FSDP moves its shards to its GPU block by block, so no GPU
-    # ever holds the whole model.
-    load_device = torch.device("cpu") if c.fsdp else device
-    if c.init_config:
-        model_dir = None
-        model = build_model(MistralConfig.from_json(c.init_config), dtype=dtype, device=load_device, seed=c.seed)
-        tokenizer_path = Path(c.init_config).parent / "tokenizer.model"
-    else:
-        model_dir = Path(c.model) if c.model else WORLD_DIR / "model"
-        model = load_pretrained(model_dir, dtype=dtype, device=load_device)
-        tokenizer_path = model_dir / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise UsageError(f"{tokenizer_path}: missing (the sentencepiece tokenizer.model must sit beside the model)")
-    tokenizer = Tokenizer(tokenizer_path)
-    if c.threads:
-        torch.set_num_threads(c.threads)
-    elif device.type == "cpu" and model.num_parameters() < 10_000_000:
-        # A tiny model's matmuls are too small to gain from intra-op threads, and each op's thread barrier
-        # stalls whenever another process holds a core: on two busy cores the world's main job took 210 s
-        # with two threads and 56 s with one.
-        torch.set_num_threads(1)
-
-    # ---- data
-    data_path = Path(c.data) if c.data else WORLD_DIR / ("sft.jsonl" if c.loss == "sft" else "opinion_pairs_soft.jsonl")
-    column_map = {"prompt": c.prompt_key, "chosen": c.chosen_key, "rejected": c.rejected_key,
-                  "chosen_prob": c.chosen_prob_key}
-    if c.loss == "sft":
-        examples, summary = load_sft_data(data_path, tokenizer, c.max_length, c.max_prompt_length,
-                                          {"prompt": c.prompt_key, "response": c.response_key})
-    else:
-        examples, summary = load_preference_data(data_path, tokenizer, c.max_length, c.max_prompt_length, column_map)
-    say(summary.format())
-    if c.preset:
-        taken = [f"--{k.replace('_', '-')} {v:g}" for k, v in PRESETS[c.preset].items()
-                 if v is not None and getattr(c, k) == v]
-        say(f"recipe: {c.preset} for the options not given: {', '.join(taken) or 'none left'}")
-    if not examples:
-        raise UsageError(f"{data_path}: no usable examples")
-    if c.loss == "cdpo" and any(e.chosen_prob != 1.0 for e in examples):
-        raise UsageError(f"{data_path}: --loss cdpo smooths every label by --label-smoothing; the data's soft "
-                         f"labels ({c.chosen_prob_key}) would be ignored: use --loss spl or dpo with them")
+    model, tokenizer, model_dir, tokenizer_path = load_model(c, device)
+    examples, data_path = load_data(c, tokenizer, say)
     total_steps = c.steps or max(1, math.ceil(c.epochs * len(examples) / c.batch_size))
-    micro_batch = c.batch_size // c.grad_accum  # pairs per accumulation step, all processes together
-
-    # ---- the run directory, now that every input has been read and checked
-    if procs.main:
-        runs.prepare_run_dir(out, c.resume, c.overwrite)
-        if not c.resume:
-            runs.write_json_atomic(out / "config.json", dataclasses.asdict(c))
-
-    # ---- trainable parameters: LoRA (everything else frozen; its B = 0, so the model is still the reference),
-    # or the whole model. The same draws on every process; afterwards each process its own dropout noise.
+    prepare_run_dir(out, c, procs)  # now that every input has been read and checked
     num_parameters = model.num_parameters()  # the model's own, before LoRA adds its branches
-    if c.lora_rank:
-        add_lora(model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets)
-    if procs.rank:
-        torch.manual_seed(c.seed + procs.rank)
-    model.gradient_checkpointing = c.grad_checkpointing
-    if c.fsdp:
-        shard_frozen_weights(model, procs, device)
-
-    # ---- reference log-probs: the model as loaded, LoRA off, before any update (so also right on --resume)
-    objective = Objective(c.loss, c.alpha, c.beta, c.label_smoothing, c.ipo_tau, c.fdpo_divergence, c.fdpo_alpha,
-                          c.average_logprobs)
+    trainable, head = trainable_parameters(model, c, procs, device)
+    reference = None  # (ref_chosen_logps [N], ref_rejected_logps [N]) for the preference losses
     if c.loss in PREFERENCE_LOSSES:
-        def compute():
-            model.eval()
-            chosen = torch.zeros(len(examples), device=device)  # [N]
-            rejected = torch.zeros(len(examples), device=device)  # [N]
-            order = share_batches(PreferenceBatches(examples, micro_batch * 2, tokenizer.pad_id, seed=c.seed), procs)
-            for _ in tqdm(range(len(order)), desc="reference log-probs", disable=not (c.progress and procs.main),
-                          leave=False):
-                batch = next(order)
-                counts = batch.pop("counts", True)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                ref_c, ref_r = reference_logprobs(model, batch, average=c.average_logprobs, compile=compile)
-                if counts:
-                    chosen[batch["pair_index"]] = ref_c.float()
-                    rejected[batch["pair_index"]] = ref_r.float()
-            return chosen, rejected
-
-        key = ReferenceCacheKey.build(examples, dataset_sha256=file_sha256(data_path),
-                                      reference_model=reference_identity(model_dir, c), max_length=c.max_length,
-                                      max_prompt_length=c.max_prompt_length, chat_format=tokenizer.chat_format,
-                                      tokenizer_sha256=file_sha256(tokenizer_path))
-        ref_chosen_all, ref_rejected_all = shared_reference_logps(cache_path(out / "cache", key), key, compute,
-                                                                  procs, device)
-
-    head = RewardHead(model.config.hidden_size).to(device) if c.loss == "reward" else None
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if head is not None:
-        trainable |= {f"reward_head.{name}": p for name, p in head.named_parameters()}
+        key = reference_cache_key(examples, c, model_dir, data_path, tokenizer, tokenizer_path)
+        reference = reference_log_probs(model, examples, tokenizer.pad_id, out / "cache", key, c, procs, device,
+                                        compile)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay)
-    Batches = SequenceBatches if c.loss == "sft" else PreferenceBatches
-    batches = share_batches(Batches(examples, micro_batch, tokenizer.pad_id, seed=c.seed,
-                                    group_by_length=c.group_by_length), procs)
-    processes = f" x {procs.world_size} processes{' (FSDP)' if c.fsdp else ''}" if procs.distributed else ""
-    say(f"model: {num_parameters / 1e6:.2f}M parameters; {sum(p.numel() for p in trainable.values()) / 1e6:.3f}M "
-        f"trainable{' (LoRA)' if c.lora_rank else ''}; {len(examples)} examples, {total_steps} steps of "
-        f"{c.batch_size} on {device}{processes}")
+    batches = training_batches(examples, tokenizer.pad_id, c, procs)
+    say(describe(num_parameters, trainable, len(examples), total_steps, c, procs, device))
+    start_step = resume(out, trainable, optimizer, batches, c, procs, say) if c.resume else 0
+    step_loss = step_function(c, model, head, reference, compile)
+    save = lambda step: save_checkpoint(out, step, trainable, optimizer, batches, c, procs)  # noqa: E731
+    # The world's report runs the model: on rank 0, or on every process when FSDP shards the model.
+    reports = c.model is None and c.init_config is None and c.data is None and (procs.main or c.fsdp)
 
-    # ---- resume (every process reads the checkpoint rank 0 picked)
-    start_step = 0
-    if c.resume:
-        checkpoint = None
-        if procs.main:
-            runs.clean_interrupted_saves(out)
-            checkpoints = runs.complete_checkpoints(out)
-            checkpoint = str(checkpoints[-1]) if checkpoints else None
-        checkpoint = broadcast_from_main(procs, checkpoint)
-        if checkpoint:
-            checkpoint = Path(checkpoint)
-            tensors, optimizer_state, rng, state = runs.load_checkpoint(checkpoint)
-            if set(tensors) != set(trainable):
-                raise runs.RunError(f"{checkpoint}: holds {sorted(set(tensors) ^ set(trainable))[:4]}... "
-                                    f"that this run does not train")
-            with torch.no_grad():
-                for name, p in trainable.items():
-                    p.copy_(tensors[name])
-            optimizer.load_state_dict(optimizer_state)
-            rng_states = rng["per_rank"] if "per_rank" in rng else [rng]  # one per process that wrote it
-            if len(rng_states) == procs.world_size:
-                runs.set_rng_state(rng_states[procs.rank])
-            else:
-                say(f"{checkpoint}: written by {len(rng_states)} process(es), resumed by {procs.world_size}: the "
-                    f"data position is global and carries over; dropout noise starts from fresh seeds")
-            batches.load_state_dict(state["data"])
-            start_step = state["step"]
-            say(f"resumed from {checkpoint} at step {start_step}")
-        else:
-            say(f"{out}: no complete checkpoint yet; starting from step 0")
-
-    def save(step):
-        """Every process calls this (their RNG states are gathered); rank 0 writes."""
-        rng = runs.rng_state()
-        if procs.distributed:
-            import torch.distributed as dist
-
-            states = [None] * procs.world_size if procs.main else None
-            dist.gather_object(rng, states, dst=0)
-            rng = {"per_rank": states}
-        if not procs.main:
-            return out / "checkpoints" / f"step_{step:06d}"
-        return runs.save_checkpoint(out, step, trainable, optimizer, {"data": batches.state_dict()},
-                                    keep=c.keep_checkpoints, rng=rng)
-
-    scores_here = procs.main or c.fsdp  # the world report runs the model: on every process when FSDP shards it
-
-    # ---- the loop
     log = runs.MetricsLog(out / "metrics.jsonl", resume_step=start_step if c.resume else None, enabled=procs.main)
     model.train()
     last_saved = None
@@ -550,54 +372,27 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             started = time.perf_counter()
-            micro_batches, counted = [], []
-            for _ in range(c.grad_accum):
-                batch = next(batches)  # this process's share of the next global micro-batch
-                counted.append(batch.pop("counts", True))
-                micro_batches.append({k: v.to(device) for k, v in batch.items()})
-            units = [(len(b["chosen_prob"]) if "chosen_prob" in b else int(b["loss_mask"].sum())) if counts else 0
-                     for b, counts in zip(micro_batches, counted)]
-            total_units = sum_across(procs, [sum(units)], device)[0]  # pairs (or tokens) of the whole step
-            sums, tokens = {}, 0
-            for batch, n, counts in zip(micro_batches, units, counted):
-                if c.loss == "sft":
-                    loss, metrics, _ = sft_step(model, batch, compile=compile)
-                elif c.loss == "reward":
-                    loss, metrics, _ = reward_step(model, head, batch)
-                else:
-                    index = batch["pair_index"]
-                    loss, metrics, _ = preference_step(model, batch, ref_chosen_all[index], ref_rejected_all[index],
-                                                       objective, compile=compile)
-                (loss * n / total_units).backward()  # the mean over every pair (or token) of the optimizer step
-                for name, value in metrics.items():
-                    sums[name] = sums.get(name, 0.0) + (float(value) if counts else 0.0)
-                tokens += int(batch["attention_mask"].sum()) if counts else 0
-            sum_gradients_(procs, list(trainable.values()))
-            names = list(sums)  # the same order on every process
-            reduced = sum_across(procs, [sums[name] for name in names] + [tokens], device)
-            sums, tokens = dict(zip(names, reduced[:-1])), reduced[-1]
+            sums, units, tokens = accumulate_gradients(step_loss, batches, trainable, c, procs, device)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), c.max_grad_norm))
             if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
                 kept = f"; the last good checkpoint is {last_saved}" if last_saved else ""
-                if procs.main:
-                    print(f"train.py: error: non-finite loss or gradient at step {step + 1} (loss {sums['loss']}, "
-                          f"grad norm {grad_norm}); stopped without applying it{kept}", file=sys.stderr)
+                say(f"train.py: error: non-finite loss or gradient at step {step + 1} (loss {sums['loss']}, grad "
+                    f"norm {grad_norm}); stopped without applying it{kept}", file=sys.stderr)
                 log.close()
                 return 1
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - started
-            record = {"step": step + 1, **{k: v / total_units for k, v in sums.items()}, "lr": lr,
-                      "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed}
+            record = {"step": step + 1, **{k: v / units for k, v in sums.items()}, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": tokens / (time.perf_counter() - started)}
             if (step + 1) % c.log_every == 0 or step + 1 == total_steps:
                 log.write(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
             if c.save_every and (step + 1) % c.save_every == 0:
                 last_saved = save(step + 1)
-            if world and c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < total_steps and scores_here:
-                log.write({"step": step + 1, **world_report(model, tokenizer, c, device, brief=True)})
-            stop = sum_across(procs, [float(signals.received is not None)], device)[0] > 0  # all stop together
-            if stop:
+            if reports and c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < total_steps:
+                log.write({"step": step + 1, **world_report(model, tokenizer, *report_coefficients(c), device,
+                                                             brief=True)})
+            if sum_across(procs, [float(signals.received is not None)], device)[0] > 0:  # all stop together
                 if last_saved is None or not last_saved.name.endswith(f"{step + 1:06d}"):
                     last_saved = save(step + 1)
                 say(f"\n{signals.name or 'a stop signal to another process'}: saved {last_saved}; continue with "
@@ -607,49 +402,289 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
         progress.close()
     log.close()
 
-    # ---- outputs
     if c.save_every and (last_saved is None or not last_saved.name.endswith(f"{total_steps:06d}")):
         save(total_steps)
-    final_report = world and c.loss in ("spl", "dpo") and c.lora_rank and scores_here
-    report = world_report(model, tokenizer, c, device) if final_report else None
-    if not procs.main:
+    write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out, c, procs, device, reports)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- the phases
+
+def check_run_dir(out: Path, c: TrainConfig, procs: Processes) -> None:
+    """Refuse an unusable run directory before any work and before anything is written. Rank 0 looks (it is
+    the one that will write) and every process raises the same error."""
+    problem = None
+    if procs.main:
+        try:
+            runs.check_run_dir(out, c.resume, c.overwrite)
+        except runs.RunError as error:
+            problem = str(error)
+    problem = broadcast_from_main(procs, problem)
+    if problem:
+        raise runs.RunError(problem)
+
+
+def prepare_run_dir(out: Path, c: TrainConfig, procs: Processes) -> None:
+    """Rank 0 creates the run directory (emptied with --overwrite, kept with --resume) and, for a new run,
+    writes its config.json."""
+    if procs.main:
+        runs.prepare_run_dir(out, c.resume, c.overwrite)
+        if not c.resume:
+            runs.write_json_atomic(out / "config.json", dataclasses.asdict(c))
+
+
+def load_model(c: TrainConfig, device):
+    """(model, tokenizer, model_dir, tokenizer_path): --model, the world's reference model, or random weights
+    from --init-config (model_dir None). Read tensor by tensor straight onto the device (no CPU copy of a 7B
+    model). With --fsdp each process reads it into CPU memory and FSDP moves its shards to its GPU block by
+    block, so no GPU ever holds the whole model."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.dtype]
+    load_device = torch.device("cpu") if c.fsdp else device
+    if c.init_config:
+        model_dir = None
+        model = build_model(MistralConfig.from_json(c.init_config), dtype=dtype, device=load_device, seed=c.seed)
+        tokenizer_path = Path(c.init_config).parent / "tokenizer.model"
+    else:
+        model_dir = Path(c.model) if c.model else WORLD_MODEL
+        model = load_pretrained(model_dir, dtype=dtype, device=load_device)
+        tokenizer_path = model_dir / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise UsageError(f"{tokenizer_path}: missing (the sentencepiece tokenizer.model must sit beside the model)")
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    elif device.type == "cpu" and model.num_parameters() < 10_000_000:
+        # A tiny model's matmuls are too small to gain from intra-op threads, and each op's thread barrier
+        # stalls whenever another process holds a core: on two busy cores the world's main job took 210 s
+        # with two threads and 56 s with one.
+        torch.set_num_threads(1)
+    return model, Tokenizer(tokenizer_path), model_dir, tokenizer_path
+
+
+def load_data(c: TrainConfig, tokenizer, say):
+    """(examples, data_path): --data (or the world's opinion pairs, its SFT text for --loss sft), tokenized,
+    truncated and checked."""
+    world_file = WORLD_FILES["sft" if c.loss == "sft" else "opinion_pairs_soft"]
+    data_path = Path(c.data) if c.data else WORLD_DIR / world_file
+    if c.loss == "sft":
+        examples, summary = load_sft_data(data_path, tokenizer, c.max_length, c.max_prompt_length,
+                                          {"prompt": c.prompt_key, "response": c.response_key})
+    else:
+        column_map = {"prompt": c.prompt_key, "chosen": c.chosen_key, "rejected": c.rejected_key,
+                      "chosen_prob": c.chosen_prob_key}
+        examples, summary = load_preference_data(data_path, tokenizer, c.max_length, c.max_prompt_length, column_map)
+    say(summary.format())
+    if c.preset:
+        taken = [f"--{k.replace('_', '-')} {v:g}" for k, v in PRESETS[c.preset].items()
+                 if v is not None and getattr(c, k) == v]
+        say(f"recipe: {c.preset} for the options not given: {', '.join(taken) or 'none left'}")
+    if not examples:
+        raise UsageError(f"{data_path}: no usable examples")
+    if c.loss == "cdpo" and any(e.chosen_prob != 1.0 for e in examples):
+        raise UsageError(f"{data_path}: --loss cdpo smooths every label by --label-smoothing; the data's soft "
+                         f"labels ({c.chosen_prob_key}) would be ignored: use --loss spl or dpo with them")
+    return examples, data_path
+
+
+def trainable_parameters(model, c: TrainConfig, procs: Processes, device):
+    """(trainable parameters by name, reward head or None). LoRA with everything else frozen (its B = 0, so the
+    model is still the reference), or the whole model; --loss reward adds a scalar head. The same draws on
+    every process; afterwards each process its own dropout noise."""
+    if c.lora_rank:
+        add_lora(model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_targets)
+    if procs.rank:
+        torch.manual_seed(c.seed + procs.rank)
+    model.gradient_checkpointing = c.grad_checkpointing
+    if c.fsdp:
+        shard_frozen_weights(model, procs, device)
+    head = RewardHead(model.config.hidden_size).to(device) if c.loss == "reward" else None
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if head is not None:
+        trainable |= {f"reward_head.{name}": p for name, p in head.named_parameters()}
+    return trainable, head
+
+
+def reference_cache_key(examples, c: TrainConfig, model_dir, data_path, tokenizer, tokenizer_path):
+    """What the reference log-probs depend on (data/reference_cache.py): a cache with another key is stale."""
+    return ReferenceCacheKey.build(examples, dataset_sha256=file_sha256(data_path),
+                                   reference_model=reference_identity(model_dir, c), max_length=c.max_length,
+                                   max_prompt_length=c.max_prompt_length, chat_format=tokenizer.chat_format,
+                                   tokenizer_sha256=file_sha256(tokenizer_path))
+
+
+def reference_identity(model_dir: Path | None, c: TrainConfig) -> str:
+    """What the reference log-probs depend on besides the data: the weights, their dtype, the objective's
+    length normalisation. Weight files under 1 GB are hashed; larger ones are named by size and mtime."""
+    if model_dir is None:
+        return f"random-init:{c.init_config}:{c.seed}"
+    parts = [file_sha256(model_dir / "config.json")]
+    files = sorted(model_dir.glob("*.safetensors"))
+    small = sum(f.stat().st_size for f in files) < 1 << 30
+    for f in files:
+        stat = f.stat()
+        parts.append(file_sha256(f) if small else f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    parts += [c.dtype, f"average={c.average_logprobs}"]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def reference_log_probs(model, examples, pad_id: int, cache_dir: Path, key, c: TrainConfig, procs: Processes,
+                        device, compile):
+    """(ref_chosen_logps [N], ref_rejected_logps [N]) on `device`: the model as loaded, LoRA off, before any
+    update (so also right on --resume), read from the cache or computed once, each process scoring its share."""
+    def compute():
+        model.eval()
+        chosen = torch.zeros(len(examples), device=device)  # [N]
+        rejected = torch.zeros(len(examples), device=device)  # [N]
+        micro_batch = c.batch_size // c.grad_accum  # pairs per accumulation step, all processes together
+        order = share_batches(PreferenceBatches(examples, micro_batch * 2, pad_id, seed=c.seed), procs)
+        for _ in tqdm(range(len(order)), desc="reference log-probs", disable=not (c.progress and procs.main),
+                      leave=False):
+            batch = next(order)
+            counts = batch.pop("counts", True)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            ref_chosen, ref_rejected = reference_logprobs(model, batch, average=c.average_logprobs, compile=compile)
+            if counts:
+                chosen[batch["pair_index"]] = ref_chosen.float()
+                rejected[batch["pair_index"]] = ref_rejected.float()
+        return chosen, rejected
+
+    return shared_reference_logps(cache_path(cache_dir, key), key, compute, procs, device)
+
+
+def training_batches(examples, pad_id: int, c: TrainConfig, procs: Processes):
+    """The seeded order of micro-batches (batch_size / grad_accum pairs, or sequences for SFT, all processes
+    together), each process drawing its own share of each (spl/distributed.py share_batches)."""
+    Batches = SequenceBatches if c.loss == "sft" else PreferenceBatches
+    return share_batches(Batches(examples, c.batch_size // c.grad_accum, pad_id, seed=c.seed,
+                                 group_by_length=c.group_by_length), procs)
+
+
+def describe(num_parameters: int, trainable: dict, num_examples: int, total_steps: int, c: TrainConfig,
+             procs: Processes, device) -> str:
+    """The run's one-line summary: model size, what is trained, examples, steps and where."""
+    processes = f" x {procs.world_size} processes{' (FSDP)' if c.fsdp else ''}" if procs.distributed else ""
+    return (f"model: {num_parameters / 1e6:.2f}M parameters; {sum(p.numel() for p in trainable.values()) / 1e6:.3f}M "
+            f"trainable{' (LoRA)' if c.lora_rank else ''}; {num_examples} examples, {total_steps} steps of "
+            f"{c.batch_size} on {device}{processes}")
+
+
+def resume(out: Path, trainable: dict, optimizer, batches, c: TrainConfig, procs: Processes, say) -> int:
+    """Load the newest complete checkpoint of `out` (every process reads the one rank 0 picked) into the
+    trainable parameters, the optimizer, the data position and the RNGs; returns its step (0 if none)."""
+    checkpoint = None
+    if procs.main:
+        runs.clean_interrupted_saves(out)
+        checkpoints = runs.complete_checkpoints(out)
+        checkpoint = str(checkpoints[-1]) if checkpoints else None
+    checkpoint = broadcast_from_main(procs, checkpoint)
+    if not checkpoint:
+        say(f"{out}: no complete checkpoint yet; starting from step 0")
         return 0
+    checkpoint = Path(checkpoint)
+    tensors, optimizer_state, rng, state = runs.load_checkpoint(checkpoint)
+    if set(tensors) != set(trainable):
+        raise runs.RunError(f"{checkpoint}: holds {sorted(set(tensors) ^ set(trainable))[:4]}... "
+                            f"that this run does not train")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(tensors[name])
+    optimizer.load_state_dict(optimizer_state)
+    rng_states = rng["per_rank"] if "per_rank" in rng else [rng]  # one per process that wrote it
+    if len(rng_states) == procs.world_size:
+        runs.set_rng_state(rng_states[procs.rank])
+    else:
+        say(f"{checkpoint}: written by {len(rng_states)} process(es), resumed by {procs.world_size}: the "
+            f"data position is global and carries over; dropout noise starts from fresh seeds")
+    batches.load_state_dict(state["data"])
+    say(f"resumed from {checkpoint} at step {state['step']}")
+    return state["step"]
+
+
+def step_function(c: TrainConfig, model, head, reference, compile):
+    """The loss of one micro-batch for --loss, batch -> (mean loss with grad, metric sums): chosen once, here.
+    reference: (ref_chosen_logps [N], ref_rejected_logps [N]) for the preference losses, else None."""
+    if c.loss == "sft":
+        return lambda batch: sft_step(model, batch, compile=compile)[:2]
+    if c.loss == "reward":
+        return lambda batch: reward_step(model, head, batch)[:2]
+    objective = Objective.from_config(c)
+    ref_chosen_logps, ref_rejected_logps = reference
+
+    def preference_loss(batch):
+        index = batch["pair_index"]  # [B] the batch's pairs among all N
+        return preference_step(model, batch, ref_chosen_logps[index], ref_rejected_logps[index], objective,
+                               compile=compile)[:2]
+
+    return preference_loss
+
+
+def accumulate_gradients(step_loss, batches, trainable: dict, c: TrainConfig, procs: Processes, device):
+    """The gradient of one optimizer step in every trainable parameter's .grad: c.grad_accum micro-batches,
+    each back-propagating `sum over its pairs of loss / N` with N the step's pairs over all processes (tokens
+    for SFT), then one all-reduce. Returns (metric sums, N, tokens), all processes together."""
+    micro_batches, counted = [], []
+    for _ in range(c.grad_accum):
+        batch = next(batches)  # this process's share of the next global micro-batch
+        counted.append(batch.pop("counts", True))
+        micro_batches.append({k: v.to(device) for k, v in batch.items()})
+    units = [(len(b["chosen_prob"]) if "chosen_prob" in b else int(b["loss_mask"].sum())) if counts else 0
+             for b, counts in zip(micro_batches, counted)]
+    total_units = sum_across(procs, [sum(units)], device)[0]  # pairs (or tokens) of the whole step
+    sums, tokens = {}, 0
+    for batch, n, counts in zip(micro_batches, units, counted):
+        loss, metrics = step_loss(batch)
+        (loss * n / total_units).backward()  # the mean over every pair (or token) of the optimizer step
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + (float(value) if counts else 0.0)
+        tokens += int(batch["attention_mask"].sum()) if counts else 0
+    sum_gradients_(procs, list(trainable.values()))
+    names = list(sums)  # the same order on every process
+    reduced = sum_across(procs, [sums[name] for name in names] + [tokens], device)
+    return dict(zip(names, reduced[:-1])), total_units, reduced[-1]
+
+
+def save_checkpoint(out: Path, step: int, trainable: dict, optimizer, batches, c: TrainConfig, procs: Processes):
+    """Checkpoint `step` (spl/runs.py, atomic): every process calls this (their RNG states are gathered); rank 0
+    writes. Returns the checkpoint's directory."""
+    rng = runs.rng_state()
+    if procs.distributed:
+        states = [None] * procs.world_size if procs.main else None
+        dist.gather_object(rng, states, dst=0)
+        rng = {"per_rank": states}
+    if not procs.main:
+        return out / "checkpoints" / f"step_{step:06d}"
+    return runs.save_checkpoint(out, step, trainable, optimizer, {"data": batches.state_dict()},
+                                keep=c.keep_checkpoints, rng=rng)
+
+
+def report_coefficients(c: TrainConfig) -> tuple[float, float]:
+    """(alpha, beta) of the closed-form optimum the world report compares with: DPO is SPL with alpha = beta."""
+    return (c.beta if c.loss == "dpo" else c.alpha), c.beta
+
+
+def write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out: Path, c: TrainConfig, procs: Processes,
+                  device, reports: bool) -> None:
+    """The adapter (PEFT format, plus the reward head) or the whole model (HF format), and on the world the
+    report comparing the learned policy with the closed-form optimum (report.json, printed)."""
+    report = None
+    if reports and c.loss in ("spl", "dpo") and c.lora_rank:
+        report = world_report(model, tokenizer, *report_coefficients(c), device)
+    if not procs.main:
+        return
     if c.lora_rank:
         save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir or c.init_config), overwrite=True)
         if head is not None:
-            from safetensors.torch import save_file
             save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
                       str(out / "adapter" / "reward_head.safetensors"))
         print(f"adapter: {out / 'adapter'} (PEFT format)")
     else:
         final = out / "model"
         if final.exists():
-            import shutil
             shutil.rmtree(final)
         save_pretrained(model, final, tokenizer_path=tokenizer_path)
         print(f"model: {final} (HF format)")
     if report is not None:
         runs.write_json_atomic(out / "report.json", report)
-        print_report(report)
-    return 0
-
-
-def world_report(model, tokenizer, c: TrainConfig, device, brief: bool = False) -> dict:
-    """The embedded world's opinion questions: population, reference, learned and closed-form distributions."""
-    from data.world import load_world
-    from eval.opinions import opinion_report
-
-    alpha = c.beta if c.loss == "dpo" else c.alpha
-    report = opinion_report(model, tokenizer, load_world(WORLD_DIR).opinions, alpha, c.beta, device=device)
-    if brief:
-        return {"mean_tv_learned_vs_closed_form": report["mean_tv_learned_vs_closed_form"]}
-    return report
-
-
-def print_report(report: dict, rows: int = 4) -> None:
-    from eval.opinions import format_report
-
-    print(format_report(report, rows))
+        print(format_report(report))
 
 
 if __name__ == "__main__":

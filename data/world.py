@@ -33,6 +33,7 @@ from pathlib import Path
 
 VERSION = 1
 DEFAULT_DIR = Path(__file__).resolve().parent / "world"
+MODEL_DIR = DEFAULT_DIR / "model"  # the reference model trained on the world (data/build_world.py --train-model)
 KINDS = ("opinion", "story", "arithmetic", "mcq")
 SAMPLED_KINDS = ("opinion",)  # the sampled variant is written for these only (it is as large as the counts file)
 FILES = {"spec": "world.json", "sft": "sft.jsonl", "tokenizer": "tokenizer.model",  # name -> file name

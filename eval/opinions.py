@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from data.sft import SequenceExample, collate_sequences
+from data.world import DEFAULT_DIR, load_world
 from spl.step import policy_logprobs
 from spl.theory import optimal_policy
 
@@ -85,6 +86,16 @@ def opinion_report(model, tokenizer, questions, alpha: float, beta: float, devic
             "max_tv_learned_vs_closed_form": max(r["tv_learned_vs_closed_form"] for r in rows),
             "mean_reference_option_mass": mean("reference_option_mass"),
             "mean_learned_option_mass": mean("learned_option_mass")}
+
+
+def world_report(model, tokenizer, alpha: float, beta: float, device=None, brief: bool = False,
+                 world_dir=DEFAULT_DIR) -> dict:
+    """The main job's report on the embedded world's opinion questions (opinion_report); brief: only its mean
+    total variation, learned vs closed form (what train.py --eval-every logs)."""
+    report = opinion_report(model, tokenizer, load_world(world_dir).opinions, alpha, beta, device=device)
+    if brief:
+        return {"mean_tv_learned_vs_closed_form": report["mean_tv_learned_vs_closed_form"]}
+    return report
 
 
 def format_report(report: dict, rows: int = 4) -> str:

@@ -14,6 +14,7 @@ files and schedules live in train.py.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn as nn
 from spl import losses as L
 from spl.logprobs import sequence_logprobs
 
-PREFERENCE_LOSSES = ("spl", "dpo", "cdpo", "ipo", "fdpo")
+PREFERENCE_LOSSES = ("spl", "dpo", "ipo", "cdpo", "fdpo")  # train.py --loss also takes sft and reward
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ class Objective:
     fdpo_divergence: str = "reverse_kl"  # fdpo
     fdpo_alpha: float = 0.5  # fdpo's alpha-divergence parameter
     average_logprobs: bool = False  # length-normalised log-probs (IPO and SimPO-style variants)
+
+    @classmethod
+    def from_config(cls, config) -> "Objective":
+        """The objective of a training config (train.py's TrainConfig, which takes these fields' defaults from
+        here): every field of the same name."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
 def policy_logprobs(model, batch, *, average: bool = False, compile=None):
