@@ -246,3 +246,59 @@ def token_temperature(seq_probs, sequences, t):
             prob = prob * tempered(sequence[:i]) / safe_z  # Eq. 6
         result.append(prob)
     return torch.stack(result, dim=-1)  # [..., N]
+
+
+# -------------------------------------------------------------------------------------------- online SPL: the full space
+# (issue 18: the optimum of Eq. 4 trained on-policy, where the policy may write any text, not only the options)
+
+def full_space_option_mass(ref_option_probs, reward, floor, alpha, beta, off_option_weight=None):
+    """The probability Eq. 4's optimum keeps on K options when every other text gets the reward `floor`.
+
+    Prop. A.2 over the whole space of completions: pi*(y) = pi_ref(y)^(beta/alpha) exp(r(y)/alpha) / Z. Split Z
+    into the options o_1..o_K and the rest:
+
+        Z_on  = sum_i pi_ref(o_i)^(beta/alpha) exp(r_i/alpha)
+        Z_off = exp(floor/alpha) W,      W = sum_{y not an option} pi_ref(y)^(beta/alpha)
+        mass  = Z_on / (Z_on + Z_off).
+
+    With alpha = beta, W = sum_{y not an option} pi_ref(y) = 1 - sum_i pi_ref(o_i) exactly: the mass off the
+    options is the reference's, times exp(floor/alpha) relative to the options' exp(r_i/alpha). For alpha != beta,
+    W depends on how the reference spreads the rest over text (alpha > beta rewards spreading: by Hoelder W can be
+    as large as (1 - M)^(beta/alpha) N^(1 - beta/alpha) over N texts), so it must be given as `off_option_weight`.
+
+    ref_option_probs `[..., K]`: the reference's sequence probabilities of the options (not normalised; their sum
+    M <= 1 is the reference's option mass). reward `[..., K]` finite; floor a finite number. Returns `[...]`.
+    """
+    fn = "full_space_option_mass"
+    alpha, beta = _check_coefficients(fn, alpha, beta)
+    ref_option_probs = _check_probs(fn, "ref_option_probs", ref_option_probs, normalised=False)
+    reward = _as_tensor(reward)
+    if not bool(torch.isfinite(reward).all()):
+        raise ValueError(f"{fn}: reward must be finite")
+    if not (isinstance(floor, (int, float)) and math.isfinite(floor)):
+        raise ValueError(f"{fn}: floor must be a finite number, got {floor!r}")
+    _check_same_outcomes(fn, ref_option_probs=ref_option_probs, reward=reward)
+    mass_ref = ref_option_probs.sum(-1)  # [...]  M
+    if off_option_weight is None:
+        if alpha != beta:
+            raise ValueError(f"{fn}: with alpha != beta ({alpha:g}, {beta:g}) the mass off the options depends on "
+                             f"sum pi_ref^(beta/alpha) over all other text: pass it as off_option_weight")
+        if bool((mass_ref > 1 + 1e-6).any()):
+            raise ValueError(f"{fn}: ref_option_probs sum to more than 1 ({mass_ref.max().item():.6g}): they must be "
+                             f"sequence probabilities of distinct texts")
+        off_option_weight = (1 - mass_ref).clamp(min=0)  # [...]  W at alpha = beta
+    off_option_weight = _as_tensor(off_option_weight)
+    if not bool(torch.isfinite(off_option_weight).all()) or bool((off_option_weight < 0).any()):
+        raise ValueError(f"{fn}: off_option_weight must be finite and >= 0")
+    log_on = torch.logsumexp(torch.xlogy(beta / alpha, ref_option_probs) + reward / alpha, dim=-1)  # [...] log Z_on
+    log_off = floor / alpha + torch.log(off_option_weight)  # [...] log Z_off (-inf when W = 0)
+    return torch.exp(log_on - torch.logaddexp(log_on, log_off))  # [...]
+
+
+def full_space_optimum(ref_option_probs, reward, floor, alpha, beta, off_option_weight=None):
+    """Eq. 4's optimum's probabilities of the K options themselves `[..., K]` (summing to
+    `full_space_option_mass`): the mass times the over-the-options part, which for any (alpha, beta) and any
+    floor is `optimal_policy_from_reward(ref_option_probs, reward, alpha, beta)`, i.e. Prop. A.1's
+    pi ∝ pi_ref^(beta/alpha) p^(1/alpha) for r = log p: the rest of the space changes only Z."""
+    mass = full_space_option_mass(ref_option_probs, reward, floor, alpha, beta, off_option_weight)  # [...]
+    return mass.unsqueeze(-1) * optimal_policy_from_reward(ref_option_probs, reward, alpha, beta)  # [..., K]

@@ -1,0 +1,271 @@
+"""spl/online.py and the full-space optimum in spl/theory.py: online SPL's estimator and closed forms.
+
+Oracles: the exact gradient of Eq. 4 by enumeration (autograd through `spl_objective` on a tabular softmax
+policy, and through the sum over every outcome a tiny model can write), against which the RLOO estimate
+averaged over many draws must agree within its own standard error; LBFGS maximising Eq. 4 over a simplex of
+options plus other text, against `full_space_option_mass`; the world's own files for the exact reward; and the
+invariant that the log-probs a rollout batch is trained on are the ones the sampler drew it with.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+
+from spl.online import (RewardModelReward, Rollouts, WorldReward, online_step, rloo_baselines, rloo_loss,
+                        rollout_batch, sample_rollouts, sequence_logps)
+from spl.theory import full_space_option_mass, full_space_optimum, optimal_policy_from_reward, spl_objective
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_rloo_baseline_is_the_mean_of_the_other_samples():
+    """b_k = mean_{j != k} v_j, worked by hand for v = (1, 2, 6): (4, 3.5, 1.5); and the advantages are
+    K/(K-1) (v - mean v) = 1.5 (v - 3) = (-3, -1.5, 4.5)."""
+    values = torch.tensor([[1.0, 2.0, 6.0]])
+    torch.testing.assert_close(rloo_baselines(values), torch.tensor([[4.0, 3.5, 1.5]]))
+    logps = torch.zeros(1, 3, requires_grad=True)
+    _, soft, advantages = rloo_loss(logps, torch.zeros(1, 3), values, alpha=1.0, beta=0.5)
+    torch.testing.assert_close(advantages, torch.tensor([[-3.0, -1.5, 4.5]]))
+    with pytest.raises(ValueError, match="K >= 2"):
+        rloo_baselines(torch.zeros(3, 1))
+
+
+def per_draw_gradients(theta, ref, reward, alpha, beta, draws, k, generator, estimator=rloo_loss):
+    """The estimator's gradient of J for each of `draws` independent draws of K samples from softmax(theta):
+    one copy of theta per draw ([draws, N] leaf), so one backward gives every draw's own gradient."""
+    pi = theta.softmax(-1)
+    samples = torch.multinomial(pi, draws * k, replacement=True, generator=generator).view(draws, k)  # (M, K)
+    copies = theta.detach().repeat(draws, 1).requires_grad_()  # (M, N)
+    policy_logps = copies.log_softmax(-1).gather(1, samples)  # (M, K)
+    loss, _, _ = estimator(policy_logps, ref.log()[samples], reward[samples], alpha, beta)
+    loss.backward()
+    return -copies.grad * draws  # (M, N): the loss is -(1/M) sum_m of draw m's estimate of grad J
+
+
+def exact_tabular_gradient(theta, ref, reward, alpha, beta):
+    theta = theta.detach().clone().requires_grad_()
+    spl_objective(theta.softmax(-1), reward, ref, alpha, beta).backward()  # Eq. 4 by enumeration
+    return theta.grad
+
+
+@pytest.mark.parametrize("alpha, beta, k", [(0.3, 0.1, 2), (0.3, 0.1, 4), (0.1, 0.1, 8), (1.0, 0.0, 3)])
+def test_rloo_gradient_is_unbiased_on_a_tabular_policy(alpha, beta, k):
+    """pi = softmax(theta) over 6 outcomes. Averaged over M = 40000 draws of K samples, the RLOO estimate is
+    within 4.5 standard errors (its own, from the M per-draw gradients) of grad J computed exactly, in every
+    coordinate. The same criterion rejects the estimator that forgets the entropy term's place in the soft reward
+    (plain RLOO on r + beta log pi_ref), so it has the power to see a bias of that size."""
+    generator = torch.Generator().manual_seed(0)
+    theta = torch.randn(6, dtype=torch.float64, generator=generator)
+    ref = torch.softmax(torch.randn(6, dtype=torch.float64, generator=generator), -1)
+    reward = torch.randn(6, dtype=torch.float64, generator=generator)
+    exact = exact_tabular_gradient(theta, ref, reward, alpha, beta)  # (N,)
+    draws = 40_000
+    grads = per_draw_gradients(theta, ref, reward, alpha, beta, draws, k, generator)  # (M, N)
+    mean, standard_error = grads.mean(0), grads.std(0) / math.sqrt(draws)
+    assert bool(((mean - exact).abs() <= 4.5 * standard_error).all()), (mean, exact, standard_error)
+    assert float(standard_error.max()) < 0.1 * float(exact.abs().max())  # a test tight enough to mean something
+
+    def without_entropy(policy_logps, ref_logps, rewards, alpha, beta):
+        return rloo_loss(policy_logps, ref_logps, rewards + alpha * policy_logps.detach(), alpha, beta)
+
+    if alpha > 0:
+        biased = per_draw_gradients(theta, ref, reward, alpha, beta, draws, k, generator, without_entropy)
+        assert float(((biased.mean(0) - exact).abs() / standard_error).max()) > 10
+
+
+# -------------------------------------------------------------------------------------------- a tiny model
+
+def all_outcomes(vocab_size, eos_id, max_new_tokens):
+    """Every completion generation can return with max_new_tokens tokens: a sequence ending at its first EOS,
+    or max_new_tokens tokens without an EOS before the last."""
+    outcomes = []
+    for length in range(1, max_new_tokens + 1):
+        for tokens in itertools.product(range(vocab_size), repeat=length):
+            if eos_id in tokens[:-1]:
+                continue
+            if length < max_new_tokens and tokens[-1] != eos_id:
+                continue
+            outcomes.append(list(tokens))
+    return outcomes
+
+
+def tiny_lora_model(tiny_model):
+    from models import add_lora
+
+    model = tiny_model(vocab_size=5, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                       num_key_value_heads=1, seed=3)
+    add_lora(model, rank=2, alpha=4.0, targets=("q_proj", "v_proj", "down_proj"))
+    with torch.no_grad():  # B != 0, so the policy differs from its reference
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    return model
+
+
+def test_rloo_gradient_is_unbiased_on_a_tiny_model_by_enumeration(tiny_model):
+    """A LoRA Mistral with 5 tokens (EOS = 2) and at most 2 new tokens can write 21 completions. J (Eq. 4) is a
+    sum over them, so grad J over the LoRA parameters is exact by autograd through the enumeration (whose
+    probabilities sum to 1: the truncated outcomes are one distribution). The RLOO estimate from
+    sample_rollouts (models/generate.py, temperature 1) averaged over 6000 draws of K = 4 matches it, per
+    parameter, within 5 standard errors estimated from 30 batches of 200 draws."""
+    model = tiny_lora_model(tiny_model)
+    prompt, eos, alpha, beta, k = [1, 3, 4], 2, 0.4, 0.1, 4
+    params = [p for p in model.parameters() if p.requires_grad]
+    outcomes = all_outcomes(5, eos, 2)
+    assert len(outcomes) == 21
+    reward_of = {tuple(o): float(r) for o, r in
+                 zip(outcomes, torch.randn(len(outcomes), generator=torch.Generator().manual_seed(1)))}
+
+    everything = Rollouts([prompt], [outcomes], torch.zeros(1, len(outcomes)))
+    batch, inverse = rollout_batch(everything, pad_id=0)
+    assert inverse.tolist() == [list(range(21))]
+    policy = sequence_logps(model, batch, inverse, compile=False)[0]  # (21,) with grad
+    ref = sequence_logps(model, batch, inverse, reference=True, compile=False)[0]  # (21,)
+    torch.testing.assert_close(policy.exp().sum(), torch.tensor(1.0), rtol=0, atol=1e-5)
+    rewards = torch.tensor([reward_of[tuple(o)] for o in outcomes])
+    objective = (policy.exp() * (rewards - alpha * policy + beta * ref)).sum()  # Eq. 4 = E_pi[s]
+    exact = torch.cat([g.flatten() for g in torch.autograd.grad(objective, params)])  # (D,)
+
+    generator = torch.Generator().manual_seed(0)
+    batch_means = []
+    for _ in range(30):
+        drawn = sample_rollouts(model, [prompt], 200 * k, 2, eos, generator)  # (1, 200 K) i.i.d. samples
+        rollouts = Rollouts([prompt] * 200, [drawn.completions[0][i:i + k] for i in range(0, 200 * k, k)],
+                            drawn.sample_logps.view(200, k))  # (200, K): 200 draws of K
+        rewards = torch.tensor([[reward_of[tuple(c)] for c in row] for row in rollouts.completions])
+        loss, _ = online_step(model, rollouts, rewards, alpha, beta, pad_id=0, eos_id=eos, compile=False)
+        batch_means.append(-torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    batch_means = torch.stack(batch_means)  # (30, D)
+    mean, standard_error = batch_means.mean(0), batch_means.std(0) / math.sqrt(len(batch_means))
+    z = (mean - exact).abs() / standard_error
+    assert float(z.max()) < 5, float(z.max())
+    assert float(torch.nn.functional.cosine_similarity(mean, exact, dim=0)) > 0.95
+
+
+def test_rollouts_are_scored_with_the_log_probs_they_were_sampled_with(tiny_model):
+    """Invariant: the teacher-forced log-prob of each sampled completion (rollout_batch + sequence_logps, the
+    training side) equals the one models/generate.py accumulated while sampling it (KV-cache decoding), truncated
+    completions included; the reference (LoRA off) differs."""
+    model = tiny_lora_model(tiny_model)
+    rollouts = sample_rollouts(model, [[1, 3], [1, 4, 4, 0], [1, 4]], 6, 3, eos_id=2,
+                               generator=torch.Generator().manual_seed(0))
+    assert rollouts.shape == (3, 6)
+    batch, inverse = rollout_batch(rollouts, pad_id=0)
+    assert len(batch["input_ids"]) == len({(p, tuple(c)) for p, row in enumerate(rollouts.completions) for c in row})
+    logps = sequence_logps(model, batch, inverse, compile=False)
+    torch.testing.assert_close(logps.detach().double(), rollouts.sample_logps, rtol=0, atol=1e-5)
+    ref = sequence_logps(model, batch, inverse, reference=True, compile=False)
+    assert float((ref - logps.detach()).abs().max()) > 1e-2
+    assert any(len(c) == 3 and c[-1] != 2 for row in rollouts.completions for c in row)  # some were truncated
+
+
+# -------------------------------------------------------------------------------------------- rewards
+
+def test_world_reward_is_log_p_on_options_and_the_floor_elsewhere():
+    """On the shipped world: each option's exact tokens (enc(option) + EOS) get log of its population share,
+    read here from world.json; the same option without EOS, a different option's tokens and arbitrary text get
+    the floor."""
+    import json
+
+    from data.world import DEFAULT_DIR, load_world
+    from models import Tokenizer
+
+    tokenizer = Tokenizer(DEFAULT_DIR / "model" / "tokenizer.model")
+    questions = load_world(DEFAULT_DIR).opinions
+    reward = WorldReward.from_questions(questions, tokenizer, floor=-7.5)
+    spec = json.loads((DEFAULT_DIR / "world.json").read_text(encoding="utf-8"))["opinions"]
+    q = 2
+    options = [tokenizer.encode_response(o) for o in spec[q]["options"]]
+    completions = options + [options[0][:-1], tokenizer.encode_response("A dog and a cat"),
+                             tokenizer.encode_response(spec[q + 1]["options"][0])]
+    rollouts = Rollouts([list(reward.prompts[q])], [completions], torch.zeros(1, len(completions)))
+    expected = [math.log(p) for p in spec[q]["population"]] + [-7.5, -7.5, -7.5]
+    torch.testing.assert_close(reward([q], rollouts), torch.tensor([expected], dtype=torch.float64))
+    assert reward.is_option([q], rollouts).tolist() == [[True] * len(options) + [False] * 3]
+    assert list(reward.prompts[q]) == tokenizer.encode_prompt([{"role": "user", "content": spec[q]["prompt"]}])
+    with pytest.raises(ValueError, match="finite"):
+        WorldReward.from_questions(questions, tokenizer, floor=float("-inf"))
+
+
+def test_reward_model_reward_scores_each_completion_alone(tiny_model):
+    """RewardModelReward on a [P, K] batch of rollouts equals the head applied to each (prompt, completion) alone:
+    w . h(last token) + b, with h from the model on that sequence only (padding changes nothing)."""
+    from spl.step import RewardHead
+
+    model = tiny_model(seed=1)
+    head = RewardHead(model.config.hidden_size)
+    with torch.no_grad():
+        head.score.weight.copy_(torch.randn(head.score.weight.shape, generator=torch.Generator().manual_seed(2)))
+        head.score.bias.fill_(0.25)
+    completions = [[[5, 6, 2], [7, 2]], [[9, 9, 9, 9], [2]]]
+    rollouts = Rollouts([[1, 3], [1, 4, 4]], completions, torch.zeros(2, 2))
+    scores = RewardModelReward(model, head, pad_id=0)([0, 1], rollouts)
+    for p, row in enumerate(completions):
+        for k, completion in enumerate(row):
+            ids = torch.tensor([rollouts.prompt_ids[p] + completion])
+            expected = head.score(model.hidden_states(ids)[0, -1]).item()
+            assert abs(scores[p, k].item() - expected) < 1e-5
+
+
+# -------------------------------------------------------------------------------------------- the full-space optimum
+
+def maximise_eq4(ref, reward, alpha, beta):
+    """LBFGS on a free softmax policy over the whole (finite) space; Eq. 4 is strictly concave in pi."""
+    logits = torch.zeros_like(ref, requires_grad=True)
+    optimizer = torch.optim.LBFGS([logits], lr=1.0, max_iter=500, tolerance_grad=1e-13, tolerance_change=1e-15,
+                                  line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = -spl_objective(logits.softmax(-1), reward, ref, alpha, beta)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        optimizer.step(closure)
+    return logits.detach().softmax(-1)
+
+
+@pytest.mark.parametrize("alpha, beta, floor", [(0.5, 0.5, -1.0), (1.0, 1.0, 0.5), (0.2, 0.2, -0.6),
+                                                (0.4, 0.2, -1.5), (1.0, 0.1, -3.0)])
+def test_full_space_optimum_maximises_eq4_over_options_and_other_text(alpha, beta, floor):
+    """A space of 4 options and 9 other texts, the reference keeping 0.7 on the options; reward log p on the
+    options, `floor` on the rest. LBFGS's maximiser of Eq. 4 over all 13 outcomes keeps on the options the mass
+    `full_space_option_mass` predicts (alpha = beta: from the options' reference probabilities alone; otherwise
+    given W = sum of pi_ref^(beta/alpha) over the other texts), gives each option `full_space_optimum`'s
+    probability, and its distribution over the options is Prop. A.1's whatever the floor."""
+    generator = torch.Generator().manual_seed(int(100 * alpha + 10 * beta))
+    ref = torch.softmax(torch.randn(13, dtype=torch.float64, generator=generator), -1)
+    ref = torch.cat([0.7 * ref[:4] / ref[:4].sum(), 0.3 * ref[4:] / ref[4:].sum()])  # (13,)
+    p = torch.softmax(torch.randn(4, dtype=torch.float64, generator=generator), -1)
+    reward = torch.cat([p.log(), torch.full((9,), floor, dtype=torch.float64)])
+    optimum = maximise_eq4(ref, reward, alpha, beta)  # (13,)
+
+    weight = None if alpha == beta else (ref[4:] ** (beta / alpha)).sum()
+    mass = full_space_option_mass(ref[:4], p.log(), floor, alpha, beta, off_option_weight=weight)
+    torch.testing.assert_close(mass, optimum[:4].sum(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(full_space_optimum(ref[:4], p.log(), floor, alpha, beta, weight), optimum[:4],
+                               rtol=0, atol=1e-7)
+    torch.testing.assert_close(optimal_policy_from_reward(ref[:4], p.log(), alpha, beta),
+                               optimum[:4] / optimum[:4].sum(), rtol=0, atol=1e-7)
+    assert 0.05 < float(mass) < 0.999  # the floor matters: neither all nor none of the mass on the options
+
+
+def test_full_space_option_mass_refuses_what_it_cannot_know():
+    """alpha != beta without W is an error (it depends on the reference's spread over all other text); so are
+    option probabilities summing past 1, and a non-finite floor. A reference with all its mass on the options
+    keeps it there (W = 0)."""
+    with pytest.raises(ValueError, match="off_option_weight"):
+        full_space_option_mass([0.3, 0.2], [0.0, -1.0], -1.0, alpha=0.2, beta=0.1)
+    with pytest.raises(ValueError, match="more than 1"):
+        full_space_option_mass([0.8, 0.4], [0.0, -1.0], -1.0, alpha=0.1, beta=0.1)
+    with pytest.raises(ValueError, match="floor"):
+        full_space_option_mass([0.3, 0.2], [0.0, -1.0], float("nan"), alpha=0.1, beta=0.1)
+    assert float(full_space_option_mass([0.25, 0.75], [0.0, -1.0], 5.0, alpha=0.1, beta=0.1)) == 1.0
