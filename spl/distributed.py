@@ -6,11 +6,19 @@ global batch and takes a contiguous share (`share_batches`); the step's pair cou
 each one back-propagates its share of the global mean loss; one all-reduce of the LoRA gradients per optimizer
 step (`sum_gradients_`) then gives every process the one-process gradient. (DDP hooks `forward`, while the
 training step calls `hidden_states`; and one reduction after gradient accumulation is exact and easy to read.)
+
+FSDP's modules are imported inside `shard_frozen_weights`: they take seconds to import and only --fsdp uses them.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from data.reference_cache import reference_logps
+from models.lora import lora_modules
 
 
 @dataclass(frozen=True)
@@ -40,8 +48,6 @@ def broadcast_from_main(procs: Processes, value):
     """Rank 0's `value` (any picklable object) on every process."""
     if not procs.distributed:
         return value
-    import torch.distributed as dist
-
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
@@ -51,9 +57,6 @@ def sum_across(procs: Processes, values: list, device) -> list:
     """Every value summed over all processes (one float64 all-reduce); `values` unchanged with one process."""
     if not procs.distributed:
         return list(values)
-    import torch
-    import torch.distributed as dist
-
     summed = torch.tensor(values, dtype=torch.float64, device=device)  # [len(values)]
     dist.all_reduce(summed)
     return summed.tolist()
@@ -65,9 +68,6 @@ def sum_gradients_(procs: Processes, parameters: list) -> None:
     global mean loss, the one-process gradient; every process then holds it and takes the same AdamW step."""
     if not procs.distributed:
         return
-    import torch
-    import torch.distributed as dist
-
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
     flat = torch.cat([g.reshape(-1).float() for g in grads])  # [sum of numels]
     dist.all_reduce(flat)
@@ -99,32 +99,35 @@ def share_batches(batches, procs: Processes):
 
 
 def shared_reference_logps(path, key, compute, procs: Processes, device):
-    """Reference log-probs ([N] chosen, [N] rejected, on `device`), computed once for all processes: rank 0 reads
-    the cache and sends it; on a miss every process scores its share (compute() returns its pairs' values and
-    zeros elsewhere), an all-reduce joins the shares and rank 0 writes the cache. With one process this is
-    data.reference_cache.reference_logps (same messages, same file)."""
-    import torch
-    import torch.distributed as dist
-
-    from data.reference_cache import CacheMiss, load_reference_logps, save_reference_logps
-
-    cached = None
-    if procs.main:
-        try:
-            cached = torch.stack(load_reference_logps(path, key)).to(device)  # [2, N]
-            print(f"reference log-probs: loaded {key.num_examples} pairs from {os.fspath(path)}")
-        except CacheMiss as miss:
-            print(f"reference log-probs: {miss}; computing them")
-    if broadcast_from_main(procs, cached is not None):
+    """Reference log-probs ([N] chosen, [N] rejected, on `device`), computed once for all processes. Rank 0 runs
+    data.reference_cache.reference_logps (the path its tests cover: load and verify, or compute and save) and
+    sends a hit to the others; on a miss every process scores its share (compute() returns its pairs' values and
+    zeros elsewhere) and an all-reduce joins the shares. With one process this is reference_logps itself."""
+    def computed_by_all():  # [2, N]: every process's share, joined
+        both = torch.stack(compute()).float().to(device)
         if procs.distributed:
-            cached = cached if procs.main else torch.empty(2, key.num_examples, device=device)
-            dist.broadcast(cached, src=0)
-        return cached[0], cached[1]
-    both = torch.stack(compute()).float().to(device)  # [2, N]: this process's pairs, zeros elsewhere
-    if procs.distributed:
-        dist.all_reduce(both)
-    if procs.main:
-        save_reference_logps(path, key, both[0], both[1])
+            dist.all_reduce(both)
+        return both
+
+    if not procs.main:
+        if broadcast_from_main(procs, None):  # rank 0 missed the cache
+            both = computed_by_all()
+        else:
+            both = torch.empty(2, key.num_examples, device=device)
+            dist.broadcast(both, src=0)
+        return both[0], both[1]
+    missed = []
+
+    def on_miss():
+        missed.append(True)
+        broadcast_from_main(procs, True)
+        return tuple(computed_by_all())
+
+    both = torch.stack(reference_logps(path, key, on_miss, log=print)).to(device)  # [2, N]
+    if not missed:
+        broadcast_from_main(procs, False)
+        if procs.distributed:
+            dist.broadcast(both, src=0)
     return both[0], both[1]
 
 
@@ -138,8 +141,6 @@ def shard_frozen_weights(model, procs: Processes, device) -> None:
     block at a time; the whole parameters are moved here."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    from models.lora import lora_modules
 
     whole = {p for p in model.parameters() if p.requires_grad} | {model.lm_head.weight}
     mesh = init_device_mesh(device.type, (procs.world_size,))

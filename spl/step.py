@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from models.lora import disable_lora, lora_modules
 from spl import losses as L
 from spl.logprobs import sequence_logprobs
 
@@ -57,8 +58,6 @@ def reference_logprobs(model, batch, *, average: bool = False, compile=None):
     """The same log-probs under the reference policy: the model with every LoRA branch off (torchtune's
     disable_adapter: the reference for free), or the model as it is if it has no LoRA yet.
     Returns (ref_chosen_logps [B], ref_rejected_logps [B])."""
-    from models.lora import disable_lora, lora_modules
-
     with disable_lora(model) if lora_modules(model) else contextlib.nullcontext():
         logps = policy_logprobs(model, batch, average=average, compile=compile)  # (2B,)
     pairs = logps.shape[0] // 2
