@@ -4,8 +4,9 @@
     python sample.py --model DIR --adapter runs/spl/adapter --prompts prompts.txt -n 16 --json > samples.jsonl
 
 With no --model it samples from the embedded world's reference model (data/world/model/). The tokenizer is the
-`tokenizer.model` beside the model. Prompts are user turns in the Mistral chat format,
-BOS + enc("[INST] {prompt} [/INST]"), or BOS + enc(prompt) with --no-chat; `--prompts FILE` reads one prompt per
+`tokenizer.model` beside the model. Prompts are user turns in the checkpoint's chat format (models/chat_format.py;
+chosen from its tokenizer_config.json or tokenizer.model, printed to stderr, `--chat-format NAME` overrides), e.g.
+Mistral v1's BOS + enc("[INST] {prompt} [/INST]"), or BOS + enc(prompt) with --no-chat; `--prompts FILE` reads one prompt per
 line (a .txt file; blank lines are skipped) or JSONL objects with a "prompt" field (a .jsonl file).
 
 Each prompt is prefilled once, its KV cache repeated N times, and the N completions decoded as one batch until
@@ -30,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cli import UsageError, resolve_device
+from models.chat_format import FORMATS as CHAT_FORMATS
 from data.world import MODEL_DIR as DEFAULT_MODEL
 
 
@@ -106,9 +108,9 @@ def sample_completions(model, tokenizer, prompts, num_samples: int = 1, max_new_
         for prompt_index, text in enumerate(prompts):
             ids = prompt_ids(tokenizer, text, chat)
             out = generate(model, ids, max_new_tokens, num_samples, temperature, top_k, top_p, min_p,
-                           eos_id=tokenizer.eos_id, generator=generator)
+                           eos_id=tokenizer.end_of_turn_id, generator=generator)  # EOS, <|im_end|> in ChatML
             for index, (tokens, logprob) in enumerate(zip(out.tokens, out.logprobs)):
-                eos = bool(tokens) and tokens[-1] == tokenizer.eos_id
+                eos = bool(tokens) and tokens[-1] == tokenizer.end_of_turn_id
                 completions.append(Completion(text, prompt_index, index, ids, tokens, tokenizer.decode(tokens), eos,
                                               logprob))
     return completions
@@ -142,6 +144,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="prompt as BOS + text, without the chat format")
+    p.add_argument("--chat-format", choices=CHAT_FORMATS, help="override the checkpoint's chat format")
     p.add_argument("--json", action="store_true", help="one JSON object per completion")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -165,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from models import CheckpointError, Tokenizer, load_adapter, load_pretrained
+    from models.tokenizer import check_vocabulary, describe_format
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
@@ -177,13 +181,12 @@ def run(args: argparse.Namespace) -> int:
     if not tokenizer_path.is_file():
         raise CheckpointError(f"{tokenizer_path}: missing (the sentencepiece tokenizer.model must sit beside "
                               f"the model)")
-    tokenizer = Tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise CheckpointError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens, more than the model's vocab_size "
-                              f"{model.config.vocab_size}")
+    tokenizer = Tokenizer(tokenizer_path, args.chat_format)
+    check_vocabulary(tokenizer, model.config.vocab_size, model_dir)
     if args.adapter:
         load_adapter(model, args.adapter)
         model.to(device).eval()
+    print(describe_format(tokenizer), file=sys.stderr)  # once every input is checked; stdout holds the completions
     generator = torch.Generator(device=device).manual_seed(args.seed)
     completions = sample_completions(model, tokenizer, prompts, args.num_samples, args.max_new_tokens,
                                      args.temperature, args.top_k, args.top_p, args.min_p, chat=not args.no_chat,

@@ -64,7 +64,9 @@ from data.tokenization import load_preference_data
 from eval.opinions import format_report, world_report
 from models import (CheckpointError, ConfigError, MistralConfig, Tokenizer, add_lora, build_model, load_pretrained,
                     save_pretrained)
+from models.chat_format import FORMATS as CHAT_FORMATS
 from models.lora import TARGET_NAMES, save_adapter
+from models.tokenizer import check_vocabulary, describe_format
 from spl import runs
 from spl.distributed import (Processes, broadcast_from_main, share_batches, shard_frozen_weights,
                              shared_reference_logps, sum_across, sum_gradients_)
@@ -90,7 +92,9 @@ class TrainConfig:
     """Every training option, flat. Saved as config.json in the run directory and checked on --resume."""
     model: str | None = None  # HF-format directory; None: the embedded world's reference model
     init_config: str | None = None  # a config.json to train from random weights (the world's SFT model)
-    data: str | None = None  # preference (or SFT) file; None: the embedded world's opinion pairs
+    data: str | None = None  # preference (or SFT) file or dataset directory; None: the embedded world's opinion pairs
+    data_split: str | None = None  # the split of a dataset directory with several (data/preferences.py)
+    chat_format: str | None = None  # None: chosen from the checkpoint (models/tokenizer.py)
     # The objective (spl/step.py's Objective owns these fields and their defaults; see Objective.from_config)
     loss: str = Objective.loss
     alpha: float = Objective.alpha
@@ -143,7 +147,10 @@ def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF-format model directory (default: the embedded world's reference model)")
     p.add_argument("--init-config", help="train from random weights built from this config.json (full fine-tune)")
-    p.add_argument("--data", help="JSON/JSONL preference data (or SFT records for --loss sft)")
+    p.add_argument("--data", help="preference data: .jsonl/.json (.gz), .parquet, a datasets directory (or SFT "
+                                  "records for --loss sft)")
+    p.add_argument("--data-split", help="the split of a dataset directory with several (train, test_prefs, ...)")
+    p.add_argument("--chat-format", help=f"override the checkpoint's chat format: {', '.join(CHAT_FORMATS)}")
     p.add_argument("--loss", choices=LOSSES, default=defaults.loss)
     p.add_argument("--alpha", type=float, help=f"SPL entropy coefficient (default {defaults.alpha})")
     p.add_argument("--beta", type=float, help=f"cross-entropy (reference) coefficient (default {defaults.beta})")
@@ -271,6 +278,10 @@ def validate(c: TrainConfig, world_size: int = 1) -> None:
         fail("--fsdp shards the frozen weights across processes: launch with torchrun --nproc_per_node N (N > 1)")
     if c.fsdp and c.lora_rank == 0:
         fail("--fsdp shards the frozen weights of a LoRA run: give --lora-rank > 0")
+    if c.chat_format is not None and c.chat_format not in CHAT_FORMATS:
+        fail(f"--chat-format {c.chat_format}: unknown format (known: {', '.join(CHAT_FORMATS)})")
+    if c.data_split is not None and c.loss == "sft":
+        fail("--data-split reads preference datasets; --loss sft reads one .jsonl/.json(.gz) file")
 
 
 # --------------------------------------------------------------------------------------------------- schedule
@@ -342,14 +353,14 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
     torch.manual_seed(c.seed)
     np.random.seed(c.seed)
     model, tokenizer, model_dir, tokenizer_path = load_model(c, device)
-    examples, data_path = load_data(c, tokenizer, say)
+    examples, summary = load_data(c, tokenizer, say, model.config.vocab_size)
     total_steps = c.steps or max(1, math.ceil(c.epochs * len(examples) / c.batch_size))
     prepare_run_dir(out, c, procs)  # now that every input has been read and checked
     num_parameters = model.num_parameters()  # the model's own, before LoRA adds its branches
     trainable, head = trainable_parameters(model, c, procs, device)
     reference = None  # (ref_chosen_logps [N], ref_rejected_logps [N]) for the preference losses
     if c.loss in PREFERENCE_LOSSES:
-        key = reference_cache_key(examples, c, model_dir, data_path, tokenizer, tokenizer_path)
+        key = reference_cache_key(examples, c, model_dir, summary.sha256, tokenizer, tokenizer_path)
         reference = reference_log_probs(model, examples, tokenizer.pad_id, out / "cache", key, c, procs, device,
                                         compile)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay)
@@ -450,6 +461,8 @@ def load_model(c: TrainConfig, device):
         tokenizer_path = model_dir / "tokenizer.model"
     if not tokenizer_path.is_file():
         raise UsageError(f"{tokenizer_path}: missing (the sentencepiece tokenizer.model must sit beside the model)")
+    tokenizer = Tokenizer(tokenizer_path, c.chat_format)  # the chat format, from the checkpoint or --chat-format
+    check_vocabulary(tokenizer, model.config.vocab_size, model_dir or c.init_config)  # a tokenizer of another model
     if c.threads:
         torch.set_num_threads(c.threads)
     elif device.type == "cpu" and model.num_parameters() < 10_000_000:
@@ -457,12 +470,12 @@ def load_model(c: TrainConfig, device):
         # stalls whenever another process holds a core: on two busy cores the world's main job took 210 s
         # with two threads and 56 s with one.
         torch.set_num_threads(1)
-    return model, Tokenizer(tokenizer_path), model_dir, tokenizer_path
+    return model, tokenizer, model_dir, tokenizer_path
 
 
-def load_data(c: TrainConfig, tokenizer, say):
-    """(examples, data_path): --data (or the world's opinion pairs, its SFT text for --loss sft), tokenized,
-    truncated and checked."""
+def load_data(c: TrainConfig, tokenizer, say, vocab_size: int):
+    """(examples, summary): --data (or the world's opinion pairs, its SFT text for --loss sft), tokenized in the
+    tokenizer's chat format, truncated and checked."""
     world_file = WORLD_FILES["sft" if c.loss == "sft" else "opinion_pairs_soft"]
     data_path = Path(c.data) if c.data else WORLD_DIR / world_file
     if c.loss == "sft":
@@ -471,7 +484,9 @@ def load_data(c: TrainConfig, tokenizer, say):
     else:
         column_map = {"prompt": c.prompt_key, "chosen": c.chosen_key, "rejected": c.rejected_key,
                       "chosen_prob": c.chosen_prob_key}
-        examples, summary = load_preference_data(data_path, tokenizer, c.max_length, c.max_prompt_length, column_map)
+        examples, summary = load_preference_data(data_path, tokenizer, c.max_length, c.max_prompt_length, column_map,
+                                                 c.data_split, vocab_size)
+    say(describe_format(tokenizer))
     say(summary.format())
     if c.preset:
         taken = [f"--{k.replace('_', '-')} {v:g}" for k, v in PRESETS[c.preset].items()
@@ -482,7 +497,7 @@ def load_data(c: TrainConfig, tokenizer, say):
     if c.loss == "cdpo" and any(e.chosen_prob != 1.0 for e in examples):
         raise UsageError(f"{data_path}: --loss cdpo smooths every label by --label-smoothing; the data's soft "
                          f"labels ({c.chosen_prob_key}) would be ignored: use --loss spl or dpo with them")
-    return examples, data_path
+    return examples, summary
 
 
 def trainable_parameters(model, c: TrainConfig, procs: Processes, device):
@@ -503,9 +518,10 @@ def trainable_parameters(model, c: TrainConfig, procs: Processes, device):
     return trainable, head
 
 
-def reference_cache_key(examples, c: TrainConfig, model_dir, data_path, tokenizer, tokenizer_path):
-    """What the reference log-probs depend on (data/reference_cache.py): a cache with another key is stale."""
-    return ReferenceCacheKey.build(examples, dataset_sha256=file_sha256(data_path),
+def reference_cache_key(examples, c: TrainConfig, model_dir, dataset_sha256: str, tokenizer, tokenizer_path):
+    """What the reference log-probs depend on (data/reference_cache.py): a cache with another key is stale. The
+    dataset is named by the content of the records read (the same in every file format; another split, another)."""
+    return ReferenceCacheKey.build(examples, dataset_sha256=dataset_sha256,
                                    reference_model=reference_identity(model_dir, c), max_length=c.max_length,
                                    max_prompt_length=c.max_prompt_length, chat_format=tokenizer.chat_format,
                                    tokenizer_sha256=file_sha256(tokenizer_path))
