@@ -287,8 +287,8 @@ def recognise_template(template: str, control_pieces: set[str]) -> str | None:
     """
     if "<|im_start|>" in template and "<|im_end|>" in template:
         return "chatml"
-    if "<|user|>" in template and "<|assistant|>" in template:
-        return "zephyr"
+    if "<|user|>" in template and "<|assistant|>" in template and "<|end|>" not in template:
+        return "zephyr"  # Phi-3 writes the same role tags but ends turns with <|end|>: not Zephyr, not known
     if "<<SYS>>" in template and "[INST]" in template:
         return "llama-2"
     if "[INST]" in template:

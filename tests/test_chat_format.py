@@ -250,8 +250,18 @@ def test_template_list_form_uses_the_default_entry(tmp_path):
     assert Tokenizer(directory / "tokenizer.model").chat_format == "zephyr"
 
 
-def test_unrecognised_template_stops_naming_the_file_and_the_known_formats(tmp_path):
-    directory = checkpoint_dir(tmp_path, template="{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}{% endfor %}")
+PHI3_STYLE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + "
+              "'<|end|>\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + "
+              "'<|end|>\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}"
+              "{{ eos_token }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}{% endfor %}",
+    PHI3_STYLE,  # Zephyr's role tags, but turns end with <|end|>: another format, not to be guessed as Zephyr
+])
+def test_unrecognised_template_stops_naming_the_file_and_the_known_formats(tmp_path, template):
+    directory = checkpoint_dir(tmp_path, template=template)
     with pytest.raises(CheckpointError) as raised:
         Tokenizer(directory / "tokenizer.model")
     assert str(raised.value) == (f"{directory / 'tokenizer_config.json'}: chat_template is none of the known formats "
