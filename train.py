@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -55,7 +56,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from cli import UsageError, resolve_device
-from data.world import DEFAULT_DIR as WORLD_DIR, FILES as WORLD_FILES, MODEL_DIR as WORLD_MODEL
+from data.world import DEFAULT_DIR as WORLD_DIR, FILES as WORLD_FILES, MODEL_DIR as WORLD_MODEL, load_world
 from data.batching import PreferenceBatches
 from data.preferences import DataError
 from data.reference_cache import ReferenceCacheKey, cache_path, file_sha256
@@ -71,10 +72,11 @@ from spl import runs
 from spl.distributed import (Processes, broadcast_from_main, share_batches, shard_frozen_weights,
                              shared_reference_logps, sum_across, sum_gradients_)
 from spl.losses import FDPO_DIVERGENCES
+from spl import online
 from spl.step import (PREFERENCE_LOSSES, Objective, RewardHead, preference_step, reference_logprobs, reward_step,
                       sft_step)
 
-LOSSES = (*PREFERENCE_LOSSES, "sft", "reward")
+LOSSES = (*PREFERENCE_LOSSES, "sft", "reward", "spl-online")
 
 # The paper's two recipes (Appendix B.3: chat on HH-RLHF; Appendix C.4: math, Zephyr-like on UltraFeedback).
 # LoRA targets are not stated in the paper; all seven projections are our choice.
@@ -104,6 +106,11 @@ class TrainConfig:
     fdpo_divergence: str = Objective.fdpo_divergence
     fdpo_alpha: float = Objective.fdpo_alpha
     average_logprobs: bool = Objective.average_logprobs
+    # spl-online (spl/online.py): K samples per prompt, their length limit, the world's floor reward, a reward model
+    online_samples: int = 8
+    max_new_tokens: int = 16
+    reward_floor: float = online.DEFAULT_FLOOR
+    reward_model: str | None = None
     lora_rank: int = 16  # 0: full fine-tune
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
@@ -161,6 +168,14 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--fdpo-alpha", type=float, default=defaults.fdpo_alpha)
     p.add_argument("--average-logprobs", action="store_true", help="length-normalised sequence log-probs")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's recipes (Appendix B.3 / C.4)")
+    p.add_argument("--online-samples", type=int, default=defaults.online_samples,
+                   help="spl-online: completions sampled per prompt per step, K >= 2 (the RLOO baseline)")
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                   help="spl-online: length limit of a sampled completion")
+    p.add_argument("--reward-floor", type=float, default=defaults.reward_floor,
+                   help="spl-online on the world: the exact reward of any text that is not an option")
+    p.add_argument("--reward-model", help="spl-online: the run directory of a `--loss reward` run to score with "
+                   "(default on the world: its exact reward)")
     for name in ("lora_rank", "lora_alpha", "lora_dropout", "lr", "weight_decay", "warmup_steps", "steps",
                  "epochs", "batch_size", "grad_accum", "max_grad_norm", "max_length", "max_prompt_length"):
         kind = {int: int, float: float}.get(type(getattr(defaults, name)), float)
@@ -282,6 +297,21 @@ def validate(c: TrainConfig, world_size: int = 1) -> None:
         fail(f"--chat-format {c.chat_format}: unknown format (known: {', '.join(CHAT_FORMATS)})")
     if c.data_split is not None and c.loss == "sft":
         fail("--data-split reads preference datasets; --loss sft reads one .jsonl/.json(.gz) file")
+    if c.loss == "spl-online":
+        if c.lora_rank == 0 or c.lora_dropout:
+            fail("--loss spl-online scores the reference with LoRA off and samples from the policy it trains: "
+                 "give --lora-rank > 0 and --lora-dropout 0")
+        if c.online_samples < 2 or c.max_new_tokens < 1:
+            fail(f"--online-samples must be >= 2 (the leave-one-out baseline) and --max-new-tokens >= 1, got "
+                 f"{c.online_samples} and {c.max_new_tokens}")
+        if not math.isfinite(c.reward_floor):
+            fail(f"--reward-floor must be a finite number, got {c.reward_floor}")
+        if c.reward_model is None and (c.model or c.init_config):
+            fail("--loss spl-online with your own model needs --reward-model RUN_DIR (the exact reward exists only "
+                 "on the embedded world)")
+        if c.reward_model is not None and not (Path(c.reward_model) / "adapter" / "reward_head.safetensors").is_file():
+            fail(f"--reward-model {c.reward_model}: no adapter/reward_head.safetensors there; give the run directory "
+                 f"of a finished `train.py --loss reward` run")
 
 
 # --------------------------------------------------------------------------------------------------- schedule
@@ -364,7 +394,14 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
         reference = reference_log_probs(model, examples, tokenizer.pad_id, out / "cache", key, c, procs, device,
                                         compile)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay)
-    batches = training_batches(examples, tokenizer.pad_id, c, procs)
+    if c.loss == "spl-online":  # the data's distinct prompts, the reward, and a seeded order of prompt batches
+        prompts, reward = online_prompts_and_reward(examples, tokenizer, c, device)
+        batches = share_batches(PreferenceBatches(prompts, c.batch_size // c.grad_accum, tokenizer.pad_id,
+                                                  seed=c.seed, collate_fn=online.collate_prompts,
+                                                  length_fn=lambda prompt: len(prompt.prompt_ids)), procs)
+        reference = (prompts, reward, tokenizer.pad_id, tokenizer.end_of_turn_id)  # what step_function needs
+    else:
+        batches = training_batches(examples, tokenizer.pad_id, c, procs)
     say(describe(num_parameters, trainable, len(examples), total_steps, c, procs, device))
     start_step = resume(out, trainable, optimizer, batches, c, procs, say) if c.resume else 0
     step_loss = step_function(c, model, head, reference, compile)
@@ -574,6 +611,24 @@ def training_batches(examples, pad_id: int, c: TrainConfig, procs: Processes):
                                  group_by_length=c.group_by_length), procs)
 
 
+def online_prompts_and_reward(examples, tokenizer, c: TrainConfig, device):
+    """spl-online's (distinct prompts of the data, reward): the world's exact reward (log p of an option, the
+    floor elsewhere), or the reward model of --reward-model on the base model it was trained from."""
+    prompts = online.distinct_prompts(examples)
+    if c.reward_model is None:
+        try:
+            return prompts, online.world_reward_for_prompts(load_world(WORLD_DIR).opinions, tokenizer, prompts,
+                                                            c.reward_floor)
+        except ValueError as error:
+            raise UsageError(f"{c.data}: {error}") from None
+    saved = json.loads((Path(c.reward_model) / "config.json").read_text(encoding="utf-8"))
+    if saved.get("loss") != "reward" or saved.get("init_config"):
+        raise UsageError(f"--reward-model {c.reward_model}: not a LoRA `--loss reward` run")
+    base = Path(saved["model"]) if saved.get("model") else WORLD_MODEL
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.dtype]
+    return prompts, online.RewardModelReward.load(c.reward_model, base, tokenizer.pad_id, device, dtype)
+
+
 def describe(num_parameters: int, trainable: dict, num_examples: int, total_steps: int, c: TrainConfig,
              procs: Processes, device) -> str:
     """The run's one-line summary: model size, what is trained, examples, steps and where."""
@@ -622,6 +677,10 @@ def step_function(c: TrainConfig, model, head, reference, compile):
         return lambda batch: sft_step(model, batch, compile=compile)[:2]
     if c.loss == "reward":
         return lambda batch: reward_step(model, head, batch)[:2]
+    if c.loss == "spl-online":  # reference: (distinct prompts, reward, pad id, stop id); see spl/online.py
+        prompts, reward, pad_id, eos_id = reference
+        return online.online_step_function(model, prompts, reward, c.alpha, c.beta, c.online_samples,
+                                           c.max_new_tokens, pad_id, eos_id, compile=compile)
     objective = Objective.from_config(c)
     ref_chosen_logps, ref_rejected_logps = reference
 
@@ -682,8 +741,10 @@ def write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out: Path, 
     """The adapter (PEFT format, plus the reward head) or the whole model (HF format), and on the world the
     report comparing the learned policy with the closed-form optimum (report.json, printed)."""
     report = None
-    if reports and c.loss in ("spl", "dpo") and c.lora_rank:
+    if reports and c.loss in ("spl", "dpo", "spl-online") and c.lora_rank:
         report = world_report(model, tokenizer, *report_coefficients(c), device)
+        if c.loss == "spl-online" and c.reward_model is None:  # the full-space optimum's option mass (alpha = beta)
+            report = online.add_full_space_mass(report, c.reward_floor, c.alpha, c.beta)
     if not procs.main:
         return
     if c.lora_rank:
@@ -701,6 +762,10 @@ def write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out: Path, 
     if report is not None:
         runs.write_json_atomic(out / "report.json", report)
         print(format_report(report))
+        if "mean_closed_form_option_mass" in report:
+            print(f"full-space optimum (Eq. 4, floor {report['reward_floor']:g}): option mass "
+                  f"{report['mean_closed_form_option_mass']:.3f}; learned within "
+                  f"{report['mean_abs_option_mass_error']:.4f} on average (max {report['max_abs_option_mass_error']:.4f})")
 
 
 if __name__ == "__main__":

@@ -271,3 +271,86 @@ class RewardModelReward:
         batch, inverse = rollout_batch(rollouts, self.pad_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         return reward_scores(self.model, self.head, batch).double().cpu()[inverse]  # (P, K)
+
+
+# -------------------------------------------------------------------------------------------- train.py's pieces
+
+@dataclass
+class OnlinePrompt:
+    """One distinct prompt of the training data: what spl-online samples completions for."""
+    prompt_ids: list[int]
+    index: int
+
+
+def distinct_prompts(examples) -> list[OnlinePrompt]:
+    """The distinct prompts of tokenised examples (anything with `prompt_ids`), in order of first appearance."""
+    seen = {}
+    for example in examples:
+        seen.setdefault(tuple(example.prompt_ids), len(seen))
+    return [OnlinePrompt(list(ids), index) for ids, index in seen.items()]
+
+
+def collate_prompts(prompts: list[OnlinePrompt], pad_id: int = 0, pad_to_multiple: int = 1) -> dict:
+    """A batch of prompts for data/batching.py's seeded, resumable order: their indices [P], and a loss_mask of
+    ones [P] so that train.py's accumulation counts prompts as the step's units."""
+    return {"prompt_index": torch.tensor([p.index for p in prompts], dtype=torch.long),
+            "loss_mask": torch.ones(len(prompts), dtype=torch.bool)}
+
+
+def world_reward_for_prompts(questions, tokenizer, prompts: list[OnlinePrompt], floor: float) -> WorldReward:
+    """The world's exact reward indexed like `prompts` (which must all be opinion questions' prompts)."""
+    by_prompt = {tuple(tokenizer.encode_prompt([{"role": "user", "content": q.prompt}])): q for q in questions}
+    missing = [p.index for p in prompts if tuple(p.prompt_ids) not in by_prompt]
+    if missing:
+        raise ValueError(f"the world's exact reward knows only its opinion questions; prompt {missing[0]} of the "
+                         f"data is not one of them ({len(missing)} are not): give --reward-model RUN_DIR")
+    return WorldReward.from_questions([by_prompt[tuple(p.prompt_ids)] for p in prompts], tokenizer, floor)
+
+
+def online_step_function(model, prompts: list[OnlinePrompt], reward, alpha: float, beta: float, samples: int,
+                         max_new_tokens: int, pad_id: int, eos_id: int, device=None, compile=None):
+    """train.py's micro-batch loss for --loss spl-online: batch (collate_prompts) -> (loss, metric sums over its
+    prompts). Samples K completions per prompt with the current policy, rewards them, and returns
+    `online_step`'s loss. The batch's attention_mask becomes the trained rows' mask, so the loop's tokens/s
+    counts the tokens trained on per second of the whole step (sampling included); generation has its own."""
+    import time
+
+    def step(batch):
+        index = batch["prompt_index"].tolist()
+        started = time.perf_counter()
+        rollouts = sample_rollouts(model, [prompts[i].prompt_ids for i in index], samples, max_new_tokens, eos_id)
+        generation_s = time.perf_counter() - started
+        rewards = reward(index, rollouts)  # (P, K)
+        loss, metrics = online_step(model, rollouts, rewards, alpha, beta, pad_id, eos_id, device=device,
+                                    compile=compile)
+        generated = float(rollouts.lengths().sum())
+        metrics |= {"generation_s": generation_s, "generation_tokens_per_s": generated / max(generation_s, 1e-9)}
+        if isinstance(reward, WorldReward):
+            metrics["option_fraction"] = float(reward.is_option(index, rollouts).float().mean())
+        batch["attention_mask"] = torch.ones(metrics.pop("train_tokens"), dtype=torch.bool)
+        return loss, {name: value * len(index) for name, value in metrics.items()}  # sums over the prompts
+
+    return step
+
+
+def add_full_space_mass(report: dict, floor: float, alpha: float, beta: float) -> dict:
+    """For alpha = beta, the option mass Eq. 4's optimum keeps under the world's exact reward with this floor
+    (spl.theory.full_space_option_mass, from the reference model's own option probabilities) beside the learned
+    mass, per question and on average. Other (alpha, beta): the mass depends on the reference's whole
+    distribution off the options, so only the learned mass is reported."""
+    from spl.theory import full_space_option_mass
+
+    report = dict(report, reward_floor=floor)
+    if alpha != beta:
+        return report
+    errors = []
+    for row in report["questions"]:
+        ref = torch.tensor(row["reference"], dtype=torch.float64) * row["reference_option_mass"]  # (K,)
+        reward = torch.tensor(row["population"], dtype=torch.float64).log()  # (K,) r = log p
+        row["closed_form_option_mass"] = float(full_space_option_mass(ref, reward, floor, alpha, beta))
+        errors.append(abs(row["learned_option_mass"] - row["closed_form_option_mass"]))
+    report["mean_closed_form_option_mass"] = sum(r["closed_form_option_mass"] for r in report["questions"]) / len(
+        errors)
+    report["mean_abs_option_mass_error"] = sum(errors) / len(errors)
+    report["max_abs_option_mass_error"] = max(errors)
+    return report

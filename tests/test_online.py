@@ -269,3 +269,53 @@ def test_full_space_option_mass_refuses_what_it_cannot_know():
     with pytest.raises(ValueError, match="floor"):
         full_space_option_mass([0.3, 0.2], [0.0, -1.0], float("nan"), alpha=0.1, beta=0.1)
     assert float(full_space_option_mass([0.25, 0.75], [0.0, -1.0], 5.0, alpha=0.1, beta=0.1)) == 1.0
+
+
+# -------------------------------------------------------------------------------------------- train.py --loss spl-online
+
+def online_args(out, *extra):
+    return ["--loss", "spl-online", "--alpha", "0.2", "--beta", "0.1", "--steps", "4", "--batch-size", "3",
+            "--online-samples", "3", "--warmup-steps", "1", "--out", str(out), "--no-progress", *extra]
+
+
+def test_train_spl_online_on_the_world_resumes_bit_identically(tmp_path):
+    """Invariant: 4 uninterrupted steps vs. the same command rolled back to its step-2 checkpoint and resumed
+    (sampling draws from the global RNG, which the checkpoint restores). The metrics log has every step's
+    online metrics, and the world report is written."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import train
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert train.main(online_args(full, "--save-every", "2")) == 0
+    assert train.main(online_args(resumed, "--save-every", "2")) == 0
+    shutil.rmtree(resumed / "checkpoints" / "step_000004")
+    shutil.rmtree(resumed / "adapter")
+    assert train.main(online_args(resumed, "--save-every", "2", "--resume")) == 0
+    a, b = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (full, resumed))
+    assert set(a) == set(b) and all(torch.equal(a[name], b[name]) for name in a)
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("reward", "soft_reward", "entropy", "cross_entropy", "length", "generation_tokens_per_s",
+                "tokens_per_s", "option_fraction"):
+        assert all(math.isfinite(r[key]) for r in records), key
+    report = json.loads((full / "report.json").read_text())
+    assert len(report["questions"]) == 30 and "reward_floor" in report
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--lora-dropout", "0.1"), "--lora-dropout 0"),
+    (("--online-samples", "1"), "--online-samples must be >= 2"),
+    (("--reward-floor", "nan"), "--reward-floor must be a finite"),
+    (("--reward-model", "/nonexistent"), "reward_head.safetensors"),
+])
+def test_train_spl_online_refuses_bad_options_in_one_line(tmp_path, capsys, extra, message):
+    import train
+
+    assert train.main(online_args(tmp_path / "run", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
