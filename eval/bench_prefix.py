@@ -1,20 +1,24 @@
 """Benchmark: the LoRA SPL training step with shared prefixes (spl/prefix.py) against the unshared one.
 
     python eval/bench_prefix.py                       # HH-RLHF-shaped pairs, D = 512, 4 layers, V = 32000, 1 thread
+    python eval/bench_prefix.py --group-by-length     # batches of similar lengths (less padding on the unshared side)
     python eval/bench_prefix.py --prompt-median 40    # shorter prompts: less to share
 
 The step, the same on both sides: the policy's log-probs of every row of a batch of 8 pairs (LoRA r = 16 on all
 seven projections, the fused log-prob head), the SPL loss (Eq. 5) against reference log-probs computed beforehand,
-backward, clipping and one AdamW step. Unshared: `model.hidden_states` over the [2B, T] rows prompt + response
+backward and gradient clipping (no optimizer update, so both sides see the same weights in every repeat; AdamW's
+update is the same small cost on both). Unshared: `model.hidden_states` over the [2B, T] rows prompt + response
 (each prompt computed twice). Shared: `spl.prefix.shared_prefix_logprobs` (each prompt once, each response
-continuing from its keys and values). Both run in this process on the same batches, alternating which goes
-first in each repeat; the ratio of the medians is what to read (the machine may be shared).
+continuing from its keys and values, no padding through the projections and MLPs). Both run in this process on
+the same batches, alternating which goes first in each repeat; the ratio of the medians is what to read (the
+machine may be shared).
 
 HH-RLHF shape: the prompt is a multi-turn transcript, on average longer than both responses together. Lengths
 are drawn log-normal (prompt median `--prompt-median`, each response median `--response-median`, sigma 0.6,
 clipped to [8, 512] and [2, 256]), which with the defaults makes the prompt about 60% of a pair's tokens
-(prompt + chosen + rejected; printed). Batches of random pairs (no length grouping): padding is counted in the
-printed token totals, which give the ratio of positions each side computes.
+(prompt + chosen + rejected; printed). Batches as train.py draws them (random pairs, or with --group-by-length
+pairs of similar row length). Printed: the token positions each side runs through the projections and MLPs
+(the unshared rows with their padding; the shared side packs real tokens only), and the step times.
 """
 import argparse
 import os
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
-from data.batching import collate  # noqa: E402
+from data.batching import PreferenceBatches, collate_grouped  # noqa: E402
 from data.tokenization import PreferenceExample  # noqa: E402
 from models import Mistral, MistralConfig, add_lora  # noqa: E402
 from models.lora import TARGET_NAMES, disable_lora  # noqa: E402
@@ -51,17 +55,6 @@ def hh_shaped_examples(count, vocab, prompt_median, response_median, seed=0):
                               ids(length(response_median, 2, 256) - 1) + [2], 0.75, index=i) for i in range(count)]
 
 
-def pair_batch(examples, pad_id=0):
-    """Today's collate (rows 0..B-1 chosen, B..2B-1 rejected) with the grouped-batch fields of PLAN.md: pair b's
-    two rows share prompt b."""
-    batch = collate(examples, pad_id)
-    pairs = len(examples)
-    batch["response_prompt"] = torch.arange(pairs).repeat(2)  # [2B]
-    batch["prompt_lengths"] = torch.tensor([len(e.prompt_ids) for e in examples] * 2)  # [2B]
-    batch["pair_chosen"], batch["pair_rejected"] = torch.arange(pairs), torch.arange(pairs, 2 * pairs)  # [B]
-    return batch
-
-
 def unshared_logprobs(model, batch):
     hidden = model.hidden_states(batch["input_ids"])  # (2B, T, D)
     return sequence_logprobs(hidden, model.lm_head.weight, batch["targets"], batch["loss_mask"], compile=False)
@@ -81,6 +74,7 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--group-by-length", action="store_true", help="batches of similar lengths (train.py's option)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -96,12 +90,15 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
 
     examples = hh_shaped_examples(args.pairs * args.batches, args.vocab, args.prompt_median, args.response_median)
-    batches = [pair_batch(examples[i:i + args.pairs]) for i in range(0, len(examples), args.pairs)]
+    order = PreferenceBatches(examples, args.pairs, 0, seed=0, group_by_length=args.group_by_length,
+                              collate_fn=collate_grouped)
+    batches = [next(order) for _ in range(args.batches)]  # rows prompt + chosen, prompt + rejected per pair
     prompt_tokens = sum(len(e.prompt_ids) for e in examples)
     pair_tokens = sum(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
-    unshared_positions = sum(b["input_ids"].numel() for b in batches)
+    unshared_positions = sum(b["input_ids"].numel() for b in batches)  # padding included
+    unshared_real = sum(int(b["attention_mask"].sum()) for b in batches)
     splits = [split_shared_prefix(b) for b in batches]
-    shared_positions = sum(s["prefix_ids"].numel() + s["continuation_ids"].numel() for s in splits)
+    shared_positions = sum(int(s["prefix_lengths"].sum() + s["continuation_lengths"].sum()) for s in splits)
     with torch.no_grad(), disable_lora(model):
         references = [unshared_logprobs(model, b) for b in batches]  # (2B,) each, LoRA off
 
@@ -133,8 +130,9 @@ def main(argv=None):
           f"batch, {args.batches} batches, {args.repeats} alternating repeats, {torch.get_num_threads()} thread(s), "
           f"CPU float32")
     print(f"pairs: prompt {prompt_tokens / pair_tokens:.0%} of a pair's tokens (prompt + chosen + rejected); "
-          f"positions computed per step: unshared {unshared_positions / len(batches):.0f}, "
-          f"shared {shared_positions / len(batches):.0f} ({shared_positions / unshared_positions:.2f}x)")
+          f"token positions through the projections and MLPs per step: unshared {unshared_positions / len(batches):.0f} "
+          f"({1 - unshared_real / unshared_positions:.0%} of them padding), shared {shared_positions / len(batches):.0f} "
+          f"(no padding) ({shared_positions / unshared_positions:.2f}x)")
     print(f"first loss: unshared {first['unshared']:.6f}, shared {first['shared']:.6f}")
     print(f"step time (median): unshared {unshared_s * 1000:.0f} ms, shared {shared_s * 1000:.0f} ms")
     print(f"shared / unshared: {shared_s / unshared_s:.2f}x (target <= 0.75x)")

@@ -55,9 +55,7 @@ def shared_logprobs(model, batch):
     """spl.prefix's shared hidden states through the same naive float64 head as the oracle (the fused head of
     `shared_prefix_logprobs` works in float32; it is compared at float32 tolerance below)."""
     split = split_shared_prefix(batch)
-    hidden = shared_prefix_hidden_states(model, split["prefix_ids"], split["prefix_lengths"],
-                                         split["continuation_ids"], split["continuation_start"],
-                                         split["response_prompt"])  # (R, Tr, D): every prompt computed once
+    hidden = shared_prefix_hidden_states(model, split)  # (R, Tr, D): every prompt computed once
     return naive_sequence_logprobs(hidden, model.lm_head.weight, split["continuation_targets"],
                                    split["continuation_loss_mask"])  # (R,)
 
@@ -140,6 +138,26 @@ def test_split_computes_each_prompt_once_and_each_response_token_once():
         row = torch.cat([split["prefix_ids"][p, :start], split["continuation_ids"][r, :real]])
         assert row.tolist() == batch["input_ids"][r, :lengths[r]].tolist()
         assert split["continuation_loss_mask"][r].sum() == batch["loss_mask"][r].sum()
+
+
+def test_every_real_token_goes_through_the_mlp_once_and_no_padding_does(tiny_model):
+    """Invariant (counted with forward hooks): per layer, the MLP sees sum over prompts of (L - 1) prefix tokens
+    plus sum over rows of (len - L + 1) continuation tokens, i.e. each prompt once and no pad position, where
+    the unshared forward sees R x T positions."""
+    model = tiny_model(seed=5, sliding_window=4)
+    seen = []
+    hooks = [block.mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[:-1].numel()))
+             for block in model.layers]
+    batch = mixed_batch()
+    with torch.no_grad():
+        shared_prefix_logprobs(model, batch, compile=False)
+    for hook in hooks:
+        hook.remove()
+    prompt_lengths = {int(p): int(n) for p, n in zip(batch["response_prompt"], batch["prompt_lengths"])}
+    prefix_tokens = sum(n - 1 for n in prompt_lengths.values())  # 8 + 0 + 5 + 12
+    continuation_tokens = int((batch["attention_mask"].sum(-1) - batch["prompt_lengths"] + 1).sum())
+    assert seen == [prefix_tokens] * 2 + [continuation_tokens] * 2  # two layers: prefixes first, then rows
+    assert prefix_tokens + continuation_tokens < batch["input_ids"].numel()
 
 
 @pytest.mark.parametrize("compile", [False, True])
