@@ -129,6 +129,7 @@ class TrainConfig:
     dtype: str = "float32"  # bfloat16: frozen weights in bf16; LoRA, its gradients and AdamW state stay float32
     grad_checkpointing: bool = False  # recompute each decoder block's activations in the backward pass
     fsdp: bool = False  # shard the frozen weights across torchrun's processes (FSDP2)
+    shared_prefix: bool = True  # each prompt of a micro-batch computed once (spl/prefix.py); not with --fsdp
     device: str = "auto"
     compile: str = "auto"
     threads: int = 0  # CPU intra-op threads; 0: one for tiny models (< 10M parameters), torch's default otherwise
@@ -191,6 +192,9 @@ def parse_args(argv=None) -> TrainConfig:
                    help="activation checkpointing per decoder block (less memory, one more forward)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the frozen weights across processes (FSDP2 fully_shard)")
+    p.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
+                   help="run every row's prompt again instead of once per prompt (the same values; slower). "
+                        "--fsdp turns sharing off: its shards are gathered by the decoder's own forward")
     p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ... or auto")
     p.add_argument("--threads", type=int, default=defaults.threads,
                    help="CPU threads per process (default 0: 1 for models under 10M parameters, else torch's choice)")
@@ -430,8 +434,9 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
                 return 1
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            step_s = time.perf_counter() - started
             record = {"step": step + 1, **{k: v / units for k, v in sums.items()}, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens / (time.perf_counter() - started)}
+                      "tokens_per_s": tokens / step_s, "step_s": step_s}
             if (step + 1) % c.log_every == 0 or step + 1 == total_steps:
                 log.write(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
@@ -594,7 +599,8 @@ def reference_log_probs(model, examples, pad_id: int, cache_dir: Path, key, c: T
             batch = next(order)
             counts = batch.pop("counts", True)
             batch = {k: v.to(device) for k, v in batch.items()}
-            ref_chosen, ref_rejected = reference_logprobs(model, batch, average=c.average_logprobs, compile=compile)
+            ref_chosen, ref_rejected = reference_logprobs(model, batch, average=c.average_logprobs, compile=compile,
+                                                          shared_prefix=c.shared_prefix and not c.fsdp)
             if counts:
                 chosen[batch["pair_index"]] = ref_chosen.float()
                 rejected[batch["pair_index"]] = ref_rejected.float()
@@ -687,7 +693,7 @@ def step_function(c: TrainConfig, model, head, reference, compile):
     def preference_loss(batch):
         index = batch["pair_index"]  # [B] the batch's pairs among all N
         return preference_step(model, batch, ref_chosen_logps[index], ref_rejected_logps[index], objective,
-                               compile=compile)[:2]
+                               compile=compile, shared_prefix=c.shared_prefix and not c.fsdp)[:2]
 
     return preference_loss
 

@@ -45,6 +45,9 @@ def collate(examples, pad_id: int, pad_to_multiple: int = 1) -> dict[str, torch.
         "attention_mask": attention_mask,
         "chosen_prob": torch.tensor([e.chosen_prob for e in examples], dtype=torch.float32),  # [B]
         "pair_index": torch.tensor([e.index for e in examples], dtype=torch.long),  # [B]
+        # The grouped batch's prompt fields (collate_grouped), so spl/prefix.py scores each prompt once:
+        "response_prompt": torch.arange(len(examples)).repeat(2),  # [2B] rows b and B + b share prompt b
+        "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long),  # [2B]
     }
 
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 from models.lora import disable_lora, lora_modules
 from spl import losses as L
 from spl.logprobs import sequence_logprobs
+from spl.prefix import shared_prefix_logprobs
 
 PREFERENCE_LOSSES = ("spl", "dpo", "ipo", "cdpo", "fdpo")  # train.py --loss also takes sft and reward
 
@@ -46,20 +47,24 @@ class Objective:
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
-def policy_logprobs(model, batch, *, average: bool = False, compile=None):
-    """Summed (or averaged) log-probs of each row's masked-in targets under `model`: [rows]."""
+def policy_logprobs(model, batch, *, average: bool = False, compile=None, shared_prefix: bool = False):
+    """Summed (or averaged) log-probs of each row's masked-in targets under `model`: [rows]. With shared_prefix,
+    each prompt of the batch runs once and its rows continue from its keys and values (spl/prefix.py: the same
+    values and gradients; needs the batch's response_prompt and prompt_lengths)."""
+    if shared_prefix:
+        return shared_prefix_logprobs(model, batch, average=average, compile=compile)  # (rows,)
     hidden = model.hidden_states(batch["input_ids"])  # (rows, T, D)
     return sequence_logprobs(hidden, model.lm_head.weight, batch["targets"], batch["loss_mask"],
                              average=average, compile=compile)  # (rows,)
 
 
 @torch.no_grad()
-def reference_logprobs(model, batch, *, average: bool = False, compile=None):
+def reference_logprobs(model, batch, *, average: bool = False, compile=None, shared_prefix: bool = False):
     """The same log-probs under the reference policy: the model with every LoRA branch off (torchtune's
     disable_adapter: the reference for free), or the model as it is if it has no LoRA yet.
     Returns (ref_chosen_logps [B], ref_rejected_logps [B])."""
     with disable_lora(model) if lora_modules(model) else contextlib.nullcontext():
-        logps = policy_logprobs(model, batch, average=average, compile=compile)  # (2B,)
+        logps = policy_logprobs(model, batch, average=average, compile=compile, shared_prefix=shared_prefix)  # (2B,)
     pairs = logps.shape[0] // 2
     return logps[:pairs], logps[pairs:]
 
@@ -83,14 +88,16 @@ def preference_losses(objective: Objective, policy_chosen_logps, policy_rejected
     raise ValueError(f"unknown preference loss {name!r} (choose from {', '.join(PREFERENCE_LOSSES)})")
 
 
-def preference_step(model, batch, ref_chosen_logps, ref_rejected_logps, objective: Objective, *, compile=None):
+def preference_step(model, batch, ref_chosen_logps, ref_rejected_logps, objective: Objective, *, compile=None,
+                    shared_prefix: bool = False):
     """Mean loss over the batch's pairs (with grad) and detached metrics.
 
     Logged metrics: the loss; the margin, i.e. chosen_reward - rejected_reward, which for SPL is the logit z of
     Eq. 5; the implicit rewards `alpha * log pi - beta * log pi_ref` (Eq. 39 without log Z); reward accuracy (the
     fraction of pairs whose chosen reward is higher); the policy's log-probs of chosen and rejected.
     """
-    logps = policy_logprobs(model, batch, average=objective.average_logprobs, compile=compile)  # (2B,)
+    logps = policy_logprobs(model, batch, average=objective.average_logprobs, compile=compile,
+                            shared_prefix=shared_prefix)  # (2B,)
     pairs = logps.shape[0] // 2
     chosen_logps, rejected_logps = logps[:pairs], logps[pairs:]  # (B,), (B,)
     losses, chosen_rewards, rejected_rewards = preference_losses(

@@ -163,7 +163,8 @@ def test_every_real_token_goes_through_the_mlp_once_and_no_padding_does(tiny_mod
 @pytest.mark.parametrize("compile", [False, True])
 def test_fused_logprobs_and_lora_gradients_agree_eager_and_compiled(tiny_model, compile):
     """`shared_prefix_logprobs` (the fused float32 head, eager and under torch.compile as train.py --compile runs
-    it) against the unshared float32 path: log-probs and LoRA gradients at float32 tolerance."""
+    it) against the unshared float32 path: log-probs and LoRA gradients at float32 tolerance (gradients O(10),
+    summed in another order: differences ~5e-6, so atol is 1e-5 of each tensor's largest entry)."""
     model = tiny_model(seed=4, sliding_window=5)
     add_lora(model, rank=4, alpha=8, targets="all-linear")
     with torch.no_grad():
@@ -177,7 +178,7 @@ def test_fused_logprobs_and_lora_gradients_agree_eager_and_compiled(tiny_model, 
     unshared, unshared_grads = logprobs_and_grads(unshared_logprobs, model, batch, weights)
     torch.testing.assert_close(shared, unshared, rtol=1e-5, atol=1e-5)
     for name, grad in unshared_grads.items():
-        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max(), msg=name)
 
 
 def test_bad_batches_are_refused():
@@ -209,3 +210,33 @@ def test_bench_prefix_smoke(capsys):
     assert abs(unshared - shared) <= 1e-5 * abs(unshared)
     ratio = next(line for line in out.splitlines() if line.startswith("pairs:")).rsplit("(", 1)[1]
     assert float(ratio.split("x")[0]) < 1
+
+
+def test_train_py_with_and_without_shared_prefix_trains_the_same_adapter(tiny_run, tmp_path):
+    """train.py end to end (6 steps, reference pass included): the default (shared prefixes) and
+    --no-shared-prefix log the same metrics and write the same adapter, up to float32 rounding."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import train
+
+    def run(out, *extra):
+        argv = ["--model", str(tiny_run["model"]), "--data", str(tiny_run["data"]), "--out", str(out), "--steps", "6",
+                "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "2", "--lora-rank", "4", "--lora-alpha", "8",
+                "--lora-dropout", "0", "--no-progress", "--max-length", "40", "--max-prompt-length", "24", *extra]
+        assert train.main(argv) == 0
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return records, load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+    shared, shared_adapter = run(tmp_path / "shared")
+    unshared, unshared_adapter = run(tmp_path / "unshared", "--no-shared-prefix")
+    assert json.loads((tmp_path / "unshared" / "config.json").read_text())["shared_prefix"] is False
+    assert len(shared) == len(unshared) == 6
+    for a, b in zip(shared, unshared):
+        for key in ("loss", "margin", "logps_chosen", "logps_rejected", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    assert shared_adapter.keys() == unshared_adapter.keys()
+    for name, tensor in unshared_adapter.items():
+        torch.testing.assert_close(shared_adapter[name], tensor, rtol=1e-3, atol=1e-5, msg=name)
+    assert any(t.abs().max() > 0 for name, t in shared_adapter.items() if "lora_B" in name)  # it trained

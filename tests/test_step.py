@@ -54,7 +54,7 @@ def test_preference_step_loss_and_lora_gradients_equal_the_naive_path(model, obj
     with torch.no_grad():  # move off B = 0 so the policy differs from the reference
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.1)
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
     batch = pairs_batch()
     ref_chosen, ref_rejected = reference_logprobs(model, batch, compile=False)
     soft = batch["chosen_prob"]
@@ -75,7 +75,8 @@ def test_preference_step_loss_and_lora_gradients_equal_the_naive_path(model, obj
     torch.testing.assert_close(metrics["margin"], (chosen_rewards - rejected_rewards).sum(), rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+            # float32 sums in another order: differences reach ~1e-5 on gradients O(3), whatever the draw
+            torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max(), msg=name)
 
 
 def test_reference_is_the_model_before_lora(model):
