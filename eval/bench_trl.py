@@ -146,11 +146,13 @@ def resident_kb(field: str) -> int:
 
 
 def run_spl(workdir: Path, args) -> dict:
-    import torch
+    """train.py run as the script it is (runpy, as `python train.py ...` would; eval/ never imports the scripts
+    as libraries), in this process so that its memory is measured from here."""
+    import runpy
 
-    import train
+    import torch
     torch.set_num_threads(1)
-    baseline_kb = resident_kb("VmRSS")
+    baseline_kb = resident_kb("VmRSS")  # after torch's import; spl's own modules add a few MB
     out = workdir / "spl_run"
     argv = ["--model", str(workdir / "model"), "--data", str(workdir / "pairs.jsonl"), "--loss", "dpo",
             "--beta", "0.1", "--lora-rank", "16", "--lora-alpha", "16", "--lora-dropout", "0",
@@ -159,18 +161,18 @@ def run_spl(workdir: Path, args) -> dict:
             "--max-prompt-length", str(args.max_length - 1), "--threads", "1", "--no-compile", "--out", str(out),
             "--overwrite", "--no-progress"] + args.spl_args
     start = time.perf_counter()
-    code = train.main(argv)
+    sys.argv = [str(ROOT / "train.py"), *argv]
+    try:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
     total_s = time.perf_counter() - start
     if code:
         raise SystemExit(f"bench_trl: train.py exited with {code}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and "step" in r]
-    if "step_s" in steps[0]:
-        training_s = sum(r["step_s"] for r in steps)
-    else:  # train.py logs tokens/s per step; the tokens of each step are known here
-        tokens = json.loads((workdir / "spl_tokens.json").read_text())
-        per_step = [training_tokens(tokens[i * args.batch_size:], args.batch_size, 1) for i in range(len(steps))]
-        training_s = sum(n / r["tokens_per_s"] for n, r in zip(per_step, steps))
+    training_s = sum(r["step_s"] for r in steps)  # train.py's own timing of each optimizer step
     first = steps[0]
     return {"training_s": training_s, "setup_s": total_s - training_s, "baseline_kb": baseline_kb,
             "peak_kb": resident_kb("VmHWM"), "loss": first["loss"], "logps_chosen": first["logps_chosen"],
