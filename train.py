@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from cli import UsageError, resolve_device
 from data.world import DEFAULT_DIR as WORLD_DIR, FILES as WORLD_FILES, MODEL_DIR as WORLD_MODEL, load_world
-from data.batching import PreferenceBatches
+from data.batching import PreferenceBatches, PromptGroupedBatches, prompt_groups
 from data.preferences import DataError
 from data.reference_cache import ReferenceCacheKey, cache_path, file_sha256
 from data.sft import SequenceBatches, load_sft_data
@@ -73,8 +73,8 @@ from spl.distributed import (Processes, broadcast_from_main, share_batches, shar
                              shared_reference_logps, sum_across, sum_gradients_)
 from spl.losses import FDPO_DIVERGENCES
 from spl import online
-from spl.step import (PREFERENCE_LOSSES, Objective, RewardHead, preference_step, reference_logprobs, reward_step,
-                      sft_step)
+from spl.step import (PREFERENCE_LOSSES, Objective, RewardHead, grouped_preference_step, preference_step,
+                      reference_logprobs, reward_step, sft_step)
 
 LOSSES = (*PREFERENCE_LOSSES, "sft", "reward", "spl-online")
 
@@ -87,6 +87,10 @@ PRESETS = {
                        steps=None, epochs=1, max_length=1024, max_prompt_length=512, beta=0.1),
 }
 OWN_MODEL_PRESET = "paper-chat"  # what --model without --preset starts from (TrainConfig's defaults suit the world)
+# The main job (no --model, --init-config or --data: the world's opinion pairs) also keeps the probability on the
+# options: whole prompts per batch and the option-mass anchor (spl/losses.py anchored_spl_loss), values chosen by
+# measurement (README "The main job"). Any option given on the command line wins; other data keep the plain loss.
+WORLD_MAIN_JOB = dict(anchor=1.0, prompts_per_batch=8)
 
 
 @dataclass
@@ -111,6 +115,9 @@ class TrainConfig:
     max_new_tokens: int = 16
     reward_floor: float = online.DEFAULT_FLOOR
     reward_model: str | None = None
+    anchor: float = Objective.anchor
+    nll_weight: float = Objective.nll_weight
+    dpop_lambda: float = Objective.dpop_lambda
     lora_rank: int = 16  # 0: full fine-tune
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
@@ -126,6 +133,7 @@ class TrainConfig:
     max_length: int = 128
     max_prompt_length: int = 64
     group_by_length: bool = False
+    prompts_per_batch: int = 0  # > 0: batches of whole prompts (all their pairs, each response scored once)
     dtype: str = "float32"  # bfloat16: frozen weights in bf16; LoRA, its gradients and AdamW state stay float32
     grad_checkpointing: bool = False  # recompute each decoder block's activations in the backward pass
     fsdp: bool = False  # shard the frozen weights across torchrun's processes (FSDP2)
@@ -168,6 +176,14 @@ def parse_args(argv=None) -> TrainConfig:
                    default=defaults.fdpo_divergence)
     p.add_argument("--fdpo-alpha", type=float, default=defaults.fdpo_alpha)
     p.add_argument("--average-logprobs", action="store_true", help="length-normalised sequence log-probs")
+    p.add_argument("--anchor", type=float, help="weight of the option-mass anchor, which keeps the probability on "
+                   "each prompt's responses at the reference's and the optimum at Prop. A.1's (needs "
+                   f"--prompts-per-batch; default {defaults.anchor}, the main job {WORLD_MAIN_JOB['anchor']})")
+    p.add_argument("--nll-weight", type=float, help=f"rpo: weight of the chosen NLL (default {defaults.nll_weight})")
+    p.add_argument("--dpop-lambda", type=float, help=f"dpop: Pal et al.'s lambda (default {defaults.dpop_lambda})")
+    p.add_argument("--prompts-per-batch", type=int, help="batches of whole prompts, this many per optimizer step "
+                   "(replaces --batch-size; each distinct response is scored once; default 0: batches of "
+                   f"--batch-size pairs, the main job {WORLD_MAIN_JOB['prompts_per_batch']})")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's recipes (Appendix B.3 / C.4)")
     p.add_argument("--online-samples", type=int, default=defaults.online_samples,
                    help="spl-online: completions sampled per prompt per step, K >= 2 (the RLOO baseline)")
@@ -222,6 +238,8 @@ def parse_args(argv=None) -> TrainConfig:
         args.preset = OWN_MODEL_PRESET
     if args.preset:
         values.update(PRESETS[args.preset])
+    elif args.model is None and args.init_config is None and args.data is None and args.loss in ("spl", "dpo"):
+        values.update(WORLD_MAIN_JOB)
     given = {k: v for k, v in vars(args).items() if v is not None}
     if "lora_targets" in given:
         targets = given.pop("lora_targets")
@@ -295,6 +313,16 @@ def validate(c: TrainConfig, world_size: int = 1) -> None:
              "weights with bf16 AdamW state; use --dtype float32 or LoRA")
     if c.fsdp and world_size < 2:
         fail("--fsdp shards the frozen weights across processes: launch with torchrun --nproc_per_node N (N > 1)")
+    if c.anchor < 0 or not math.isfinite(c.anchor) or c.nll_weight < 0 or c.dpop_lambda < 0:
+        fail(f"--anchor, --nll-weight and --dpop-lambda must be >= 0 (got {c.anchor}, {c.nll_weight}, "
+             f"{c.dpop_lambda})")
+    if c.prompts_per_batch < 0 or c.prompts_per_batch % c.grad_accum:
+        fail(f"--prompts-per-batch ({c.prompts_per_batch}) must be 0 (pair batches) or a positive multiple of "
+             f"--grad-accum ({c.grad_accum})")
+    if c.anchor > 0 and not c.prompts_per_batch:
+        fail("--anchor needs each prompt's responses in one batch: give --prompts-per-batch N (or --anchor 0)")
+    if c.prompts_per_batch and c.loss not in PREFERENCE_LOSSES:
+        fail(f"--prompts-per-batch groups preference pairs; --loss {c.loss} takes --batch-size")
     if c.fsdp and c.lora_rank == 0:
         fail("--fsdp shards the frozen weights of a LoRA run: give --lora-rank > 0")
     if c.chat_format is not None and c.chat_format not in CHAT_FORMATS:
@@ -388,7 +416,9 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
     np.random.seed(c.seed)
     model, tokenizer, model_dir, tokenizer_path = load_model(c, device)
     examples, summary = load_data(c, tokenizer, say, model.config.vocab_size)
-    total_steps = c.steps or max(1, math.ceil(c.epochs * len(examples) / c.batch_size))
+    per_step = c.prompts_per_batch or c.batch_size  # prompts (grouped batches) or pairs per optimizer step
+    units = len(prompt_groups(examples)) if c.prompts_per_batch else len(examples)
+    total_steps = c.steps or max(1, math.ceil(c.epochs * units / per_step))
     prepare_run_dir(out, c, procs)  # now that every input has been read and checked
     num_parameters = model.num_parameters()  # the model's own, before LoRA adds its branches
     trainable, head = trainable_parameters(model, c, procs, device)
@@ -612,6 +642,9 @@ def reference_log_probs(model, examples, pad_id: int, cache_dir: Path, key, c: T
 def training_batches(examples, pad_id: int, c: TrainConfig, procs: Processes):
     """The seeded order of micro-batches (batch_size / grad_accum pairs, or sequences for SFT, all processes
     together), each process drawing its own share of each (spl/distributed.py share_batches)."""
+    if c.prompts_per_batch:  # whole prompts: prompts_per_batch / grad_accum of them per micro-batch
+        return share_batches(PromptGroupedBatches(examples, c.prompts_per_batch // c.grad_accum, pad_id, seed=c.seed,
+                                                  group_by_length=c.group_by_length), procs)
     Batches = SequenceBatches if c.loss == "sft" else PreferenceBatches
     return share_batches(Batches(examples, c.batch_size // c.grad_accum, pad_id, seed=c.seed,
                                  group_by_length=c.group_by_length), procs)
@@ -641,7 +674,8 @@ def describe(num_parameters: int, trainable: dict, num_examples: int, total_step
     processes = f" x {procs.world_size} processes{' (FSDP)' if c.fsdp else ''}" if procs.distributed else ""
     return (f"model: {num_parameters / 1e6:.2f}M parameters; {sum(p.numel() for p in trainable.values()) / 1e6:.3f}M "
             f"trainable{' (LoRA)' if c.lora_rank else ''}; {num_examples} examples, {total_steps} steps of "
-            f"{c.batch_size} on {device}{processes}")
+            f"{f'{c.prompts_per_batch} prompts' if c.prompts_per_batch else c.batch_size}"
+            f"{f', anchor {c.anchor:g}' if c.anchor else ''} on {device}{processes}")
 
 
 def resume(out: Path, trainable: dict, optimizer, batches, c: TrainConfig, procs: Processes, say) -> int:
@@ -690,10 +724,12 @@ def step_function(c: TrainConfig, model, head, reference, compile):
     objective = Objective.from_config(c)
     ref_chosen_logps, ref_rejected_logps = reference
 
+    step = grouped_preference_step if c.prompts_per_batch else preference_step
+
     def preference_loss(batch):
         index = batch["pair_index"]  # [B] the batch's pairs among all N
-        return preference_step(model, batch, ref_chosen_logps[index], ref_rejected_logps[index], objective,
-                               compile=compile, shared_prefix=c.shared_prefix and not c.fsdp)[:2]
+        return step(model, batch, ref_chosen_logps[index], ref_rejected_logps[index], objective, compile=compile,
+                    shared_prefix=c.shared_prefix and not c.fsdp)[:2]
 
     return preference_loss
 

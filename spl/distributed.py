@@ -80,16 +80,22 @@ def sum_gradients_(procs: Processes, parameters: list) -> None:
 def share_batches(batches, procs: Processes):
     """Make `batches` (PreferenceBatches or SequenceBatches, the same seeded order on every process) yield this
     process's share of each global batch: the batch's examples cut into world_size contiguous shares, each
-    collated alone (so padded to its own longest row). A share left empty by a short last batch takes the
-    batch's first example and batch["counts"] = False: the process still runs the forward and backward passes
-    that the collectives (and FSDP) expect, but adds nothing to the step. One process: `batches` unchanged."""
+    collated alone (so padded to its own longest row); batches that say how to cut (PromptGroupedBatches.shares:
+    whole prompts, so a prompt's responses stay together for the anchor) cut their way. A share left empty by a
+    short last batch takes the batch's first example and batch["counts"] = False: the process still runs the
+    forward and backward passes that the collectives (and FSDP) expect, but adds nothing to the step. One
+    process: `batches` unchanged."""
     if not procs.distributed:
         return batches
     collate = batches.collate_fn
+    cut = getattr(batches, "shares", None)
 
     def collate_share(examples, pad_id, pad_to_multiple):
-        per_process = -(-len(examples) // procs.world_size)
-        share = examples[procs.rank * per_process:(procs.rank + 1) * per_process]
+        if cut is not None:
+            share = cut(examples, procs.world_size)[procs.rank]
+        else:
+            per_process = -(-len(examples) // procs.world_size)
+            share = examples[procs.rank * per_process:(procs.rank + 1) * per_process]
         batch = collate(share or examples[:1], pad_id, pad_to_multiple)
         batch["counts"] = bool(share)
         return batch

@@ -7,6 +7,9 @@ rejected; see `data/batching.py`), so the policy sees both in one forward pass:
     logps  = sum_t loss_mask * log softmax(hidden @ lm_head.T)[targets]       [2B]   (fused: spl/logprobs.py)
     loss   = mean_b  loss_fn(logps[:B], logps[B:], ref_chosen, ref_rejected)  (spl/losses.py)
 
+A prompt-grouped batch (`collate_grouped`) holds each distinct response once, R rows, and the pairs as row indices;
+`grouped_preference_step` scores the R rows and gathers each pair's two, and adds the option-mass anchor.
+
 Reference log-probs are computed once per dataset with LoRA disabled (`reference_logprobs`), so the policy's
 step needs one forward and one backward. Everything here is a function of tensors and a model; the loop,
 files and schedules live in train.py.
@@ -21,11 +24,12 @@ import torch
 import torch.nn as nn
 
 from models.lora import disable_lora, lora_modules
+from data.batching import row_values
 from spl import losses as L
 from spl.logprobs import sequence_logprobs
 from spl.prefix import shared_prefix_logprobs
 
-PREFERENCE_LOSSES = ("spl", "dpo", "ipo", "cdpo", "fdpo")  # train.py --loss also takes sft and reward
+PREFERENCE_LOSSES = ("spl", "dpo", "ipo", "cdpo", "fdpo", "rpo", "dpop")  # train.py --loss also takes sft, reward
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,9 @@ class Objective:
     fdpo_divergence: str = "reverse_kl"  # fdpo
     fdpo_alpha: float = 0.5  # fdpo's alpha-divergence parameter
     average_logprobs: bool = False  # length-normalised log-probs (IPO and SimPO-style variants)
+    anchor: float = 0.0  # weight of the option-mass anchor (spl/losses.py option_mass_anchor); needs grouped batches
+    nll_weight: float = 1.0  # rpo: weight of the NLL of the chosen response
+    dpop_lambda: float = 50.0  # dpop: Pal et al.'s lambda
 
     @classmethod
     def from_config(cls, config) -> "Objective":
@@ -85,6 +92,10 @@ def preference_losses(objective: Objective, policy_chosen_logps, policy_rejected
     if name == "fdpo":
         return L.fdpo_loss(*args, objective.beta, objective.fdpo_divergence, objective.fdpo_alpha,
                            chosen_prob=chosen_prob)
+    if name == "rpo":
+        return L.rpo_loss(*args, objective.alpha, objective.beta, objective.nll_weight, chosen_prob=chosen_prob)
+    if name == "dpop":
+        return L.dpop_loss(*args, objective.alpha, objective.beta, objective.dpop_lambda, chosen_prob=chosen_prob)
     raise ValueError(f"unknown preference loss {name!r} (choose from {', '.join(PREFERENCE_LOSSES)})")
 
 
@@ -112,6 +123,43 @@ def preference_step(model, batch, ref_chosen_logps, ref_rejected_logps, objectiv
         "logps_rejected": rejected_logps.detach().sum(),
     }
     return losses.mean(), metrics, pairs  # metrics are sums over the batch's pairs: divide by the pair count
+
+
+def grouped_preference_step(model, batch, ref_chosen_logps, ref_rejected_logps, objective: Objective, *,
+                            compile=None, shared_prefix: bool = False):
+    """`preference_step` on a prompt-grouped batch (data/batching.py collate_grouped): each of the R distinct
+    responses is scored once, each pair's log-ratio is a difference of two rows, and with objective.anchor > 0
+    every pair carries anchor * its prompt's option-mass anchor (spl/losses.py anchored_spl_loss):
+
+        logps  = sequence log-probs of the rows                                        [R]
+        loss_b = loss_fn(logps[c_b], logps[r_b], ...) + anchor * a_{q(b)}               [B]
+
+    ref_chosen_logps / ref_rejected_logps are the pairs' cached reference log-probs [B], as for preference_step.
+    With anchor = 0 the losses and gradients are preference_step's on the same pairs (tests/test_data_batching.py).
+    """
+    logps = policy_logprobs(model, batch, average=objective.average_logprobs, compile=compile,
+                            shared_prefix=shared_prefix)  # (R,) each prompt once with shared_prefix
+    chosen_logps, rejected_logps = logps[batch["pair_chosen"]], logps[batch["pair_rejected"]]  # (B,), (B,)
+    losses, chosen_rewards, rejected_rewards = preference_losses(
+        objective, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, batch.get("chosen_prob"))
+    metrics = {}
+    if objective.anchor > 0:
+        ref_rows = row_values(batch, ref_chosen_logps, ref_rejected_logps)  # (R,)
+        penalty = L.option_mass_anchor(logps, ref_rows, batch["response_prompt"])  # (P,)
+        pair_penalty = penalty[batch["response_prompt"][batch["pair_chosen"]]]  # (B,) each pair's prompt's
+        losses = losses + objective.anchor * pair_penalty
+        metrics["anchor"] = pair_penalty.detach().sum()
+    metrics = {
+        "loss": losses.detach().sum(),
+        "margin": (chosen_rewards - rejected_rewards).sum(),
+        "reward_chosen": chosen_rewards.sum(),
+        "reward_rejected": rejected_rewards.sum(),
+        "reward_accuracy": (chosen_rewards > rejected_rewards).float().sum(),
+        "logps_chosen": chosen_logps.detach().sum(),
+        "logps_rejected": rejected_logps.detach().sum(),
+        **metrics,
+    }
+    return losses.mean(), metrics, len(losses)
 
 
 def sft_step(model, batch, *, compile=None):

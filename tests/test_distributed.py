@@ -150,3 +150,50 @@ def test_batch_size_must_split_over_processes(monkeypatch, capsys):
     assert train.main(["--fsdp"]) == 2
     err = capsys.readouterr().err
     assert "--fsdp shards the frozen weights across processes" in err and err.count("\n") == 1
+
+
+def test_grouped_anchored_two_processes_equal_one_process(tiny_run, tmp_path):
+    """Prompt-grouped batches with the anchor under torchrun: each process takes whole prompts of every global
+    micro-batch (PromptGroupedBatches.shares), so each prompt's option-mass anchor sees all its responses on one
+    process, and the two-process adapter equals the one-process one. 7 prompts x 3 pairs, 2 prompts per
+    micro-batch: the epoch's last micro-batch holds one prompt, so one rank runs a stand-in weighted 0."""
+    rows = []
+    for i in range(7):
+        responses = ["dogs are loyal", "cats are calm" + " and calm" * (i % 3), "fish are quiet"]
+        rows += [{"prompt": f"which pet is best? {i}", "chosen": responses[a], "rejected": responses[b],
+                  "chosen_prob": q} for a, b, q in ((0, 1, 0.6), (0, 2, 0.8), (1, 2, 0.7))]
+    data = tmp_path / "grouped.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    extra = ("--prompts-per-batch", "4", "--anchor", "0.5")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train.main(args(data, tiny_run["model"], one, *extra)) == 0
+    torchrun(args(data, tiny_run["model"], two, *extra))
+    a, b = adapter(one), adapter(two)
+    assert a.keys() == b.keys() and any(t.abs().max() > 1e-3 for name, t in a.items() if "lora_B" in name)
+    for name in a:  # measured 1.3e-5 at most (entries ~0.2): float32 rounding of differently padded shares, which
+        # AdamW turns into steps of up to lr where a gradient entry is near 0; a wrong split moves them by ~lr = 1e-2
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-4, msg=name)
+    for a, b in zip(metrics(one), metrics(two)):
+        for key in ("loss", "anchor", "margin", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def test_grouped_shares_keep_whole_prompts(tiny_run):
+    """share_batches on PromptGroupedBatches: the ranks' shares of each global batch are whole prompts, disjoint,
+    and together the batch's pairs in order."""
+    from data.batching import PromptGroupedBatches
+    from data.tokenization import PreferenceExample
+
+    examples = [PreferenceExample([1, 5 + p], [7] * (1 + r) + [2], [8, 2], 0.75, index=3 * p + r)
+                for p in range(5) for r in range(3)]
+    whole = PromptGroupedBatches(examples, 3, pad_id=0, seed=1)
+    shares = [train.share_batches(PromptGroupedBatches(examples, 3, pad_id=0, seed=1), train.Processes(rank, 2))
+              for rank in range(2)]
+    for _ in range(4):
+        expected = next(whole)["pair_index"].tolist()
+        got = [next(share) for share in shares]
+        counted = [b["pair_index"].tolist() for b in got if b["counts"]]
+        assert sum(counted, []) == expected
+        prompts = [{i // 3 for i in pairs} for pairs in counted]
+        assert all(len(pairs) == 3 * len(p) for pairs, p in zip(counted, prompts))  # whole prompts only
+        assert len(prompts) < 2 or not prompts[0] & prompts[1]

@@ -209,7 +209,7 @@ def test_learning_rate_schedule():
     assert train.learning_rate(total, total, warmup, peak) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("loss", ["dpo", "ipo", "fdpo", "reward", "sft"])
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "fdpo", "rpo", "dpop", "reward", "sft"])
 def test_every_loss_runs(tiny, tmp_path, loss):
     """Two steps of each objective: finite metrics and its output written (an SFT file is made from the pairs)."""
     extra = ["--loss", loss, "--steps", "2"]
@@ -227,3 +227,64 @@ def test_every_loss_runs(tiny, tmp_path, loss):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     if loss == "reward":
         assert (out / "adapter" / "reward_head.safetensors").is_file()
+
+
+def grouped_data(path, prompts=6):
+    """`prompts` prompts with three responses each and all three pairs (soft labels): 3 * prompts pairs."""
+    rows = []
+    for i in range(prompts):
+        responses = ["dogs are loyal", "cats are calm" + " and calm" * (i % 3), "fish are quiet"]
+        for a, b, q in ((0, 1, 0.6), (0, 2, 0.8), (1, 2, 0.7)):
+            rows.append({"prompt": f"which pet is best? {i}", "chosen": responses[a], "rejected": responses[b],
+                         "chosen_prob": q})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_main_job_keeps_the_option_mass_and_other_runs_keep_the_papers_loss():
+    """No --model/--data: the main job's measured defaults (WORLD_MAIN_JOB: the anchor on prompt-grouped
+    batches); --model (the paper's recipe), --data and the other losses: the plain loss on pair batches, unless
+    asked; a flag given always wins."""
+    world = train.parse_args([])
+    assert (world.anchor, world.prompts_per_batch) == (train.WORLD_MAIN_JOB["anchor"],
+                                                       train.WORLD_MAIN_JOB["prompts_per_batch"])
+    assert world.anchor > 0 and world.prompts_per_batch > 0
+    for argv in (["--model", "some/dir"], ["--data", "x.jsonl"], ["--loss", "ipo"]):
+        other = train.parse_args(argv)
+        assert (other.anchor, other.prompts_per_batch) == (0.0, 0), argv
+    assert train.parse_args(["--anchor", "0"]).anchor == 0.0
+    asked = train.parse_args(["--model", "some/dir", "--anchor", "0.5", "--prompts-per-batch", "4"])
+    assert (asked.anchor, asked.prompts_per_batch) == (0.5, 4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--anchor", "1"), "--anchor needs each prompt's responses in one batch"),
+    (("--anchor", "-1", "--prompts-per-batch", "2"), "must be >= 0"),
+    (("--prompts-per-batch", "3"), "positive multiple of --grad-accum (2)"),
+    (("--prompts-per-batch", "2", "--loss", "sft"), "--prompts-per-batch groups preference pairs"),
+])
+def test_bad_anchor_options_exit_with_one_line(tiny, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert train.main(args(tiny, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: error:") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("loss", ["spl", "rpo", "dpop"])
+def test_grouped_anchored_run_resumes_bit_identical(tiny, tmp_path, loss):
+    """Prompt-grouped batches with the anchor (and RPO / DPOP on them): a run stopped at its step-3 checkpoint
+    and resumed ends bit-identical to the uninterrupted run, so the grouped data position is saved exactly; the
+    anchor is logged and every metric is finite."""
+    data = grouped_data(tmp_path / "grouped.jsonl")
+    extra = ["--data", str(data), "--prompts-per-batch", "2", "--anchor", "0.5", "--loss", loss]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert train.main(args(tiny, full, *extra, "--save-every", "3")) == 0
+    assert train.main(args(tiny, resumed, *extra, "--save-every", "3")) == 0
+    import shutil
+    shutil.rmtree(resumed / "checkpoints" / "step_000006")  # as if it had died right after step 3's checkpoint
+    shutil.rmtree(resumed / "adapter")
+    assert train.main(args(tiny, resumed, *extra, "--save-every", "3", "--resume")) == 0
+    assert_same_tensors(adapter(full), adapter(resumed))
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all(math.isfinite(r["loss"]) and r["anchor"] >= 0 for r in records)
