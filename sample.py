@@ -30,7 +30,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cli import UsageError, resolve_device
+from cli import UsageError, choose_threads, resolve_device
 from models.chat_format import FORMATS as CHAT_FORMATS
 from data.world import MODEL_DIR as DEFAULT_MODEL
 
@@ -148,6 +148,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="one JSON object per completion")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default 0: 1 for models under 10M parameters, else torch's choice; as train.py)")
     args = p.parse_args(argv)
     checks = [
         (args.num_samples >= 1, f"-n must be >= 1, got {args.num_samples}"),
@@ -156,6 +158,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
         (args.min_p is None or 0 <= args.min_p <= 1, f"--min-p must be in [0, 1], got {args.min_p}"),
         (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
+        (args.threads >= 0, f"--threads must be >= 0 (0: automatic), got {args.threads}"),
         (args.prompt is None or args.prompt.strip() != "", "--prompt is empty"),
     ]
     for ok, message in checks:
@@ -177,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
                               f"pass --model DIR")
     device = resolve_device(args.device)
     model = load_pretrained(model_dir, dtype=getattr(torch, args.dtype), device=device).eval()
+    choose_threads(args.threads, model.num_parameters(), device)  # 0: one thread for a small model on CPU
     tokenizer_path = model_dir / "tokenizer.model"
     if not tokenizer_path.is_file():
         raise CheckpointError(f"{tokenizer_path}: missing (the sentencepiece tokenizer.model must sit beside "

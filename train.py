@@ -55,7 +55,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from cli import UsageError, resolve_device
+from cli import UsageError, choose_threads, resolve_device
 from data.world import DEFAULT_DIR as WORLD_DIR, FILES as WORLD_FILES, MODEL_DIR as WORLD_MODEL, load_world
 from data.batching import PreferenceBatches, PromptGroupedBatches, prompt_groups
 from data.preferences import DataError
@@ -535,13 +535,7 @@ def load_model(c: TrainConfig, device):
         raise UsageError(f"{tokenizer_path}: missing (the sentencepiece tokenizer.model must sit beside the model)")
     tokenizer = Tokenizer(tokenizer_path, c.chat_format)  # the chat format, from the checkpoint or --chat-format
     check_vocabulary(tokenizer, model.config.vocab_size, model_dir or c.init_config)  # a tokenizer of another model
-    if c.threads:
-        torch.set_num_threads(c.threads)
-    elif device.type == "cpu" and model.num_parameters() < 10_000_000:
-        # A tiny model's matmuls are too small to gain from intra-op threads, and each op's thread barrier
-        # stalls whenever another process holds a core: on two busy cores the world's main job took 210 s
-        # with two threads and 56 s with one.
-        torch.set_num_threads(1)
+    choose_threads(c.threads, model.num_parameters(), device)  # 0: one thread for a small model on CPU
     return model, tokenizer, model_dir, tokenizer_path
 
 

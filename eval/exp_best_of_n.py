@@ -225,7 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--problems", type=int, help=f"held-out problems per level, of 32 (default {PROBLEMS})")
     p.add_argument("--max-new-tokens", type=int, help=f"default {MAX_NEW_TOKENS}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default 0: as train.py, one for the world's small model on CPU)")
     p.add_argument("--progress", action="store_true", help="train.py's progress bars")
     args = p.parse_args(argv)
     quick = QUICK if args.quick else {}
@@ -248,7 +249,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    from cli import checkpoint_parameters, choose_threads
+    from data.world import MODEL_DIR
+
+    choose_threads(args.threads, checkpoint_parameters(MODEL_DIR), "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = ([Setting("reference", 1.0, 1.0)] if args.reference else []) + \

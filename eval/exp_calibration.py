@@ -265,7 +265,8 @@ def main(argv=None) -> int:
                                                    f"--quick 200)")
     p.add_argument("--held-out", type=int, default=HELD_OUT,
                    help=f"items (the last ones) left out of training, scored apart (default {HELD_OUT}; 0: none)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default 0: as train.py, one for the world's small model on CPU)")
     p.add_argument("--progress", action="store_true", help="train.py's progress bars")
     args = p.parse_args(argv)
     ratios = parse_list(p, "--ratios", args.ratios, QUICK["ratios"] if args.quick else RATIOS)
@@ -278,7 +279,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    from cli import checkpoint_parameters, choose_threads
+    from data.world import MODEL_DIR
+
+    choose_threads(args.threads, checkpoint_parameters(MODEL_DIR), "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"experiment 4, calibration: reference, then alpha/beta in {', '.join(f'{r:g}' for r in ratios)} at "

@@ -307,7 +307,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, help="use the first P story prompts (default all six)")
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default 0: as train.py, one for the world's small model on CPU)")
     p.add_argument("--progress", action="store_true", help="train.py's progress bars")
     args = p.parse_args(argv)
     quick = QUICK if args.quick else {}
@@ -326,10 +327,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from models import Tokenizer
+    from cli import checkpoint_parameters, choose_threads
     from eval.policies import WORLD_MODEL
+    from models import Tokenizer
 
-    torch.set_num_threads(args.threads)
+    choose_threads(args.threads, checkpoint_parameters(WORLD_MODEL), "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = Tokenizer(WORLD_MODEL / "tokenizer.model").vocab_size

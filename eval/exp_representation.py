@@ -223,7 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-alpha-one", dest="alpha_one", action="store_false", help="leave out the alpha = 1 run")
     p.add_argument("--pairs", choices=("soft", "counts"), default="soft",
                    help="opinion_pairs_soft.jsonl (exact soft labels) or opinion_pairs.jsonl (K counts per pair)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default 0: as train.py, one for the world's small model on CPU)")
     p.add_argument("--progress", action="store_true", help="train.py's progress bars")
     args = p.parse_args(argv)
     ratios = parse_list(p, "--ratios", args.ratios, QUICK["ratios"] if args.quick else RATIOS)
@@ -234,7 +235,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    from cli import checkpoint_parameters, choose_threads
+    from data.world import MODEL_DIR
+
+    choose_threads(args.threads, checkpoint_parameters(MODEL_DIR), "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"experiment 1, representation: alpha/beta in {', '.join(f'{r:g}' for r in ratios)} at beta = "
