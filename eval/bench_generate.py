@@ -1,8 +1,13 @@
 """Generation speed: `models.generate.generate` against HF transformers' `generate` on the same checkpoint.
 
     python eval/bench_generate.py                      # N = 16 samples x 128 new tokens, the world model's shape
-    python eval/bench_generate.py --threads 1 --repeats 5   # on a busy machine: one thread each avoids
-                                                           # OpenMP threads spinning against other jobs
+    python eval/bench_generate.py --threads 1 --repeats 5   # one thread only
+    python eval/bench_generate.py --busy 1               # the same while another CPU-bound job runs
+
+Both methods run at torch's default thread count and at one thread (--threads N: only at N). With --busy K,
+K competing processes (each a one-thread matmul loop, like another job on the machine) run during every timed
+call: on a two-core machine that is the case where intra-op threads lose most, since each op's thread barrier
+waits for a core the other job holds (the reason sample.py, like train.py, takes one thread for a small model).
 
 A random Mistral of the embedded world's reference-model shape (vocab 2000, hidden 192, 4 layers, 6 heads,
 2 KV heads, head_dim 32, FFN 512) is built by HF transformers and saved to a temporary directory; ours loads the
@@ -18,7 +23,9 @@ Timings on a shared machine vary with its load; compare ratios from the same run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,13 +61,32 @@ def time_runs(function, repeats: int) -> list[float]:
     return times
 
 
+BUSY_LOOP = "import torch\ntorch.set_num_threads(1)\na = torch.randn(384, 384)\nwhile True:\n    a = (a @ a).tanh()\n"
+
+
+@contextlib.contextmanager
+def busy_machine(processes: int):
+    """`processes` competing one-thread matmul loops for the duration of the block (none for 0)."""
+    jobs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(processes)]
+    try:
+        if jobs:
+            time.sleep(3)  # let them import torch and start spinning
+        yield
+    finally:
+        for job in jobs:
+            job.kill()
+            job.wait()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-n", "--num-samples", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--prompt-length", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: both torch's choice and one thread)")
+    p.add_argument("--busy", type=int, default=0, help="competing one-thread CPU jobs during the timed runs")
     args = p.parse_args(argv)
 
     import torch
@@ -68,8 +94,7 @@ def main(argv=None) -> int:
     from models import load_pretrained
     from models.generate import generate
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    thread_counts = [args.threads] if args.threads else sorted({torch.get_num_threads(), 1}, reverse=True)
     n, new = args.num_samples, args.max_new_tokens
     prompt = torch.randint(3, WORLD_SHAPE["vocab_size"], (args.prompt_length,),
                            generator=torch.Generator().manual_seed(0)).tolist()
@@ -94,17 +119,24 @@ def main(argv=None) -> int:
                                     min_new_tokens=new, pad_token_id=0)
         assert out.shape == (n, len(prompt) + new)
 
-    results = {"ours (models.generate)": time_runs(run_ours, args.repeats),
-               "HF transformers generate": time_runs(run_hf, args.repeats)}
+    results = {}  # (threads, method) -> times
+    with busy_machine(args.busy):
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            results[threads, "ours (models.generate)"] = time_runs(run_ours, args.repeats)
+            results[threads, "HF transformers generate"] = time_runs(run_hf, args.repeats)
 
     tokens = n * new
-    baseline = statistics.median(results["HF transformers generate"])
-    print(f"N = {n} samples x {new} new tokens, prompt {len(prompt)} tokens, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, CPU float32, median of {args.repeats}")
-    print(f"{'method':<26} {'seconds':>9} {'tokens/s':>10} {'speed vs HF':>12}")
-    for name, times in results.items():
+    print(f"N = {n} samples x {new} new tokens, prompt {len(prompt)} tokens, torch {torch.__version__}, CPU float32, "
+          f"median of {args.repeats}; {args.busy} competing CPU job(s) running")
+    print(f"{'threads':>7} {'method':<26} {'seconds':>9} {'tokens/s':>10} {'speed vs HF':>12}")
+    for (threads, name), times in results.items():
         seconds = statistics.median(times)
-        print(f"{name:<26} {seconds:>9.3f} {tokens / seconds:>10.0f} {baseline / seconds:>11.2f}x")
+        baseline = statistics.median(results[threads, "HF transformers generate"])
+        print(f"{threads:>7} {name:<26} {seconds:>9.3f} {tokens / seconds:>10.0f} {baseline / seconds:>11.2f}x")
+    if len(thread_counts) > 1:
+        ours = {t: statistics.median(results[t, "ours (models.generate)"]) for t in thread_counts}
+        print(f"ours: {thread_counts[0]} threads take {ours[thread_counts[0]] / ours[1]:.2f}x the time of one thread")
     return 0
 
 
