@@ -27,28 +27,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from cli import UsageError, choose_threads, resolve_device
-from models.chat_format import FORMATS as CHAT_FORMATS
 from data.world import MODEL_DIR as DEFAULT_MODEL
+from models import CheckpointError, ConfigError, Tokenizer, load_adapter, load_pretrained
+from models.chat_format import FORMATS as CHAT_FORMATS
+from models.generate import Completion, sample_completions
+from models.tokenizer import check_vocabulary, describe_format
 
 
 class PromptError(ValueError):
     """A bad prompts file; the message is `path:line: problem`."""
-
-
-@dataclass
-class Completion:
-    prompt: str
-    prompt_index: int
-    index: int  # the sample's number within its prompt, 0..N-1
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    eos: bool
-    logprob: float  # log pi(token_ids | prompt_ids): the sampling model at temperature 1, unfiltered
 
 
 # ---- prompts --------------------------------------------------------------------------------------------------
@@ -83,37 +76,6 @@ def read_prompts(path) -> list[str]:
     if not prompts:
         raise PromptError(f"{path}: no prompts")
     return prompts
-
-
-def prompt_ids(tokenizer, text: str, chat: bool = True) -> list[int]:
-    """BOS + enc("[INST] text [/INST]") (a user turn, Mistral's chat format), or BOS + enc(text) without chat."""
-    if chat:
-        return tokenizer.encode_prompt([{"role": "user", "content": text}])
-    return [tokenizer.bos_id] + tokenizer.encode(text)
-
-
-# ---- sampling -------------------------------------------------------------------------------------------------
-
-
-def sample_completions(model, tokenizer, prompts, num_samples: int = 1, max_new_tokens: int = 128,
-                       temperature: float = 1.0, top_k=None, top_p=None, min_p=None, chat: bool = True,
-                       generator=None) -> list[Completion]:
-    """`num_samples` completions of each prompt (one batch per prompt), in prompt order."""
-    import torch
-
-    from models.generate import generate
-
-    completions = []
-    with torch.no_grad():
-        for prompt_index, text in enumerate(prompts):
-            ids = prompt_ids(tokenizer, text, chat)
-            out = generate(model, ids, max_new_tokens, num_samples, temperature, top_k, top_p, min_p,
-                           eos_id=tokenizer.end_of_turn_id, generator=generator)  # EOS, <|im_end|> in ChatML
-            for index, (tokens, logprob) in enumerate(zip(out.tokens, out.logprobs)):
-                eos = bool(tokens) and tokens[-1] == tokenizer.end_of_turn_id
-                completions.append(Completion(text, prompt_index, index, ids, tokens, tokenizer.decode(tokens), eos,
-                                              logprob))
-    return completions
 
 
 def print_readable(completions: list[Completion], file=None) -> None:
@@ -168,11 +130,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from models import CheckpointError, Tokenizer, load_adapter, load_pretrained
-    from models.tokenizer import check_vocabulary, describe_format
-
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     if args.model is None and not model_dir.is_dir():
@@ -204,8 +161,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    from models import CheckpointError, ConfigError
-
     try:
         return run(parse_args(argv))
     except SystemExit as exit:  # argparse's own errors (usage printed): return the code instead of exiting

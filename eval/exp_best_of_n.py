@@ -134,7 +134,7 @@ def run_experiment(out: Path, settings, steps: int, lr: float, beta: float, num_
 
     from data.world import extract_answer, load_world
     from eval.policies import load_policy, train_policy
-    from sample import sample_completions
+    from models.generate import sample_completions
 
     world = load_world()
     data = first_records(out, world.files["arithmetic_pairs_soft"], max_pairs)

@@ -167,7 +167,7 @@ def measure(setting: Setting, model, reference, tokenizer, prompts, num_samples:
     import torch
 
     from eval.metrics import mean_pooled_hidden_states, pairwise_cosine_distance, sequence_nll
-    from sample import sample_completions
+    from models.generate import sample_completions
 
     generator = torch.Generator().manual_seed(seed)
     inputs = [prompt for prompt in prompts for _ in range(groups)]
@@ -328,13 +328,13 @@ def main(argv=None) -> int:
     import torch
 
     from cli import checkpoint_parameters, choose_threads
-    from eval.policies import WORLD_MODEL
+    from data.world import MODEL_DIR
     from models import Tokenizer
 
-    choose_threads(args.threads, checkpoint_parameters(WORLD_MODEL), "cpu")
+    choose_threads(args.threads, checkpoint_parameters(MODEL_DIR), "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    vocab_size = Tokenizer(WORLD_MODEL / "tokenizer.model").vocab_size
+    vocab_size = Tokenizer(MODEL_DIR / "tokenizer.model").vocab_size
     settings = sweep_settings(ratios, quick.get("temperatures", {}), vocab_size)
     print(f"experiment 2, diversity against quality: {len(settings)} settings, N = {num_samples} samples x "
           f"{groups} inputs per prompt; policies: DPO and SPL at alpha/beta in {', '.join(f'{r:g}' for r in ratios)} "

@@ -1,51 +1,65 @@
 """Policies for the experiments: train one with train.py on the embedded world, or load one back.
 
 Every experiment compares the reference model, DPO and SPL at several global temperatures alpha/beta. A policy
-is a train.py run directory; `train_policy` runs train.py in-process (the same loop a user runs) and reuses a
-finished run whose config.json matches, so sweeps are cheap to re-run. `load_policy` returns the world's
-reference model with the run's adapter loaded (LoRA on, `disable_lora` gives the reference back).
+is a train.py run directory; `train_policy` runs `python train.py` as a process (the same command a user runs;
+eval/ never imports the scripts) and reuses a finished run whose config.json matches the one train.py would
+write now, so sweeps are cheap to re-run. `load_policy` returns the world's reference model with the run's
+adapter loaded (LoRA on, `disable_lora` gives the reference back).
 """
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+from data.world import MODEL_DIR
+from models import Tokenizer, load_adapter, load_pretrained
+
 ROOT = Path(__file__).resolve().parents[1]
-WORLD_MODEL = ROOT / "data" / "world" / "model"
+TRAIN = ROOT / "train.py"
+IGNORED = ("resume", "overwrite", "progress")  # options that do not change what a run trains
+
+# Asked of train.py itself, so that a change of its defaults is a change of configuration.
+_PRINT_CONFIG = ("import dataclasses, json, sys, train; "
+                 "print(json.dumps(dataclasses.asdict(train.parse_args(sys.argv[1:]))))")
 
 
 def train_policy(out, data, alpha: float, beta: float, loss: str = "spl", steps: int = 150,
                  extra: tuple = (), progress: bool = False) -> Path:
     """Train (or reuse) a LoRA policy on `data` with train.py; returns the run directory."""
-    import train
-
     out = Path(out)
     argv = ["--data", str(data), "--loss", loss, "--alpha", str(alpha), "--beta", str(beta), "--steps", str(steps),
             "--out", str(out), *map(str, extra)]
     if not progress:
         argv.append("--no-progress")
-    wanted = train.parse_args(argv)
-    config_path = out / "config.json"
-    if (out / "adapter" / "adapter_model.safetensors").is_file() and config_path.is_file():
-        import dataclasses
-
-        ignore = ("resume", "overwrite", "progress")
-        saved = json.loads(config_path.read_text(encoding="utf-8"))
-        wanted = json.loads(json.dumps(dataclasses.asdict(wanted)))
-        if {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in wanted.items() if k not in ignore}:
-            return out  # a finished run of exactly this configuration
-    code = train.main(argv + ["--overwrite"])
+    if finished_run_matches(out, argv):
+        return out
+    code = subprocess.run([sys.executable, str(TRAIN), *argv, "--overwrite"], cwd=ROOT).returncode
     if code != 0:
         raise RuntimeError(f"train.py exited {code} for {' '.join(argv)}")
     return out
 
 
+def finished_run_matches(out: Path, argv: list[str]) -> bool:
+    """Whether `out` holds a finished run (its adapter written) of exactly the configuration of `argv`."""
+    config_path = out / "config.json"
+    if not ((out / "adapter" / "adapter_model.safetensors").is_file() and config_path.is_file()):
+        return False
+    printed = subprocess.run([sys.executable, "-c", _PRINT_CONFIG, *argv], cwd=ROOT, capture_output=True,
+                             text=True)
+    if printed.returncode != 0:
+        raise RuntimeError(f"train.py refused {' '.join(argv)}: {printed.stderr.strip()}")
+    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    wanted = json.loads(printed.stdout)
+    return ({k: v for k, v in saved.items() if k not in IGNORED} ==
+            {k: v for k, v in wanted.items() if k not in IGNORED})
+
+
 def load_policy(run_dir=None, device=None, dtype=None):
     """(model, tokenizer): the world's reference model, with the adapter of `run_dir` if given."""
-    from models import Tokenizer, load_adapter, load_pretrained
-
-    model = load_pretrained(WORLD_MODEL, dtype=dtype, device=device)
+    model = load_pretrained(MODEL_DIR, dtype=dtype, device=device)
     if run_dir is not None:
         load_adapter(model, Path(run_dir) / "adapter")
     model.eval()
-    return model, Tokenizer(WORLD_MODEL / "tokenizer.model")
+    return model, Tokenizer(MODEL_DIR / "tokenizer.model")

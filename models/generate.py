@@ -1,6 +1,8 @@
 """Generation as small composable functions (after gpt-fast):
 
-    logits_to_probs -> sample_token -> prefill -> decode_one_token -> generate
+    logits_to_probs -> sample_token -> prefill -> decode_one_token -> generate -> sample_completions
+
+`sample_completions` is what sample.py and the experiments call: N completions per text prompt, as Completions.
 
 The sampling methods the paper compares (token temperature; top-k; top-p; min-p) are pure functions over a
 `[..., V]` logit tensor. Filters follow HF transformers' order: temperature first, then top-k, top-p, min-p,
@@ -111,3 +113,42 @@ def generate(model: Mistral, prompt_ids: list[int], max_new_tokens: int, num_sam
             logits = decode_one_token(model, token, cache)
     tokens = [new_tokens[i, : int(lengths[i])].tolist() for i in range(num_samples)]
     return Generation(tokens=tokens, logprobs=logprobs.tolist())
+
+
+# ---- text prompts in, completions out (sample.py and the experiments) -----------------------------------------
+
+@dataclass
+class Completion:
+    prompt: str
+    prompt_index: int
+    index: int  # the sample's number within its prompt, 0..N-1
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    eos: bool
+    logprob: float  # log pi(token_ids | prompt_ids): the sampling model at temperature 1, unfiltered
+
+
+def user_prompt_ids(tokenizer, text: str, chat: bool = True) -> list[int]:
+    """BOS + enc("[INST] text [/INST]") (a user turn in the tokenizer's chat format), or BOS + enc(text) without
+    chat."""
+    if chat:
+        return tokenizer.encode_prompt([{"role": "user", "content": text}])
+    return [tokenizer.bos_id] + tokenizer.encode(text)
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompts, num_samples: int = 1, max_new_tokens: int = 128,
+                       temperature: float = 1.0, top_k=None, top_p=None, min_p=None, chat: bool = True,
+                       generator=None) -> list[Completion]:
+    """`num_samples` completions of each prompt (one batch per prompt), in prompt order."""
+    completions = []
+    for prompt_index, text in enumerate(prompts):
+        ids = user_prompt_ids(tokenizer, text, chat)
+        out = generate(model, ids, max_new_tokens, num_samples, temperature, top_k, top_p, min_p,
+                       eos_id=tokenizer.end_of_turn_id, generator=generator)  # EOS, <|im_end|> in ChatML
+        for index, (tokens, logprob) in enumerate(zip(out.tokens, out.logprobs)):
+            eos = bool(tokens) and tokens[-1] == tokenizer.end_of_turn_id
+            completions.append(Completion(text, prompt_index, index, ids, tokens, tokenizer.decode(tokens), eos,
+                                          logprob))
+    return completions
