@@ -40,7 +40,6 @@ reference, as the paper's lr 1e-5 does.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -48,8 +47,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from eval.experiment import (alpha_for, check_arguments, first_records, parse_list, pyplot, save_figure, write_csv,
-                             write_json, write_jsonl)
+from eval.experiment import (alpha_for, check_arguments, experiment_parser, first_records, option, parse_list, pyplot,
+                             save_figure, write_csv, write_json, write_jsonl)
 
 BETA = 0.1
 TEMPERATURES = (1.0, 1.1, 1.2, 1.5)  # DPO's token temperatures (Tables 1-3: 1, 1.1, 1.2)
@@ -209,34 +208,27 @@ def plot(path: Path, table, ks) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/exp_best_of_n", help="output directory")
-    p.add_argument("--quick", action="store_true", help="DPO at T = 1 and 1.2, SPL at 1.2; one problem per level, "
-                                                       "8 samples, a few training steps")
+    p = experiment_parser(__doc__, "runs/exp_best_of_n", "DPO at T = 1 and 1.2, SPL at 1.2; one problem per level, "
+                                                       "8 samples, a few training steps",
+                          "SPL alpha/beta values (default %s)" % ",".join(f"{r:g}" for r in SPL_RATIOS),
+                          BETA, STEPS, LR, "training steps per policy")
     p.add_argument("--temperatures", help="DPO's token temperatures (default %s)"
                    % ",".join(f"{t:g}" for t in TEMPERATURES))
-    p.add_argument("--ratios", help="SPL alpha/beta values (default %s)" % ",".join(f"{r:g}" for r in SPL_RATIOS))
     p.add_argument("--no-reference", dest="reference", action="store_false", help="leave out the reference model")
-    p.add_argument("--beta", type=float, default=BETA)
-    p.add_argument("--steps", type=int, help=f"training steps per policy (default {STEPS})")
-    p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--num-samples", type=int, help=f"n samples per problem (default {NUM_SAMPLES})")
     p.add_argument("--levels", help="difficulty levels, comma-separated (default %s)" % ",".join(map(str, LEVELS)))
     p.add_argument("--problems", type=int, help=f"held-out problems per level, of 32 (default {PROBLEMS})")
     p.add_argument("--max-new-tokens", type=int, help=f"default {MAX_NEW_TOKENS}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (default 0: as train.py, one for the world's small model on CPU)")
-    p.add_argument("--progress", action="store_true", help="train.py's progress bars")
     args = p.parse_args(argv)
     quick = QUICK if args.quick else {}
     temperatures = parse_list(p, "--temperatures", args.temperatures, quick.get("temperatures", TEMPERATURES))
     ratios = parse_list(p, "--ratios", args.ratios, quick.get("ratios", SPL_RATIOS))
-    steps = args.steps or quick.get("steps", STEPS)
-    num_samples = args.num_samples or quick.get("num_samples", NUM_SAMPLES)
-    per_level = args.problems or quick.get("problems", PROBLEMS)
+    steps = option(args.steps, quick, "steps", STEPS)
+    num_samples = option(args.num_samples, quick, "num_samples", NUM_SAMPLES)
+    per_level = option(args.problems, quick, "problems", PROBLEMS)
     levels = tuple(sorted(set(parse_list(p, "--levels", args.levels, LEVELS, int))))
-    max_new_tokens = args.max_new_tokens or quick.get("max_new_tokens", MAX_NEW_TOKENS)
+    max_new_tokens = option(args.max_new_tokens, quick, "max_new_tokens", MAX_NEW_TOKENS)
     checks = [(all(t > 0 for t in temperatures), f"--temperatures must be > 0, got {temperatures}"),
               (all(r > 1 for r in ratios), f"--ratios: SPL needs alpha/beta > 1 (1 is DPO), got {ratios}"),
               (args.beta > 0 and args.lr > 0, f"--beta and --lr must be > 0, got {args.beta}, {args.lr}"),

@@ -58,7 +58,6 @@ stalls at ln 2 and the letters' total mass collapses (TV 0.74 with all 48 items 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -68,7 +67,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from eval.experiment import alpha_for, check_arguments, parse_list, pyplot, run_name, save_figure, write_csv
+from eval.experiment import (alpha_for, check_arguments, experiment_parser, option, parse_list, pyplot, run_name,
+                             save_figure, write_csv)
 
 RATIOS = (1.0, 2.0, 4.0, 10.0, 20.0)  # alpha / beta; 1 is DPO
 BETA = 0.1
@@ -251,26 +251,19 @@ def plot(path: Path, table) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/exp_calibration", help="output directory")
-    p.add_argument("--quick", action="store_true", help="DPO and alpha/beta = 10 only, %d steps" % QUICK["steps"])
-    p.add_argument("--ratios", help="comma-separated alpha/beta values, 1 = DPO (default %s)"
-                   % ",".join(f"{r:g}" for r in RATIOS))
-    p.add_argument("--beta", type=float, default=BETA)
-    p.add_argument("--steps", type=int, help=f"training steps per run (default {STEPS})")
-    p.add_argument("--lr", type=float, default=LR, help=f"peak learning rate (default {LR:g})")
+    p = experiment_parser(__doc__, "runs/exp_calibration", "DPO and alpha/beta = 10 only, %d steps" % QUICK["steps"],
+                          "comma-separated alpha/beta values, 1 = DPO (default %s)"
+                   % ",".join(f"{r:g}" for r in RATIOS),
+                          BETA, STEPS, LR, "training steps per run")
     p.add_argument("--pairs", choices=("soft", "counts"), default="soft",
                    help="mcq_pairs_soft.jsonl (exact soft labels) or mcq_pairs.jsonl (4 counts per pair)")
     p.add_argument("--label-draws", type=int, help=f"label draws for the expected ECE (default {LABEL_DRAWS}; "
                                                    f"--quick 200)")
     p.add_argument("--held-out", type=int, default=HELD_OUT,
                    help=f"items (the last ones) left out of training, scored apart (default {HELD_OUT}; 0: none)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (default 0: as train.py, one for the world's small model on CPU)")
-    p.add_argument("--progress", action="store_true", help="train.py's progress bars")
     args = p.parse_args(argv)
     ratios = parse_list(p, "--ratios", args.ratios, QUICK["ratios"] if args.quick else RATIOS)
-    steps = args.steps if args.steps is not None else (QUICK["steps"] if args.quick else STEPS)
+    steps = option(args.steps, QUICK if args.quick else {}, "steps", STEPS)
     draws = args.label_draws if args.label_draws is not None else (200 if args.quick else LABEL_DRAWS)
     check_arguments(p, [(all(r >= 1 for r in ratios), f"--ratios: alpha/beta must be >= 1 (1 is DPO), got {ratios}"),
                         (args.beta > 0 and args.lr > 0, f"--beta and --lr must be > 0, got {args.beta}, {args.lr}"),

@@ -50,7 +50,6 @@ reference (lr 1e-5 there), rather than the closed-form optimum the opinion exper
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -59,8 +58,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from eval.experiment import (alpha_for, check_arguments, first_records, parse_list, pyplot, save_figure, write_csv,
-                             write_json, write_jsonl)
+from eval.experiment import (alpha_for, check_arguments, experiment_parser, first_records, option, parse_list, pyplot,
+                             save_figure, write_csv, write_json, write_jsonl)
 
 BETA = 0.1
 SPL_RATIOS = (1.5, 2.0, 4.0, 11.0)  # alpha / beta; the paper sweeps [1, 11] (Appendix B.3)
@@ -293,30 +292,23 @@ def plot(path: Path, rows) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/exp_diversity", help="output directory")
-    p.add_argument("--quick", action="store_true", help="SPL alpha/beta = 2 and one setting per sampling method, "
-                                                       "a few samples and training steps")
-    p.add_argument("--ratios", help="SPL alpha/beta values, comma-separated (default %s)"
-                   % ",".join(f"{r:g}" for r in SPL_RATIOS))
-    p.add_argument("--beta", type=float, default=BETA)
-    p.add_argument("--steps", type=int, help=f"training steps per policy (default {STEPS})")
-    p.add_argument("--lr", type=float, default=LR)
+    p = experiment_parser(__doc__, "runs/exp_diversity", "SPL alpha/beta = 2 and one setting per sampling method, "
+                                                       "a few samples and training steps",
+                          "SPL alpha/beta values, comma-separated (default %s)"
+                   % ",".join(f"{r:g}" for r in SPL_RATIOS),
+                          BETA, STEPS, LR, "training steps per policy")
     p.add_argument("--num-samples", type=int, help=f"N samples per input (default {NUM_SAMPLES})")
     p.add_argument("--groups", type=int, help=f"inputs per prompt, each of N samples (default {GROUPS})")
     p.add_argument("--prompts", type=int, help="use the first P story prompts (default all six)")
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (default 0: as train.py, one for the world's small model on CPU)")
-    p.add_argument("--progress", action="store_true", help="train.py's progress bars")
     args = p.parse_args(argv)
     quick = QUICK if args.quick else {}
     ratios = parse_list(p, "--ratios", args.ratios, quick.get("ratios", SPL_RATIOS))
-    steps = args.steps or quick.get("steps", STEPS)
-    num_samples = args.num_samples or quick.get("num_samples", NUM_SAMPLES)
-    groups = args.groups or quick.get("groups", GROUPS)
-    prompts = args.prompts or quick.get("prompts")
+    steps = option(args.steps, quick, "steps", STEPS)
+    num_samples = option(args.num_samples, quick, "num_samples", NUM_SAMPLES)
+    groups = option(args.groups, quick, "groups", GROUPS)
+    prompts = option(args.prompts, quick, "prompts", None)
     checks = [(all(r > 1 for r in ratios), f"--ratios: SPL needs alpha/beta > 1 (1 is DPO), got {ratios}"),
               (args.beta > 0 and args.lr > 0, f"--beta and --lr must be > 0, got {args.beta}, {args.lr}"),
               (steps > 0 and num_samples >= 2 and groups >= 1 and args.max_new_tokens >= 1,

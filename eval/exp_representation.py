@@ -41,7 +41,6 @@ options (see eval/opinions.py).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -50,7 +49,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from eval.experiment import alpha_for, check_arguments, parse_list, pyplot, run_name, save_figure, write_csv
+from eval.experiment import (alpha_for, check_arguments, experiment_parser, option, parse_list, pyplot, run_name,
+                             save_figure, write_csv)
 
 RATIOS = (1.0, 1.1, 1.2, 1.5, 2.0, 4.0, 11.0)  # alpha / beta, the paper's sweep (Appendix B.3) less 1.3
 BETA = 0.1
@@ -213,22 +213,15 @@ def plot(path: Path, table) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/exp_representation", help="output directory")
-    p.add_argument("--quick", action="store_true", help="DPO and alpha = 1 only, %d steps" % QUICK["steps"])
-    p.add_argument("--ratios", help="comma-separated alpha/beta values (default %s)" % ",".join(map(str, RATIOS)))
-    p.add_argument("--beta", type=float, default=BETA)
-    p.add_argument("--steps", type=int, help=f"training steps per run (default {STEPS})")
-    p.add_argument("--lr", type=float, default=LR, help=f"peak learning rate (default {LR:g})")
+    p = experiment_parser(__doc__, "runs/exp_representation", "DPO and alpha = 1 only, %d steps" % QUICK["steps"],
+                          "comma-separated alpha/beta values (default %s)" % ",".join(map(str, RATIOS)),
+                          BETA, STEPS, LR, "training steps per run")
     p.add_argument("--no-alpha-one", dest="alpha_one", action="store_false", help="leave out the alpha = 1 run")
     p.add_argument("--pairs", choices=("soft", "counts"), default="soft",
                    help="opinion_pairs_soft.jsonl (exact soft labels) or opinion_pairs.jsonl (K counts per pair)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (default 0: as train.py, one for the world's small model on CPU)")
-    p.add_argument("--progress", action="store_true", help="train.py's progress bars")
     args = p.parse_args(argv)
     ratios = parse_list(p, "--ratios", args.ratios, QUICK["ratios"] if args.quick else RATIOS)
-    steps = args.steps if args.steps is not None else (QUICK["steps"] if args.quick else STEPS)
+    steps = option(args.steps, QUICK if args.quick else {}, "steps", STEPS)
     check_arguments(p, [(all(r >= 1 for r in ratios), f"--ratios: alpha/beta must be >= 1 (1 is DPO), got {ratios}"),
                         (args.beta > 0 and args.lr > 0, f"--beta and --lr must be > 0, got {args.beta}, {args.lr}"),
                         (steps > 0, f"--steps must be > 0, got {steps}")])

@@ -12,6 +12,29 @@ import json
 from pathlib import Path
 
 
+def experiment_parser(doc: str, out: str, quick_help: str, ratios_help: str, beta: float, steps: int, lr: float,
+                      steps_help: str = "training steps per policy") -> argparse.ArgumentParser:
+    """The options every experiment takes, in one place: --out, --quick, --ratios, --beta, --steps, --lr,
+    --threads, --progress. Each experiment adds its own after these."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", default=out, help="output directory")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--ratios", help=ratios_help)
+    p.add_argument("--beta", type=float, default=beta)
+    p.add_argument("--steps", type=int, help=f"{steps_help} (default {steps})")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default 0: as train.py, one for the world's small model on CPU)")
+    p.add_argument("--progress", action="store_true", help="train.py's progress bars")
+    return p
+
+
+def option(value, quick: dict, key: str, default):
+    """An option's value: as given (0 included, so that a check refuses it rather than the default replacing it),
+    else --quick's (`quick` is {} without --quick), else the default."""
+    return value if value is not None else quick.get(key, default)
+
+
 def parse_list(parser: argparse.ArgumentParser, name: str, text: str | None, default, kind=float) -> tuple:
     """A comma-separated option ("1,1.5,2") as a tuple of `kind`; `default` when the option was not given. A value
     that does not parse is a usage error naming the option (argparse's exit 2)."""
