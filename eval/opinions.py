@@ -112,7 +112,8 @@ def format_report(report: dict, rows: int = 4) -> str:
         lines.append(f"    total variation, learned vs closed form: {q['tv_learned_vs_closed_form']:.4f}")
     lines.append(f"\nmean total variation over {len(report['questions'])} questions, learned vs closed form: "
                  f"{report['mean_tv_learned_vs_closed_form']:.4f} (max {report['max_tv_learned_vs_closed_form']:.4f})")
-    lines.append(f"probability kept on the options (the loss fixes only their ratios): learned "
-                 f"{report['mean_learned_option_mass']:.3f}, reference {report['mean_reference_option_mass']:.3f} "
+    lines.append(f"probability kept on the options (SPL fixes only their ratios; --anchor holds it): learned "
+                 f"{report['mean_learned_option_mass']:.3f}, reference {report['mean_reference_option_mass']:.3f}, "
+                 f"ratio {report['mean_learned_option_mass'] / report['mean_reference_option_mass']:.3f} "
                  f"(mean over questions)")
     return "\n".join(lines)
