@@ -6,6 +6,8 @@ code for bad usage); bad files and checkpoints are the library's errors and exit
 """
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from models.checkpoint import resolve_device as _resolve_device
@@ -16,6 +18,15 @@ SMALL_MODEL_PARAMETERS = 10_000_000  # below this, --threads 0 means one thread 
 
 class UsageError(ValueError):
     """A bad command line; printed as one line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (an unknown flag, `--steps ten`, a bad choice) are a UsageError, so they
+    too are printed as one line, "train.py: error: argument --steps: invalid int value: 'ten' (see --help)",
+    not argparse's usage block (of 40 lines for train.py) plus the error."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
 
 
 def resolve_device(name: str):

@@ -26,17 +26,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from cli import UsageError, choose_threads, resolve_device
+from cli import ArgumentParser, UsageError, choose_threads, resolve_device
 from data.world import MODEL_DIR as DEFAULT_MODEL
 from models import CheckpointError, ConfigError, Tokenizer, load_adapter, load_pretrained
 from models.chat_format import FORMATS as CHAT_FORMATS
-from models.generate import Completion, sample_completions
+from models.generate import Completion, sample_completions, user_prompt_ids
 from models.tokenizer import check_vocabulary, describe_format
 
 
@@ -67,6 +68,8 @@ def read_prompts(path) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise PromptError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+        except RecursionError:  # a line made to break the parser
+            raise PromptError(f"{path}:{number}: not valid JSON (nested too deeply to parse)") from None
         if not isinstance(record, dict) or "prompt" not in record:
             raise PromptError(f'{path}:{number}: missing field "prompt"')
         if not isinstance(record["prompt"], str) or not record["prompt"].strip():
@@ -91,8 +94,7 @@ def print_readable(completions: list[Completion], file=None) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help=f"HF-format model directory with tokenizer.model (default: {DEFAULT_MODEL})")
     p.add_argument("--adapter", help="PEFT-format LoRA adapter directory (e.g. a train.py run's adapter/)")
     source = p.add_mutually_exclusive_group(required=True)
@@ -114,6 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPU threads (default 0: 1 for models under 10M parameters, else torch's choice; as train.py)")
     args = p.parse_args(argv)
     checks = [
+        (all(v is None or math.isfinite(v) for v in (args.temperature, args.top_p, args.min_p)),
+         f"--temperature, --top-p and --min-p must be finite numbers, got {args.temperature}, {args.top_p}, "
+         f"{args.min_p}"),
         (args.num_samples >= 1, f"-n must be >= 1, got {args.num_samples}"),
         (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
         (args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}"),
@@ -147,6 +152,13 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         load_adapter(model, args.adapter)
         model.to(device).eval()
+    positions = model.config.max_position_embeddings
+    for number, text in enumerate(prompts, start=1):
+        length = len(user_prompt_ids(tokenizer, text, not args.no_chat))
+        if length + args.max_new_tokens > positions:
+            where = "--prompt" if args.prompt is not None else f"{args.prompts}: prompt {number}"
+            raise UsageError(f"{where}: {length} tokens + --max-new-tokens {args.max_new_tokens} exceed the model's "
+                             f"max_position_embeddings {positions}")
     print(describe_format(tokenizer), file=sys.stderr)  # once every input is checked; stdout holds the completions
     generator = torch.Generator(device=device).manual_seed(args.seed)
     completions = sample_completions(model, tokenizer, prompts, args.num_samples, args.max_new_tokens,

@@ -37,12 +37,12 @@ output head whole on every process, so gradients, optimizer and checkpoints are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -52,10 +52,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from cli import UsageError, choose_threads, resolve_device
+from cli import ArgumentParser, UsageError, choose_threads, resolve_device
 from data.world import DEFAULT_DIR as WORLD_DIR, FILES as WORLD_FILES, MODEL_DIR as WORLD_MODEL, load_world
 from data.batching import PreferenceBatches, PromptGroupedBatches, prompt_groups
 from data.preferences import DataError
@@ -66,7 +65,8 @@ from eval.opinions import format_report, world_report
 from models import (CheckpointError, ConfigError, MistralConfig, Tokenizer, add_lora, build_model, load_pretrained,
                     save_pretrained)
 from models.chat_format import FORMATS as CHAT_FORMATS
-from models.lora import TARGET_NAMES, save_adapter
+from models.lora import TARGET_NAMES
+from models.peft import save_adapter
 from models.tokenizer import check_vocabulary, describe_format
 from spl import runs
 from spl.distributed import (Processes, broadcast_from_main, share_batches, shard_frozen_weights,
@@ -160,7 +160,7 @@ class TrainConfig:
 
 def parse_args(argv=None) -> TrainConfig:
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF-format model directory (default: the embedded world's reference model)")
     p.add_argument("--init-config", help="train from random weights built from this config.json (full fine-tune)")
     p.add_argument("--data", help="preference data: .jsonl/.json (.gz), .parquet, a datasets directory (or SFT "
@@ -259,6 +259,11 @@ def validate(c: TrainConfig, world_size: int = 1) -> None:
     def fail(message):
         raise UsageError(message)
 
+    for name in ("alpha", "beta", "label_smoothing", "ipo_tau", "fdpo_alpha", "lora_alpha", "lora_dropout", "lr",
+                 "weight_decay", "max_grad_norm", "epochs"):  # nan passes every comparison below: refuse it first
+        value = getattr(c, name)
+        if value is not None and not math.isfinite(value):
+            fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if c.alpha <= 0 or not math.isfinite(c.alpha):
         fail(f"--alpha must be > 0 (the entropy coefficient), got {c.alpha}")
     if c.beta < 0 or not math.isfinite(c.beta):
@@ -374,7 +379,8 @@ def train(c: TrainConfig) -> int:
     procs = Processes.from_environment()
     device = start_processes(procs, c.device)
     try:
-        code = run(c, procs, device)
+        with run_directory_lock(Path(c.out), procs):
+            code = run(c, procs, device)
         if procs.distributed:
             # Leave together: rank 0 still writes the outputs when the others finish, and a gloo process whose
             # peer tears its connections down first can abort in its own teardown ("terminate called ...").
@@ -383,6 +389,29 @@ def train(c: TrainConfig) -> int:
     finally:
         if procs.distributed:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def run_directory_lock(out: Path, procs: Processes):
+    """Rank 0 holds out/.lock for the whole run (spl/runs.py RunLock): a second process on the same --out is
+    refused in one line, with --resume and --overwrite too, before it reads or deletes anything; a lock left by
+    a killed process is taken over and named. Every process raises the same error."""
+    lock, problem = None, None
+    if procs.main:
+        try:
+            lock = runs.RunLock(out).__enter__()
+        except runs.RunError as error:
+            problem = str(error)
+    problem = broadcast_from_main(procs, problem)
+    if problem:
+        raise runs.RunError(problem)
+    if lock is not None and lock.took_over:
+        print(lock.took_over)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
 
 def start_processes(procs: Processes, device_name: str):
@@ -673,19 +702,24 @@ def describe(num_parameters: int, trainable: dict, num_examples: int, total_step
 
 
 def resume(out: Path, trainable: dict, optimizer, batches, c: TrainConfig, procs: Processes, say) -> int:
-    """Load the newest complete checkpoint of `out` (every process reads the one rank 0 picked) into the
-    trainable parameters, the optimizer, the data position and the RNGs; returns its step (0 if none)."""
-    checkpoint = None
+    """Load the newest checkpoint of `out` that verifies against its manifest (a damaged newer one is named in
+    one line and passed over; every process reads the one rank 0 picked) into the trainable parameters, the
+    optimizer, the data position and the RNGs; returns its step (0 if there is none yet)."""
+    found, problem = None, None
     if procs.main:
         runs.clean_interrupted_saves(out)
-        checkpoints = runs.complete_checkpoints(out)
-        checkpoint = str(checkpoints[-1]) if checkpoints else None
-    checkpoint = broadcast_from_main(procs, checkpoint)
+        try:
+            found = runs.load_latest_checkpoint(out, say)
+        except runs.RunError as error:
+            problem = str(error)
+    checkpoint, problem = broadcast_from_main(procs, (str(found[0]) if found else None, problem))
+    if problem:
+        raise runs.RunError(problem)
     if not checkpoint:
         say(f"{out}: no complete checkpoint yet; starting from step 0")
         return 0
     checkpoint = Path(checkpoint)
-    tensors, optimizer_state, rng, state = runs.load_checkpoint(checkpoint)
+    tensors, optimizer_state, rng, state = found[1] if procs.main else runs.load_checkpoint(checkpoint)
     if set(tensors) != set(trainable):
         raise runs.RunError(f"{checkpoint}: holds {sorted(set(tensors) ^ set(trainable))[:4]}... "
                             f"that this run does not train")
@@ -761,10 +795,17 @@ def save_checkpoint(out: Path, step: int, trainable: dict, optimizer, batches, c
         states = [None] * procs.world_size if procs.main else None
         dist.gather_object(rng, states, dst=0)
         rng = {"per_rank": states}
-    if not procs.main:
-        return out / "checkpoints" / f"step_{step:06d}"
-    return runs.save_checkpoint(out, step, trainable, optimizer, {"data": batches.state_dict()},
-                                keep=c.keep_checkpoints, rng=rng)
+    path, problem = out / "checkpoints" / f"step_{step:06d}", None
+    if procs.main:
+        try:  # a failed save (disk full, no permission) keeps the previous checkpoint; all processes stop
+            path = runs.save_checkpoint(out, step, trainable, optimizer, {"data": batches.state_dict()},
+                                        keep=c.keep_checkpoints, rng=rng)
+        except runs.RunError as error:
+            problem = str(error)
+    problem = broadcast_from_main(procs, problem)
+    if problem:
+        raise runs.RunError(problem)
+    return path
 
 
 def report_coefficients(c: TrainConfig) -> tuple[float, float]:
@@ -784,16 +825,13 @@ def write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out: Path, 
     if not procs.main:
         return
     if c.lora_rank:
-        save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir or c.init_config), overwrite=True)
-        if head is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-                      str(out / "adapter" / "reward_head.safetensors"))
+        extra = {"reward_head.safetensors": head.state_dict()} if head is not None else None
+        save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir or c.init_config), overwrite=True,
+                     extra_tensors=extra)
         print(f"adapter: {out / 'adapter'} (PEFT format)")
     else:
         final = out / "model"
-        if final.exists():
-            shutil.rmtree(final)
-        save_pretrained(model, final, tokenizer_path=tokenizer_path)
+        save_pretrained(model, final, tokenizer_path=tokenizer_path, overwrite=True)
         print(f"model: {final} (HF format)")
     if report is not None:
         runs.write_json_atomic(out / "report.json", report)

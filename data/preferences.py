@@ -420,13 +420,15 @@ def _json_lines(text: str, path: str) -> list[tuple[int, object]]:
             if number == 1 and _is_one_json_object(text):
                 problem = "the file is one JSON object; expected JSON Lines (one object per line) or a JSON array"
             raise DataError(path, number, problem) from None
+        except RecursionError:  # a line made to break the parser: [[[[...]]]] a million deep
+            raise DataError(path, number, "malformed JSON: nested too deeply to parse") from None
     return values
 
 
 def _is_one_json_object(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
 
 
@@ -453,6 +455,9 @@ def _json_array(text: str, path: str) -> list[tuple[int, object]]:
             except json.JSONDecodeError as error:
                 raise DataError(path, error.lineno, f"malformed JSON in array element {len(values)}: "
                                                     f"{error.msg} (column {error.colno})") from None
+            except RecursionError:
+                raise DataError(path, start_line, f"malformed JSON: array element {len(values)} is nested too "
+                                                  f"deeply to parse") from None
             values.append((start_line, value))
             position = _JSON_WHITESPACE.match(text, position).end()
             if text.startswith(",", position):

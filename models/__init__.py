@@ -4,9 +4,10 @@ Generation lives in `models.generate` (import from there: `from models.generate 
 re-exported here, so that `models.generate` always names the module, never the function.
 """
 from models.checkpoint import CheckpointError, load_pretrained, save_pretrained
-from models.lora import (AdapterError, LoRALinear, add_lora, disable_lora, load_adapter, load_lora_state_dict,
-                         lora_parameters, lora_state_dict, merge_lora, save_adapter)
+from models.lora import (AdapterError, LoRALinear, add_lora, disable_lora, load_lora_state_dict, lora_parameters,
+                         lora_state_dict, merge_lora)
 from models.mistral import ConfigError, KVCache, Mistral, MistralConfig, build_model
+from models.peft import load_adapter, save_adapter
 from models.tokenizer import Tokenizer
 
 __all__ = ["MistralConfig", "ConfigError", "Mistral", "KVCache", "build_model", "load_pretrained", "save_pretrained",

@@ -86,7 +86,7 @@ def _weight_files(path: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as error:
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as error:
             raise CheckpointError(f"{index}: not a valid safetensors index ({error})") from None
         files = [path / name for name in sorted(set(weight_map.values()))]
         missing = [str(f) for f in files if not f.is_file()]
@@ -112,6 +112,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _check_layer_count(path: Path, config: MistralConfig, files: list[Path]) -> None:
+    """config.json's num_hidden_layers against the layers the weight files hold (their headers only), before a
+    model is built: a config made to claim 10^12 layers would otherwise build modules until memory runs out."""
+    stored = set()
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                stored |= {int(m.group(1)) for m in map(re.compile(r"^model\.layers\.(\d+)\.").match, f.keys()) if m}
+        except SafetensorError as error:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from None
+    if stored and config.num_hidden_layers > max(stored) + 1:
+        raise CheckpointError(f"{path / 'config.json'}: num_hidden_layers is {config.num_hidden_layers} but the weight "
+                              f"files hold layers 0..{max(stored)} (missing keys for every layer above)")
+
+
 def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Mistral:
     """Load an HF-format Mistral (or Llama) directory. dtype None keeps the stored dtype; device None is CPU."""
     path = Path(path)
@@ -128,6 +143,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Mist
     except IntegrityError as error:
         raise CheckpointError(str(error)) from None
     files = _weight_files(path)
+    _check_layer_count(path, config, files)
     with torch.device("meta"):
         model = Mistral(config)
     expected = {name: p.shape for name, p in model.state_dict(keep_vars=True).items()}
@@ -171,15 +187,17 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Mist
     return model
 
 
-def save_pretrained(model: Mistral, path, max_shard_bytes: int | None = None, tokenizer_path=None) -> Path:
+def save_pretrained(model: Mistral, path, max_shard_bytes: int | None = None, tokenizer_path=None,
+                    overwrite: bool = False) -> Path:
     """Write `model` as an HF-format directory that `MistralForCausalLM.from_pretrained` loads.
 
     With `max_shard_bytes`, weights are split into `model-0000i-of-0000n.safetensors` plus an index, as HF does
     for large models. The directory is published atomically with a manifest (models/files.py), so an interrupted
-    save never leaves a half-written checkpoint and load_pretrained verifies it; an existing directory is refused.
+    save never leaves a half-written checkpoint and load_pretrained verifies it; an existing directory is refused
+    unless `overwrite` (then it is replaced only once the new one is complete).
     """
     path = Path(path)
-    if path.exists():
+    if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: already exists; refusing to overwrite")
     config = model.config
     state = {}
@@ -194,7 +212,7 @@ def save_pretrained(model: Mistral, path, max_shard_bytes: int | None = None, to
     dtype = next(iter(state.values())).dtype
     hf_config = config.to_hf_dict() | {"dtype": str(dtype).removeprefix("torch."),
                                        "torch_dtype": str(dtype).removeprefix("torch.")}
-    with publish_directory(path) as staging:
+    with publish_directory(path, overwrite=overwrite) as staging:
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         shards = _split(state, max_shard_bytes)
         metadata = {"format": "pt"}

@@ -140,7 +140,7 @@ def read_manifest(directory) -> dict | None:
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError) as error:
         raise IntegrityError(f"{path}: unreadable manifest ({error})") from None
     if not isinstance(manifest, dict):
         manifest = {}

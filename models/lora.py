@@ -1,4 +1,4 @@
-"""Hand-written LoRA (Hu et al., 2021) for the Mistral decoder, with adapters in PEFT's on-disk format.
+"""Hand-written LoRA (Hu et al., 2021) for the Mistral decoder: the layer, its autograd function, model surgery.
 
 A target linear layer x -> W0 x becomes
 
@@ -21,31 +21,20 @@ pass rather than a float32 copy per target (see there: at Mistral-7B's shape tho
 activations together).
 `merge_lora` forms W0 + (alpha / r) B A in float32 and casts once, back to W0's dtype.
 
-On disk (`save_adapter` / `load_adapter`): `adapter_config.json` + `adapter_model.safetensors`, keys
-`base_model.model.<HF module name>.lora_{A,B}.weight`, where the HF module name comes from `models/checkpoint.py`'s
-name table and `base_model.model.` is the path PEFT's wrappers put around the HF model
-(PeftModelForCausalLM.base_model -> LoraModel.model -> MistralForCausalLM).
+The adapter on disk, in PEFT's format, is models/peft.py's (`save_adapter` / `load_adapter`).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from models.checkpoint import CheckpointError, ours_to_hf, raise_key_problems
-from models.files import IntegrityError, publish_directory, verify_directory
+from models.checkpoint import CheckpointError, raise_key_problems
 
 TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM.base_model (LoraModel) .model (the HF model)
 
 
 class AdapterError(CheckpointError):
@@ -144,7 +133,7 @@ class _LoRABranch(torch.autograd.Function):
         return grad_x, grad_A, grad_B, None, None
 
 
-def _resolve_targets(targets) -> tuple[str, ...]:
+def resolve_targets(targets) -> tuple[str, ...]:
     """Canonical target tuple from 'all-linear' (PEFT's spelling: every linear layer but the output head), one
     name, or a sequence of names."""
     if isinstance(targets, str):
@@ -172,7 +161,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, ta
         raise ValueError(f"add_lora: alpha must be a positive number, got {alpha!r}")
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"add_lora: dropout must be in [0, 1), got {dropout!r}")
-    targets = _resolve_targets(targets)
+    targets = resolve_targets(targets)
     if lora_modules(model):
         raise ValueError("add_lora: the model already has LoRA layers (merge_lora or load a fresh model first)")
     chosen = [(name, module) for name, module in model.named_modules()
@@ -259,131 +248,5 @@ def load_lora_state_dict(model: nn.Module, state: dict, source: str = "state dic
     return model
 
 
-def _peft_key(lora_name: str) -> str:
-    """Our "layers.0.self_attn.q_proj.lora_A.weight" -> PEFT's
-    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", via the base weight's HF name."""
-    module_name, _, lora_leaf = lora_name.rpartition(".lora_")  # "layers.0.self_attn.q_proj", "A.weight"
-    hf_weight = ours_to_hf(f"{module_name}.weight")  # "model.layers.0.self_attn.q_proj.weight"
-    if hf_weight is None:
-        raise AdapterError(f"{module_name}: no HF name for this layer in models/checkpoint.py's table")
-    return f"{PEFT_PREFIX}{hf_weight.removesuffix('.weight')}.lora_{lora_leaf}"
-
-
-def _adapter_settings(model: nn.Module) -> tuple[int, float, float, tuple[str, ...]]:
-    """(r, lora_alpha, lora_dropout, targets) shared by every LoRA layer; PEFT's format has one of each."""
-    modules = lora_modules(model)
-    if not modules:
-        raise AdapterError("the model has no LoRA layers (call add_lora first)")
-    settings = {(m.rank, m.alpha, m.dropout_p) for m in modules.values()}
-    if len(settings) > 1:
-        raise AdapterError(f"LoRA layers disagree on (rank, alpha, dropout): {sorted(settings)}; "
-                           "PEFT's adapter format holds one of each")
-    rank, alpha, dropout = settings.pop()
-    return rank, alpha, dropout, _resolve_targets({name.rsplit(".", 1)[-1] for name in modules})
-
-
-def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | None = None, overwrite: bool = False):
-    """Write the adapter as PEFT does: `adapter_config.json` + `adapter_model.safetensors` (float32 A and B).
-
-    Published atomically with a manifest (models/files.py), so an interrupted save leaves no half-written adapter
-    and load_adapter verifies it; an existing directory is refused unless `overwrite=True`. Returns its Path.
-    """
-    directory = Path(directory)
-    if directory.exists() and not overwrite:
-        raise AdapterError(f"{directory}: already exists; pass overwrite=True to replace it")
-    if directory.exists() and not directory.is_dir():
-        raise AdapterError(f"{directory}: exists and is not a directory")
-    rank, alpha, dropout, targets = _adapter_settings(model)
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "revision": None, "inference_mode": True, "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
-        "target_modules": list(targets), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "use_dora": False, "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None,
-        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
-    }
-    tensors = {_peft_key(name): tensor.float().contiguous().cpu() for name, tensor in lora_state_dict(model).items()}
-
-    with publish_directory(directory, overwrite=overwrite) as staging:  # the old one stays until the new is whole
-        (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    return directory
-
-
-def _read_adapter_config(directory: Path) -> tuple[int, float, float, tuple[str, ...]]:
-    """(r, lora_alpha, lora_dropout, targets) from adapter_config.json; PEFT options this LoRA does not implement
-    are refused rather than ignored (they would change what the adapter computes)."""
-    path = directory / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AdapterError(f"{path}: no such file (is {directory} a PEFT adapter directory?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AdapterError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in config:
-            raise AdapterError(f'{path}: missing key "{key}"')
-    # Options that change what the adapter computes; a value other than off/empty is refused, not ignored.
-    for key in ("use_dora", "use_rslora", "fan_in_fan_out", "bias", "lora_bias", "modules_to_save",
-                "layers_to_transform", "rank_pattern", "alpha_pattern", "exclude_modules", "target_parameters",
-                "layer_replication", "trainable_token_indices", "use_qalora", "alora_invocation_tokens"):
-        value = config.get(key)
-        if value not in (None, False, "none", [], {}):
-            raise AdapterError(f"{path}: {key}={value!r} is not supported by this LoRA")
-    rank, alpha = config["r"], config["lora_alpha"]
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise AdapterError(f"{path}: r must be a positive integer, got {rank!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-        raise AdapterError(f"{path}: lora_alpha must be a positive number, got {alpha!r}")
-    target_modules = config["target_modules"]
-    if isinstance(target_modules, str) and target_modules != "all-linear":
-        raise AdapterError(f"{path}: target_modules {target_modules!r} is a regular expression; only a list of "
-                           f"names from {list(TARGET_NAMES)} or 'all-linear' is supported")
-    try:
-        targets = _resolve_targets(target_modules)
-    except ValueError as error:
-        raise AdapterError(f"{path}: target_modules: {error}") from None
-    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
-    return rank, alpha, dropout, targets
-
-
-def load_adapter(model: nn.Module, directory):
-    """Load a PEFT LoRA adapter (ours or PEFT's) into `model` and return it. A model without LoRA gets it
-    (add_lora with the config's r, lora_alpha, lora_dropout, target_modules); a model with LoRA must match the
-    config's r, lora_alpha and targets. Every missing, unexpected or mis-shaped key is an error; when one is
-    raised after add_lora, the model keeps fresh LoRA layers (B = 0, so it still computes the base model)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise AdapterError(f"{directory}: no such adapter directory")
-    try:  # ours carry a manifest: a file cut short or altered is named before it is parsed (PEFT's have none)
-        verify_directory(directory, required=False)
-    except IntegrityError as error:
-        raise AdapterError(str(error)) from None
-    rank, alpha, dropout, targets = _read_adapter_config(directory)
-    weights = directory / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        found = sorted(p.name for p in directory.glob("adapter_model.*"))
-        hint = f" (found {', '.join(found)}: only safetensors is read)" if found else ""
-        raise AdapterError(f"{directory}: missing {ADAPTER_WEIGHTS}{hint}")
-    if lora_modules(model):
-        have_rank, have_alpha, _, have_targets = _adapter_settings(model)
-        if (have_rank, have_alpha, have_targets) != (rank, alpha, targets):
-            raise AdapterError(
-                f"{directory / ADAPTER_CONFIG}: adapter has r={rank}, lora_alpha={alpha}, targets={list(targets)} "
-                f"but the model's LoRA has r={have_rank}, alpha={have_alpha}, targets={list(have_targets)}")
-    else:
-        add_lora(model, rank, alpha, dropout, targets)
-
-    try:
-        with safe_open(str(weights), framework="pt", device="cpu") as f:
-            state = {key: f.get_tensor(key) for key in f.keys()}  # PEFT's key names
-    except SafetensorError as error:
-        raise AdapterError(f"{weights}: not a readable safetensors file ({error})") from None
-    return load_lora_state_dict(model, state, source=str(weights), rename=_peft_key)
-
-
-__all__ = ["LoRALinear", "AdapterError", "TARGET_NAMES", "add_lora", "disable_lora", "merge_lora", "lora_modules",
-           "lora_parameters", "lora_state_dict", "load_lora_state_dict", "save_adapter", "load_adapter"]
+__all__ = ["LoRALinear", "AdapterError", "TARGET_NAMES", "resolve_targets", "add_lora", "disable_lora", "merge_lora",
+           "lora_modules", "lora_parameters", "lora_state_dict", "load_lora_state_dict"]

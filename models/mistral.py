@@ -115,7 +115,7 @@ class MistralConfig:
             hf = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # Recursion: [[[[...]]]]
             raise ConfigError(f"{path}: not valid JSON ({error})") from None
         if not isinstance(hf, dict):
             raise ConfigError(f"{path}: expected a JSON object")

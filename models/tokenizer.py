@@ -38,7 +38,11 @@ class Tokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: tokenizer model not found (expected sentencepiece tokenizer.model)")
         self.path = path
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as error:  # not a sentencepiece model: a truncated or mixed-up file
+            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            raise _checkpoint_error(f"{path}: not a sentencepiece model ({reason})") from None
         if self.sp.bos_id() < 0 or self.sp.eos_id() < 0:
             raise ValueError(f"{path}: sentencepiece model has no BOS or EOS id (bos={self.sp.bos_id()}, "
                              f"eos={self.sp.eos_id()}); the chat format needs both")
@@ -162,7 +166,7 @@ def _read_config(config_path: str) -> dict:
     try:
         with open(config_path, encoding="utf-8") as file:
             config = json.load(file)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise _checkpoint_error(f"{config_path}: not a readable JSON file ({error})") from None
     if not isinstance(config, dict):
         raise _checkpoint_error(f"{config_path}: expected a JSON object")

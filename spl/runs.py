@@ -349,7 +349,8 @@ def load_checkpoint(path: Path):
         step = state["step"]
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step {step!r} is not a step number")
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, SafetensorError) as error:
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError,
+            SafetensorError) as error:
         raise RunError(f"{file}: unreadable checkpoint ({type(error).__name__}: {error})") from None
     return trainable, optimizer_state, rng, state
 

@@ -99,13 +99,16 @@ def test_only_rank_zero_prints_and_writes(runs):
 
 
 def test_resume_under_torchrun_with_fsdp(runs):
-    """Roll the two-process run back to its step-2 checkpoint and resume it with FSDP2 sharding the frozen
-    weights: steps 3 and 4 again, the same adapter (and the same as one process's)."""
+    """Damage the two-process run's step-4 checkpoint (its optimizer file cut short) and resume it with FSDP2
+    sharding the frozen weights: the damaged one is named and passed over, steps 3 and 4 are computed again from
+    the step-2 checkpoint, the same adapter (and the same as one process's)."""
     resumed = runs["root"] / "resumed"
     shutil.copytree(runs["two"], resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_000004")
+    damaged = resumed / "checkpoints" / "step_000004" / "optimizer.safetensors"  # cut short: a full disk
+    damaged.write_bytes(damaged.read_bytes()[:100])
     shutil.rmtree(resumed / "adapter")
     stdout = torchrun(args(runs["data"], runs["model"], resumed, "--resume", "--fsdp"))
+    assert f"damaged checkpoint: {damaged}: 100 bytes" in stdout  # named in one line, passed over
     assert "resumed from" in stdout and "step 2" in stdout and "(FSDP)" in stdout
     assert "reference log-probs: loaded" in stdout  # the cache rank 0 wrote, sent to the other process
     assert_close_adapters(adapter(runs["two"]), adapter(resumed))

@@ -1,4 +1,4 @@
-"""Hand-written LoRA (models/lora.py) against closed forms, invariants and HF peft.
+"""Hand-written LoRA (models/lora.py) and its PEFT adapter format (models/peft.py) against closed forms, invariants and HF peft.
 
 Oracles:
 - closed form: a LoRALinear computes y = W0 x + s B A x with s = alpha / r, so dL/dB = s g (A x)^T and
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from models import load_pretrained, save_pretrained
-from models.lora import (TARGET_NAMES, AdapterError, LoRALinear, add_lora, disable_lora, load_adapter,
-                         load_lora_state_dict, lora_modules, lora_parameters, lora_state_dict, merge_lora,
-                         save_adapter)
+from models.lora import (TARGET_NAMES, AdapterError, LoRALinear, add_lora, disable_lora, load_lora_state_dict,
+                         lora_modules, lora_parameters, lora_state_dict, merge_lora)
+from models.peft import load_adapter, save_adapter
 
 
 def tokens(batch=2, length=10, vocab=128, seed=0):

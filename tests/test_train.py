@@ -288,3 +288,102 @@ def test_grouped_anchored_run_resumes_bit_identical(tiny, tmp_path, loss):
     assert_same_tensors(adapter(full), adapter(resumed))
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 6 and all(math.isfinite(r["loss"]) and r["anchor"] >= 0 for r in records)
+
+
+def test_truncated_latest_checkpoint_resumes_from_the_one_before(tiny, tmp_path, capsys):
+    """The newest checkpoint's trainable.safetensors cut short (a copy interrupted): --resume names it in one line,
+    resumes from the step-3 checkpoint and ends bit-identical to the uninterrupted run."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert train.main(args(tiny, full, "--save-every", "3")) == 0
+    assert train.main(args(tiny, resumed, "--save-every", "3")) == 0
+    damaged = resumed / "checkpoints" / "step_000006" / "trainable.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:64])
+    import shutil
+    shutil.rmtree(resumed / "adapter")
+    capsys.readouterr()
+    assert train.main(args(tiny, resumed, "--save-every", "3", "--resume")) == 0
+    out = capsys.readouterr().out
+    assert f"damaged checkpoint: {damaged}: 64 bytes, manifest.json says" in out
+    assert f"resumed from {resumed / 'checkpoints' / 'step_000003'} at step 3" in out
+    assert_same_tensors(adapter(full), adapter(resumed))
+
+
+def test_no_usable_checkpoint_stops_in_one_line(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(args(tiny, out, "--save-every", "6")) == 0
+    damaged = out / "checkpoints" / "step_000006" / "rng.json"
+    damaged.write_text("{}")
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    capsys.readouterr()
+    assert train.main(args(tiny, out, "--save-every", "6", "--resume")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: error: ") and "no usable checkpoint" in err and str(damaged) in err
+    assert "\n" not in err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before  # nothing touched
+
+
+def test_failing_save_keeps_the_previous_checkpoint(tiny, tmp_path, capsys, monkeypatch):
+    """The disk fills while the step-6 checkpoint is written: one line naming it and the intact step-3 one, exit
+    1, and --resume then continues from step 3 to the uninterrupted run's adapter."""
+    import errno
+
+    from spl import runs
+
+    full, out = tmp_path / "full", tmp_path / "run"
+    assert train.main(args(tiny, full, "--save-every", "3")) == 0
+    real_save_file, calls = runs.save_file, []
+
+    def fills_up(tensors, filename, *rest, **kwargs):
+        calls.append(filename)
+        if "step_000006" in filename:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save_file(tensors, filename, *rest, **kwargs)
+
+    monkeypatch.setattr(runs, "save_file", fills_up)
+    capsys.readouterr()
+    assert train.main(args(tiny, out, "--save-every", "3")) == 1
+    err = capsys.readouterr().err.strip()
+    step3 = out / "checkpoints" / "step_000003"
+    assert err == (f"train.py: error: {out / 'checkpoints' / 'step_000006'}: checkpoint not saved (No space left "
+                   f"on device); the previous checkpoint {step3} is intact")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000003"] and not (out / ".lock").exists()
+    monkeypatch.setattr(runs, "save_file", real_save_file)
+    assert train.main(args(tiny, out, "--save-every", "3", "--resume")) == 0
+    assert_same_tensors(adapter(full), adapter(out))
+
+
+def test_second_process_on_a_busy_directory_is_refused(tiny, tmp_path, capsys):
+    """While one train.py runs in --out, another (plain, --overwrite, --resume) is refused in one line naming the
+    first's pid, touches nothing, and the first completes with all its outputs."""
+    out = tmp_path / "run"
+    process = _start(tiny, out, "--steps", "30", "--save-every", "5")
+    try:
+        _wait_for(out / "metrics.jsonl", process)
+        for extra in ((), ("--overwrite",), ("--resume",)):
+            capsys.readouterr()
+            assert train.main(args(tiny, out, "--steps", "30", "--save-every", "5", *extra)) == 1
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(f"train.py: error: {out}: in use by process {process.pid} on "), err
+            assert "\n" not in err
+    finally:
+        output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / ".lock").exists()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 31))
+
+
+def test_lock_of_a_killed_run_is_taken_over(tiny, tmp_path, capsys):
+    """SIGKILL leaves out/.lock naming the dead process; --resume takes it over and says whose it was."""
+    out = tmp_path / "run"
+    process = _start(tiny, out, "--steps", "100000", "--save-every", "2")
+    _wait_for(out / "checkpoints" / "step_000002", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert json.loads((out / ".lock").read_text())["pid"] == process.pid
+    capsys.readouterr()
+    assert train.main(args(tiny, out, "--steps", "4", "--save-every", "2", "--resume")) == 0
+    said = capsys.readouterr().out
+    assert f"took over the lock of process {process.pid} on " in said and "which no longer runs" in said
+    assert not (out / ".lock").exists()
+
