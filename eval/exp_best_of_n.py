@@ -19,24 +19,18 @@ averaged over the level's problems. Also per level: the unique-final-answer frac
 among the n samples / n, a missing answer counting as one value; the paper's Figure 10) and the answered
 fraction (samples with any '#### N'), both averaged over problems.
 
-Subsampled to fit the time budget: the first 12 of the 32 held-out problems at each of levels 1-3 (the
-paper samples 200 problems per dataset; the default run took 11 minutes on one thread of the shared two-core
-machine; `--problems 32`, every held-out problem, 24 minutes, and it undid the 12-problem run's ordering of SPL
-over DPO at pass@128: see the README). Levels 4 and 5 are left out by default because the world's 2.34M-parameter
-reference model can hardly do them: measured at T = 1 on their first 4-8 problems, 0.2% of its samples are right
-at level 4 and none at level 5 (level 1: 16-18%, level 2: 0.2-1%, level 3: 0.1-0.2%), the trained policies at
-most 0.8%, so their pass@k counts one or two lucky samples whatever the setting. Level 1 plays the paper's
+Problems: `--problems` of the 32 held-out ones at each of levels 1-3 (the paper samples 200 per dataset).
+Levels 4 and 5 are left out by default: the world's 2.34M-parameter reference model can hardly solve them (the
+README's Experiments section gives the rates measured when this default was chosen). Level 1 plays the paper's
 "easy" split, levels 2 and 3 "hard". Outputs in --out: `pass_at_k.csv` (per setting and level: pass@k columns,
 unique and answered fractions: the printed tables), `problems.csv` (per setting and problem: n, correct,
 unique fraction), `samples.jsonl` (every sample's text and final answer), `experiment.json` and `best_of_n.png`
 when matplotlib is installed. Training runs live in --out/runs/ and are reused when the configuration is unchanged.
 
 Training: LoRA r = 8 (lora_alpha 16) on all seven projections, lr 3e-3, 10 warmup steps, batch 16, 40 steps,
-given explicitly so that changes to train.py's defaults do not change this experiment. As on the stories
-(eval/exp_diversity.py), preference training costs this tiny model accuracy: after 40 steps DPO's level-1
-pass@1 is about half the reference's (the default run: 7.3% against 13.4% on 12 problems), after 150 steps about a
-third (6% on 6 problems), its solutions full of other tasks' words; 40 steps keep the policies near their
-reference, as the paper's lr 1e-5 does.
+given explicitly so that changes to train.py's defaults do not change this experiment. Few steps on purpose:
+as on the stories, preference training costs this tiny model accuracy, and 40 steps keep the policies near their
+reference, as the paper's lr 1e-5 does (measurements: the README's Experiments section).
 """
 from __future__ import annotations
 

@@ -41,12 +41,10 @@ when the configuration is unchanged.
 Training: LoRA r = 8 (lora_alpha 16) on all seven projections, lr 3e-3, 10 warmup steps, batch 16, 40 steps,
 given explicitly so that changes to train.py's defaults do not change this experiment. Far fewer steps than the
 opinion experiments use, on purpose: on the story pairs every preference-trained policy loses well-formed
-stories as it trains, DPO fastest. Measured on this machine (192-384 samples at T = 1): the reference model
-writes 72-76% valid stories; DPO after 40 steps 32-44%, after 150 steps (lr 1e-3 or 3e-3, LoRA on all seven or
-on q/v only) 6-14%, its samples full of words from the world's other tasks ("He took care of Under a big
-city."). 40 steps move DPO's names measurably towards the majority (name entropy 1.50 against the reference's
-1.81 nats) while a third of its stories are still well-formed: the paper's regime, a policy near its
-reference (lr 1e-5 there), rather than the closed-form optimum the opinion experiments reach.
+stories as it trains, DPO fastest. 40 steps move DPO's names towards the majority while many of its stories
+are still well-formed: the paper's regime, a policy near its reference (lr 1e-5 there), rather than the
+closed-form optimum the opinion experiments reach (the measurements behind this choice: the README's
+Experiments section).
 """
 from __future__ import annotations
 

@@ -30,14 +30,8 @@ configuration is unchanged.
 
 Training: LoRA r = 8 (lora_alpha 16) on all seven projections, 10 warmup steps then cosine decay, batch 16,
 600 steps at a peak lr of 6e-3, given explicitly so that changes to train.py's defaults do not change this
-experiment. Measured on this machine (mean TV learned vs closed form over the 30 questions): 300 steps at 3e-3
-bring DPO to 0.0014 but leave alpha = 0.11-0.2 at 0.03-0.08, with one question ("The most important subject in
-school is:", Mathematics 0.40 vs Reading and writing 0.35 in the population) at TV 0.2-0.6, the two near-tied
-options in the wrong order. At 600 steps and 6e-3 every run of the sweep has a mean TV of at most 0.0044 (the
-largest single question: 0.069, at alpha = 0.11). About 65 s a run on one thread, 8 runs: 8.7 minutes of wall
-time on the two-core machine. The probability the policies keep on the options falls as they train (0.001-0.13
-for alpha/beta = 1-4, 0.67 at alpha = 1, against the reference's 0.98): the loss fixes only ratios between
-options (see eval/opinions.py).
+experiment (why these: the README's Experiments section). The probability the policies keep on the options
+falls as they train: the loss fixes only ratios between options (see eval/opinions.py).
 """
 from __future__ import annotations
 
