@@ -17,8 +17,14 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import sentencepiece
 
 from data.world import DEFAULT_DIR, FILES, generate_world, world_files
 
@@ -46,8 +52,6 @@ def tokenizer_corpus(sft_records) -> list[str]:
 
 def train_tokenizer(lines, vocab_size: int = VOCAB_SIZE) -> bytes:
     """A serialized sentencepiece model (the bytes of tokenizer.model) trained on `lines`."""
-    import sentencepiece
-
     if vocab_size < 300:
         raise ValueError(f"train_tokenizer: vocab_size must be >= 300 (256 byte pieces, specials, characters), "
                          f"got {vocab_size}")
@@ -78,11 +82,6 @@ def build_world(out=DEFAULT_DIR, seed: int = 0, k: int = 20, k_other: int = 4,
 def train_reference_model(out=DEFAULT_DIR, progress: bool = True) -> Path:
     """Train the world's reference model with `train.py --loss sft` (REFERENCE_TRAINING) and install it as
     `out/model`, replacing any model there only once the new one is complete. About 15 minutes on 2 CPU cores."""
-    import json
-    import shutil
-    import subprocess
-    import tempfile
-
     out = Path(out).resolve()
     root = Path(__file__).resolve().parents[1]
     config_path = out / "reference_config.json"  # beside tokenizer.model, where --init-config looks for it
@@ -124,8 +123,6 @@ def main(argv=None) -> int:
         print(f"{path}  {path.stat().st_size / 1e3:8.1f} kB")
     print(f"wrote {len(paths)} files, {total / 1e6:.2f} MB, seed {args.seed}, into {args.out}")
     if args.train_model:
-        import subprocess
-
         try:
             print(f"reference model: {train_reference_model(args.out)}")
         except subprocess.CalledProcessError as error:

@@ -43,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from eval.experiment import (alpha_for, check_arguments, experiment_parser, first_records, option, parse_list, pyplot,
                              save_figure, write_csv, write_json, write_jsonl)
+# torch, and the library modules that load it, are imported inside the functions that use them: --help and usage
+# errors then answer before torch's seconds of start-up.
 
 BETA = 0.1
 TEMPERATURES = (1.0, 1.1, 1.2, 1.5)  # DPO's token temperatures (Tables 1-3: 1, 1.1, 1.2)

@@ -53,6 +53,7 @@ experiment (why these: the README's Experiments section).
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -64,6 +65,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from eval.experiment import (alpha_for, check_arguments, experiment_parser, option, parse_list, pyplot, run_name,
                              save_figure, write_csv)
+# torch, and the library modules that load it, are imported inside the functions that use them: --help and usage
+# errors then answer before torch's seconds of start-up.
 
 RATIOS = (1.0, 2.0, 4.0, 10.0, 20.0)  # alpha / beta; 1 is DPO
 BETA = 0.1
@@ -136,8 +139,6 @@ def split_items(items, held_out: int) -> dict:
 
 def training_pairs(out: Path, source: Path, item_ids) -> Path:
     """The records of `source` whose "id" is one of item_ids, copied into out (the whole file if that is all)."""
-    import json
-
     wanted = set(item_ids)
     lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
     kept = [line for line in lines if json.loads(line)["id"] in wanted]

@@ -58,6 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from eval.experiment import (alpha_for, check_arguments, experiment_parser, first_records, option, parse_list, pyplot,
                              save_figure, write_csv, write_json, write_jsonl)
+# torch, and the library modules that load it, are imported inside the functions that use them: --help and usage
+# errors then answer before torch's seconds of start-up.
 
 BETA = 0.1
 SPL_RATIOS = (1.5, 2.0, 4.0, 11.0)  # alpha / beta; the paper sweeps [1, 11] (Appendix B.3)

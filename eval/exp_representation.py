@@ -45,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from eval.experiment import (alpha_for, check_arguments, experiment_parser, option, parse_list, pyplot, run_name,
                              save_figure, write_csv)
+# torch, and the library modules that load it, are imported inside the functions that use them: --help and usage
+# errors then answer before torch's seconds of start-up.
 
 RATIOS = (1.0, 1.1, 1.2, 1.5, 2.0, 4.0, 11.0)  # alpha / beta, the paper's sweep (Appendix B.3) less 1.3
 BETA = 0.1

@@ -14,9 +14,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+
+from data.world import validate_story
 
 # ---- diversity ------------------------------------------------------------------------------------------------
 
@@ -100,8 +104,6 @@ def unique_fraction(items) -> float:
 def story_attributes(prompts, texts) -> dict[str, list]:
     """{"name", "gender", "relation", "valid"} -> one value per text, extracted by the world's `validate_story`
     (None where an attribute is absent). `prompts` is one story prompt or one per text."""
-    from data.world import validate_story
-
     prompts = [prompts] * len(texts) if isinstance(prompts, str) else list(prompts)
     if len(prompts) != len(texts):
         raise ValueError(f"story_attributes: {len(prompts)} prompts for {len(texts)} texts")
@@ -295,10 +297,6 @@ def sequence_nll(model, prompt_ids, completions, batch_size: int = 32, pad_id: i
 def load_reward_head(directory):
     """(weight [D], bias []) of the scalar reward head that `train.py --loss reward` saves beside its adapter
     (`reward_head.safetensors`, keys `score.weight` [1, D] and `score.bias` [1])."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
     path = Path(directory) / "reward_head.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no reward head (train one with `train.py --loss reward`)")

@@ -25,6 +25,7 @@ import torch
 
 from data.sft import SequenceExample, collate_sequences
 from data.world import DEFAULT_DIR, load_world
+from models.lora import disable_lora
 from spl.step import policy_logprobs
 from spl.theory import optimal_policy
 
@@ -62,8 +63,6 @@ def opinion_report(model, tokenizer, questions, alpha: float, beta: float, devic
     """The report.json of the main job: per question its options, population, reference, learned, closed_form
     and their total-variation distance; plus the mean over questions. Needs a LoRA model (the reference is the
     same model with its adapters off)."""
-    from models.lora import disable_lora
-
     learned = option_logprobs(model, tokenizer, questions, device)
     with disable_lora(model):
         reference = option_logprobs(model, tokenizer, questions, device)
