@@ -90,7 +90,7 @@ OWN_MODEL_PRESET = "paper-chat"  # what --model without --preset starts from (Tr
 # The main job (no --model, --init-config or --data: the world's opinion pairs) also keeps the probability on the
 # options: whole prompts per batch and the option-mass anchor (spl/losses.py anchored_spl_loss), values chosen by
 # measurement (README "The main job"). Any option given on the command line wins; other data keep the plain loss.
-WORLD_MAIN_JOB = dict(anchor=0.1, prompts_per_batch=30, steps=150)
+WORLD_MAIN_JOB = dict(anchor=0.1, prompts_per_batch=15, steps=200)
 
 
 @dataclass
