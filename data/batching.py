@@ -19,6 +19,24 @@ import numpy as np
 import torch
 
 
+def pad_rows(rows: list[list[int]], prompt_lengths: list[int], pad_id: int, pad_to_multiple: int = 1):
+    """The one padding rule of every batch: rows of prompt + response token ids, right-padded to T (the longest
+    row rounded up to pad_to_multiple). Returns (input_ids, targets, loss_mask, attention_mask), each [rows, T]:
+    targets[t] = input_ids[t + 1], and loss_mask marks the targets that are response tokens."""
+    longest = max(len(row) for row in rows)
+    T = -(-longest // pad_to_multiple) * pad_to_multiple
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # [rows, T]
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.bool)  # [rows, T]
+    loss_mask = torch.zeros((len(rows), T), dtype=torch.bool)  # [rows, T]
+    for row, (ids, prompt_length) in enumerate(zip(rows, prompt_lengths)):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, :len(ids)] = True
+        loss_mask[row, prompt_length - 1:len(ids) - 1] = True  # targets[t] = ids[t + 1] is a response token
+    targets = torch.full_like(input_ids, pad_id)  # [rows, T]
+    targets[:, :-1] = input_ids[:, 1:]  # position t predicts token t + 1
+    return input_ids, targets, loss_mask, attention_mask
+
+
 def collate(examples, pad_id: int, pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
     """B PreferenceExamples -> the batch dict described in the module docstring (T rounded up to pad_to_multiple)."""
     if not examples:
@@ -27,17 +45,7 @@ def collate(examples, pad_id: int, pad_to_multiple: int = 1) -> dict[str, torch.
         raise ValueError(f"collate: pad_to_multiple must be >= 1, got {pad_to_multiple}")
     rows = [e.prompt_ids + e.chosen_ids for e in examples] + [e.prompt_ids + e.rejected_ids for e in examples]
     prompt_lengths = [len(e.prompt_ids) for e in examples] * 2
-    longest = max(len(row) for row in rows)
-    T = -(-longest // pad_to_multiple) * pad_to_multiple
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # [2B, T]
-    attention_mask = torch.zeros((len(rows), T), dtype=torch.bool)  # [2B, T]
-    loss_mask = torch.zeros((len(rows), T), dtype=torch.bool)  # [2B, T]
-    for row, (ids, prompt_length) in enumerate(zip(rows, prompt_lengths)):
-        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, :len(ids)] = True
-        loss_mask[row, prompt_length - 1:len(ids) - 1] = True  # targets[t] = ids[t + 1] is a response token
-    targets = torch.full_like(input_ids, pad_id)  # [2B, T]
-    targets[:, :-1] = input_ids[:, 1:]  # position t predicts token t + 1
+    input_ids, targets, loss_mask, attention_mask = pad_rows(rows, prompt_lengths, pad_id, pad_to_multiple)  # [2B, T]
     return {
         "input_ids": input_ids,
         "targets": targets,
@@ -172,17 +180,8 @@ def collate_grouped(examples, pad_id: int, pad_to_multiple: int = 1) -> dict[str
                 row_prompts.append(prompt)
                 row_prompt_lengths.append(len(e.prompt_ids))
             pair_rows.append(row_of[key])
-    longest = max(len(row) for row in rows)
-    T = -(-longest // pad_to_multiple) * pad_to_multiple
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # [R, T]
-    attention_mask = torch.zeros((len(rows), T), dtype=torch.bool)  # [R, T]
-    loss_mask = torch.zeros((len(rows), T), dtype=torch.bool)  # [R, T]
-    for row, (ids, prompt_length) in enumerate(zip(rows, row_prompt_lengths)):
-        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, :len(ids)] = True
-        loss_mask[row, prompt_length - 1:len(ids) - 1] = True  # targets[t] = ids[t + 1] is a response token
-    targets = torch.full_like(input_ids, pad_id)  # [R, T]
-    targets[:, :-1] = input_ids[:, 1:]
+    input_ids, targets, loss_mask, attention_mask = pad_rows(rows, row_prompt_lengths, pad_id,
+                                                             pad_to_multiple)  # [R, T]
     return {
         "input_ids": input_ids,
         "targets": targets,

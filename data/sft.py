@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from data.batching import PreferenceBatches
+from data.batching import PreferenceBatches, pad_rows
 from data.preferences import DataError, DataSummary, _messages, _read_json_values
 from data.tokenization import check_lengths
 
@@ -87,18 +87,9 @@ def load_sft_data(path, tokenizer, max_length: int, max_prompt_length: int,
 def collate_sequences(examples: list[SequenceExample], pad_id: int, pad_to_multiple: int = 1) -> dict:
     """B sequences -> input_ids, targets (shifted left), loss_mask (response tokens and EOS as targets),
     attention_mask, each [B, T], right-padded; the same conventions as `data.batching.collate`."""
-    longest = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
-    T = -(-longest // pad_to_multiple) * pad_to_multiple
-    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((len(examples), T), dtype=torch.bool)
-    loss_mask = torch.zeros((len(examples), T), dtype=torch.bool)
-    for row, e in enumerate(examples):
-        ids = e.prompt_ids + e.response_ids
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention_mask[row, :len(ids)] = True
-        loss_mask[row, len(e.prompt_ids) - 1:len(ids) - 1] = True  # targets[t] = ids[t + 1] is a response token
-    targets = torch.full_like(input_ids, pad_id)
-    targets[:, :-1] = input_ids[:, 1:]  # position t predicts token t + 1
+    rows = [e.prompt_ids + e.response_ids for e in examples]
+    input_ids, targets, loss_mask, attention_mask = pad_rows(rows, [len(e.prompt_ids) for e in examples], pad_id,
+                                                             pad_to_multiple)  # [B, T]
     return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask, "attention_mask": attention_mask,
             "index": torch.tensor([e.index for e in examples])}
 

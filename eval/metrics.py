@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from data.batching import pad_rows
 from data.world import validate_story
+from spl.step import RewardHead, reward_scores as head_scores
 
 # ---- diversity ------------------------------------------------------------------------------------------------
 
@@ -214,15 +216,11 @@ def option_probabilities(logits, option_ids) -> torch.Tensor:
 
 
 def _right_padded(sequences, pad_id: int, device):
-    """Token lists -> (tokens [B, T] long, mask [B, T] bool): each row left-aligned, padded on the right."""
+    """Token lists -> (tokens [B, T] long, mask [B, T] bool): each row left-aligned, padded on the right
+    (data.batching.pad_rows, the batches' own padding)."""
     if any(len(s) == 0 for s in sequences):
         raise ValueError("a token sequence is empty")
-    width = max(len(s) for s in sequences)
-    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.bool)
-    for row, sequence in enumerate(sequences):
-        tokens[row, :len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
-        mask[row, :len(sequence)] = True
+    tokens, _, _, mask = pad_rows([list(s) for s in sequences], [len(s) for s in sequences], pad_id)
     return tokens.to(device), mask.to(device)
 
 
@@ -309,18 +307,19 @@ def load_reward_head(directory):
 def reward_scores(model, weight, bias, prompt_ids, completions, batch_size: int = 32, pad_id: int = 0):
     """Reward model scores r(x, y) = w . h_last + b, h_last the final-norm hidden state at the sequence's last
     token (its EOS, as the reward model was trained), float32 [N] on CPU. The paper's quality metric is the
-    mean over samples. `model` carries the reward model's adapter; (weight, bias) from `load_reward_head`."""
+    mean over samples. `model` carries the reward model's adapter; (weight, bias) from `load_reward_head`.
+    Scored by the training step's own scorer (spl.step.RewardHead and reward_scores), on right-padded batches."""
     prompt_ids, completions = _as_pairs(prompt_ids, completions)
     device = model.embed_tokens.weight.device
-    weight, bias = weight.float().to(device).reshape(-1), bias.float().to(device).reshape(())
+    head = RewardHead(weight.numel()).to(device)
+    with torch.no_grad():
+        head.score.weight.copy_(weight.float().reshape(1, -1))  # [1, D]
+        head.score.bias.copy_(bias.float().reshape(1))  # [1]
     out = []
     with _evaluating(model):
         for chunk in _batches(list(zip(prompt_ids, completions)), batch_size):
             tokens, mask = _right_padded([p + c for p, c in chunk], pad_id, device)  # (B, T)
-            hidden = model.hidden_states(tokens).float()  # (B, T, D)
-            last = mask.long().sum(-1) - 1  # (B,)
-            h_last = hidden[torch.arange(len(chunk), device=device), last]  # (B, D)
-            out.append((h_last @ weight + bias).cpu())  # (B,)
+            out.append(head_scores(model, head, {"input_ids": tokens, "attention_mask": mask}).cpu())  # (B,)
     return torch.cat(out)
 
 
