@@ -18,7 +18,7 @@ import torch
 
 from data.batching import PreferenceBatches, pad_rows
 from data.preferences import DataError, DataSummary, _messages, _read_json_values
-from data.tokenization import check_lengths
+from data.tokenization import check_lengths, truncate_pair
 
 
 @dataclasses.dataclass
@@ -72,13 +72,12 @@ def load_sft_data(path, tokenizer, max_length: int, max_prompt_length: int,
             continue
         prompt_ids = tokenizer.encode_prompt(prompt)
         response_ids = tokenizer.encode_response(response)  # enc(response) + EOS
-        if len(prompt_ids) > max_prompt_length:
-            prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - (max_prompt_length - 1):]  # BOS + the end
+        kept_prompt, kept_response, _ = truncate_pair(prompt_ids, response_ids, [], max_length, max_prompt_length)
+        if len(kept_prompt) < len(prompt_ids):
             summary.count_truncation(f"prompts cut to max_prompt_length={max_prompt_length} (kept their end)")
-        budget = max_length - len(prompt_ids)
-        if len(response_ids) > budget:
+        if len(kept_response) < len(response_ids):
             summary.count_truncation(f"responses cut to fit max_length={max_length} (kept their start)")
-            response_ids = response_ids[:budget]
+        prompt_ids, response_ids = kept_prompt, kept_response
         examples.append(SequenceExample(prompt_ids, response_ids, index=len(examples)))
     summary.num_kept = len(examples)
     return examples, summary

@@ -99,6 +99,21 @@ def preference_losses(objective: Objective, policy_chosen_logps, policy_rejected
     raise ValueError(f"unknown preference loss {name!r} (choose from {', '.join(PREFERENCE_LOSSES)})")
 
 
+def pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
+    """What a preference step logs, each summed over the batch's pairs (divide by the pair count): the loss; the
+    margin chosen_reward - rejected_reward (for SPL the logit z of Eq. 5); the implicit rewards; reward accuracy
+    (the fraction of pairs whose chosen reward is higher); the policy's log-probs of chosen and rejected."""
+    return {
+        "loss": losses.detach().sum(),
+        "margin": (chosen_rewards - rejected_rewards).sum(),
+        "reward_chosen": chosen_rewards.sum(),
+        "reward_rejected": rejected_rewards.sum(),
+        "reward_accuracy": (chosen_rewards > rejected_rewards).float().sum(),
+        "logps_chosen": chosen_logps.detach().sum(),
+        "logps_rejected": rejected_logps.detach().sum(),
+    }
+
+
 def preference_step(model, batch, ref_chosen_logps, ref_rejected_logps, objective: Objective, *, compile=None,
                     shared_prefix: bool = False):
     """Mean loss over the batch's pairs (with grad) and detached metrics.
@@ -113,15 +128,7 @@ def preference_step(model, batch, ref_chosen_logps, ref_rejected_logps, objectiv
     chosen_logps, rejected_logps = logps[:pairs], logps[pairs:]  # (B,), (B,)
     losses, chosen_rewards, rejected_rewards = preference_losses(
         objective, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, batch.get("chosen_prob"))
-    metrics = {
-        "loss": losses.detach().sum(),
-        "margin": (chosen_rewards - rejected_rewards).sum(),
-        "reward_chosen": chosen_rewards.sum(),
-        "reward_rejected": rejected_rewards.sum(),
-        "reward_accuracy": (chosen_rewards > rejected_rewards).float().sum(),
-        "logps_chosen": chosen_logps.detach().sum(),
-        "logps_rejected": rejected_logps.detach().sum(),
-    }
+    metrics = pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
     return losses.mean(), metrics, pairs  # metrics are sums over the batch's pairs: divide by the pair count
 
 
@@ -149,16 +156,7 @@ def grouped_preference_step(model, batch, ref_chosen_logps, ref_rejected_logps, 
         pair_penalty = penalty[batch["response_prompt"][batch["pair_chosen"]]]  # (B,) each pair's prompt's
         losses = losses + objective.anchor * pair_penalty
         metrics["anchor"] = pair_penalty.detach().sum()
-    metrics = {
-        "loss": losses.detach().sum(),
-        "margin": (chosen_rewards - rejected_rewards).sum(),
-        "reward_chosen": chosen_rewards.sum(),
-        "reward_rejected": rejected_rewards.sum(),
-        "reward_accuracy": (chosen_rewards > rejected_rewards).float().sum(),
-        "logps_chosen": chosen_logps.detach().sum(),
-        "logps_rejected": rejected_logps.detach().sum(),
-        **metrics,
-    }
+    metrics = {**pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps), **metrics}
     return losses.mean(), metrics, len(losses)
 
 
