@@ -55,6 +55,8 @@ from spl.step import RewardHead, policy_logprobs, reward_scores
 # The floor: the exact reward of any text that is not one of a question's options. log p of the options ranges
 # over [log 0.05, log 0.8]; text no rater picks would have log 0 = -inf, which has no finite optimum, so a finite
 # floor stands for it. Prop. A.2 gives the mass the optimum keeps off the options (spl.theory.full_space_optimum).
+# With alpha > beta the floor must also beat noise: over T tokens of V pieces alpha H(pi) - beta H(pi, pi_ref) <=
+# (alpha - beta) T log V, so unless floor + (alpha - beta) T log V is below an option's reward the optimum writes noise.
 DEFAULT_FLOOR = math.log(0.01)
 
 
