@@ -158,8 +158,8 @@ class TrainConfig:
     progress: bool = True
 
 
-def parse_args(argv=None) -> TrainConfig:
-    defaults = TrainConfig()
+def argument_parser(defaults: TrainConfig) -> ArgumentParser:
+    """Every option of TrainConfig on the command line (values not given stay None, so presets can fill them)."""
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF-format model directory (default: the embedded world's reference model)")
     p.add_argument("--init-config", help="train from random weights built from this config.json (full fine-tune)")
@@ -229,7 +229,14 @@ def parse_args(argv=None) -> TrainConfig:
         p.add_argument(f"--{key.replace('_', '-')}-key", default=getattr(defaults, f"{key}_key"),
                        help=f"field name of the {key} in the data")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """The command line as a validated TrainConfig: the options given, then the preset's (or the world main job's)
+    values for the others, then TrainConfig's defaults."""
+    defaults = TrainConfig()
+    args = argument_parser(defaults).parse_args(argv)
 
     values = {}
     if args.preset is None and args.model is not None:
@@ -307,6 +314,14 @@ def validate(c: TrainConfig, world_size: int = 1) -> None:
         fail(f"--threads must be >= 0 (0: automatic), got {c.threads}")
     if c.save_every < 0 or c.eval_every < 0 or c.log_every <= 0 or c.keep_checkpoints <= 0:
         fail("--save-every and --eval-every must be >= 0, --log-every and --keep-checkpoints > 0")
+    validate_combinations(c, world_size)
+
+
+def validate_combinations(c: TrainConfig, world_size: int) -> None:
+    """The options that exclude or need each other (validate's second half)."""
+    def fail(message):
+        raise UsageError(message)
+
     if c.model and c.init_config:
         fail("give --model or --init-config, not both")
     if c.init_config and c.lora_rank:
@@ -335,20 +350,28 @@ def validate(c: TrainConfig, world_size: int = 1) -> None:
     if c.data_split is not None and c.loss == "sft":
         fail("--data-split reads preference datasets; --loss sft reads one .jsonl/.json(.gz) file")
     if c.loss == "spl-online":
-        if c.lora_rank == 0 or c.lora_dropout:
-            fail("--loss spl-online scores the reference with LoRA off and samples from the policy it trains: "
-                 "give --lora-rank > 0 and --lora-dropout 0")
-        if c.online_samples < 2 or c.max_new_tokens < 1:
-            fail(f"--online-samples must be >= 2 (the leave-one-out baseline) and --max-new-tokens >= 1, got "
-                 f"{c.online_samples} and {c.max_new_tokens}")
-        if not math.isfinite(c.reward_floor):
-            fail(f"--reward-floor must be a finite number, got {c.reward_floor}")
-        if c.reward_model is None and (c.model or c.init_config):
-            fail("--loss spl-online with your own model needs --reward-model RUN_DIR (the exact reward exists only "
-                 "on the embedded world)")
-        if c.reward_model is not None and not (Path(c.reward_model) / "adapter" / "reward_head.safetensors").is_file():
-            fail(f"--reward-model {c.reward_model}: no adapter/reward_head.safetensors there; give the run directory "
-                 f"of a finished `train.py --loss reward` run")
+        validate_online(c)
+
+
+def validate_online(c: TrainConfig) -> None:
+    """--loss spl-online's own options."""
+    def fail(message):
+        raise UsageError(message)
+
+    if c.lora_rank == 0 or c.lora_dropout:
+        fail("--loss spl-online scores the reference with LoRA off and samples from the policy it trains: "
+             "give --lora-rank > 0 and --lora-dropout 0")
+    if c.online_samples < 2 or c.max_new_tokens < 1:
+        fail(f"--online-samples must be >= 2 (the leave-one-out baseline) and --max-new-tokens >= 1, got "
+             f"{c.online_samples} and {c.max_new_tokens}")
+    if not math.isfinite(c.reward_floor):
+        fail(f"--reward-floor must be a finite number, got {c.reward_floor}")
+    if c.reward_model is None and (c.model or c.init_config):
+        fail("--loss spl-online with your own model needs --reward-model RUN_DIR (the exact reward exists only "
+             "on the embedded world)")
+    if c.reward_model is not None and not (Path(c.reward_model) / "adapter" / "reward_head.safetensors").is_file():
+        fail(f"--reward-model {c.reward_model}: no adapter/reward_head.safetensors there; give the run directory "
+             f"of a finished `train.py --loss reward` run")
 
 
 # --------------------------------------------------------------------------------------------------- schedule
@@ -445,9 +468,7 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
     np.random.seed(c.seed)
     model, tokenizer, model_dir, tokenizer_path = load_model(c, device)
     examples, summary = load_data(c, tokenizer, say, model.config.vocab_size)
-    per_step = c.prompts_per_batch or c.batch_size  # prompts (grouped batches) or pairs per optimizer step
-    units = len(prompt_groups(examples)) if c.prompts_per_batch else len(examples)
-    total_steps = c.steps or max(1, math.ceil(c.epochs * units / per_step))
+    total_steps = c.steps or epochs_to_steps(examples, c)
     prepare_run_dir(out, c, procs)  # now that every input has been read and checked
     num_parameters = model.num_parameters()  # the model's own, before LoRA adds its branches
     trainable, head = trainable_parameters(model, c, procs, device)
@@ -458,11 +479,7 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
                                         compile)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay)
     if c.loss == "spl-online":  # the data's distinct prompts, the reward, and a seeded order of prompt batches
-        prompts, reward = online_prompts_and_reward(examples, tokenizer, c, device)
-        batches = share_batches(PreferenceBatches(prompts, c.batch_size // c.grad_accum, tokenizer.pad_id,
-                                                  seed=c.seed, collate_fn=online.collate_prompts,
-                                                  length_fn=lambda prompt: len(prompt.prompt_ids)), procs)
-        reference = (prompts, reward, tokenizer.pad_id, tokenizer.end_of_turn_id)  # what step_function needs
+        batches, reference = online_batches(examples, tokenizer, c, procs, device)
     else:
         batches = training_batches(examples, tokenizer.pad_id, c, procs)
     say(describe(num_parameters, trainable, len(examples), total_steps, c, procs, device))
@@ -660,6 +677,23 @@ def reference_log_probs(model, examples, pad_id: int, cache_dir: Path, key, c: T
         return chosen, rejected
 
     return shared_reference_logps(cache_path(cache_dir, key), key, compute, procs, device)
+
+
+def epochs_to_steps(examples, c: TrainConfig) -> int:
+    """--epochs as optimizer steps: passes over the pairs (or, with --prompts-per-batch, the prompts)."""
+    per_step = c.prompts_per_batch or c.batch_size  # prompts (grouped batches) or pairs per optimizer step
+    units = len(prompt_groups(examples)) if c.prompts_per_batch else len(examples)
+    return max(1, math.ceil(c.epochs * units / per_step))
+
+
+def online_batches(examples, tokenizer, c: TrainConfig, procs: Processes, device):
+    """--loss spl-online: (a seeded order of batches of the data's distinct prompts, what step_function needs:
+    (prompts, reward, pad_id, end_of_turn_id))."""
+    prompts, reward = online_prompts_and_reward(examples, tokenizer, c, device)
+    batches = share_batches(PreferenceBatches(prompts, c.batch_size // c.grad_accum, tokenizer.pad_id,
+                                              seed=c.seed, collate_fn=online.collate_prompts,
+                                              length_fn=lambda prompt: len(prompt.prompt_ids)), procs)
+    return batches, (prompts, reward, tokenizer.pad_id, tokenizer.end_of_turn_id)
 
 
 def training_batches(examples, pad_id: int, c: TrainConfig, procs: Processes):
