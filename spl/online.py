@@ -22,7 +22,7 @@ b_k = mean_{j != k} s(y_j). It is a function of the *other* samples only, hence 
     E[ b_k grad log pi(y_k) ] = E[b_k] E[grad log pi(y_k)] = 0,
 
 and  g = (1/K) sum_k (s(y_k) - b_k) grad log pi(y_k)  is an unbiased estimate of grad J for every K >= 2
-(tests/test_online.py checks this against enumeration). Algebraically s_k - b_k = K/(K-1) (s_k - mean_j s_j).
+(tests/test_spl_online.py checks this against enumeration). Algebraically s_k - b_k = K/(K-1) (s_k - mean_j s_j).
 At the optimum pi* ∝ pi_ref^(beta/alpha) exp(r/alpha) (Prop. A.2) the soft reward is the same, alpha log Z, for
 every y, so the advantages and with them the estimator's variance vanish there.
 

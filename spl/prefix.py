@@ -24,7 +24,7 @@ angles start), so the mask is models/mistral.py's `attention_mask` plus one vali
 Backward: `index_select`'s gradient is an index_add over P, so the gradients of every response of a prompt
 reach its one prefix computation and sum there, which is what the unshared path computes by summing over the
 rows' duplicated prefixes. Log-probs and gradients are therefore equal to the unshared path's up to floating-
-point summation order (tests/test_prefix.py compares them tensor by tensor in float64).
+point summation order (tests/test_spl_prefix.py compares them tensor by tensor in float64).
 
 Padding: prefixes and continuations are each right-padded to their longest, and a batch's prompt and response
 lengths vary independently, so those layouts are far from dense (a third or more padding on HH-RLHF-shaped

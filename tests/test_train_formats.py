@@ -4,7 +4,7 @@ Oracles: the chat format each checkpoint's files name (a real Mistral tokenizer.
 wheel, alone or with a real chat template from tests/fixtures/chat_templates/), which train.py must print and
 record; the invariant that a refused run leaves no run directory behind; and mistral-common / transformers'
 own ids for what sample.py feeds the model (the formats themselves are checked token for token in
-tests/test_chat_format.py). The weights are random (1 layer, hidden 16): only the plumbing is under test.
+tests/test_models_chat_format.py). The weights are random (1 layer, hidden 16): only the plumbing is under test.
 """
 from __future__ import annotations
 

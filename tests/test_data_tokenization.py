@@ -22,7 +22,7 @@ The quick brown fox jumps over the lazy dog. Human: Can you help me? Assistant: 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    """A tiny sentencepiece model with Mistral's settings (see tests/test_tokenizer.py), trained in a tmp dir."""
+    """A tiny sentencepiece model with Mistral's settings (see tests/test_models_tokenizer.py), trained in a tmp dir."""
     prefix = str(tmp_path_factory.mktemp("spm") / "tokenizer")
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(TRAINING_TEXT.splitlines() * 4), model_prefix=prefix, model_type="bpe",

@@ -4,7 +4,7 @@ Oracles: values derived by hand in docstrings and evaluated with `math` (not tor
 gradient d loss / d z = sigmoid(z) - q; `torch.autograd.gradcheck` (finite differences) in float64; the formulas
 of eric-mitchell's DPO trainer, Azar et al. and Wang et al. written out independently in u = pi/pi_ref space;
 and Prop. A.1: minimising the exact expected loss over every ordered pair of a finite outcome set must land on
-`spl.theory.optimal_policy`, itself checked against the paper's numbers in test_theory.py.
+`spl.theory.optimal_policy`, itself checked against the paper's numbers in test_spl_theory.py.
 """
 import math
 
