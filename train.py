@@ -60,7 +60,7 @@ from data.batching import PreferenceBatches, PromptGroupedBatches, prompt_groups
 from data.preferences import DataError
 from data.reference_cache import ReferenceCacheKey, cache_path, file_sha256
 from data.sft import SequenceBatches, load_sft_data
-from data.tokenization import load_preference_data
+from data.tokenization import check_lengths, load_preference_data
 from eval.opinions import format_report, world_report
 from models import (CheckpointError, ConfigError, MistralConfig, Tokenizer, add_lora, build_model, load_pretrained,
                     save_pretrained)
@@ -308,8 +308,13 @@ def validate(c: TrainConfig, world_size: int = 1) -> None:
     if c.batch_size % (c.grad_accum * world_size):
         fail(f"--batch-size ({c.batch_size}) is pairs per step over all processes: it must be a multiple of "
              f"--grad-accum ({c.grad_accum}) x {world_size} processes = {c.grad_accum * world_size}")
-    if c.max_prompt_length <= 0 or c.max_length <= c.max_prompt_length:
-        fail(f"need 0 < --max-prompt-length ({c.max_prompt_length}) < --max-length ({c.max_length})")
+    try:  # the data layer owns the length rule; training adds that a response needs at least one token
+        check_lengths(c.max_length, c.max_prompt_length)
+        lengths_ok = c.max_prompt_length < c.max_length
+    except ValueError:
+        lengths_ok = False
+    if not lengths_ok:
+        fail(f"need 2 <= --max-prompt-length ({c.max_prompt_length}) < --max-length ({c.max_length})")
     if c.threads < 0:
         fail(f"--threads must be >= 0 (0: automatic), got {c.threads}")
     if c.save_every < 0 or c.eval_every < 0 or c.log_every <= 0 or c.keep_checkpoints <= 0:

@@ -128,6 +128,9 @@ def test_sigterm_saves_a_loadable_checkpoint(tiny, tmp_path):
     (("--beta", "-0.1"), "--beta must be >= 0"),
     (("--batch-size", "3", "--grad-accum", "2"), "must be a positive multiple of --grad-accum"),
     (("--max-prompt-length", "64"), "--max-prompt-length (64) < --max-length (40)"),
+    # data.tokenization.check_lengths' lower bound (a prompt keeps at least BOS and one token): once a traceback
+    (("--max-prompt-length", "1"), "need 2 <= --max-prompt-length (1) < --max-length (40)"),
+    (("--max-prompt-length", "40"), "--max-prompt-length (40) < --max-length (40)"),
     (("--lora-targets", "q_proj,w9"), "unknown ['w9']"),
 ])
 def test_bad_options_exit_with_one_line(tiny, tmp_path, capsys, extra, message):
