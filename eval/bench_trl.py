@@ -40,8 +40,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from eval.measure import resident_kb  # noqa: E402  (after the path line above)
+from models.lora import TARGET_NAMES as TARGETS  # noqa: E402  all seven projections
+
 SIDES = ("spl", "trl", "trl-precompute")
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WORDS = ("the a of to and in is it you that he was for on are with as I his they be at one have this from or had by "
          "hot word but what some we can out other were all there when up use your how said an each she which do "
          "their time if will way about many then them write would like so these her long make thing see him two "
@@ -136,14 +138,6 @@ def training_tokens(tokens: list[dict], batch_size: int, steps: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- one side
-
-def resident_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
 
 def run_spl(workdir: Path, args) -> dict:
     """train.py run as the script it is (runpy, as `python train.py ...` would; eval/ never imports the scripts
