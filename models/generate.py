@@ -71,6 +71,33 @@ def decode_one_token(model: Mistral, token, cache: KVCache):
     return model(token[:, None], cache=cache)[:, -1]
 
 
+def decode_n_tokens(model: Mistral, logits, cache: KVCache, max_new_tokens: int, sample, eos_id: int | None = None,
+                    logprob_dtype=torch.float32):
+    """Decode up to `max_new_tokens` tokens per row from the next-token logits [N, V] of a filled cache, drawing
+    each with `sample(logits) -> [N]`; a row stops at its first `eos_id`, the batch when every row has.
+    Returns new_tokens [N, max_new_tokens] (valid up to lengths), lengths [N] (EOS included) and the rows'
+    log-probabilities of their tokens under the model at temperature 1, unfiltered, summed in logprob_dtype [N]."""
+    rows, device = logits.shape[0], logits.device
+    new_tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
+    logprobs = torch.zeros(rows, dtype=logprob_dtype, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    lengths = torch.full((rows,), max_new_tokens, device=device)
+    for step in range(max_new_tokens):
+        token = sample(logits)  # (N,)
+        token_logprob = logits.float().log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)  # (N,) float32
+        logprobs += torch.where(finished, 0.0, token_logprob).to(logprob_dtype)
+        new_tokens[:, step] = token
+        if eos_id is not None:
+            just_finished = (token == eos_id) & ~finished
+            lengths = torch.where(just_finished, step + 1, lengths)
+            finished |= just_finished
+            if bool(finished.all()):
+                break
+        if step + 1 < max_new_tokens:
+            logits = decode_one_token(model, token, cache)  # (N, V)
+    return new_tokens, lengths, logprobs
+
+
 @dataclass
 class Generation:
     tokens: list[list[int]]  # per sample, the new tokens up to and including EOS (if it came)
@@ -94,23 +121,9 @@ def generate(model: Mistral, prompt_ids: list[int], max_new_tokens: int, num_sam
     cache.reorder(torch.zeros(num_samples, dtype=torch.long, device=device))
     logits = logits.expand(num_samples, -1)  # (N, V)
 
-    new_tokens = torch.zeros(num_samples, max_new_tokens, dtype=torch.long, device=device)
-    logprobs = torch.zeros(num_samples, device=device)
-    finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
-    lengths = torch.full((num_samples,), max_new_tokens, device=device)
-    for step in range(max_new_tokens):
-        token = sample_token(logits, temperature, top_k, top_p, min_p, generator)  # (N,)
-        token_logprob = logits.float().log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
-        logprobs += torch.where(finished, 0.0, token_logprob)
-        new_tokens[:, step] = token
-        if eos_id is not None:
-            just_finished = (token == eos_id) & ~finished
-            lengths = torch.where(just_finished, step + 1, lengths)
-            finished |= just_finished
-            if bool(finished.all()):
-                break
-        if step + 1 < max_new_tokens:
-            logits = decode_one_token(model, token, cache)
+    new_tokens, lengths, logprobs = decode_n_tokens(
+        model, logits, cache, max_new_tokens, lambda x: sample_token(x, temperature, top_k, top_p, min_p, generator),
+        eos_id)
     tokens = [new_tokens[i, : int(lengths[i])].tolist() for i in range(num_samples)]
     return Generation(tokens=tokens, logprobs=logprobs.tolist())
 

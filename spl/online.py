@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from data.sft import SequenceExample, collate_sequences
-from models.generate import decode_one_token, prefill, sample_token
+from models.generate import decode_n_tokens, prefill, sample_token
 from models.lora import disable_lora, lora_modules
 from models.mistral import KVCache
 from spl.step import RewardHead, policy_logprobs, reward_scores
@@ -112,7 +112,7 @@ class Rollouts:
 def sample_rollouts(model, prompt_ids: list[list[int]], k: int, max_new_tokens: int, eos_id: int,
                     generator: torch.Generator | None = None) -> Rollouts:
     """K completions per prompt from the model itself: temperature 1, no top-k/p or min-p (Eq. 4 is an
-    expectation over pi). Built from models/generate.py's pieces (prefill, decode_one_token, sample_token),
+    expectation over pi). Built from models/generate.py's pieces (prefill, decode_n_tokens, sample_token),
     batched further than `generate`: prompts of equal length are prefilled together, each row's cache repeated
     K times, and all G*K rows decoded as one batch until every row has emitted EOS or max_new_tokens tokens.
     The model is put in eval mode for sampling (LoRA dropout must be 0 for the samples to come from the pi that
@@ -135,22 +135,9 @@ def sample_rollouts(model, prompt_ids: list[list[int]], k: int, max_new_tokens: 
         rows = torch.arange(len(group), device=device).repeat_interleave(k)  # (G K,) row g*K + j is prompt g
         cache.reorder(rows)
         logits = logits[rows]  # (G K, V)
-        new_tokens = torch.zeros(len(rows), max_new_tokens, dtype=torch.long, device=device)
-        sequence_logps = torch.zeros(len(rows), dtype=torch.float64, device=device)
-        finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
-        lengths = torch.full((len(rows),), max_new_tokens, device=device)
-        for step in range(max_new_tokens):
-            token = sample_token(logits, 1.0, generator=generator)  # (G K,)
-            token_logps = logits.float().log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
-            sequence_logps += torch.where(finished, 0.0, token_logps).double()
-            new_tokens[:, step] = token
-            just_finished = (token == eos_id) & ~finished
-            lengths = torch.where(just_finished, step + 1, lengths)
-            finished |= just_finished
-            if bool(finished.all()):
-                break
-            if step + 1 < max_new_tokens:
-                logits = decode_one_token(model, token, cache)  # (G K, V)
+        new_tokens, lengths, sequence_logps = decode_n_tokens(
+            model, logits, cache, max_new_tokens, lambda x: sample_token(x, 1.0, generator=generator), eos_id,
+            logprob_dtype=torch.float64)  # (G K, max_new_tokens), (G K,), (G K,)
         for g, index in enumerate(group):
             completions[index] = [new_tokens[g * k + j, : int(lengths[g * k + j])].tolist() for j in range(k)]
             logps[index] = sequence_logps[g * k: (g + 1) * k].cpu()
