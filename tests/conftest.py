@@ -12,6 +12,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test. ATen's CPU kernels (log_sigmoid among them) parallelise even a
+    30-element tensor; on a busy 2-core machine every call then waits for a worker thread (~10 ms, against ~2 us
+    on one thread), and the LBFGS and Monte-Carlo tests make thousands of calls. Modules that need it say
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # The architecture every tiny test model starts from; tests override single fields.
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, sliding_window=None, max_position_embeddings=256, rms_norm_eps=1e-6,

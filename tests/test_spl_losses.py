@@ -16,14 +16,7 @@ from spl.losses import (bradley_terry_loss, cdpo_loss, dpo_loss, fdpo_loss, ipo_
 from spl.theory import optimal_policy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """ATen's CPU log_sigmoid kernel parallelises even a 30-element tensor; on a busy 2-core machine every call
-    then waits for a worker thread (~10 ms, against ~2 us on one thread), and the LBFGS tests make thousands."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, thousands of calls
 
 
 def softplus(x):

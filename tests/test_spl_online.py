@@ -17,12 +17,7 @@ from spl.online import (RewardModelReward, Rollouts, WorldReward, online_step, r
 from spl.theory import full_space_option_mass, full_space_optimum, optimal_policy_from_reward, spl_objective
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, thousands of calls
 
 
 def test_rloo_baseline_is_the_mean_of_the_other_samples():

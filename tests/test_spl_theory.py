@@ -14,13 +14,7 @@ from spl.theory import (global_temperature, optimal_policy, optimal_policy_from_
                         spl_objective, token_temperature)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids waiting on worker wake-ups on a busy machine (LBFGS makes thousands of calls)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, thousands of calls
 
 
 def random_distributions(shape, seed):
