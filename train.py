@@ -659,6 +659,12 @@ def reference_identity(model_dir: Path | None, c: TrainConfig) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
+def uses_shared_prefix(c: TrainConfig) -> bool:
+    """--shared-prefix unless --fsdp: FSDP gathers a block's shards in the block's own forward, which
+    spl/prefix.py's per-module calls bypass."""
+    return c.shared_prefix and not c.fsdp
+
+
 def reference_log_probs(model, examples, pad_id: int, cache_dir: Path, key, c: TrainConfig, procs: Processes,
                         device, compile):
     """(ref_chosen_logps [N], ref_rejected_logps [N]) on `device`: the model as loaded, LoRA off, before any
@@ -675,7 +681,7 @@ def reference_log_probs(model, examples, pad_id: int, cache_dir: Path, key, c: T
             counts = batch.pop("counts", True)
             batch = {k: v.to(device) for k, v in batch.items()}
             ref_chosen, ref_rejected = reference_logprobs(model, batch, average=c.average_logprobs, compile=compile,
-                                                          shared_prefix=c.shared_prefix and not c.fsdp)
+                                                          shared_prefix=uses_shared_prefix(c))
             if counts:
                 chosen[batch["pair_index"]] = ref_chosen.float()
                 rejected[batch["pair_index"]] = ref_rejected.float()
@@ -796,7 +802,7 @@ def step_function(c: TrainConfig, model, head, reference, compile):
     def preference_loss(batch):
         index = batch["pair_index"]  # [B] the batch's pairs among all N
         return step(model, batch, ref_chosen_logps[index], ref_rejected_logps[index], objective, compile=compile,
-                    shared_prefix=c.shared_prefix and not c.fsdp)[:2]
+                    shared_prefix=uses_shared_prefix(c))[:2]
 
     return preference_loss
 
