@@ -65,13 +65,13 @@ from eval.opinions import format_report, world_report
 from models import (CheckpointError, ConfigError, MistralConfig, Tokenizer, add_lora, build_model, load_pretrained,
                     save_pretrained)
 from models.chat_format import FORMATS as CHAT_FORMATS
-from models.lora import TARGET_NAMES
+from models.lora import TARGET_NAMES, resolve_targets
 from models.peft import save_adapter
 from models.tokenizer import check_vocabulary, describe_format
 from spl import runs
 from spl.distributed import (Processes, broadcast_from_main, share_batches, shard_frozen_weights,
                              shared_reference_logps, sum_across, sum_gradients_)
-from spl.losses import FDPO_DIVERGENCES
+from spl.losses import FDPO_DIVERGENCES, check_label_smoothing
 from spl import online
 from spl.step import (PREFERENCE_LOSSES, Objective, RewardHead, grouped_preference_step, preference_step,
                       reference_logprobs, reward_step, sft_step)
@@ -277,8 +277,10 @@ def validate(c: TrainConfig, world_size: int = 1) -> None:
         fail(f"--beta must be >= 0 (0 is reference-free), got {c.beta}")
     if c.loss in ("dpo", "cdpo", "fdpo") and c.beta <= 0:
         fail(f"--loss {c.loss} needs --beta > 0, got {c.beta}")
-    if not 0 <= c.label_smoothing < 0.5:
-        fail(f"--label-smoothing must be in [0, 0.5), got {c.label_smoothing}")
+    try:
+        check_label_smoothing(c.label_smoothing, "--label-smoothing")  # the loss's own rule
+    except ValueError as error:
+        fail(str(error))
     if c.ipo_tau <= 0:
         fail(f"--ipo-tau must be > 0, got {c.ipo_tau}")
     if not 0 < c.fdpo_alpha < 1:
@@ -289,9 +291,10 @@ def validate(c: TrainConfig, world_size: int = 1) -> None:
         fail(f"--lora-alpha must be > 0, got {c.lora_alpha}")
     if not 0 <= c.lora_dropout < 1:
         fail(f"--lora-dropout must be in [0, 1), got {c.lora_dropout}")
-    unknown = [t for t in c.lora_targets if t not in TARGET_NAMES]
-    if unknown or not c.lora_targets:
-        fail(f"--lora-targets: unknown {unknown or 'empty list'}; choose from {', '.join(TARGET_NAMES)} or all-linear")
+    try:
+        resolve_targets(c.lora_targets)  # models/lora.py's rule, the one add_lora applies
+    except ValueError as error:
+        fail(f"--lora-targets: {error}")
     if c.lr <= 0 or c.weight_decay < 0 or c.max_grad_norm <= 0:
         fail(f"--lr and --max-grad-norm must be > 0 and --weight-decay >= 0 "
              f"(got {c.lr}, {c.max_grad_norm}, {c.weight_decay})")

@@ -83,37 +83,56 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int,
     return batches
 
 
+def pair_length(example) -> int:
+    """A PreferenceExample's padded length in a batch: its prompt and longer response."""
+    return len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
+
+
 class PreferenceBatches:
-    """Endless, deterministic, resumable iterator of collated batches over a list of examples (PreferenceExamples)."""
+    """Endless, deterministic, resumable iterator of collated batches over a list of examples (PreferenceExamples).
+
+    An epoch permutes the order's units (here the examples; PromptGroupedBatches' are whole prompts) and cuts
+    them into batches of `batch_size` units; `lengths` holds each unit's padded length (for group_by_length)."""
+    unit, size_name = "examples", "batch_size"  # what a batch counts, for the messages
 
     def __init__(self, examples, batch_size: int, pad_id: int, seed: int = 0, group_by_length: bool = False,
                  drop_last: bool = False, pad_to_multiple: int = 1, collate_fn=collate, length_fn=None):
         """collate_fn(examples, pad_id, pad_to_multiple) -> batch and length_fn(example) -> padded length let the
         same order serve other example types (data/sft.py); the defaults are for PreferenceExamples."""
+        name = type(self).__name__
         if not examples:
-            raise ValueError("PreferenceBatches: no examples")
+            raise ValueError(f"{name}: no examples")
         if batch_size < 1:
-            raise ValueError(f"PreferenceBatches: batch_size must be >= 1, got {batch_size}")
-        if drop_last and len(examples) < batch_size:
-            raise ValueError(f"PreferenceBatches: drop_last with {len(examples)} examples < batch_size {batch_size} "
-                             f"leaves no batch")
+            raise ValueError(f"{name}: {self.size_name} must be >= 1, got {batch_size}")
         self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
         self.group_by_length, self.drop_last, self.pad_to_multiple = group_by_length, drop_last, pad_to_multiple
         self.collate_fn = collate_fn
-        length_fn = length_fn or (lambda e: len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)))
-        self.lengths = [length_fn(e) for e in examples]
+        self.lengths = self.unit_lengths(length_fn or pair_length)
+        if drop_last and len(self.lengths) < batch_size:
+            raise ValueError(f"{name}: drop_last with {len(self.lengths)} {self.unit} < {self.size_name} "
+                             f"{batch_size} leaves no batch")
         self.epoch, self.offset = 0, 0
         self._order_epoch, self._order = None, None
 
+    def unit_lengths(self, length_fn) -> list[int]:
+        """The padded length of each unit the epochs permute: here, of each example."""
+        return [length_fn(e) for e in self.examples]
+
+    def unit_examples(self, units: list[int]) -> list[int]:
+        """One batch's units as indices into `examples`: here, the same indices."""
+        return units
+
     def __len__(self) -> int:
         """Batches per epoch."""
-        full, rest = divmod(len(self.examples), self.batch_size)
+        full, rest = divmod(len(self.lengths), self.batch_size)
         return full + (rest > 0 and not self.drop_last)
 
     def epoch_order(self, epoch: int) -> list[list[int]]:
+        """This epoch's batches as indices into `examples`."""
         if self._order_epoch != epoch:
-            self._order = batch_order(self.lengths, self.batch_size, self.seed, epoch,
-                                      self.group_by_length, drop_last=self.drop_last)
+            batches = batch_order(self.lengths, self.batch_size, self.seed, epoch, self.group_by_length,
+                                  drop_last=self.drop_last)
+            self._order = [self.unit_examples(units) for units in batches]
             self._order_epoch = epoch
         return self._order
 
@@ -225,38 +244,21 @@ class PromptGroupedBatches(PreferenceBatches):
     the same {"epoch", "offset", "seed"} as PreferenceBatches', counted in batches.
     """
 
+    unit, size_name = "prompts", "prompts_per_batch"
+
     def __init__(self, examples, prompts_per_batch: int, pad_id: int, seed: int = 0, group_by_length: bool = False,
                  drop_last: bool = False, pad_to_multiple: int = 1):
-        if not examples:
-            raise ValueError("PromptGroupedBatches: no examples")
-        if prompts_per_batch < 1:
-            raise ValueError(f"PromptGroupedBatches: prompts_per_batch must be >= 1, got {prompts_per_batch}")
-        self.groups = prompt_groups(examples)
-        if drop_last and len(self.groups) < prompts_per_batch:
-            raise ValueError(f"PromptGroupedBatches: drop_last with {len(self.groups)} prompts < prompts_per_batch "
-                             f"{prompts_per_batch} leaves no batch")
-        self.examples, self.batch_size, self.pad_id, self.seed = examples, prompts_per_batch, pad_id, seed
-        self.group_by_length, self.drop_last, self.pad_to_multiple = group_by_length, drop_last, pad_to_multiple
-        self.collate_fn = collate_grouped
-        self.lengths = [max(len(examples[i].prompt_ids) + max(len(examples[i].chosen_ids),
-                                                                len(examples[i].rejected_ids)) for i in group)
-                        for group in self.groups]  # per prompt: its longest row
-        self.epoch, self.offset = 0, 0
-        self._order_epoch, self._order = None, None
+        self.groups = prompt_groups(examples)  # the units: each prompt's pairs, as indices into examples
+        super().__init__(examples, prompts_per_batch, pad_id, seed, group_by_length, drop_last, pad_to_multiple,
+                         collate_fn=collate_grouped)
 
-    def __len__(self) -> int:
-        """Batches per epoch."""
-        full, rest = divmod(len(self.groups), self.batch_size)
-        return full + (rest > 0 and not self.drop_last)
+    def unit_lengths(self, length_fn) -> list[int]:
+        """Per prompt: its longest row."""
+        return [max(length_fn(self.examples[i]) for i in group) for group in self.groups]
 
-    def epoch_order(self, epoch: int) -> list[list[int]]:
-        """This epoch's batches as indices into `examples` (each prompt's pairs together, in data order)."""
-        if self._order_epoch != epoch:
-            prompt_batches = batch_order(self.lengths, self.batch_size, self.seed, epoch, self.group_by_length,
-                                         drop_last=self.drop_last)
-            self._order = [[i for prompt in batch for i in self.groups[prompt]] for batch in prompt_batches]
-            self._order_epoch = epoch
-        return self._order
+    def unit_examples(self, units: list[int]) -> list[int]:
+        """Each prompt's pairs together, in data order."""
+        return [i for prompt in units for i in self.groups[prompt]]
 
     @staticmethod
     def shares(examples, world_size: int) -> list[list]:

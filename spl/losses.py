@@ -176,6 +176,19 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 # -------------------------------------------------------------------------------------------- baselines
 
+def check_label_smoothing(value, name: str = "label_smoothing") -> float:
+    """cDPO's eps as a float in [0, 0.5), the one rule (train.py's --label-smoothing uses it too). At eps = 0.5 the
+    labels are coin flips: the loss is minimised by every policy whose chosen and rejected log-ratios are equal,
+    so it learns nothing from the data; beyond 0.5 it learns the preferences reversed. ValueError naming `name`."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not 0 <= float(value) < 0.5:  # also refuses NaN
+        raise ValueError(f"{name} must be in [0, 0.5), got {value}")
+    return float(value)
+
+
 def cdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
               label_smoothing):
     """Conservative DPO (Mitchell 2023; eric-mitchell's `preference_loss(label_smoothing=eps)`): DPO trained on
@@ -183,11 +196,9 @@ def cdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_
 
         loss = -(1 - eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h),   h = DPO's log-ratio difference,
 
-    i.e. `dpo_loss` with chosen_prob = 1 - eps. eps in [0, 0.5]; eps = 0 is DPO.
+    i.e. `dpo_loss` with chosen_prob = 1 - eps. eps in [0, 0.5) (check_label_smoothing); eps = 0 is DPO.
     """
-    label_smoothing = _check_coefficient("cdpo_loss", "label_smoothing", label_smoothing, allow_zero=True)
-    if label_smoothing > 0.5:
-        raise ValueError(f"cdpo_loss: label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    label_smoothing = check_label_smoothing(label_smoothing, "cdpo_loss: label_smoothing")
     beta = _check_coefficient("cdpo_loss", "beta", beta, allow_zero=False)
     return _spl_loss("cdpo_loss", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                      alpha=beta, beta=beta, chosen_prob=1.0 - label_smoothing)

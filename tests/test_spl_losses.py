@@ -357,8 +357,9 @@ def test_bad_input_raises_clear_errors():
         spl_loss(pc, pr, rc, rr, 0.2, 0.1, chosen_prob=torch.tensor([0.5, 0.5]))
     with pytest.raises(ValueError, match="dpo_loss: beta must be finite and > 0, got 0.0"):
         dpo_loss(pc, pr, rc, rr, beta=0.0)
-    with pytest.raises(ValueError, match="cdpo_loss: label_smoothing must be in \\[0, 0.5\\], got 0.7"):
-        cdpo_loss(pc, pr, rc, rr, 0.1, label_smoothing=0.7)
+    for eps in (0.7, 0.5):  # 0.5: coin-flip labels, nothing learned; the same rule as train.py's --label-smoothing
+        with pytest.raises(ValueError, match=f"cdpo_loss: label_smoothing must be in \\[0, 0.5\\), got {eps}"):
+            cdpo_loss(pc, pr, rc, rr, 0.1, label_smoothing=eps)
     with pytest.raises(ValueError, match="ipo_loss: tau must be finite and > 0, got 0.0"):
         ipo_loss(pc, pr, rc, rr, tau=0.0)
     with pytest.raises(ValueError, match="fdpo_loss: divergence must be one of"):

@@ -131,7 +131,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tiny, tmp_path):
     # data.tokenization.check_lengths' lower bound (a prompt keeps at least BOS and one token): once a traceback
     (("--max-prompt-length", "1"), "need 2 <= --max-prompt-length (1) < --max-length (40)"),
     (("--max-prompt-length", "40"), "--max-prompt-length (40) < --max-length (40)"),
-    (("--lora-targets", "q_proj,w9"), "unknown ['w9']"),
+    (("--lora-targets", "q_proj,w9"), "--lora-targets: unknown LoRA target(s) ['w9']"),  # models.lora's one rule
 ])
 def test_bad_options_exit_with_one_line(tiny, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
