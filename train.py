@@ -72,6 +72,7 @@ from spl import runs
 from spl.distributed import (Processes, broadcast_from_main, share_batches, shard_frozen_weights,
                              shared_reference_logps, sum_across, sum_gradients_)
 from spl.losses import FDPO_DIVERGENCES, check_label_smoothing
+from spl.theory import log_num_completions
 from spl import online
 from spl.step import (PREFERENCE_LOSSES, Objective, RewardHead, grouped_preference_step, preference_step,
                       reference_logprobs, reward_step, sft_step)
@@ -113,8 +114,9 @@ class TrainConfig:
     # spl-online (spl/online.py): K samples per prompt, their length limit, the world's floor reward, a reward model
     online_samples: int = 8
     max_new_tokens: int = 16
-    reward_floor: float = online.DEFAULT_FLOOR
+    reward_floor: float | None = None  # None: online.noise_proof_floor (log 0.01, lowered for alpha > beta)
     reward_model: str | None = None
+    online_exact: bool = True  # sum over each prompt's data responses exactly, sample the rest (exact_candidates_loss)
     anchor: float = Objective.anchor
     nll_weight: float = Objective.nll_weight
     dpop_lambda: float = Objective.dpop_lambda
@@ -190,9 +192,14 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
                    help="spl-online: length limit of a sampled completion")
     p.add_argument("--reward-floor", type=float, default=defaults.reward_floor,
-                   help="spl-online on the world: the exact reward of any text that is not an option")
+                   help="spl-online on the world: the exact reward of any text that is not an option (default "
+                   "log 0.01 - max(alpha - beta, 0) log N, N the completions --max-new-tokens allows: see README)")
     p.add_argument("--reward-model", help="spl-online: the run directory of a `--loss reward` run to score with "
                    "(default on the world: its exact reward)")
+    p.add_argument("--online-exact", action=argparse.BooleanOptionalAction, default=defaults.online_exact,
+                   help="spl-online: the data's responses of each prompt (the world's options) enter the gradient "
+                   "exactly, by their probability, and the samples only for the other text (spl/online.py "
+                   "exact_candidates_loss)")
     for name in ("lora_rank", "lora_alpha", "lora_dropout", "lr", "weight_decay", "warmup_steps", "steps",
                  "epochs", "batch_size", "grad_accum", "max_grad_norm", "max_length", "max_prompt_length"):
         kind = {int: int, float: float}.get(type(getattr(defaults, name)), float)
@@ -372,7 +379,7 @@ def validate_online(c: TrainConfig) -> None:
     if c.online_samples < 2 or c.max_new_tokens < 1:
         fail(f"--online-samples must be >= 2 (the leave-one-out baseline) and --max-new-tokens >= 1, got "
              f"{c.online_samples} and {c.max_new_tokens}")
-    if not math.isfinite(c.reward_floor):
+    if c.reward_floor is not None and not math.isfinite(c.reward_floor):
         fail(f"--reward-floor must be a finite number, got {c.reward_floor}")
     if c.reward_model is None and (c.model or c.init_config):
         fail("--loss spl-online with your own model needs --reward-model RUN_DIR (the exact reward exists only "
@@ -704,6 +711,8 @@ def online_batches(examples, tokenizer, c: TrainConfig, procs: Processes, device
     """--loss spl-online: (a seeded order of batches of the data's distinct prompts, what step_function needs:
     (prompts, reward, pad_id, end_of_turn_id))."""
     prompts, reward = online_prompts_and_reward(examples, tokenizer, c, device)
+    if c.online_exact:  # the responses the sampler can write, scored once
+        prompts = online.with_candidate_rewards(prompts, reward, c.max_new_tokens, tokenizer.end_of_turn_id)
     batches = share_batches(PreferenceBatches(prompts, c.batch_size // c.grad_accum, tokenizer.pad_id,
                                               seed=c.seed, collate_fn=online.collate_prompts,
                                               length_fn=lambda prompt: len(prompt.prompt_ids)), procs)
@@ -728,7 +737,7 @@ def online_prompts_and_reward(examples, tokenizer, c: TrainConfig, device):
     if c.reward_model is None:
         try:
             return prompts, online.world_reward_for_prompts(load_world(WORLD_DIR).opinions, tokenizer, prompts,
-                                                            c.reward_floor)
+                                                            world_floor(c, tokenizer.vocab_size)[0])
         except ValueError as error:
             raise UsageError(f"{c.data}: {error}") from None
     saved = json.loads((Path(c.reward_model) / "config.json").read_text(encoding="utf-8"))
@@ -737,6 +746,14 @@ def online_prompts_and_reward(examples, tokenizer, c: TrainConfig, device):
     base = Path(saved["model"]) if saved.get("model") else WORLD_MODEL
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.dtype]
     return prompts, online.RewardModelReward.load(c.reward_model, base, tokenizer.pad_id, device, dtype)
+
+
+def world_floor(c: TrainConfig, vocab_size: int) -> tuple[float, float]:
+    """(the floor of the world's exact reward: --reward-floor or online.noise_proof_floor, log N): N the
+    completions of at most --max-new-tokens tokens over the world model's vocabulary (its tokenizer's)."""
+    log_num_texts = log_num_completions(c.max_new_tokens, vocab_size)
+    floor = c.reward_floor if c.reward_floor is not None else online.noise_proof_floor(c.alpha, c.beta, log_num_texts)
+    return floor, log_num_texts
 
 
 def describe(num_parameters: int, trainable: dict, num_examples: int, total_steps: int, c: TrainConfig,
@@ -796,7 +813,7 @@ def step_function(c: TrainConfig, model, head, reference, compile):
     if c.loss == "spl-online":  # reference: (distinct prompts, reward, pad id, stop id); see spl/online.py
         prompts, reward, pad_id, eos_id = reference
         return online.online_step_function(model, prompts, reward, c.alpha, c.beta, c.online_samples,
-                                           c.max_new_tokens, pad_id, eos_id, compile=compile)
+                                           c.max_new_tokens, pad_id, eos_id, c.online_exact, compile=compile)
     objective = Objective.from_config(c)
     ref_chosen_logps, ref_rejected_logps = reference
 
@@ -868,8 +885,8 @@ def write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out: Path, 
     report = None
     if reports and c.loss in ("spl", "dpo", "spl-online") and c.lora_rank:
         report = world_report(model, tokenizer, *report_coefficients(c), device)
-        if c.loss == "spl-online" and c.reward_model is None:  # the full-space optimum's option mass (alpha = beta)
-            report = online.add_full_space_mass(report, c.reward_floor, c.alpha, c.beta)
+        if c.loss == "spl-online" and c.reward_model is None:  # the full-space optimum's option mass
+            report = online.add_full_space_mass(report, *world_floor(c, tokenizer.vocab_size), c.alpha, c.beta)
     if not procs.main:
         return
     if c.lora_rank:
@@ -885,9 +902,7 @@ def write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out: Path, 
         runs.write_json_atomic(out / "report.json", report)
         print(format_report(report))
         if "mean_closed_form_option_mass" in report:
-            print(f"full-space optimum (Eq. 4, floor {report['reward_floor']:g}): option mass "
-                  f"{report['mean_closed_form_option_mass']:.3f}; learned within "
-                  f"{report['mean_abs_option_mass_error']:.4f} on average (max {report['max_abs_option_mass_error']:.4f})")
+            print(online.format_full_space_mass(report))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,9 +55,17 @@ from spl.step import RewardHead, policy_logprobs, reward_scores
 # The floor: the exact reward of any text that is not one of a question's options. log p of the options ranges
 # over [log 0.05, log 0.8]; text no rater picks would have log 0 = -inf, which has no finite optimum, so a finite
 # floor stands for it. Prop. A.2 gives the mass the optimum keeps off the options (spl.theory.full_space_optimum).
-# With alpha > beta the floor must also beat noise: over T tokens of V pieces alpha H(pi) - beta H(pi, pi_ref) <=
-# (alpha - beta) T log V, so unless floor + (alpha - beta) T log V is below an option's reward the optimum writes noise.
 DEFAULT_FLOOR = math.log(0.01)
+
+
+def noise_proof_floor(alpha: float, beta: float, log_num_texts: float, floor: float = DEFAULT_FLOOR) -> float:
+    """The floor, lowered for alpha > beta so that noise cannot out-earn the options. Over the rest R of the
+    space the best Eq. 4 can do is alpha log sum_R pi_ref^(beta/alpha) exp(floor/alpha) = floor + alpha log W, and
+    W <= (1 - M)^(beta/alpha) N^(1 - beta/alpha) over N texts (spl.theory.off_option_weight_bounds): the entropy
+    bonus pays up to (alpha - beta) log N for spreading over them (about 0.9 x 16 x ln 2000 = 109 nats at
+    alpha/beta = 10 and 16 tokens). floor - (alpha - beta) log N takes exactly that away, so the mass off the options
+    is bounded as it is for alpha = beta with `floor`; alpha <= beta leaves the floor as it is."""
+    return floor - max(alpha - beta, 0.0) * log_num_texts
 
 
 # -------------------------------------------------------------------------------------------- the estimator
@@ -89,6 +97,56 @@ def rloo_loss(policy_logps, ref_logps, rewards, alpha: float, beta: float):
     advantages = soft - rloo_baselines(soft)  # (P, K)  s_k - b_k
     loss = -(advantages * policy_logps).mean()  # REINFORCE: grad = -mean (s - b) grad log pi
     return loss, soft, advantages
+
+
+def exact_candidates_loss(candidate_logps, candidate_ref_logps, candidate_rewards, candidate_mask,
+                          policy_logps, ref_logps, rewards, is_candidate, alpha: float, beta: float):
+    """RLOO's estimate with the sum over a known finite set C of each prompt's texts done exactly (a
+    Rao-Blackwellisation: the samples' part on C replaced by its expectation). Splitting J = E_pi[s] over C and
+    the rest R, with the -alpha E[grad log pi] terms of both parts cancelling as in the module docstring, and
+    using sum_C grad pi + grad pi(R) = grad 1 = 0 twice,
+
+        grad J = sum_{c in C} grad pi(c) (s(c) - b)  +  (b - b_R) grad pi(C)  +  E_{y~pi}[ 1{y in R} (s(y) - b_R) grad log pi(y) ]
+
+    for any b and b_R that do not depend on the sample y they multiply. b is the soft reward's mean over C under
+    pi( . | C) (detached): the first term, exact, moves mass among the candidates. b_R estimates the soft
+    reward's mean over R: for sample k, the mean over the *other* samples of the micro-batch that fell in R (all
+    prompts pooled: they are independent of y_k, and R's soft rewards are alike across prompts), or b when there
+    are none. The second term, exact, moves mass between C and R by the gap b - b_R along grad pi(C) (without it
+    that signal would come only from pushing down the few samples in R, one by one); the third is REINFORCE on
+    R's samples, whose advantages are their deviations from R's mean. Samples in C contribute nothing. At the
+    optimum s = alpha log Z everywhere (Prop. A.2), so every coefficient, and the variance, vanish there. A prompt
+    without candidates keeps RLOO's leave-one-out baseline.
+
+    candidate_* [P, C] (padding where candidate_mask is False; candidate_logps with grad), the samples' policy_logps
+    (with grad), ref_logps, rewards and is_candidate [P, K]. Returns (loss, the samples' soft rewards [P, K],
+    their advantages s - b_R [P, K] (0 on C), the policy's exact mass on C [P]); all but the loss detached."""
+    if candidate_logps.shape != candidate_ref_logps.shape or candidate_logps.shape != candidate_rewards.shape \
+            or candidate_logps.shape != candidate_mask.shape or policy_logps.shape != is_candidate.shape:
+        raise ValueError(f"exact_candidates_loss: candidates must all be [P, C] and the samples [P, K], got "
+                         f"{tuple(candidate_logps.shape)}, {tuple(candidate_mask.shape)} and "
+                         f"{tuple(policy_logps.shape)}, {tuple(is_candidate.shape)}")
+    masked_logps = candidate_logps.masked_fill(~candidate_mask, -math.inf)  # (P, C)
+    candidate_soft = soft_rewards(candidate_rewards, candidate_logps, candidate_ref_logps, alpha, beta)  # (P, C)
+    candidate_soft = candidate_soft.masked_fill(~candidate_mask, 0.0)
+    has_candidates = candidate_mask.any(-1)  # (P,)
+    conditional = masked_logps.detach().softmax(-1).nan_to_num(0.0)  # (P, C) pi(c | C); rows without C: 0
+    soft = soft_rewards(rewards, policy_logps, ref_logps, alpha, beta)  # (P, K)
+    baseline = (conditional * candidate_soft).sum(-1, keepdim=True)  # (P, 1) b
+    in_rest = (~is_candidate).to(soft.dtype)  # (P, K)
+    others = in_rest.sum() - in_rest  # (P, K) the other samples in R
+    rest_baseline = torch.where(others > 0, ((in_rest * soft).sum() - in_rest * soft) / others.clamp(min=1),
+                                baseline)  # (P, K) b_R
+    if not bool(has_candidates.all()):  # (K = 1 is enough when every prompt has candidates)
+        rest_baseline = torch.where(has_candidates[:, None], rest_baseline, rloo_baselines(soft))
+    candidate_probs = masked_logps.exp()  # (P, C) pi(c), with grad; 0 on padding
+    mass = candidate_probs.sum(-1)  # (P,) pi(C), with grad
+    exact_part = (candidate_probs * (candidate_soft - baseline)).sum(-1) \
+        + (baseline - rest_baseline).mean(-1) * mass  # (P,) sum_C grad pi (s - b) + (b - b_R) grad pi(C)
+    advantages = (soft - rest_baseline).masked_fill(is_candidate, 0.0)  # (P, K) the samples in R only
+    sampled_part = (advantages * policy_logps).mean(-1)  # (P,) grad: (1/K) sum_k 1{R} (s - b_R) grad log pi
+    loss = -(exact_part + sampled_part).mean()
+    return loss, soft, advantages, mass.detach()
 
 
 # -------------------------------------------------------------------------------------------- sampling
@@ -169,25 +227,56 @@ def sequence_logps(model, batch, inverse, *, reference: bool = False, compile=No
         return policy_logprobs(model, batch, compile=compile)[inverse]  # (P, K)
 
 
+@dataclass
+class Candidates:
+    """Each of P prompts' known texts (the data's responses that generation can write), which enter the
+    gradient exactly (exact_candidates_loss): completions [P][C], rows padded by repeating one (mask False)."""
+    completions: list[list[list[int]]]
+    rewards: torch.Tensor  # (P, C)
+    mask: torch.Tensor  # (P, C) bool
+
+    def contains(self, rollouts: Rollouts) -> torch.Tensor:
+        """Whether each sample [P, K] is one of its prompt's candidates (matched on tokens)."""
+        known = [{tuple(c) for c, keep in zip(row, mask) if keep} for row, mask in
+                 zip(self.completions, self.mask.tolist())]
+        return torch.tensor([[tuple(c) in known[p] for c in row] for p, row in enumerate(rollouts.completions)],
+                            dtype=torch.bool)
+
+
 def online_step(model, rollouts: Rollouts, rewards, alpha: float, beta: float, pad_id: int, eos_id: int, *,
-                device=None, compile=None):
-    """One REINFORCE-RLOO step's loss (with grad) and detached metrics, given the rollouts' rewards [P, K].
+                candidates: Candidates | None = None, device=None, compile=None):
+    """One step's loss (with grad) and detached metrics, given the rollouts' rewards [P, K]: RLOO (rloo_loss),
+    or with `candidates` the estimator that sums over them exactly (exact_candidates_loss); the candidates and
+    the samples are scored in one batch, each distinct text once.
 
     Metrics (means over the P*K samples): reward r; soft reward s; entropy estimate -mean log pi (an unbiased
     estimate of the sequence entropy H(pi), since the samples come from pi); cross-entropy estimate
-    -mean log pi_ref (of H(pi, pi_ref)); completion length in tokens; the fraction that ended with EOS."""
-    batch, inverse = rollout_batch(rollouts, pad_id)
+    -mean log pi_ref (of H(pi, pi_ref)); completion length in tokens; the fraction that ended with EOS; with
+    candidates, the policy's exact probability on them (candidate_mass, mean over prompts)."""
+    width = 0 if candidates is None else candidates.mask.shape[1]
+    joint = rollouts if candidates is None else Rollouts(
+        rollouts.prompt_ids, [c + s for c, s in zip(candidates.completions, rollouts.completions)], None)
+    batch, inverse = rollout_batch(joint, pad_id)
     batch = {k: v.to(device) for k, v in batch.items()}
-    policy = sequence_logps(model, batch, inverse, compile=compile)  # (P, K) with grad
-    ref = sequence_logps(model, batch, inverse, reference=True, compile=compile)  # (P, K)
+    policy = sequence_logps(model, batch, inverse, compile=compile)  # (P, C + K) with grad
+    ref = sequence_logps(model, batch, inverse, reference=True, compile=compile)  # (P, C + K)
     rewards = rewards.to(policy.device, policy.dtype)
-    loss, soft, advantages = rloo_loss(policy, ref, rewards, alpha, beta)
+    extra = {}
+    if candidates is None:
+        loss, soft, advantages = rloo_loss(policy, ref, rewards, alpha, beta)
+    else:
+        on = lambda x: x.to(policy.device)  # noqa: E731
+        loss, soft, advantages, mass = exact_candidates_loss(
+            policy[:, :width], ref[:, :width], on(candidates.rewards).to(policy.dtype), on(candidates.mask),
+            policy[:, width:], ref[:, width:], rewards, on(candidates.contains(rollouts)), alpha, beta)
+        policy, ref = policy[:, width:], ref[:, width:]
+        extra = {"candidate_mass": float(mass.mean())}
     lengths = rollouts.lengths()
     eos = torch.tensor([[bool(c) and c[-1] == eos_id for c in row] for row in rollouts.completions])
     metrics = {"loss": float(loss.detach()), "reward": float(rewards.mean()), "soft_reward": float(soft.mean()),
                "entropy": -float(policy.detach().mean()), "cross_entropy": -float(ref.mean()),
                "advantage_abs": float(advantages.abs().mean()), "length": float(lengths.mean()),
-               "eos_fraction": float(eos.float().mean()), "distinct": len(batch["input_ids"]),
+               "eos_fraction": float(eos.float().mean()), **extra, "distinct": len(batch["input_ids"]),
                "train_tokens": int(batch["attention_mask"].sum())}
     return loss, metrics
 
@@ -266,17 +355,57 @@ class RewardModelReward:
 
 @dataclass
 class OnlinePrompt:
-    """One distinct prompt of the training data: what spl-online samples completions for."""
+    """One distinct prompt of the training data: what spl-online samples completions for, and the data's
+    distinct responses to it (candidates for the exact sum, with their rewards once `with_candidate_rewards`
+    has scored them)."""
     prompt_ids: list[int]
     index: int
+    candidates: list[list[int]] = field(default_factory=list)
+    candidate_rewards: list[float] = field(default_factory=list)
 
 
 def distinct_prompts(examples) -> list[OnlinePrompt]:
-    """The distinct prompts of tokenised examples (anything with `prompt_ids`), in order of first appearance."""
+    """The distinct prompts of tokenised examples (anything with `prompt_ids`), in order of first appearance,
+    with the distinct responses (`chosen_ids`, `rejected_ids` or `response_ids`) each has in the data."""
     seen = {}
     for example in examples:
-        seen.setdefault(tuple(example.prompt_ids), len(seen))
-    return [OnlinePrompt(list(ids), index) for ids, index in seen.items()]
+        responses = seen.setdefault(tuple(example.prompt_ids), {})
+        for name in ("chosen_ids", "rejected_ids", "response_ids"):
+            if hasattr(example, name):
+                responses.setdefault(tuple(getattr(example, name)), None)
+    return [OnlinePrompt(list(ids), index, [list(r) for r in responses])
+            for index, (ids, responses) in enumerate(seen.items())]
+
+
+def is_outcome(completion, max_new_tokens: int, eos_id: int) -> bool:
+    """Whether sample_rollouts can return `completion` as it is: EOS last and nowhere before, within
+    max_new_tokens, or exactly max_new_tokens tokens without EOS. Only such texts are disjoint outcomes of the
+    sampler, so only they may enter the exact sum (a longer response's probability is that of its prefix)."""
+    if not completion or eos_id in completion[:-1] or len(completion) > max_new_tokens:
+        return False
+    return completion[-1] == eos_id or len(completion) == max_new_tokens
+
+
+def with_candidate_rewards(prompts: list[OnlinePrompt], reward, max_new_tokens: int, eos_id: int):
+    """The prompts with only the candidates the sampler can write (is_outcome) and their rewards, scored once
+    (the reward is fixed)."""
+    scored = []
+    for prompt in prompts:
+        kept = [c for c in prompt.candidates if is_outcome(c, max_new_tokens, eos_id)]
+        rewards = reward([prompt.index], Rollouts([prompt.prompt_ids], [kept], None))[0].tolist() if kept else []
+        scored.append(OnlinePrompt(prompt.prompt_ids, prompt.index, kept, rewards))
+    return scored
+
+
+def batch_candidates(prompts: list[OnlinePrompt]) -> Candidates:
+    """The Candidates of a batch of prompts, padded to the widest (a prompt with none pads with an empty
+    completion, masked)."""
+    width = max(1, max(len(p.candidates) for p in prompts))
+    completions = [p.candidates + [(p.candidates or [[]])[0]] * (width - len(p.candidates)) for p in prompts]
+    rewards = torch.tensor([p.candidate_rewards + [0.0] * (width - len(p.candidates)) for p in prompts],
+                           dtype=torch.float64)  # (P, C)
+    mask = torch.tensor([[i < len(p.candidates) for i in range(width)] for p in prompts])  # (P, C)
+    return Candidates(completions, rewards, mask)
 
 
 def collate_prompts(prompts: list[OnlinePrompt], pad_id: int = 0, pad_to_multiple: int = 1) -> dict:
@@ -297,11 +426,13 @@ def world_reward_for_prompts(questions, tokenizer, prompts: list[OnlinePrompt], 
 
 
 def online_step_function(model, prompts: list[OnlinePrompt], reward, alpha: float, beta: float, samples: int,
-                         max_new_tokens: int, pad_id: int, eos_id: int, device=None, compile=None):
+                         max_new_tokens: int, pad_id: int, eos_id: int, exact_candidates: bool = False, device=None,
+                         compile=None):
     """train.py's micro-batch loss for --loss spl-online: batch (collate_prompts) -> (loss, metric sums over its
     prompts). Samples K completions per prompt with the current policy, rewards them, and returns
-    `online_step`'s loss. The batch's attention_mask becomes the trained rows' mask, so the loop's tokens/s
-    counts the tokens trained on per second of the whole step (sampling included); generation has its own."""
+    `online_step`'s loss (exact_candidates: the prompts' scored candidates, from with_candidate_rewards, summed
+    exactly). The batch's attention_mask becomes the trained rows' mask, so the loop's tokens/s counts the tokens
+    trained on per second of the whole step (sampling included); generation has its own."""
     import time
 
     def step(batch):
@@ -310,8 +441,9 @@ def online_step_function(model, prompts: list[OnlinePrompt], reward, alpha: floa
         rollouts = sample_rollouts(model, [prompts[i].prompt_ids for i in index], samples, max_new_tokens, eos_id)
         generation_s = time.perf_counter() - started
         rewards = reward(index, rollouts)  # (P, K)
-        loss, metrics = online_step(model, rollouts, rewards, alpha, beta, pad_id, eos_id, device=device,
-                                    compile=compile)
+        candidates = batch_candidates([prompts[i] for i in index]) if exact_candidates else None
+        loss, metrics = online_step(model, rollouts, rewards, alpha, beta, pad_id, eos_id, candidates=candidates,
+                                    device=device, compile=compile)
         generated = float(rollouts.lengths().sum())
         metrics |= {"generation_s": generation_s, "generation_tokens_per_s": generated / max(generation_s, 1e-9)}
         if isinstance(reward, WorldReward):
@@ -322,24 +454,38 @@ def online_step_function(model, prompts: list[OnlinePrompt], reward, alpha: floa
     return step
 
 
-def add_full_space_mass(report: dict, floor: float, alpha: float, beta: float) -> dict:
-    """For alpha = beta, the option mass Eq. 4's optimum keeps under the world's exact reward with this floor
+def add_full_space_mass(report: dict, floor: float, log_num_texts: float, alpha: float, beta: float) -> dict:
+    """The option mass Eq. 4's optimum keeps under the world's exact reward with this floor
     (spl.theory.full_space_option_mass, from the reference model's own option probabilities) beside the learned
-    mass, per question and on average. Other (alpha, beta): the mass depends on the reference's whole
-    distribution off the options, so only the learned mass is reported."""
-    from spl.theory import full_space_option_mass
+    mass, per question and on average: for alpha = beta exactly; otherwise the interval its bounds on W over at
+    most N = exp(log_num_texts) texts give (off_option_weight_bounds), the error being the distance from it."""
+    from spl.theory import full_space_option_mass, off_option_weight_bounds
 
     report = dict(report, reward_floor=floor)
-    if alpha != beta:
-        return report
     errors = []
     for row in report["questions"]:
         ref = torch.tensor(row["reference"], dtype=torch.float64) * row["reference_option_mass"]  # (K,)
         reward = torch.tensor(row["population"], dtype=torch.float64).log()  # (K,) r = log p
-        row["closed_form_option_mass"] = float(full_space_option_mass(ref, reward, floor, alpha, beta))
-        errors.append(abs(row["learned_option_mass"] - row["closed_form_option_mass"]))
-    report["mean_closed_form_option_mass"] = sum(r["closed_form_option_mass"] for r in report["questions"]) / len(
-        errors)
+        if alpha == beta:
+            low = high = float(full_space_option_mass(ref, reward, floor, alpha, beta))
+        else:
+            weights = off_option_weight_bounds(ref, alpha, beta, log_num_texts)  # (W low, W high)
+            high, low = (float(full_space_option_mass(ref, reward, floor, alpha, beta, w)) for w in weights)
+        row["closed_form_option_mass"] = [low, high] if low != high else low
+        learned = row["learned_option_mass"]
+        errors.append(max(low - learned, learned - high, 0.0))
+    masses = [r["closed_form_option_mass"] for r in report["questions"]]
+    report["mean_closed_form_option_mass"] = [sum(m[i] for m in masses) / len(masses) for i in (0, 1)] \
+        if alpha != beta else sum(masses) / len(masses)
     report["mean_abs_option_mass_error"] = sum(errors) / len(errors)
     report["max_abs_option_mass_error"] = max(errors)
     return report
+
+
+def format_full_space_mass(report: dict) -> str:
+    """add_full_space_mass's summary line."""
+    mass = report["mean_closed_form_option_mass"]
+    mass = f"{mass:.3f}" if isinstance(mass, float) else f"between {mass[0]:.3f} and {mass[1]:.3f}"
+    return (f"full-space optimum (Eq. 4, floor {report['reward_floor']:g}): option mass {mass} (mean over questions); "
+            f"learned {report['mean_learned_option_mass']:.3f}, within {report['mean_abs_option_mass_error']:.4f} of "
+            f"it on average (max {report['max_abs_option_mass_error']:.4f})")

@@ -302,3 +302,31 @@ def full_space_optimum(ref_option_probs, reward, floor, alpha, beta, off_option_
     pi ∝ pi_ref^(beta/alpha) p^(1/alpha) for r = log p: the rest of the space changes only Z."""
     mass = full_space_option_mass(ref_option_probs, reward, floor, alpha, beta, off_option_weight)  # [...]
     return mass.unsqueeze(-1) * optimal_policy_from_reward(ref_option_probs, reward, alpha, beta)  # [..., K]
+
+
+def log_num_completions(max_new_tokens: int, vocab_size: int) -> float:
+    """log N, N the number of completions generation can return within max_new_tokens tokens of a vocabulary of
+    V pieces, one of them EOS: t - 1 non-EOS tokens then EOS for t = 1..T, or T non-EOS tokens, so
+    N = sum_{t=0}^{T} (V - 1)^t."""
+    if max_new_tokens < 1 or vocab_size < 2:
+        raise ValueError(f"log_num_completions: need max_new_tokens >= 1 and vocab_size >= 2, got "
+                         f"{max_new_tokens} and {vocab_size}")
+    return float(torch.logsumexp(torch.arange(max_new_tokens + 1, dtype=torch.float64) * math.log(vocab_size - 1), 0))
+
+
+def off_option_weight_bounds(ref_option_probs, alpha, beta, log_num_texts: float):
+    """Bounds on W = sum_{y not an option} pi_ref(y)^a, a = beta/alpha, over at most N texts holding the
+    reference's remaining mass 1 - M (M = sum of ref_option_probs `[..., K]`):
+
+        (1 - M)^a <= W <= (1 - M)^a N^(1 - a)     for a <= 1 (alpha >= beta),  the other way round for a > 1.
+
+    The left: x -> x^a is concave with 0^a = 0, hence subadditive, so sum x_i^a >= (sum x_i)^a. The right:
+    Hoelder (the power mean), sum x_i^a <= N^(1 - a) (sum x_i)^a. a = 1 gives W = 1 - M on both sides. Returns
+    (low, high) `[...]`, to pass as full_space_option_mass's off_option_weight: the mass decreases with W."""
+    fn = "off_option_weight_bounds"
+    alpha, beta = _check_coefficients(fn, alpha, beta)
+    ref_option_probs = _check_probs(fn, "ref_option_probs", ref_option_probs, normalised=False)
+    a = beta / alpha
+    rest = (1 - ref_option_probs.sum(-1)).clamp(min=0)  # [...] 1 - M
+    low, high = rest ** a, rest ** a * math.exp((1 - a) * log_num_texts)  # [...]
+    return (low, high) if a <= 1 else (high, low)
