@@ -69,7 +69,7 @@ from models.lora import TARGET_NAMES, resolve_targets
 from models.peft import save_adapter
 from models.tokenizer import check_vocabulary, describe_format
 from spl import runs
-from spl.distributed import (Processes, broadcast_from_main, share_batches, shard_frozen_weights,
+from spl.distributed import (Processes, broadcast_from_main, gather_to_main, share_batches, shard_frozen_weights,
                              shared_reference_logps, sum_across, sum_gradients_)
 from spl.losses import FDPO_DIVERGENCES, check_label_smoothing
 from spl.theory import log_num_completions
@@ -856,10 +856,9 @@ def save_checkpoint(out: Path, step: int, trainable: dict, optimizer, batches, c
     """Checkpoint `step` (spl/runs.py, atomic): every process calls this (their RNG states are gathered); rank 0
     writes. Returns the checkpoint's directory."""
     rng = runs.rng_state()
-    if procs.distributed:
-        states = [None] * procs.world_size if procs.main else None
-        dist.gather_object(rng, states, dst=0)
-        rng = {"per_rank": states}
+    if procs.distributed:  # as JSON in tensors (torch's object collectives pickle)
+        states = gather_to_main(procs, runs.rng_state_to_json(rng))
+        rng = {"per_rank": [runs.rng_state_from_json(state) for state in states]} if procs.main else None
     path, problem = out / "checkpoints" / f"step_{step:06d}", None
     if procs.main:
         try:  # a failed save (disk full, no permission) keeps the previous checkpoint; all processes stop

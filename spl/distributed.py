@@ -7,10 +7,14 @@ each one back-propagates its share of the global mean loss; one all-reduce of th
 step (`sum_gradients_`) then gives every process the one-process gradient. (DDP hooks `forward`, while the
 training step calls `hidden_states`; and one reduction after gradient accumulation is exact and easy to read.)
 
+Values other than tensors (a problem found by rank 0, every process's RNG state) travel as JSON bytes in uint8
+tensors, not through torch's `*_object` collectives, which pickle.
+
 FSDP's modules are imported inside `shard_frozen_weights`: they take seconds to import and only --fsdp uses them.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -44,13 +48,56 @@ class Processes:
         return self.world_size > 1
 
 
+def _collective_device():
+    """Where a collective's tensors must live: the process's GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _to_bytes(value, device) -> torch.Tensor:
+    """`value` as JSON, UTF-8, in a uint8 tensor [n] (torch's object collectives pickle; JSON cannot run code)."""
+    data = json.dumps(value, allow_nan=True).encode("utf-8")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)  # [n]
+
+
+def _from_bytes(data: torch.Tensor):
+    return json.loads(data.cpu().numpy().tobytes().decode("utf-8"))
+
+
 def broadcast_from_main(procs: Processes, value):
-    """Rank 0's `value` (any picklable object) on every process."""
+    """Rank 0's `value` (anything JSON can hold: None, bool, numbers, strings, lists, dicts) on every process,
+    as JSON bytes in two tensor broadcasts (its length, then the bytes). Tuples come back as lists."""
     if not procs.distributed:
         return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+    device = _collective_device()
+    data = _to_bytes(value, device) if procs.main else None
+    length = torch.tensor([data.numel() if procs.main else 0], dtype=torch.int64, device=device)  # [1]
+    dist.broadcast(length, src=0)
+    if not procs.main:
+        data = torch.empty(int(length), dtype=torch.uint8, device=device)  # [n]
+    dist.broadcast(data, src=0)
+    return _from_bytes(data)
+
+
+def gather_to_main(procs: Processes, value) -> list | None:
+    """Every process's JSON-able `value`, in rank order, on rank 0 (None on the others); [value] with one
+    process. JSON bytes through two all_gathers (lengths, then the bytes padded to the longest): gloo and NCCL
+    both have all_gather for tensors."""
+    if not procs.distributed:
+        return [value]
+    device = _collective_device()
+    data = _to_bytes(value, device)
+    lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(procs.world_size)]
+    dist.all_gather(lengths, torch.tensor([data.numel()], dtype=torch.int64, device=device))
+    longest = max(int(n) for n in lengths)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)  # [longest]
+    padded[:data.numel()] = data
+    gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(procs.world_size)]
+    dist.all_gather(gathered, padded)
+    if not procs.main:
+        return None
+    return [_from_bytes(g[:int(n)]) for g, n in zip(gathered, lengths)]
 
 
 def sum_across(procs: Processes, values: list, device) -> list:

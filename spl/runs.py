@@ -44,8 +44,9 @@ from safetensors.torch import save_file
 from models.files import IntegrityError, is_staging, publish_directory, verify_directory, write_json_atomic
 
 __all__ = ["RunError", "RunLock", "check_run_dir", "prepare_run_dir", "write_json_atomic", "rng_state",
-           "set_rng_state", "save_checkpoint", "load_checkpoint", "complete_checkpoints", "checkpoint_dirs",
-           "load_latest_checkpoint", "clean_interrupted_saves", "MetricsLog", "StopSignals"]
+           "set_rng_state", "rng_state_to_json", "rng_state_from_json", "save_checkpoint", "load_checkpoint",
+           "complete_checkpoints", "checkpoint_dirs", "load_latest_checkpoint", "clean_interrupted_saves",
+           "MetricsLog", "StopSignals"]
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{6,})$")
 LOCK_NAME = ".lock"
@@ -191,6 +192,35 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def rng_state_to_json(state: dict) -> dict:
+    """One process's rng_state() as JSON (exact: bytes and words as integers; Python's repr of a float reads back
+    as the same float), to send it between processes (spl/distributed.py gather_to_main)."""
+    value = {"torch": state["torch"].tolist(), **_numpy_python_to_json(state)}
+    if "cuda" in state:
+        value["cuda"] = state["cuda"].cpu().tolist()
+    return value
+
+
+def _numpy_python_to_json(state: dict) -> dict:
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    version, words, gauss_next = state["python"]
+    return {"numpy": {"kind": kind, "keys": [int(k) for k in keys], "position": int(position),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+            "python": {"version": version, "words": list(words), "gauss_next": gauss_next}}
+
+
+def rng_state_from_json(value: dict) -> dict:
+    """rng_state_to_json's inverse: the state set_rng_state takes."""
+    numpy_state, python_state = value["numpy"], value["python"]
+    state = {"torch": torch.tensor(value["torch"], dtype=torch.uint8),
+             "numpy": (numpy_state["kind"], np.asarray(numpy_state["keys"], dtype=np.uint32), numpy_state["position"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"]),
+             "python": (python_state["version"], tuple(python_state["words"]), python_state["gauss_next"])}
+    if "cuda" in value:
+        state["cuda"] = torch.tensor(value["cuda"], dtype=torch.uint8)
+    return state
+
+
 def _rng_to_files(per_rank: list[dict]) -> tuple[dict, dict]:
     """Per-process RNG states as (tensors, JSON): torch's and CUDA's byte states and numpy's 624 MT19937 words
     as tensors; numpy's position and cached Gaussian, and Python's (version, 625 words, gauss_next), as JSON."""
@@ -199,24 +229,19 @@ def _rng_to_files(per_rank: list[dict]) -> tuple[dict, dict]:
         tensors[f"rank{rank}.torch"] = state["torch"].contiguous()
         if "cuda" in state:
             tensors[f"rank{rank}.cuda"] = state["cuda"].cpu().contiguous()
-        kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
-        tensors[f"rank{rank}.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))  # uint32 words
-        version, words, gauss_next = state["python"]
-        meta["ranks"].append({"numpy": {"kind": kind, "position": int(position), "has_gauss": int(has_gauss),
-                                        "cached_gaussian": float(cached_gaussian)},
-                              "python": {"version": version, "words": list(words), "gauss_next": gauss_next}})
+        as_json = _numpy_python_to_json(state)
+        numpy_state = as_json["numpy"]
+        tensors[f"rank{rank}.numpy"] = torch.tensor(numpy_state.pop("keys"), dtype=torch.int64)  # uint32 words
+        meta["ranks"].append({"numpy": numpy_state, "python": as_json["python"]})
     return tensors, meta
 
 
 def _rng_from_files(tensors: dict, meta: dict) -> list[dict]:
     per_rank = []
     for rank, entry in enumerate(meta["ranks"]):
-        numpy_state = entry["numpy"]
-        keys = tensors[f"rank{rank}.numpy"].numpy().astype(np.uint32)
-        state = {"torch": tensors[f"rank{rank}.torch"],
-                 "numpy": (numpy_state["kind"], keys, numpy_state["position"], numpy_state["has_gauss"],
-                           numpy_state["cached_gaussian"]),
-                 "python": (entry["python"]["version"], tuple(entry["python"]["words"]), entry["python"]["gauss_next"])}
+        value = {"torch": [], "numpy": {**entry["numpy"], "keys": tensors[f"rank{rank}.numpy"].tolist()},
+                 "python": entry["python"]}
+        state = rng_state_from_json(value) | {"torch": tensors[f"rank{rank}.torch"]}
         if f"rank{rank}.cuda" in tensors:
             state["cuda"] = tensors[f"rank{rank}.cuda"]
         per_rank.append(state)

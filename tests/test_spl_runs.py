@@ -74,6 +74,49 @@ def test_optimizer_and_rng_resume_bit_for_bit(tmp_path):
     assert again[2:] == after_save[2:]
 
 
+def test_rng_state_as_json_is_exact():
+    """rng_state -> JSON text -> rng_state_from_json (how torchrun's processes send theirs to rank 0): after setting
+    the round-tripped state, every RNG draws exactly what it drew right after rng_state() was taken."""
+    torch.manual_seed(11)
+    np.random.seed(12)
+    random.seed(13)
+    np.random.standard_normal()  # a cached Gaussian, a float that must survive JSON exactly
+    random.gauss(0, 1)  # Python's gauss_next likewise
+    state = runs.rng_state()
+    drawn = (torch.rand(5), np.random.standard_normal(4), random.random(), random.gauss(0, 1))
+    runs.set_rng_state(runs.rng_state_from_json(json.loads(json.dumps(runs.rng_state_to_json(state)))))
+    again = (torch.rand(5), np.random.standard_normal(4), random.random(), random.gauss(0, 1))
+    assert torch.equal(again[0], drawn[0]) and np.array_equal(again[1], drawn[1]) and again[2:] == drawn[2:]
+
+
+def test_cuda_rng_state_is_saved_and_restored(tmp_path, monkeypatch):
+    """The CUDA branch without a GPU: torch.cuda monkeypatched to a device in use whose generator state is a known
+    byte string. rng_state() takes it, the checkpoint stores it as rank0.cuda, the JSON form carries it, and
+    set_rng_state(loaded) hands torch.cuda.set_rng_state exactly those bytes; with CUDA absent at resume it is
+    left alone (the CPU RNGs are still restored)."""
+    cuda_state = torch.arange(16, dtype=torch.uint8) * 7  # stands for a Philox seed and offset
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state.clone()))
+    params, optimizer = small_problem()
+    state = runs.rng_state()
+    assert torch.equal(state["cuda"], cuda_state)
+    assert torch.equal(runs.rng_state_from_json(runs.rng_state_to_json(state))["cuda"], cuda_state)
+    path = runs.save_checkpoint(tmp_path, 1, params, optimizer, {"data": {}})
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(str(path / "rng.safetensors"))["rank0.cuda"], cuda_state)
+    _, _, rng, _ = runs.load_checkpoint(path)
+    runs.set_rng_state(rng["per_rank"][0])
+    assert len(restored) == 1 and torch.equal(restored[0], cuda_state)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    runs.set_rng_state(rng["per_rank"][0] | {"torch": torch.manual_seed(3).get_state()})
+    assert len(restored) == 1 and torch.equal(torch.rand(3), expected)
+
+
 def test_checkpoint_files_hold_no_pickle(tmp_path):
     """Every file is safetensors or JSON: each .json parses as JSON; each .safetensors is its 8-byte header length,
     a JSON header whose last data offset is where the file ends (nothing else fits: not a zip as torch.save
