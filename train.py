@@ -93,6 +93,15 @@ OWN_MODEL_PRESET = "paper-chat"  # what --model without --preset starts from (Tr
 # measurement (README "The main job"). Any option given on the command line wins; other data keep the plain loss.
 WORLD_MAIN_JOB = dict(anchor=0.1, prompts_per_batch=15, steps=200)
 
+# What --resume may change; every other option must equal the run's config.json (spl/runs.check_resumed_config).
+# How far to train (--steps/--epochs: extend a run, as one raises HF Trainer's max_steps when resuming from a
+# checkpoint; the cosine schedule then spans the new total from the step resumed at), how the same computation is
+# executed (device, threads, compile, FSDP, activation checkpointing, shared prefixes: equal results up to float
+# rounding), and what is logged, kept and reported. --preset only fills other options, which are compared.
+RESUME_MAY_CHANGE = ("steps", "epochs", "device", "threads", "compile", "fsdp", "grad_checkpointing", "shared_prefix",
+                     "progress", "log_every", "save_every", "keep_checkpoints", "eval_every", "resume", "overwrite",
+                     "preset", "out")
+
 
 @dataclass
 class TrainConfig:
@@ -498,7 +507,7 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
     else:
         batches = training_batches(examples, tokenizer.pad_id, c, procs)
     say(describe(num_parameters, trainable, len(examples), total_steps, c, procs, device))
-    start_step = resume(out, trainable, optimizer, batches, c, procs, say) if c.resume else 0
+    start_step = resume(out, trainable, optimizer, batches, total_steps, c, procs, say) if c.resume else 0
     step_loss = step_function(c, model, head, reference, compile)
     save = lambda step: save_checkpoint(out, step, trainable, optimizer, batches, c, procs)  # noqa: E731
     # The world's report runs the model: on rank 0, or on every process when FSDP shards the model.
@@ -561,6 +570,8 @@ def check_run_dir(out: Path, c: TrainConfig, procs: Processes) -> None:
     if procs.main:
         try:
             runs.check_run_dir(out, c.resume, c.overwrite)
+            if c.resume:  # the same run: the saved options, but for those a resume may change
+                runs.check_resumed_config(out, dataclasses.asdict(c), RESUME_MAY_CHANGE)
         except runs.RunError as error:
             problem = str(error)
     problem = broadcast_from_main(procs, problem)
@@ -766,10 +777,11 @@ def describe(num_parameters: int, trainable: dict, num_examples: int, total_step
             f"{f', anchor {c.anchor:g}' if c.anchor else ''} on {device}{processes}")
 
 
-def resume(out: Path, trainable: dict, optimizer, batches, c: TrainConfig, procs: Processes, say) -> int:
+def resume(out: Path, trainable: dict, optimizer, batches, total_steps: int, c: TrainConfig, procs: Processes,
+           say) -> int:
     """Load the newest checkpoint of `out` that verifies against its manifest (a damaged newer one is named in
     one line and passed over; every process reads the one rank 0 picked) into the trainable parameters, the
-    optimizer, the data position and the RNGs; returns its step (0 if there is none yet)."""
+    optimizer, the data position and the RNGs; returns its step (0 if there is none yet), at most total_steps."""
     found, problem = None, None
     if procs.main:
         runs.clean_interrupted_saves(out)
@@ -785,6 +797,9 @@ def resume(out: Path, trainable: dict, optimizer, batches, c: TrainConfig, procs
         return 0
     checkpoint = Path(checkpoint)
     tensors, optimizer_state, rng, state = found[1] if procs.main else runs.load_checkpoint(checkpoint)
+    if state["step"] > total_steps:
+        raise UsageError(f"{checkpoint}: is step {state['step']}, past the {total_steps} steps asked for; give "
+                         f"--steps {state['step']} or more to continue")
     if set(tensors) != set(trainable):
         raise runs.RunError(f"{checkpoint}: holds {sorted(set(tensors) ^ set(trainable))[:4]}... "
                             f"that this run does not train")

@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 
 from models.files import IntegrityError, is_staging, publish_directory, verify_directory, write_json_atomic
 
-__all__ = ["RunError", "RunLock", "check_run_dir", "prepare_run_dir", "write_json_atomic", "rng_state",
+__all__ = ["RunError", "RunLock", "check_run_dir", "check_resumed_config", "prepare_run_dir", "write_json_atomic", "rng_state",
            "set_rng_state", "rng_state_to_json", "rng_state_from_json", "save_checkpoint", "load_checkpoint",
            "complete_checkpoints", "checkpoint_dirs", "load_latest_checkpoint", "clean_interrupted_saves",
            "MetricsLog", "StopSignals"]
@@ -160,6 +160,37 @@ def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if not resume and not overwrite and out.is_dir() and _own_files(out):
         raise RunError(f"{out}: already exists and is not empty; pass --resume to continue it or "
                        f"--overwrite to replace it")
+
+
+def check_resumed_config(out: Path, config: dict, may_change=()) -> None:
+    """--resume continues the run that out/config.json describes: every option of `config` (the new command
+    line, resolved) must equal the saved one, except those named in `may_change`. A difference is a RunError in
+    one line naming the first differing option, both values and how many others differ; so is a config.json
+    that cannot be read or that holds an option `config` does not know. Options missing from the saved file
+    (added to train.py after the run started) are not compared. Writes nothing."""
+    path = out / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise RunError(f"{path}: unreadable ({type(error).__name__}); it records the options the run started "
+                       f"with, which --resume compares with this command line") from None
+    if not isinstance(saved, dict):
+        raise RunError(f"{path}: not a JSON object of training options")
+    current = json.loads(json.dumps(config))  # as it would be saved: tuples as lists
+    unknown = sorted(set(saved) - set(current))
+    if unknown:
+        raise RunError(f"{path}: option {unknown[0]!r} is not one of this train.py's (written by another version?)")
+    differ = [name for name in current if name in saved and name not in may_change and saved[name] != current[name]]
+    if differ:
+        name = differ[0]
+        others = f" (and {len(differ) - 1} more: {', '.join(_flag(n) for n in differ[1:])})" if differ[1:] else ""
+        raise RunError(f"{path}: {_flag(name)} was {json.dumps(saved[name])} when the run started, "
+                       f"{json.dumps(current[name])} now{others}; --resume continues the same run: give the same "
+                       f"value, or start a new run in another --out")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:

@@ -78,6 +78,28 @@ def test_resume_is_bit_identical(tiny, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_refuses_a_changed_option_and_extends_steps(tiny, tmp_path, capsys):
+    """--resume compares the command line with the run's config.json: a changed option of the computation
+    (--beta, --lora-rank) is refused in one line naming it, before anything is read or written; --steps may grow
+    (the run continues from its last checkpoint to the new total) but not fall below the checkpoint's step."""
+    out = tmp_path / "run"
+    assert train.main(args(tiny, out, "--steps", "2", "--save-every", "2")) == 0
+    before = {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.rglob("*")}
+    for extra, said in ((("--beta", "0.3"), "--beta was 0.1 when the run started, 0.3 now;"),
+                        (("--lora-rank", "8", "--beta", "0.3"), "--beta was 0.1 when the run started, 0.3 now (and "
+                                                                "1 more: --lora-rank);")):
+        capsys.readouterr()
+        assert train.main(args(tiny, out, "--steps", "2", "--save-every", "2", "--resume", *extra)) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"train.py: error: {out / 'config.json'}: ") and said in err and "\n" not in err
+        assert {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert train.main(args(tiny, out, "--steps", "1", "--save-every", "2", "--resume")) == 2
+    assert "is step 2, past the 1 steps asked for" in capsys.readouterr().err
+    assert train.main(args(tiny, out, "--steps", "3", "--save-every", "2", "--resume", "--log-every", "1")) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3] and (out / "checkpoints" / "step_000003").is_dir()
+
+
 def _start(tiny, out, *extra):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(tiny, out, *extra)], cwd=ROOT, env=env,
