@@ -3,8 +3,8 @@
 Oracles: invariants. Two processes that each take half of every global micro-batch, weight their losses by the
 global pair count and sum their LoRA gradients compute the one-process gradient of the same global batch, so the
 adapters agree up to float32 summation order (within 1e-5 after 4 AdamW steps; measured ~2e-6). A run resumed
-under torchrun from its step-2 checkpoint, with the frozen weights sharded by FSDP2 and activation
-checkpointing on, computes the same steps again and must land on the same adapter. The batch split is checked
+under torchrun from its step-2 checkpoint computes the same steps again and must land on the same adapter bit for
+bit, with activation checkpointing and with FSDP2 sharding the frozen weights and per-process dropout noise. The batch split is checked
 against its definition: every rank's share is a disjoint, contiguous piece of the global batch and the pieces
 cover it.
 
@@ -55,6 +55,12 @@ def metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys() and any(t.abs().max() > 1e-3 for name, t in a.items() if "lora_B" in name)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def assert_close_adapters(a, b):
     assert a.keys() == b.keys()
     assert any(t.abs().max() > 1e-3 for name, t in a.items() if "lora_B" in name)  # it trained
@@ -98,22 +104,51 @@ def test_only_rank_zero_prints_and_writes(runs):
     assert not torch.equal(rng["per_rank"][0]["torch"], rng["per_rank"][1]["torch"])  # each its own
 
 
-def test_resume_under_torchrun_with_fsdp(runs):
-    """Damage the two-process run's step-4 checkpoint (its optimizer file cut short) and resume it with FSDP2
-    sharding the frozen weights: the damaged one is named and passed over, steps 3 and 4 are computed again from
-    the step-2 checkpoint, the same adapter (and the same as one process's)."""
+def roll_back(run, copy, step=4):
+    """A copy of `run` as if it had died right after its checkpoint before `step`: that checkpoint and the
+    adapter removed (the metrics log keeps its later lines, which --resume drops)."""
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / f"step_{step:06d}")
+    shutil.rmtree(copy / "adapter")
+    return copy
+
+
+def assert_same_steps(a, b):
+    """The logged steps of two runs, bit for bit (floats compared exactly), but for the wall-clock fields."""
+    timing = {"tokens_per_s", "step_s"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in a] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in b]
+
+
+def test_resume_under_torchrun_is_bit_identical(runs):
+    """Damage the two-process run's step-4 checkpoint (its optimizer file cut short) and resume it with the same
+    command: the damaged one is named and passed over, steps 3 and 4 are computed again from the step-2
+    checkpoint (every process's RNG, the global data position, the reference log-probs from the cache that rank
+    0 wrote), and the adapter and every logged value equal the uninterrupted run's exactly."""
     resumed = runs["root"] / "resumed"
     shutil.copytree(runs["two"], resumed)
     damaged = resumed / "checkpoints" / "step_000004" / "optimizer.safetensors"  # cut short: a full disk
     damaged.write_bytes(damaged.read_bytes()[:100])
     shutil.rmtree(resumed / "adapter")
-    stdout = torchrun(args(runs["data"], runs["model"], resumed, "--resume", "--fsdp"))
+    stdout = torchrun(args(runs["data"], runs["model"], resumed, "--grad-checkpointing", "--resume"))
     assert f"damaged checkpoint: {damaged}: 100 bytes" in stdout  # named in one line, passed over
-    assert "resumed from" in stdout and "step 2" in stdout and "(FSDP)" in stdout
+    assert "resumed from" in stdout and "step 2" in stdout
     assert "reference log-probs: loaded" in stdout  # the cache rank 0 wrote, sent to the other process
-    assert_close_adapters(adapter(runs["two"]), adapter(resumed))
-    assert_close_adapters(adapter(runs["one"]), adapter(resumed))
-    assert [r["step"] for r in metrics(resumed)] == [1, 2, 3, 4]
+    assert_same_tensors(adapter(runs["two"]), adapter(resumed))
+    assert_same_steps(metrics(runs["two"]), metrics(resumed))
+
+
+def test_fsdp_with_dropout_resumes_bit_identical(runs):
+    """FSDP2 sharding the frozen weights, LoRA dropout 0.1 (each process draws its own noise): a run rolled back to
+    its step-2 checkpoint and resumed ends exactly where the uninterrupted one ends, adapter and logged values."""
+    full = runs["root"] / "fsdp"
+    extra = ("--fsdp", "--lora-dropout", "0.1")
+    stdout = torchrun(args(runs["data"], runs["model"], full, *extra))
+    assert "(FSDP)" in stdout
+    resumed = roll_back(full, runs["root"] / "fsdp-resumed")
+    torchrun(args(runs["data"], runs["model"], resumed, *extra, "--resume"))
+    assert_same_tensors(adapter(full), adapter(resumed))
+    assert_same_steps(metrics(full), metrics(resumed))
 
 
 def test_shares_partition_every_global_batch(tiny_run):
