@@ -202,7 +202,9 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
                    help="spl-online: length limit of a sampled completion")
     p.add_argument("--reward-floor", type=float, default=defaults.reward_floor,
                    help="spl-online on the world: the exact reward of any text that is not an option (default "
-                   "log 0.01 - max(alpha - beta, 0) log N, N the completions --max-new-tokens allows: see README)")
+                   "log 0.01 - max(alpha - beta, 0) log N, N the completions --max-new-tokens allows: see README); "
+                   "with --reward-model: the reward of any text that is not one of the prompt's data responses "
+                   "(default: none, the reward model scores everything)")
     p.add_argument("--reward-model", help="spl-online: the run directory of a `--loss reward` run to score with "
                    "(default on the world: its exact reward)")
     p.add_argument("--online-exact", action=argparse.BooleanOptionalAction, default=defaults.online_exact,
@@ -743,7 +745,8 @@ def training_batches(examples, pad_id: int, c: TrainConfig, procs: Processes):
 
 def online_prompts_and_reward(examples, tokenizer, c: TrainConfig, device):
     """spl-online's (distinct prompts of the data, reward): the world's exact reward (log p of an option, the
-    floor elsewhere), or the reward model of --reward-model on the base model it was trained from."""
+    floor elsewhere), or the reward model of --reward-model on the base model it was trained from (with
+    --reward-floor: only on the data's responses, the floor elsewhere)."""
     prompts = online.distinct_prompts(examples)
     if c.reward_model is None:
         try:
@@ -756,7 +759,8 @@ def online_prompts_and_reward(examples, tokenizer, c: TrainConfig, device):
         raise UsageError(f"--reward-model {c.reward_model}: not a LoRA `--loss reward` run")
     base = Path(saved["model"]) if saved.get("model") else WORLD_MODEL
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.dtype]
-    return prompts, online.RewardModelReward.load(c.reward_model, base, tokenizer.pad_id, device, dtype)
+    reward = online.RewardModelReward.load(c.reward_model, base, tokenizer.pad_id, device, dtype)
+    return prompts, reward if c.reward_floor is None else online.SupportedReward(reward, prompts, c.reward_floor)
 
 
 def world_floor(c: TrainConfig, vocab_size: int) -> tuple[float, float]:

@@ -29,13 +29,14 @@ every y, so the advantages and with them the estimator's variance vanish there.
 A training step (train.py --loss spl-online): sample K completions per prompt from the current policy at
 temperature 1 with no filtering (the expectation is over pi itself), with models/generate.py's KV cache; score
 them under the policy (with grad) and the reference (LoRA off, no grad); reward them; minimise
-`rloo_loss`, whose gradient is -g. A completion that reaches max_new_tokens without EOS is the outcome
+`rloo_loss`, whose gradient is -g, or by default (`--online-exact`) `exact_candidates_loss`, the same expectation
+with each prompt's data responses (on the world: its options) summed exactly and only the other text sampled. A completion that reaches max_new_tokens without EOS is the outcome
 "these first max_new_tokens tokens": its probability is the product of its tokens', so the outcomes still
 form one distribution and the estimator stays unbiased for the truncated problem.
 
 Rewards: `WorldReward` is the embedded world's exact one (log p of an option, the population's Bradley-Terry
 score, and a floor for any other text); `RewardModelReward` wraps a reward model trained by
-`train.py --loss reward`.
+`train.py --loss reward`; `SupportedReward` trusts a reward only on the data's responses, with a floor elsewhere.
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ def exact_candidates_loss(candidate_logps, candidate_ref_logps, candidate_reward
     the rest R, with the -alpha E[grad log pi] terms of both parts cancelling as in the module docstring, and
     using sum_C grad pi + grad pi(R) = grad 1 = 0 twice,
 
-        grad J = sum_{c in C} grad pi(c) (s(c) - b)  +  (b - b_R) grad pi(C)  +  E_{y~pi}[ 1{y in R} (s(y) - b_R) grad log pi(y) ]
+        grad J = sum_{c in C} grad pi(c) (s(c) - b)  +  (b - b_R) grad pi(C)
+               + E_{y~pi}[ 1{y in R} (s(y) - b_R) grad log pi(y) ]
 
     for any b and b_R that do not depend on the sample y they multiply. b is the soft reward's mean over C under
     pi( . | C) (detached): the first term, exact, moves mass among the candidates. b_R estimates the soft
@@ -349,6 +351,26 @@ class RewardModelReward:
         batch, inverse = rollout_batch(rollouts, self.pad_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         return reward_scores(self.model, self.head, batch).double().cpu()[inverse]  # (P, K)
+
+
+class SupportedReward:
+    """A reward trusted only where it was trained: `reward` on each prompt's responses in the data, `floor` on
+    any other completion. A Bradley-Terry reward model has seen only the data's responses; what it says about
+    other text is extrapolation, and online SPL with alpha >= beta exploits it (README: scored noise above the
+    options). This is the world's exact reward with the model's scores in place of log p, so the run shows
+    what the reward model learned about the options (the exact-reward run being the oracle)."""
+
+    def __init__(self, reward, prompts, floor: float):
+        if not math.isfinite(floor):
+            raise ValueError(f"SupportedReward: the floor must be a finite number, got {floor!r}")
+        self.reward, self.floor = reward, float(floor)
+        self.responses = {p.index: {tuple(c) for c in p.candidates} for p in prompts}
+
+    def __call__(self, question_indices, rollouts: Rollouts) -> torch.Tensor:
+        scores = self.reward(question_indices, rollouts)  # (P, K)
+        known = torch.tensor([[tuple(c) in self.responses[q] for c in row]
+                              for q, row in zip(question_indices, rollouts.completions)], dtype=torch.bool)
+        return torch.where(known, scores, torch.full_like(scores, self.floor))  # (P, K)
 
 
 # -------------------------------------------------------------------------------------------- train.py's pieces

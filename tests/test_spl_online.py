@@ -281,6 +281,28 @@ def test_reward_model_reward_scores_each_completion_alone(tiny_model):
             assert abs(scores[p, k].item() - expected) < 1e-5
 
 
+def test_supported_reward_is_the_model_on_data_responses_and_the_floor_elsewhere():
+    """SupportedReward over distinct_prompts: a completion that is one of its own prompt's data responses gets the
+    wrapped reward's score (here a stub: 10 x prompt + length), anything else (another prompt's response, an
+    unseen text) the floor; and with_candidate_rewards scores exactly the responses generation can write."""
+    from data.tokenization import PreferenceExample
+    from spl.online import SupportedReward, distinct_prompts, with_candidate_rewards
+
+    examples = [PreferenceExample([1, 5], [7, 2], [8, 8, 2], index=0),
+                PreferenceExample([1, 5], [7, 2], [9, 2], index=1),
+                PreferenceExample([1, 6], [4, 2], [3, 3, 3], index=2)]  # [3, 3, 3] was truncated (no EOS)
+    prompts = distinct_prompts(examples)
+    assert [p.candidates for p in prompts] == [[[7, 2], [8, 8, 2], [9, 2]], [[4, 2], [3, 3, 3]]]
+    stub = lambda indices, rollouts: torch.tensor([[10.0 * q + len(c) for c in row]  # noqa: E731
+                                                   for q, row in zip(indices, rollouts.completions)])
+    reward = SupportedReward(stub, prompts, floor=-9.0)
+    rollouts = Rollouts([[1, 5], [1, 6]], [[[8, 8, 2], [4, 2], [5, 2]], [[4, 2], [3, 3, 3], [7, 2]]], None)
+    torch.testing.assert_close(reward([0, 1], rollouts), torch.tensor([[3.0, -9.0, -9.0], [12.0, 13.0, -9.0]]))
+    scored = with_candidate_rewards(prompts, reward, max_new_tokens=2, eos_id=2)
+    assert [p.candidates for p in scored] == [[[7, 2], [9, 2]], [[4, 2]]]
+    assert [p.candidate_rewards for p in scored] == [[2.0, 2.0], [12.0]]
+
+
 # -------------------------------------------------------------------------------------------- the full-space optimum
 
 def maximise_eq4(ref, reward, alpha, beta):
@@ -406,6 +428,27 @@ def test_train_spl_online_on_the_world_resumes_bit_identically(tmp_path):
         assert all(math.isfinite(r[key]) for r in records), key
     report = json.loads((full / "report.json").read_text())
     assert len(report["questions"]) == 30 and "reward_floor" in report
+
+
+def test_train_spl_online_under_torchrun(tmp_path):
+    """Two processes (gloo), each sampling for its share of every batch of prompts: the run completes, every
+    step's metrics are logged once (summed over both shares: the option fraction stays a fraction), only rank 0
+    writes the adapter and the report, and the adapter trained. (Resuming under torchrun is bit-identical: the
+    README gives the command that showed it; three launches are too slow for this suite.)"""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tests.test_spl_distributed import torchrun
+
+    out = tmp_path / "two"
+    torchrun(online_args(out, "--steps", "2", "--batch-size", "4", "--threads", "1"))  # the last --steps wins
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(0 <= r["option_fraction"] <= 1 and 0 < r["candidate_mass"] <= 1 for r in records)
+    assert len(json.loads((out / "report.json").read_text())["questions"]) == 30
+    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any(float(t.abs().max()) > 0 for name, t in tensors.items() if "lora_B" in name)
 
 
 @pytest.mark.parametrize("extra, message", [
