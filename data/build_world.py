@@ -1,5 +1,6 @@
 """Write the embedded world and train its tokenizer: `python -m data.build_world --out data/world [--seed S]`;
-with `--train-model`, also train its reference model from scratch (`--out/model`, in HF format).
+with `--train-model`, also train its reference model from scratch (`--out/model`, in HF format); with
+`--train-arithmetic-model`, the arithmetic reference model of the best-of-N experiment (`--out/arithmetic_model`).
 
 The files are data/world.py's `world_files(generate_world(seed, k, k_other))`, byte for byte, plus
 `tokenizer.model`: a sentencepiece BPE model trained on the world's SFT text with Mistral's conventions
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -26,7 +28,8 @@ from pathlib import Path
 
 import sentencepiece
 
-from data.world import DEFAULT_DIR, FILES, generate_world, world_files
+from data.world import DEFAULT_DIR, FILES, generate_world, load_world, world_files
+from data.world_arithmetic import arithmetic_model_sft
 
 VOCAB_SIZE = 2000
 CHAT_MARKERS = ("▁[INST]", "▁[/INST]")
@@ -41,6 +44,19 @@ REFERENCE_CONFIG = {
 # Trained by this project's own loop in SFT mode, a full fine-tune from random weights over the world's SFT text.
 REFERENCE_TRAINING = ["--loss", "sft", "--lora-rank", "0", "--lr", "3e-3", "--epochs", "6", "--batch-size", "32",
                       "--warmup-steps", "50", "--max-length", "128", "--max-prompt-length", "64", "--seed", "0"]
+
+
+# The arithmetic reference model (eval/exp_best_of_n.py): the world's model solves 13% of one-digit sums, so every
+# level would be "hard". A smaller model (1.04M parameters, embeddings tied to the output head) trained on
+# arithmetic alone; its size, data and schedule were chosen by measurement (README "Rebuilding the world").
+ARITHMETIC_CONFIG = {**REFERENCE_CONFIG, "hidden_size": 128, "intermediate_size": 384, "num_attention_heads": 4,
+                     "tie_word_embeddings": True}
+# Fresh problems per level (never a held-out one's operands), solved in the world's strategies at the reference's
+# weights, so the preference pairs' solutions are the model's own kind of text.
+ARITHMETIC_SFT_PER_LEVEL = {1: 6000, 2: 6000, 3: 6000, 4: 3000, 5: 2000}
+ARITHMETIC_TRAINING = ["--loss", "sft", "--lora-rank", "0", "--lr", "3e-3", "--steps", "2800", "--batch-size", "32",
+                       "--warmup-steps", "50", "--max-length", "128", "--max-prompt-length", "64", "--seed", "0",
+                       "--threads", "1", "--log-every", "100"]
 
 
 def tokenizer_corpus(sft_records) -> list[str]:
@@ -83,17 +99,40 @@ def train_reference_model(out=DEFAULT_DIR, progress: bool = True) -> Path:
     """Train the world's reference model with `train.py --loss sft` (REFERENCE_TRAINING) and install it as
     `out/model`, replacing any model there only once the new one is complete. About 15 minutes on 2 CPU cores."""
     out = Path(out).resolve()
+    return _train_model(out, "model", "reference_config.json", REFERENCE_CONFIG, out / FILES["sft"],
+                        REFERENCE_TRAINING, progress)
+
+
+def train_arithmetic_model(out=DEFAULT_DIR, progress: bool = True) -> Path:
+    """Train the arithmetic reference model (ARITHMETIC_CONFIG, ARITHMETIC_TRAINING) on fresh arithmetic SFT text
+    (ARITHMETIC_SFT_PER_LEVEL, drawn from the world's seed and kept clear of its held-out problems) and install it
+    as `out/arithmetic_model`. Reads the world in `out`, so build the world first."""
+    out = Path(out).resolve()
+    world = load_world(out)
+    records = arithmetic_model_sft(world.arithmetic, random.Random(f"{world.seed}:arithmetic-model-sft"),
+                                   ARITHMETIC_SFT_PER_LEVEL)
+    with tempfile.TemporaryDirectory(dir=out) as scratch:
+        data = Path(scratch) / "arithmetic_sft.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        return _train_model(out, "arithmetic_model", "arithmetic_config.json", ARITHMETIC_CONFIG, data,
+                            ARITHMETIC_TRAINING, progress)
+
+
+def _train_model(out: Path, name: str, config_name: str, config: dict, data: Path, training: list[str],
+                 progress: bool) -> Path:
+    """train.py --init-config out/config_name (beside tokenizer.model, where --init-config looks for it) on `data`,
+    installed as out/name, replacing any model there only once the new one is complete."""
     root = Path(__file__).resolve().parents[1]
-    config_path = out / "reference_config.json"  # beside tokenizer.model, where --init-config looks for it
-    config_path.write_text(json.dumps(REFERENCE_CONFIG, indent=2) + "\n", encoding="utf-8")
+    config_path = out / config_name
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     with tempfile.TemporaryDirectory(dir=out) as scratch:
         run = Path(scratch) / "run"
         command = [sys.executable, str(root / "train.py"), "--init-config", str(config_path),
-                   "--data", str(out / FILES["sft"]), "--out", str(run), *REFERENCE_TRAINING]
+                   "--data", str(data), "--out", str(run), *training]
         if not progress:
             command.append("--no-progress")
         subprocess.run(command, check=True, cwd=root)
-        target = out / "model"
+        target = out / name
         if target.exists():
             shutil.rmtree(target)
         (run / "model").rename(target)
@@ -112,6 +151,8 @@ def main(argv=None) -> int:
                                                                            f"{VOCAB_SIZE})")
     parser.add_argument("--train-model", action="store_true", help="also train the reference model from scratch "
                                                                     "into --out/model (about 15 minutes on 2 cores)")
+    parser.add_argument("--train-arithmetic-model", action="store_true",
+                        help="also train the best-of-N experiment's arithmetic model into --out/arithmetic_model")
     args = parser.parse_args(argv)
     try:
         paths = build_world(args.out, args.seed, args.k, args.k_other, args.vocab_size)
@@ -127,6 +168,12 @@ def main(argv=None) -> int:
             print(f"reference model: {train_reference_model(args.out)}")
         except subprocess.CalledProcessError as error:
             print(f"build_world: training the reference model failed (exit {error.returncode})", file=sys.stderr)
+            return 1
+    if args.train_arithmetic_model:
+        try:
+            print(f"arithmetic model: {train_arithmetic_model(args.out)}")
+        except subprocess.CalledProcessError as error:
+            print(f"build_world: training the arithmetic model failed (exit {error.returncode})", file=sys.stderr)
             return 1
     return 0
 
