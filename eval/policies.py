@@ -56,10 +56,11 @@ def finished_run_matches(out: Path, argv: list[str]) -> bool:
             {k: v for k, v in wanted.items() if k not in IGNORED})
 
 
-def load_policy(run_dir=None, device=None, dtype=None):
-    """(model, tokenizer): the world's reference model, with the adapter of `run_dir` if given."""
-    model = load_pretrained(MODEL_DIR, dtype=dtype, device=device)
+def load_policy(run_dir=None, device=None, dtype=None, model_dir=MODEL_DIR):
+    """(model, tokenizer): the reference model in `model_dir` (the world's by default), with the adapter of
+    `run_dir` if given."""
+    model = load_pretrained(model_dir, dtype=dtype, device=device)
     if run_dir is not None:
         load_adapter(model, Path(run_dir) / "adapter")
     model.eval()
-    return model, Tokenizer(MODEL_DIR / "tokenizer.model")
+    return model, Tokenizer(Path(model_dir) / "tokenizer.model")
