@@ -71,13 +71,18 @@ class LoRALinear(nn.Module):
         if self.disabled:
             return out
         if x.dtype == self.lora_A.weight.dtype:  # a float32 base: nothing to cast, autograd keeps x itself
-            update = self.lora_B(self.lora_A(self.lora_dropout(x)))  # (..., r) -> (..., out), float32
+            u = self.lora_A(self.lora_dropout(x))  # (..., r)
+            # out += scaling * u B^T inside the GEMM (beta = 1): no (..., out) temporaries for the scale and the sum,
+            # which at a small D cost as much as the rank-r GEMM itself. In place is safe: F.linear's backward
+            # needs x and W, never its output.
+            return out.view(-1, self.out_features).addmm_(u.reshape(-1, self.rank), self.lora_B.weight.T,
+                                                          alpha=self.scaling).view(out.shape)
         else:  # a bf16 base: the same float32 math, keeping x (not a float32 copy of it) for the backward pass
             keep = None
             if self.training and self.dropout_p > 0:
                 keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.dropout_p)  # (..., in)
             update = _LoRABranch.apply(x, self.lora_A.weight, self.lora_B.weight, keep, 1 / (1 - self.dropout_p))
-        return out + (self.scaling * update).to(out.dtype)
+            return out + (self.scaling * update).to(out.dtype)
 
     def merged_weight(self) -> torch.Tensor:
         """W0 + (alpha / r) B A, summed in float32 and cast back to W0's dtype ([out, in])."""

@@ -11,34 +11,33 @@ once per row. Each row splits into
     prefix        tokens 0 .. L - 2 of its prompt            [P, Tp]   once per prompt
     continuation  tokens L - 1 .. len - 1 (last prompt token, response, EOS)   [R, Tr]   once per row
 
-and, in every layer, the continuation's queries attend to the keys and values of its prompt's prefix (gathered
-with `index_select` over P) followed by its own:
+and, in every layer, the continuation's queries attend to the keys and values of its prompt's prefix followed by
+its own:
 
-    K_r = [K_prefix[response_prompt[r]], K_continuation[r]]                     (R, nkv, Tp + Tr, hd)
-    allowed(q, k) = 0 <= pos(q) - pos(k) < sliding_window,  and k is not prefix padding
+    K_r = [K_prefix[response_prompt[r]], K_continuation[r]]                     (1, nkv, L_r - 1 + n_r, hd)
+    allowed(q, k) = 0 <= pos(q) - pos(k) < sliding_window
 
 with absolute positions pos (the continuation of row r starts at L_r - 1, which is also where its RoPE
-angles start), so the mask is models/mistral.py's `attention_mask` plus one validity term. Everything else
-(RMSNorm, GQA, SwiGLU, LoRA) is the same module code the unshared forward runs.
+angles start), so the mask is models/mistral.py's `attention_mask`. Everything else (RMSNorm, GQA, SwiGLU,
+LoRA) is the same module code the unshared forward runs.
 
-Backward: `index_select`'s gradient is an index_add over P, so the gradients of every response of a prompt
-reach its one prefix computation and sum there, which is what the unshared path computes by summing over the
-rows' duplicated prefixes. Log-probs and gradients are therefore equal to the unshared path's up to floating-
-point summation order (tests/test_spl_prefix.py compares them tensor by tensor in float64).
+Backward: each row's keys are a view of its prompt's one prefix computation, so the gradients of every response
+of a prompt reach it and sum there, which is what the unshared path computes by summing over the rows'
+duplicated prefixes. Log-probs and gradients are therefore equal to the unshared path's up to floating-point
+summation order (tests/test_spl_prefix.py compares them tensor by tensor in float64).
 
-Padding: prefixes and continuations are each right-padded to their longest, and a batch's prompt and response
-lengths vary independently, so those layouts are far from dense (a third or more padding on HH-RLHF-shaped
-pairs, even with length grouping, which sorts by the whole row). Only attention needs the padded layout, so
-everything else runs on the packed real tokens (`Packing`): the norms, the seven projections and the MLP never
-see a pad position, and attention enters and leaves the [B, heads, T, hd] layout by an index_copy and an
-index_select per layer. Plain SDPA then computes the padded scores, masked (a varlen kernel would skip them,
-but CPU PyTorch has none; at D = 512 and a few hundred tokens they are a small part of a layer's FLOPs).
+Padding: none is computed. A batch's prompt and response lengths vary independently, so any rectangular layout
+of them is far from dense (a third or more padding on HH-RLHF-shaped pairs, even with length grouping, which
+sorts by the whole row). Norms, projections and MLPs act on each token alone, so they run on the packed real
+tokens (`Packing`); attention runs one sequence at a time on its slice of them (its own length, its prefix's
+keys: variable-length attention in plain PyTorch, one SDPA call per prompt and per row and layer, which on CPU
+costs less than the padded scores it avoids).
 
-What it saves: the prefix's projections, MLPs and attention run P times instead of R times (each pair's
-prompt once instead of twice; a group of K responses once instead of K times), and no projection or MLP runs
-on padding; what it adds: the gathered prefix K/V (R copies of nkv x Tp x hd per layer, small beside the
-hidden states under GQA), the pad/unpad copies, and an explicit boolean mask instead of SDPA's built-in causal
-one. eval/bench_prefix.py measures the step.
+What it saves: the prefix's projections, MLPs and attention run P times instead of R times (each pair's prompt
+once instead of twice; a group of K responses once instead of K times), nothing runs on padding, and the last
+layer computes only keys and values on the prefix (no target is predicted from a prefix position); what it
+adds: each row's copy of its prefix's keys and values in every layer (under GQA small beside the hidden
+states) and an explicit boolean mask per row. eval/bench_prefix.py measures the step.
 LoRA dropout draws its mask per computed token, so with dropout > 0 the two paths sample different masks;
 the prefix then shares one draw across its responses (equal in distribution, not token for token).
 """
@@ -48,7 +47,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from models.mistral import attention_mask, rope_cos_sin
+from models.mistral import apply_rope, attention_mask, rope_cos_sin
 from spl.logprobs import sequence_logprobs
 
 
@@ -105,100 +104,129 @@ def split_shared_prefix(batch) -> dict[str, torch.Tensor]:
 
 
 class Packing:
-    """The real tokens of a right-padded [B, T] layout, in order: `index` [N] of their flat positions in B * T.
+    """The real tokens of a right-padded [B, T] layout, in order: `index` [N] of their flat positions in B * T, and
+    `lengths`, each sequence's count of them (so sequence b is the slice of packed tokens after sequences 0..b-1).
 
-    Norms, projections and MLPs act on each token alone, so they run on the N packed tokens [1, N, D] and never on
-    padding; only attention needs the [B, heads, T, hd] layout, which `pad` and `unpad` enter and leave (an
-    index_copy and an index_select, whose backward passes are each other)."""
+    Norms, projections and MLPs act on each token alone, so they run on the N packed tokens [1, N, D]; attention
+    runs sequence by sequence on slices of them (`split`): no position of padding is computed anywhere."""
 
     def __init__(self, lengths, T: int):
         self.B, self.T = lengths.shape[0], T
         real = torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
         self.index = real.flatten().nonzero().squeeze(1)  # (N,)
+        self.lengths = lengths.tolist()  # [B] Python ints
 
     def pack(self, padded):
         """[B, T, ...] -> [N, ...]"""
         return padded.flatten(0, 1).index_select(0, self.index)
 
-    def pad(self, t):
-        """Heads of packed tokens (1, h, N, hd) -> (B, h, T, hd), zeros at padding."""
-        _, heads, _, head_dim = t.shape
-        flat = t.new_zeros(self.B * self.T, heads, head_dim).index_copy(0, self.index, t[0].transpose(0, 1))
-        return flat.view(self.B, self.T, heads, head_dim).transpose(1, 2)
-
-    def unpad(self, y):
-        """(B, h, T, hd) -> (N, h * hd): the packed tokens' attention outputs, heads concatenated."""
-        return y.transpose(1, 2).reshape(self.B * self.T, -1).index_select(0, self.index)
+    def split(self, t):
+        """Heads of packed tokens (1, h, N, hd) -> B views (1, h, n_b, hd), one per sequence."""
+        return t.split(self.lengths, dim=2)
 
 
-def _packed_block(block, x, cos, sin, packing, mask, past_k=None, past_v=None):
-    """models.mistral.Block.forward on packed tokens x [1, N, D] with RoPE tables cos, sin [N, hd], attending (in
-    the padded layout) to keys and values past_k, past_v [B, nkv, Tpast, hd] before the sequence's own.
-    Returns x [1, N, D] and the sequence's own k, v [B, nkv, T, hd]."""
+def sequence_masks(starts: list[int], lengths: list[int], window: int | None, device) -> list:
+    """Each sequence's attention mask: its n queries sit at positions start .. start + n - 1 and see the keys at
+    0 .. start + n - 1 (its prefix's `start`, then its own): bool [n, start + n] from models/mistral.py's
+    `attention_mask`, or None where that is plain causal attention (nothing before it and no window shorter than
+    it), which SDPA computes with its fused causal kernel."""
+    masks = []
+    for start, n in zip(starts, lengths):
+        if start == 0 and (window is None or n <= window):
+            masks.append(None)
+        else:
+            masks.append(attention_mask(torch.arange(start, start + n, device=device),
+                                        torch.arange(start + n, device=device), window))  # (n, start + n)
+    return masks
+
+
+def _attention(q, k, v, packing, masks, past=None):
+    """Attention of every sequence on its own slice of the packed tokens, q (1, nh, N, hd), k, v (1, nkv, N, hd)
+    -> (N, nh * hd), heads concatenated. Sequence b attends to past[0][b], past[1][b] (its prefix's keys and
+    values, (1, nkv, start_b, hd) each; no past: none) followed by its own, under masks[b] (`sequence_masks`)."""
+    outputs = []
+    for b, (q_b, k_b, v_b) in enumerate(zip(packing.split(q), packing.split(k), packing.split(v))):
+        if q_b.shape[2] == 0:  # an empty sequence (a one-token prompt has no prefix)
+            continue
+        if past is not None:
+            k_b, v_b = torch.cat([past[0][b], k_b], 2), torch.cat([past[1][b], v_b], 2)  # (1, nkv, start + n, hd)
+        if masks[b] is None:
+            y = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True, enable_gqa=True)  # (1, nh, n, hd)
+        else:
+            y = F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=masks[b], enable_gqa=True)  # (1, nh, n, hd)
+        outputs.append(y)
+    y = torch.cat(outputs, 2)  # (1, nh, N, hd)
+    return y[0].transpose(0, 1).reshape(y.shape[2], -1)  # (N, nh * hd)
+
+
+def _packed_block(block, x, cos, sin, packing, masks, past=None):
+    """models.mistral.Block.forward on packed tokens x [1, N, D] with RoPE tables cos, sin [N, hd], each sequence
+    attending to its `past` keys and values (`_attention`) before its own. Returns x [1, N, D] and the packed
+    tokens' own k, v (1, nkv, N, hd)."""
     attn = block.self_attn
     q, k, v = attn.project(block.input_layernorm(x), cos, sin)  # (1, nh, N, hd), (1, nkv, N, hd), (1, nkv, N, hd)
-    q, k, v = packing.pad(q), packing.pad(k), packing.pad(v)  # (B, nh, T, hd), (B, nkv, T, hd), (B, nkv, T, hd)
-    keys, values = (k, v) if past_k is None else (torch.cat([past_k, k], 2), torch.cat([past_v, v], 2))
-    if mask is None:  # full causal attention with nothing before: SDPA's fused causal kernel
-        y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
-    else:
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hd)
-    x = x + attn.o_proj(packing.unpad(y))[None]  # (1, N, D)
+    x = x + attn.o_proj(_attention(q, k, v, packing, masks, past))[None]  # (1, N, D)
     return x + block.mlp(block.post_attention_layernorm(x)), k, v
+
+
+def _packed_keys_values(block, x, cos, sin):
+    """Only the keys and values of a block's input x [1, N, D] (the last layer's prefix: the continuations read
+    them, and nothing reads its queries, attention output or MLP): k, v (1, nkv, N, hd), RoPE applied to k,
+    the values `_packed_block` returns."""
+    attn = block.self_attn
+    h = block.input_layernorm(x)  # (1, N, D)
+    k = attn.k_proj(h).view(1, -1, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (1, nkv, N, hd)
+    v = attn.v_proj(h).view(1, -1, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (1, nkv, N, hd)
+    return apply_rope(k, cos, sin), v
 
 
 def shared_prefix_hidden_states(model, split):
     """Final-norm hidden states [R, Tr, D] of every row's continuation (zeros at padding), each prefix computed
-    once, no norm, projection or MLP computed on padding. `split` is `split_shared_prefix`'s dict. Equal to
+    once, nothing computed on padding. `split` is `split_shared_prefix`'s dict. Equal to
     `model.hidden_states(prompt + response)` at those positions (module docstring)."""
     config = model.config
-    window = config.sliding_window
     checkpointing = model.gradient_checkpointing and model.training and torch.is_grad_enabled()
     prefix_ids, continuation_ids = split["prefix_ids"], split["continuation_ids"]  # (P, Tp), (R, Tr)
     start, response_prompt = split["continuation_start"], split["response_prompt"]  # (R,), (R,)
     device = continuation_ids.device
 
-    def run(block, *args):
+    def run(function, block, *args):
         if checkpointing:
-            return torch.utils.checkpoint.checkpoint(_packed_block, block, *args, use_reentrant=False)
-        return _packed_block(block, *args)
+            return torch.utils.checkpoint.checkpoint(function, block, *args, use_reentrant=False)
+        return function(block, *args)
 
     def rope(positions):  # (N,) -> cos, sin (N, hd)
         return rope_cos_sin(positions, config.head_dim, config.rope_theta, model.embed_tokens.weight.dtype)
 
-    # 1. The P prefixes, as models/mistral.py's hidden_states runs them, keeping each layer's keys and values.
+    # 1. The P prefixes, each a sequence from position 0, keeping each layer's keys and values per prompt.
     P, Tp = prefix_ids.shape
-    prefix_kv = []
+    prefix_kv = []  # per layer: (keys, values), each P views (1, nkv, L_p - 1, hd)
     if Tp > 0:
         packing = Packing(split["prefix_lengths"], Tp)
-        positions = torch.arange(Tp, device=device)  # (Tp,)
-        cos, sin = rope(packing.pack(positions.expand(P, Tp)))  # (Np, hd)
-        mask = None if window is None or Tp <= window else attention_mask(positions, positions, window)  # (Tp, Tp)
+        cos, sin = rope(packing.pack(torch.arange(Tp, device=device).expand(P, Tp)))  # (Np, hd)
+        masks = sequence_masks([0] * P, packing.lengths, config.sliding_window, device)
         x = model.embed_tokens(packing.pack(prefix_ids))[None]  # (1, Np, D)
-        for block in model.layers:
-            x, k, v = run(block, x, cos, sin, packing, mask)  # k, v: (P, nkv, Tp, hd)
-            prefix_kv.append((k, v))
-        # The prefixes' own final hidden states are not needed: no target is predicted from them.
+        for block in model.layers[:-1]:
+            x, k, v = run(_packed_block, block, x, cos, sin, packing, masks)  # k, v: (1, nkv, Np, hd)
+            prefix_kv.append((packing.split(k), packing.split(v)))
+        # No target is predicted from a prefix position, so its last layer's output is never read: only that
+        # layer's keys and values are (its queries, attention, o_proj and MLP are skipped on every prefix token).
+        k, v = run(_packed_keys_values, model.layers[-1], x, cos, sin)
+        prefix_kv.append((packing.split(k), packing.split(v)))
 
-    # 2. The R continuations, attending to their prompt's prefix keys and values and to their own.
+    # 2. The R continuations, each attending to its prompt's prefix keys and values and then to its own.
     R, Tr = continuation_ids.shape
     packing = Packing(split["continuation_lengths"], Tr)
-    query_positions = start[:, None] + torch.arange(Tr, device=device)  # (R, Tr)
-    cos, sin = rope(packing.pack(query_positions))  # (Nc, hd)
-    prefix_positions = torch.arange(Tp, device=device).expand(R, Tp)  # (R, Tp)
-    key_positions = torch.cat([prefix_positions, query_positions], 1)  # (R, Tp + Tr)
-    key_real = torch.cat([prefix_positions < start[:, None],
-                          torch.ones(R, Tr, dtype=torch.bool, device=device)], 1)  # (R, Tp + Tr)
-    mask = attention_mask(query_positions, key_positions, window) & key_real[:, None, :]  # (R, Tr, Tp + Tr)
-    mask = mask[:, None]  # (R, 1, Tr, Tp + Tr): broadcast over heads
+    cos, sin = rope(packing.pack(start[:, None] + torch.arange(Tr, device=device)))  # (Nc, hd)
+    masks = sequence_masks(start.tolist(), packing.lengths, config.sliding_window, device)
+    prompt_of_row = response_prompt.tolist()
     x = model.embed_tokens(packing.pack(continuation_ids))[None]  # (1, Nc, D)
     for layer, block in enumerate(model.layers):
+        past = None  # every prompt a single token (e.g. BOS): nothing before the continuations
         if prefix_kv:
-            prefix_k, prefix_v = prefix_kv[layer]  # (P, nkv, Tp, hd)
-            past = (prefix_k.index_select(0, response_prompt), prefix_v.index_select(0, response_prompt))  # (R, ...)
-        else:  # every prompt is a single token (e.g. BOS): nothing before the continuation
-            past = (None, None)
-        x, _, _ = run(block, x, cos, sin, packing, mask, *past)  # (1, Nc, D)
+            keys, values = prefix_kv[layer]
+            past = ([keys[p] for p in prompt_of_row], [values[p] for p in prompt_of_row])  # R views each
+        x, _, _ = run(_packed_block, block, x, cos, sin, packing, masks, past)  # (1, Nc, D)
     hidden = model.norm(x)[0]  # (Nc, D)
     return hidden.new_zeros(R * Tr, hidden.shape[-1]).index_copy(0, packing.index, hidden).view(R, Tr, -1)
 

@@ -142,8 +142,8 @@ def test_split_computes_each_prompt_once_and_each_response_token_once():
 
 def test_every_real_token_goes_through_the_mlp_once_and_no_padding_does(tiny_model):
     """Invariant (counted with forward hooks): per layer, the MLP sees sum over prompts of (L - 1) prefix tokens
-    plus sum over rows of (len - L + 1) continuation tokens, i.e. each prompt once and no pad position, where
-    the unshared forward sees R x T positions."""
+    (but the last layer, whose prefix output nothing reads) plus sum over rows of (len - L + 1) continuation
+    tokens, i.e. each prompt once and no pad position, where the unshared forward sees R x T positions."""
     model = tiny_model(seed=5, sliding_window=4)
     seen = []
     hooks = [block.mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[:-1].numel()))
@@ -156,7 +156,7 @@ def test_every_real_token_goes_through_the_mlp_once_and_no_padding_does(tiny_mod
     prompt_lengths = {int(p): int(n) for p, n in zip(batch["response_prompt"], batch["prompt_lengths"])}
     prefix_tokens = sum(n - 1 for n in prompt_lengths.values())  # 8 + 0 + 5 + 12
     continuation_tokens = int((batch["attention_mask"].sum(-1) - batch["prompt_lengths"] + 1).sum())
-    assert seen == [prefix_tokens] * 2 + [continuation_tokens] * 2  # two layers: prefixes first, then rows
+    assert seen == [prefix_tokens] + [continuation_tokens] * 2  # two layers: prefixes (one), then rows (both)
     assert prefix_tokens + continuation_tokens < batch["input_ids"].numel()
 
 
