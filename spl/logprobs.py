@@ -18,9 +18,9 @@ is frozen (a LoRA run's lm_head) the forward pass computes it chunk by chunk and
 scale: no logits are kept and no [V, D] buffer is allocated. When `weight` requires grad, the backward
 pass recomputes each chunk's logits from the saved log-sum-exp and accumulates both gradients.
 
-Memory: one float32 [C, V] logits buffer, reused by every chunk and overwritten in place by the softmax
-gradient, is the only vocabulary-sized allocation (C = 256, V = 32000: 33 MB; eager logsumexp adds a second,
-transient one), plus the [N, D] saved gradient. Larger C means faster GEMMs and more memory
+Memory: one float32 [C, V] logits buffer, reused by every chunk and overwritten in place by the softmax's
+numerators exp(z - max z) (one exp per logit), is the only vocabulary-sized allocation (C = 256, V = 32000:
+33 MB), plus the [N, D] saved gradient. Larger C means faster GEMMs and more memory
 (eval/bench_logprobs.py measures both).
 
 The pure per-chunk math after each GEMM is torch.compiled (two fused kernels, the token dimension dynamic,
@@ -70,10 +70,15 @@ def _chunk_logits(hidden, weight, out):
     return out.copy_(hidden @ weight.T)  # [C, V]: a bfloat16 GEMM, its output upcast
 
 
-def _logprobs_from_logits(logits, targets):
-    """-> (logp [C], lse [C]): log softmax(z)[target] = z[target] - logsumexp(z). One read-only pass."""
-    lse = logits.logsumexp(dim=-1)  # [C]
-    return logits.gather(1, targets[:, None]).squeeze(1) - lse, lse
+def _softmax_numerators_(logits, targets):
+    """-> (logp [C], lse [C], total [C]), overwriting logits z [C, V] with e = exp(z - max z), whose row sums are
+    `total`: lse = logsumexp(z) = max z + log total, logp = log softmax(z)[target] = z[target] - lse, and
+    softmax(z) = e / total. One exp per logit (logsumexp and then softmax would take two); in place."""
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)  # [C], read before the overwrite
+    top = logits.amax(dim=-1)  # [C]
+    total = logits.sub_(top[:, None]).exp_().sum(dim=-1)  # [C]  e = exp(z - max z) in logits' buffer
+    lse = top + total.log()  # [C]
+    return target_logits - lse, lse, total
 
 
 def _scaled_neg_probs_(logits, lse, scale):
@@ -137,7 +142,7 @@ def _forward_only(hidden, weight, positions, targets, chunk_size, compile):
     for start in range(0, positions.shape[0], chunk_size):
         chunk = slice(start, start + chunk_size)
         logits = _chunk_logits(hidden.index_select(0, positions[chunk]), weight, logits_buffer)  # [C, V]
-        token_logps[chunk] = _call(_logprobs_from_logits, compile, logits, targets[chunk])[0]
+        token_logps[chunk] = _call(_softmax_numerators_, compile, logits, targets[chunk])[0]
     return token_logps
 
 
@@ -156,11 +161,12 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         for start in range(0, num_tokens, chunk_size):
             chunk = slice(start, start + chunk_size)
             logits = _chunk_logits(hidden.index_select(0, positions[chunk]), weight, logits_buffer)  # [C, V]
-            token_logps[chunk], lse[chunk] = _call(_logprobs_from_logits, compile, logits, targets[chunk])
-            if precompute:  # d logp / d h = W^T (onehot - p): the only GEMM the backward pass would need
-                ones = torch.ones_like(lse[chunk])  # [C]
-                grad_logits = _chunk_grad_logits_(logits, lse[chunk], targets[chunk], ones, compile)  # [C, V]
-                token_grads[chunk] = grad_logits.to(weight.dtype) @ weight  # [C, D]
+            token_logps[chunk], lse[chunk], total = _call(_softmax_numerators_, compile, logits, targets[chunk])
+            if precompute:  # d logp / d h = W^T (onehot - p) = W[target] - (e @ W) / total: the only GEMM the
+                # backward pass would need, on e = exp(z - max z) as it lies in the buffer (p = e / total)
+                accumulate = torch.promote_types(weight.dtype, torch.float32)  # bfloat16's GEMM output: float32
+                expected = (logits.to(weight.dtype) @ weight).to(accumulate) / total[:, None]  # [C, D]  p @ W
+                token_grads[chunk] = weight.index_select(0, targets[chunk]).to(accumulate) - expected  # [C, D]
         ctx.chunk_size, ctx.compile, ctx.num_rows = chunk_size, compile, hidden.shape[0]
         if precompute:
             ctx.save_for_backward(positions, token_grads)

@@ -205,7 +205,7 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch):
     hidden, weight, targets, mask = make_batch()
     hidden, weight = hidden.float(), weight.float()
     eager = sequence_logprobs(hidden, weight, targets, mask, chunk_size=CHUNK, compile=False)
-    broken_kernels = {logprobs._logprobs_from_logits: broken, logprobs._scaled_neg_probs_: broken}
+    broken_kernels = {logprobs._softmax_numerators_: broken, logprobs._scaled_neg_probs_: broken}
     monkeypatch.setattr(logprobs, "_COMPILED", broken_kernels)
     monkeypatch.setattr(logprobs, "_compile_failed", False)
     monkeypatch.setenv("SPL_NO_COMPILE", "1")
