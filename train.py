@@ -525,7 +525,7 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
             lr = learning_rate(step, total_steps, c.warmup_steps, c.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             sums, units, tokens = accumulate_gradients(step_loss, batches, trainable, c, procs, device)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), c.max_grad_norm))
             if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
@@ -538,7 +538,8 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
             optimizer.zero_grad(set_to_none=True)
             step_s = time.perf_counter() - started
             record = {"step": step + 1, **{k: v / units for k, v in sums.items()}, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens / step_s, "step_s": step_s}
+                      "tokens_per_s": tokens / step_s, "step_s": step_s,
+                      "step_cpu_s": time.process_time() - started_cpu}  # this process's CPU seconds, all threads
             if (step + 1) % c.log_every == 0 or step + 1 == total_steps:
                 log.write(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)

@@ -20,9 +20,18 @@ draws it) with sequential sampling. Printed per side: wall time of the whole pro
 steps; spl's reference pass and TRL's precompute are shown apart), tokens per second of training (non-pad tokens
 of the 16 rows of each step, counted the same way for both), and peak extra memory (the process's peak resident
 set minus its resident set after its imports, before the model is loaded); then the ratios spl / TRL, and the
-first step's loss and mean log-probs of chosen and rejected from both. At step 0 the LoRA B matrices are zero on
-both sides, so the two compute the same function of the same tokens: the figures must agree whenever the
-tokens agree, which is checked pair by pair (TRL tokenises prompt + response as one string, spl each segment
+first step's loss and mean log-probs of chosen and rejected from both.
+
+Training time is, for spl, the sum of train.py's `step_s` (each step from fetching and collating its batch to
+the optimizer's update), for TRL the wall time of `trainer.train()` (its loop: the same work plus its data
+loader, logging and end-of-training bookkeeping; the per-step sum from a callback, which leaves out collation, is
+printed beside it as "the steps alone"). Each side's CPU time over the same span (`time.process_time`, all of the
+process's threads) is printed too: on a machine shared with other jobs, a process waits for a core for part of
+its wall time, differently in every run, while its CPU time barely moves, so the CPU-time ratio is the steadier
+estimate of what the wall-time ratio is on an idle machine.
+
+At step 0 the LoRA B matrices are zero on both sides, so the two compute the same function of the same tokens:
+the first step's figures must agree whenever the tokens agree, which is checked pair by pair (TRL tokenises prompt + response as one string, spl each segment
 on its own; with ASCII text and sentencepiece's whitespace split they coincide).
 """
 import argparse
@@ -168,9 +177,28 @@ def run_spl(workdir: Path, args) -> dict:
     steps = [r for r in records if "loss" in r and "step" in r]
     training_s = sum(r["step_s"] for r in steps)  # train.py's own timing of each optimizer step
     first = steps[0]
-    return {"training_s": training_s, "setup_s": total_s - training_s, "baseline_kb": baseline_kb,
+    return {"training_s": training_s, "training_cpu_s": sum(r["step_cpu_s"] for r in steps),
+            "steps_s": training_s, "setup_s": total_s - training_s, "baseline_kb": baseline_kb,
             "peak_kb": resident_kb("VmHWM"), "loss": first["loss"], "logps_chosen": first["logps_chosen"],
             "logps_rejected": first["logps_rejected"], "steps": len(steps)}
+
+
+def StepTimes():
+    """A transformers TrainerCallback timing each optimizer step from its on_step_begin to its on_step_end (the
+    forward, backward and update; the batch is fetched and collated before on_step_begin): `seconds`, a list."""
+    import transformers
+
+    class _StepTimes(transformers.TrainerCallback):
+        def __init__(self):
+            self.seconds, self.started = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self.started)
+
+    return _StepTimes()
 
 
 def run_trl(workdir: Path, args, precompute: bool) -> dict:
@@ -198,17 +226,19 @@ def run_trl(workdir: Path, args, precompute: bool) -> dict:
         train_sampling_strategy="sequential", seed=0)
     lora = peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(TARGETS), bias="none",
                            task_type="CAUSAL_LM")
+    steps = StepTimes()
     trainer = trl.DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=lora)
+                             peft_config=lora, callbacks=[steps])
     setup_s = time.perf_counter() - start
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     trainer.train()
-    training_s = time.perf_counter() - start
+    training_s, training_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     logged = [entry for entry in trainer.state.log_history if "loss" in entry and "logps/chosen" in entry]
     trained = trainer.train_dataset
     tokens = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
               for p, c, r in zip(trained["prompt_ids"], trained["chosen_ids"], trained["rejected_ids"])]
-    return {"training_s": training_s, "setup_s": setup_s, "baseline_kb": baseline_kb, "peak_kb": resident_kb("VmHWM"),
+    return {"training_s": training_s, "training_cpu_s": training_cpu_s, "steps_s": sum(steps.seconds),
+            "setup_s": setup_s, "baseline_kb": baseline_kb, "peak_kb": resident_kb("VmHWM"),
             "loss": logged[0]["loss"], "logps_chosen": logged[0]["logps/chosen"],
             "logps_rejected": logged[0]["logps/rejected"], "steps": len(logged), "tokens": tokens}
 
@@ -247,8 +277,9 @@ def compare(workdir: Path, args) -> int:
         for side in order:
             record = run_child(side, workdir, args)
             runs[side].append(record)
-            print(f"  repeat {repeat + 1} {side}: wall {record['wall_s']:.1f} s, training {record['training_s']:.1f} s",
-                  flush=True)
+            print(f"  repeat {repeat + 1} {side}: wall {record['wall_s']:.1f} s, training {record['training_s']:.1f} s "
+                  f"(CPU {record['training_cpu_s']:.1f} s; the steps alone {record['steps_s']:.1f} s), load average "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
 
     def median(side, key):
         return statistics.median(r[key] for r in runs[side])
@@ -259,17 +290,20 @@ def compare(workdir: Path, args) -> int:
     print(f"\n{args.pairs} pairs, {args.steps} DPO steps of {args.batch_size} pairs, LoRA r=16 on {len(TARGETS)} "
           f"projections, D={args.dim}, {args.layers} layers, V=32000, float32, 1 thread per process, "
           f"{args.repeats} alternating repeat(s), medians; {tokens} training tokens")
-    print(f"{'side':<16}{'wall s':>9}{'training s':>12}{'setup s':>9}{'tokens/s':>10}{'peak extra MB':>15}")
+    print(f"{'side':<16}{'wall s':>9}{'training s':>12}{'training CPU s':>16}{'setup s':>9}{'tokens/s':>10}"
+          f"{'peak extra MB':>15}")
     for side in args.sides:
         extra = statistics.median(extra_mb(r) for r in runs[side])
         print(f"{side:<16}{median(side, 'wall_s'):>9.1f}{median(side, 'training_s'):>12.1f}"
-              f"{median(side, 'setup_s'):>9.1f}{tokens / median(side, 'training_s'):>10.0f}{extra:>15.0f}")
+              f"{median(side, 'training_cpu_s'):>16.1f}{median(side, 'setup_s'):>9.1f}"
+              f"{tokens / median(side, 'training_s'):>10.0f}{extra:>15.0f}")
     if "spl" in runs:
         for other in (s for s in args.sides if s != "spl"):
             spl_extra = statistics.median(extra_mb(r) for r in runs["spl"])
             other_extra = statistics.median(extra_mb(r) for r in runs[other])
             print(f"spl / {other}: wall {median('spl', 'wall_s') / median(other, 'wall_s'):.2f}x, training "
-                  f"{median('spl', 'training_s') / median(other, 'training_s'):.2f}x (target <= 0.2x), peak extra "
+                  f"{median('spl', 'training_s') / median(other, 'training_s'):.2f}x (target <= 0.2x; CPU time "
+                  f"{median('spl', 'training_cpu_s') / median(other, 'training_cpu_s'):.2f}x), peak extra "
                   f"memory {spl_extra / other_extra:.2f}x (target <= 0.3x)")
     print("first step (before any update; means over the batch's pairs):")
     for side in args.sides:

@@ -67,21 +67,22 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x):
-        out = F.linear(x, self.weight)  # (..., out), base dtype
         if self.disabled:
-            return out
+            return F.linear(x, self.weight)  # (..., out), base dtype
         if x.dtype == self.lora_A.weight.dtype:  # a float32 base: nothing to cast, autograd keeps x itself
-            u = self.lora_A(self.lora_dropout(x))  # (..., r)
-            # out += scaling * u B^T inside the GEMM (beta = 1): no (..., out) temporaries for the scale and the sum,
+            flat = x.reshape(-1, self.in_features)  # (N, in)
+            u = self.lora_A(self.lora_dropout(flat))  # (N, r)
+            # out += scaling * u B^T inside the GEMM (beta = 1): no (N, out) temporaries for the scale and the sum,
             # which at a small D cost as much as the rank-r GEMM itself. In place is safe: F.linear's backward
-            # needs x and W, never its output.
-            return out.view(-1, self.out_features).addmm_(u.reshape(-1, self.rank), self.lora_B.weight.T,
-                                                          alpha=self.scaling).view(out.shape)
+            # needs x and W, never its output (a fresh 2-D tensor, not a view, whose in-place backward would copy).
+            out = F.linear(flat, self.weight).addmm_(u, self.lora_B.weight.T, alpha=self.scaling)  # (N, out)
+            return out.view(*x.shape[:-1], self.out_features)
         else:  # a bf16 base: the same float32 math, keeping x (not a float32 copy of it) for the backward pass
             keep = None
             if self.training and self.dropout_p > 0:
                 keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.dropout_p)  # (..., in)
             update = _LoRABranch.apply(x, self.lora_A.weight, self.lora_B.weight, keep, 1 / (1 - self.dropout_p))
+            out = F.linear(x, self.weight)  # (..., out), base dtype
             return out + (self.scaling * update).to(out.dtype)
 
     def merged_weight(self) -> torch.Tensor:
