@@ -30,9 +30,10 @@ A training step (train.py --loss spl-online): sample K completions per prompt fr
 temperature 1 with no filtering (the expectation is over pi itself), with models/generate.py's KV cache; score
 them under the policy (with grad) and the reference (LoRA off, no grad); reward them; minimise
 `rloo_loss`, whose gradient is -g, or by default (`--online-exact`) `exact_candidates_loss`, the same expectation
-with each prompt's data responses (on the world: its options) summed exactly and only the other text sampled. A completion that reaches max_new_tokens without EOS is the outcome
-"these first max_new_tokens tokens": its probability is the product of its tokens', so the outcomes still
-form one distribution and the estimator stays unbiased for the truncated problem.
+with each prompt's data responses (on the world: its options) summed exactly and only the other text sampled.
+A completion that reaches max_new_tokens without EOS is the outcome "these first max_new_tokens tokens": its
+probability is the product of its tokens', so the outcomes still form one distribution and the estimator stays
+unbiased for the truncated problem.
 
 Rewards: `WorldReward` is the embedded world's exact one (log p of an option, the population's Bradley-Terry
 score, and a floor for any other text); `RewardModelReward` wraps a reward model trained by
