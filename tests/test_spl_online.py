@@ -405,7 +405,7 @@ def online_args(out, *extra):
 def test_train_spl_online_on_the_world_resumes_bit_identically(tmp_path):
     """Invariant: 4 uninterrupted steps vs. the same command rolled back to its step-2 checkpoint and resumed
     (sampling draws from the global RNG, which the checkpoint restores). The metrics log has every step's
-    online metrics, and the world report is written."""
+    online metrics, and the world report is written, with the full-space option mass as an interval (alpha > beta)."""
     import json
     import shutil
 
@@ -428,6 +428,8 @@ def test_train_spl_online_on_the_world_resumes_bit_identically(tmp_path):
         assert all(math.isfinite(r[key]) for r in records), key
     report = json.loads((full / "report.json").read_text())
     assert len(report["questions"]) == 30 and "reward_floor" in report
+    low, high = report["mean_closed_form_option_mass"]  # alpha != beta: the interval the bounds on W give
+    assert 0 <= low <= high <= 1 and report["mean_abs_option_mass_error"] >= 0
 
 
 def test_train_spl_online_under_torchrun(tmp_path):
