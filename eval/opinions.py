@@ -14,10 +14,10 @@ distance between learned and closed form.
 What the loss does not determine is the option mass, sum_j pi(y_j | x): the probability the policy keeps on the
 options at all. Every term of the loss is a difference of log-probabilities of two options of one prompt, so
 moving all of them by the same amount changes nothing the loss sees, and in practice training lowers them all
-("likelihood displacement", Razin et al. 2024; DPO does it too): the main job's policy keeps far less mass on
-the options than the reference (README, The main job), so sampled freely it mostly writes text outside them
-while its normalised distribution matches the closed form. The report gives the mass of both, so the normalised figures are never
-read as more than they are.
+("likelihood displacement", Razin et al. 2024; DPO does it too): trained on the plain loss, a policy keeps far
+less mass on the options than the reference, so sampled freely it mostly writes text outside them while its
+normalised distribution matches the closed form (the main job's option-mass anchor holds the mass; README, The
+main job). The report gives the mass of both, so the normalised figures are never read as more than they are.
 """
 from __future__ import annotations
 
