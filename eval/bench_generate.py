@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+# torch, transformers and our models are imported inside the functions that use them: --help answers without
+# loading torch, and transformers (a benchmark-only dependency) is imported only to build the HF checkpoint.
 
 WORLD_SHAPE = dict(vocab_size=2000, hidden_size=192, num_hidden_layers=4, num_attention_heads=6,
                    num_key_value_heads=2, head_dim=32, intermediate_size=512)

@@ -51,6 +51,8 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from eval.measure import resident_kb  # noqa: E402  (after the path line above)
 from models.lora import TARGET_NAMES as TARGETS  # noqa: E402  all seven projections
+# torch, the TRL stack and spl's training modules are imported inside each side's function: every side runs in its
+# own process and imports only its own stack, so the resident set it measures from counts its own imports alone.
 
 SIDES = ("spl", "trl", "trl-precompute")
 WORDS = ("the a of to and in is it you that he was for on are with as I his they be at one have this from or had by "

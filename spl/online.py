@@ -43,16 +43,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from data.sft import SequenceExample, collate_sequences
+from models import load_adapter, load_pretrained
 from models.generate import decode_n_tokens, prefill, sample_token
 from models.lora import disable_lora, lora_modules
 from models.mistral import KVCache
 from spl.step import RewardHead, policy_logprobs, reward_scores
+from spl.theory import full_space_option_mass, off_option_weight_bounds
 
 # The floor: the exact reward of any text that is not one of a question's options. log p of the options ranges
 # over [log 0.05, log 0.8]; text no rater picks would have log 0 = -inf, which has no finite optimum, so a finite
@@ -330,10 +334,6 @@ class RewardModelReward:
 
     @classmethod
     def load(cls, run_dir, base_model_dir, pad_id: int, device=None, dtype=None) -> "RewardModelReward":
-        from safetensors.torch import load_file
-
-        from models import load_adapter, load_pretrained
-
         run_dir = Path(run_dir)
         head_path = run_dir / "adapter" / "reward_head.safetensors"
         if not head_path.is_file():
@@ -456,8 +456,6 @@ def online_step_function(model, prompts: list[OnlinePrompt], reward, alpha: floa
     `online_step`'s loss (exact_candidates: the prompts' scored candidates, from with_candidate_rewards, summed
     exactly). The batch's attention_mask becomes the trained rows' mask, so the loop's tokens/s counts the tokens
     trained on per second of the whole step (sampling included); generation has its own."""
-    import time
-
     def step(batch):
         index = batch["prompt_index"].tolist()
         started = time.perf_counter()
@@ -482,8 +480,6 @@ def add_full_space_mass(report: dict, floor: float, log_num_texts: float, alpha:
     (spl.theory.full_space_option_mass, from the reference model's own option probabilities) beside the learned
     mass, per question and on average: for alpha = beta exactly; otherwise the interval its bounds on W over at
     most N = exp(log_num_texts) texts give (off_option_weight_bounds), the error being the distance from it."""
-    from spl.theory import full_space_option_mass, off_option_weight_bounds
-
     report = dict(report, reward_floor=floor)
     errors = []
     for row in report["questions"]:
