@@ -28,8 +28,8 @@ from pathlib import Path
 
 import sentencepiece
 
-from data.world import DEFAULT_DIR, FILES, generate_world, load_world, world_files
-from data.world_arithmetic import arithmetic_model_sft
+from data.world import DEFAULT_DIR, FILES, generate_world, load_world, preference_records, world_files
+from data.world_arithmetic import ARITHMETIC_MODEL_DIR, arithmetic_model_sft, sampled_arithmetic_groups
 
 VOCAB_SIZE = 2000
 CHAT_MARKERS = ("▁[INST]", "▁[/INST]")
@@ -57,6 +57,11 @@ ARITHMETIC_SFT_PER_LEVEL = {1: 6000, 2: 6000, 3: 6000, 4: 3000, 5: 2000}
 ARITHMETIC_TRAINING = ["--loss", "sft", "--lora-rank", "0", "--lr", "3e-3", "--steps", "2800", "--batch-size", "32",
                        "--warmup-steps", "50", "--max-length", "128", "--max-prompt-length", "64", "--seed", "0",
                        "--threads", "1", "--log-every", "100"]
+
+# Its preference pairs: each training problem's correct solutions against what the model itself gets wrong, from
+# ARITHMETIC_PAIR_SAMPLES samples per problem at temperature 1 (the paper's math setting: correct vs incorrect).
+ARITHMETIC_PAIRS = "arithmetic_model_pairs_soft.jsonl"
+ARITHMETIC_PAIR_SAMPLES = 8
 
 
 def tokenizer_corpus(sft_records) -> list[str]:
@@ -118,6 +123,33 @@ def train_arithmetic_model(out=DEFAULT_DIR, progress: bool = True) -> Path:
                             ARITHMETIC_TRAINING, progress)
 
 
+def write_arithmetic_model_pairs(out=DEFAULT_DIR, model_dir=None, seed: int = 0) -> Path:
+    """Sample the arithmetic model ARITHMETIC_PAIR_SAMPLES times on each training problem (one thread, seeded,
+    so deterministic) and write the correct-against-incorrect pairs of `sampled_arithmetic_groups` as soft pairs
+    (chosen_prob 1 / (1 + incorrect weight)) into out/ARITHMETIC_PAIRS."""
+    import torch  # here, not at the top: building the world itself needs no torch
+
+    from models import Tokenizer, load_pretrained
+    from models.generate import sample_completions
+
+    out = Path(out)
+    model_dir = Path(model_dir or out / ARITHMETIC_MODEL_DIR.name)
+    world = load_world(out)
+    torch.set_num_threads(1)
+    model, tokenizer = load_pretrained(model_dir).eval(), Tokenizer(model_dir / "tokenizer.model")
+    generator = torch.Generator().manual_seed(seed)
+    samples = {}
+    for problem in (p for p in world.arithmetic if p.split == "train"):
+        completions = sample_completions(model, tokenizer, [problem.prompt], ARITHMETIC_PAIR_SAMPLES, 112, 1.0,
+                                         chat=True, generator=generator)
+        samples[problem.id] = [c.text for c in completions]
+    records = [r for r in preference_records(sampled_arithmetic_groups(world.arithmetic, samples), "soft")
+               if r["chosen_prob"] > 0.5]  # indifferent pairs (two correct, or two wrong) would only flatten
+    path = out / ARITHMETIC_PAIRS
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
 def _train_model(out: Path, name: str, config_name: str, config: dict, data: Path, training: list[str],
                  progress: bool) -> Path:
     """train.py --init-config out/config_name (beside tokenizer.model, where --init-config looks for it) on `data`,
@@ -152,8 +184,14 @@ def main(argv=None) -> int:
     parser.add_argument("--train-model", action="store_true", help="also train the reference model from scratch "
                                                                     "into --out/model (about 15 minutes on 2 cores)")
     parser.add_argument("--train-arithmetic-model", action="store_true",
-                        help="also train the best-of-N experiment's arithmetic model into --out/arithmetic_model")
+                        help="also train the best-of-N experiment's arithmetic model into --out/arithmetic_model "
+                             f"and sample its preference pairs ({ARITHMETIC_PAIRS})")
+    parser.add_argument("--arithmetic-pairs", action="store_true",
+                        help=f"only (re)sample the arithmetic model's preference pairs ({ARITHMETIC_PAIRS})")
     args = parser.parse_args(argv)
+    if args.arithmetic_pairs:
+        print(f"arithmetic model's preference pairs: {write_arithmetic_model_pairs(args.out)}")
+        return 0
     try:
         paths = build_world(args.out, args.seed, args.k, args.k_other, args.vocab_size)
     except (ValueError, OSError) as error:
@@ -172,6 +210,7 @@ def main(argv=None) -> int:
     if args.train_arithmetic_model:
         try:
             print(f"arithmetic model: {train_arithmetic_model(args.out)}")
+            print(f"its preference pairs: {write_arithmetic_model_pairs(args.out)}")
         except subprocess.CalledProcessError as error:
             print(f"build_world: training the arithmetic model failed (exit {error.returncode})", file=sys.stderr)
             return 1

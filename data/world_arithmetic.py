@@ -226,3 +226,20 @@ def arithmetic_model_sft(problems, rng: random.Random, per_level: dict) -> list[
     records = arithmetic_sft(drawn, rng)
     rng.shuffle(records)
     return records
+
+
+def sampled_arithmetic_groups(problems, samples: dict, incorrect_weight: float = SLIP_WEIGHT[1]) -> list:
+    """Correct against incorrect, as a verifier would judge, for the arithmetic model's preference pairs: per
+    training problem, its correct solutions in every strategy and the distinct texts the model sampled for it
+    (samples: problem id -> texts), p ∝ 1 for a correct final answer and incorrect_weight for a wrong or missing
+    one; so raters prefer a correct solution with probability 1 / (1 + incorrect_weight) and are indifferent
+    between two correct (or two wrong) ones."""
+    groups = []
+    for problem in problems:
+        if problem.split != "train":
+            continue
+        candidates = list(dict.fromkeys([*problem.solutions.values(), *samples.get(problem.id, ())]))
+        weights = [1.0 if check_answer(problem, text) else incorrect_weight for text in candidates]
+        groups.append(PreferenceGroup(problem.id, problem.prompt, tuple(candidates),
+                                      tuple(w / sum(weights) for w in weights)))
+    return groups

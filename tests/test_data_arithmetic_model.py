@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from data.build_world import ARITHMETIC_CONFIG, ARITHMETIC_SFT_PER_LEVEL
+from data.build_world import ARITHMETIC_CONFIG, ARITHMETIC_PAIRS, ARITHMETIC_SFT_PER_LEVEL
 from data.world import load_world
-from data.world_arithmetic import ARITHMETIC_MODEL_DIR, arithmetic_model_sft
+from data.world_arithmetic import ARITHMETIC_MODEL_DIR, arithmetic_model_sft, sampled_arithmetic_groups
 
 PROMPT = re.compile(r"What is (\d+) ([+*]) (\d+)(?: \+ (\d+))?\?")
 ANSWER = re.compile(r"#### (\d+)$")
@@ -60,3 +60,34 @@ def test_shipped_model_is_the_built_configuration_with_the_worlds_tokenizer(worl
     assert (ARITHMETIC_MODEL_DIR / "tokenizer.model").read_bytes() == world.files["tokenizer"].read_bytes()
     assert (ARITHMETIC_MODEL_DIR / "model.safetensors").stat().st_size < 6_000_000  # a few MB in the repository
     assert sum(ARITHMETIC_SFT_PER_LEVEL.values()) > 0 and set(ARITHMETIC_SFT_PER_LEVEL) == {1, 2, 3, 4, 5}
+
+
+def test_sampled_groups_by_hand(world):
+    """One training problem: its correct solutions, then the samples not already among them, in order; weights
+    1 (correct) and 0.05 (wrong or no answer), normalised: with two correct solutions, two distinct wrong samples
+    and one repeat of a correct solution, p = (1, 1, 0.05, 0.05) / 2.1."""
+    problem = next(p for p in world.arithmetic if p.split == "train" and p.level == 2 and len(p.solutions) == 2)
+    right = list(problem.solutions.values())
+    wrong = [f"#### {problem.answer + 1}", "no answer"]
+    groups = sampled_arithmetic_groups([problem], {problem.id: [wrong[0], right[1], wrong[1], wrong[0]]})
+    assert len(groups) == 1 and groups[0].candidates == (*right, *wrong)
+    assert groups[0].population == pytest.approx((1 / 2.1, 1 / 2.1, 0.05 / 2.1, 0.05 / 2.1), abs=1e-15)
+    held_out = next(p for p in world.arithmetic if p.split == "test")
+    assert sampled_arithmetic_groups([held_out], {}) == []  # held-out problems never get pairs
+
+
+def test_committed_pairs_are_correct_against_incorrect(world):
+    """Every pair in the shipped file: a training problem's prompt, a chosen text whose final answer is right and
+    a rejected one whose is not (oracle: the regex and Python's arithmetic above), chosen_prob 1 / 1.05."""
+    lines = (ARITHMETIC_MODEL_DIR.parent / ARITHMETIC_PAIRS).read_text(encoding="utf-8").splitlines()
+    train = {p.prompt for p in world.arithmetic if p.split == "train"}
+    levels = Counter()
+    for record in map(json.loads, lines):
+        level, answer = level_and_answer(record["prompt"])
+        levels[level] += 1
+        assert record["prompt"] in train
+        found = [ANSWER.search(record[key]) for key in ("chosen", "rejected")]
+        assert found[0] and int(found[0].group(1)) == answer
+        assert not (found[1] and int(found[1].group(1)) == answer)
+        assert record["chosen_prob"] == pytest.approx(1 / 1.05, abs=1e-12)
+    assert set(levels) == {1, 2, 3, 4, 5}
