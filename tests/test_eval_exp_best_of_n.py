@@ -82,7 +82,7 @@ def test_outputs_and_table_structure(quick_run):
     experiment = quick_run["experiment"]
     assert experiment["ks"] == KS and set(experiment["runs"]) == {"dpo", "spl-1.2"}
     assert experiment["levels"] == [1, 2, 3] and experiment["problems_per_level"] == exp.QUICK["problems"]
-    assert experiment["model"].endswith("arithmetic_model")
+    assert experiment["model"].endswith("arithmetic_model") and experiment["pairs"] == "model"
 
 
 def test_problem_counts_recomputed_from_samples(quick_run):
@@ -175,3 +175,6 @@ def test_bad_arguments_fail_at_start(tmp_path, capsys):
     with pytest.raises(SystemExit):
         exp.main(["--levels", "1,6", "--out", str(tmp_path)])
     assert "--levels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        exp.main(["--anchor", "-1", "--out", str(tmp_path)])
+    assert "--anchor must be >= 0" in capsys.readouterr().err
