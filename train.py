@@ -65,7 +65,7 @@ from eval.opinions import format_report, world_report
 from models import (CheckpointError, ConfigError, MistralConfig, Tokenizer, add_lora, build_model, load_pretrained,
                     save_pretrained)
 from models.chat_format import FORMATS as CHAT_FORMATS
-from models.lora import TARGET_NAMES, resolve_targets
+from models.lora import HEAD_TARGET, TARGET_NAMES, resolve_targets
 from models.peft import save_adapter
 from models.tokenizer import check_vocabulary, describe_format
 from spl import runs
@@ -90,8 +90,10 @@ PRESETS = {
 OWN_MODEL_PRESET = "paper-chat"  # what --model without --preset starts from (TrainConfig's defaults suit the world)
 # The main job (no --model, --init-config or --data: the world's opinion pairs) also keeps the probability on the
 # options: whole prompts per batch and the option-mass anchor (spl/losses.py anchored_spl_loss), values chosen by
-# measurement (README "The main job"). Any option given on the command line wins; other data keep the plain loss.
-WORLD_MAIN_JOB = dict(anchor=0.1, prompts_per_batch=15, steps=200)
+# measurement (README "The main job"), and LoRA on the output head too: the frozen head bounds how far apart two
+# options' logits can go (eval/output_gap.py), which DPO's peaked optima need. Any option given on the command line
+# wins; other data keep the plain loss.
+WORLD_MAIN_JOB = dict(anchor=0.1, prompts_per_batch=15, steps=200, lora_targets=[*TARGET_NAMES, HEAD_TARGET])
 
 # What --resume may change; every other option must equal the run's config.json (spl/runs.check_resumed_config).
 # How far to train (--steps/--epochs: extend a run, as one raises HF Trainer's max_steps when resuming from a
@@ -218,7 +220,8 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
                     "max_prompt_length"):
             kind = int
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"default {getattr(defaults, name)}")
-    p.add_argument("--lora-targets", help=f"comma-separated, or all-linear (default {','.join(TARGET_NAMES)})")
+    p.add_argument("--lora-targets", help=f"comma-separated, or all-linear; {HEAD_TARGET} adds the output head "
+                   f"(default {','.join(TARGET_NAMES)}; the main job adds {HEAD_TARGET})")
     p.add_argument("--group-by-length", action="store_true")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=defaults.dtype,
                    help="bfloat16: frozen weights in bf16, LoRA and optimizer state in float32")
@@ -369,6 +372,8 @@ def validate_combinations(c: TrainConfig, world_size: int) -> None:
         fail("--anchor needs each prompt's responses in one batch: give --prompts-per-batch N (or --anchor 0)")
     if c.prompts_per_batch and c.loss not in PREFERENCE_LOSSES:
         fail(f"--prompts-per-batch groups preference pairs; --loss {c.loss} takes --batch-size")
+    if c.lora_rank and c.lora_dropout and HEAD_TARGET in c.lora_targets:
+        fail(f"--lora-targets {HEAD_TARGET} needs --lora-dropout 0 (the fused log-probs use the head's merged weight)")
     if c.fsdp and c.lora_rank == 0:
         fail("--fsdp shards the frozen weights of a LoRA run: give --lora-rank > 0")
     if c.chat_format is not None and c.chat_format not in CHAT_FORMATS:

@@ -35,6 +35,10 @@ import torch.nn.functional as F
 from models.checkpoint import CheckpointError, raise_key_problems
 
 TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The output head is a target too when named (PEFT's `target_modules=[..., "lm_head"]`), never in "all-linear"
+# (PEFT's rule). The fused log-probs (spl/logprobs.py) read the head's weight outside its forward: they take
+# `output_weight(model)`, the merged W0 + (alpha / r) B A while the branch is on, the base weight otherwise.
+HEAD_TARGET = "lm_head"
 
 
 class AdapterError(CheckpointError):
@@ -145,12 +149,13 @@ def resolve_targets(targets) -> tuple[str, ...]:
     if isinstance(targets, str):
         targets = TARGET_NAMES if targets == "all-linear" else (targets,)
     targets = tuple(targets)
-    unknown = sorted({t for t in targets if t not in TARGET_NAMES})
+    valid = (*TARGET_NAMES, HEAD_TARGET)
+    unknown = sorted({t for t in targets if t not in valid})
     if unknown:
-        raise ValueError(f"unknown LoRA target(s) {unknown}; valid targets are {list(TARGET_NAMES)} or 'all-linear'")
+        raise ValueError(f"unknown LoRA target(s) {unknown}; valid targets are {list(valid)} or 'all-linear'")
     if not targets:
-        raise ValueError(f"no LoRA targets given; choose from {list(TARGET_NAMES)} or 'all-linear'")
-    return tuple(t for t in TARGET_NAMES if t in targets)  # canonical order, duplicates dropped
+        raise ValueError(f"no LoRA targets given; choose from {list(valid)} or 'all-linear'")
+    return tuple(t for t in valid if t in targets)  # canonical order, duplicates dropped
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -168,6 +173,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, ta
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"add_lora: dropout must be in [0, 1), got {dropout!r}")
     targets = resolve_targets(targets)
+    if HEAD_TARGET in targets and dropout:
+        raise ValueError(f"add_lora: target {HEAD_TARGET} needs dropout 0 (the fused log-probs use its merged "
+                         f"weight, which has no dropout), got {dropout!r}")
     if lora_modules(model):
         raise ValueError("add_lora: the model already has LoRA layers (merge_lora or load a fresh model first)")
     chosen = [(name, module) for name, module in model.named_modules()
@@ -223,6 +231,15 @@ def merge_lora(model: nn.Module):
     return model
 
 
+def output_weight(model: nn.Module) -> torch.Tensor:
+    """The output head's weight [V, D] as the model's forward applies it: W0 + (alpha / r) B A (differentiable in A
+    and B) when the head is a LoRA target and its branch is on, else the head's own weight."""
+    head = model.lm_head
+    if isinstance(head, LoRALinear) and not head.disabled:
+        return head.merged_weight()  # (V, D) base dtype
+    return head.weight
+
+
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable adapter parameters (A and B of every LoRA layer), for the optimizer."""
     return [p for module in lora_modules(model).values() for p in (module.lora_A.weight, module.lora_B.weight)]
@@ -254,5 +271,5 @@ def load_lora_state_dict(model: nn.Module, state: dict, source: str = "state dic
     return model
 
 
-__all__ = ["LoRALinear", "AdapterError", "TARGET_NAMES", "resolve_targets", "add_lora", "disable_lora", "merge_lora",
+__all__ = ["LoRALinear", "AdapterError", "TARGET_NAMES", "HEAD_TARGET", "output_weight", "resolve_targets", "add_lora", "disable_lora", "merge_lora",
            "lora_modules", "lora_parameters", "lora_state_dict", "load_lora_state_dict"]

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from models.lora import output_weight
 from models.mistral import apply_rope, attention_mask, rope_cos_sin
 from spl.logprobs import sequence_logprobs
 
@@ -236,7 +237,7 @@ def shared_prefix_logprobs(model, batch, *, average: bool = False, compile=None)
     prompt of the batch computed once."""
     split = split_shared_prefix(batch)
     hidden = shared_prefix_hidden_states(model, split)  # (R, Tr, D)
-    return sequence_logprobs(hidden, model.lm_head.weight, split["continuation_targets"],
+    return sequence_logprobs(hidden, output_weight(model), split["continuation_targets"],
                              split["continuation_loss_mask"], average=average, compile=compile)  # (R,)
 
 

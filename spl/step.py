@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from models.lora import disable_lora, lora_modules
+from models.lora import disable_lora, lora_modules, output_weight
 from data.batching import row_values
 from spl import losses as L
 from spl.logprobs import sequence_logprobs
@@ -61,7 +61,7 @@ def policy_logprobs(model, batch, *, average: bool = False, compile=None, shared
     if shared_prefix:
         return shared_prefix_logprobs(model, batch, average=average, compile=compile)  # (rows,)
     hidden = model.hidden_states(batch["input_ids"])  # (rows, T, D)
-    return sequence_logprobs(hidden, model.lm_head.weight, batch["targets"], batch["loss_mask"],
+    return sequence_logprobs(hidden, output_weight(model), batch["targets"], batch["loss_mask"],
                              average=average, compile=compile)  # (rows,)
 
 

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from models.lora import TARGET_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -274,9 +275,11 @@ def test_main_job_keeps_the_option_mass_and_other_runs_keep_the_papers_loss():
     assert (world.anchor, world.prompts_per_batch) == (train.WORLD_MAIN_JOB["anchor"],
                                                        train.WORLD_MAIN_JOB["prompts_per_batch"])
     assert world.anchor > 0 and world.prompts_per_batch > 0
+    assert world.lora_targets == [*TARGET_NAMES, "lm_head"]  # the output head too (README, The main job)
     for argv in (["--model", "some/dir"], ["--data", "x.jsonl"], ["--loss", "ipo"]):
         other = train.parse_args(argv)
         assert (other.anchor, other.prompts_per_batch) == (0.0, 0), argv
+        assert "lm_head" not in other.lora_targets, argv
     assert train.parse_args(["--anchor", "0"]).anchor == 0.0
     asked = train.parse_args(["--model", "some/dir", "--anchor", "0.5", "--prompts-per-batch", "4"])
     assert (asked.anchor, asked.prompts_per_batch) == (0.5, 4)
@@ -287,6 +290,7 @@ def test_main_job_keeps_the_option_mass_and_other_runs_keep_the_papers_loss():
     (("--anchor", "-1", "--prompts-per-batch", "2"), "must be >= 0"),
     (("--prompts-per-batch", "3"), "positive multiple of --grad-accum (2)"),
     (("--prompts-per-batch", "2", "--loss", "sft"), "--prompts-per-batch groups preference pairs"),
+    (("--lora-targets", "q_proj,lm_head", "--lora-dropout", "0.1"), "--lora-targets lm_head needs --lora-dropout 0"),
 ])
 def test_bad_anchor_options_exit_with_one_line(tiny, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
