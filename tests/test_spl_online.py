@@ -50,16 +50,23 @@ def exact_tabular_gradient(theta, ref, reward, alpha, beta):
     return theta.grad
 
 
+def tabular_problem():
+    """The tabular test problem: logits, a reference distribution and rewards over 6 outcomes, seeded, with the
+    generator the draws continue from."""
+    generator = torch.Generator().manual_seed(0)
+    theta = torch.randn(6, dtype=torch.float64, generator=generator)
+    ref = torch.softmax(torch.randn(6, dtype=torch.float64, generator=generator), -1)
+    reward = torch.randn(6, dtype=torch.float64, generator=generator)
+    return generator, theta, ref, reward
+
+
 @pytest.mark.parametrize("alpha, beta, k", [(0.3, 0.1, 2), (0.3, 0.1, 4), (0.1, 0.1, 8), (1.0, 0.0, 3)])
 def test_rloo_gradient_is_unbiased_on_a_tabular_policy(alpha, beta, k):
     """pi = softmax(theta) over 6 outcomes. Averaged over M = 40000 draws of K samples, the RLOO estimate is
     within 4.5 standard errors (its own, from the M per-draw gradients) of grad J computed exactly, in every
     coordinate. The same criterion rejects the estimator that forgets the entropy term's place in the soft reward
     (plain RLOO on r + beta log pi_ref), so it has the power to see a bias of that size."""
-    generator = torch.Generator().manual_seed(0)
-    theta = torch.randn(6, dtype=torch.float64, generator=generator)
-    ref = torch.softmax(torch.randn(6, dtype=torch.float64, generator=generator), -1)
-    reward = torch.randn(6, dtype=torch.float64, generator=generator)
+    generator, theta, ref, reward = tabular_problem()
     exact = exact_tabular_gradient(theta, ref, reward, alpha, beta)  # (N,)
     draws = 40_000
     grads = per_draw_gradients(theta, ref, reward, alpha, beta, draws, k, generator)  # (M, N)
@@ -100,10 +107,7 @@ def test_exact_candidates_gradient_is_unbiased_and_less_noisy(alpha, beta, k):
     coordinate (K = 1 included: its baseline needs no other sample), and for K >= 2 its per-draw spread is below
     RLOO's with the same K, which is what it is for. The exact part alone (no samples) is
     biased by the missing rest: the criterion sees it."""
-    generator = torch.Generator().manual_seed(0)
-    theta = torch.randn(6, dtype=torch.float64, generator=generator)
-    ref = torch.softmax(torch.randn(6, dtype=torch.float64, generator=generator), -1)
-    reward = torch.randn(6, dtype=torch.float64, generator=generator)
+    generator, theta, ref, reward = tabular_problem()
     exact = exact_tabular_gradient(theta, ref, reward, alpha, beta)  # (N,)
     draws = 40_000
     grads = exact_candidates_draws(theta, ref, reward, alpha, beta, draws, k, generator, [0, 2, 3])  # (M, N)
