@@ -65,7 +65,7 @@ from eval.opinions import format_report, world_report
 from models import (CheckpointError, ConfigError, MistralConfig, Tokenizer, add_lora, build_model, load_pretrained,
                     save_pretrained)
 from models.chat_format import FORMATS as CHAT_FORMATS
-from models.lora import HEAD_TARGET, TARGET_NAMES, resolve_targets
+from models.lora import HEAD_TARGET, TARGET_NAMES, check_head_dropout, resolve_targets
 from models.peft import save_adapter
 from models.tokenizer import check_vocabulary, describe_format
 from spl import runs
@@ -372,8 +372,11 @@ def validate_combinations(c: TrainConfig, world_size: int) -> None:
         fail("--anchor needs each prompt's responses in one batch: give --prompts-per-batch N (or --anchor 0)")
     if c.prompts_per_batch and c.loss not in PREFERENCE_LOSSES:
         fail(f"--prompts-per-batch groups preference pairs; --loss {c.loss} takes --batch-size")
-    if c.lora_rank and c.lora_dropout and HEAD_TARGET in c.lora_targets:
-        fail(f"--lora-targets {HEAD_TARGET} needs --lora-dropout 0 (the fused log-probs use the head's merged weight)")
+    if c.lora_rank:
+        try:
+            check_head_dropout(c.lora_targets, c.lora_dropout, "--lora-targets", "--lora-dropout")  # add_lora's rule
+        except ValueError as error:
+            fail(str(error))
     if c.fsdp and c.lora_rank == 0:
         fail("--fsdp shards the frozen weights of a LoRA run: give --lora-rank > 0")
     if c.chat_format is not None and c.chat_format not in CHAT_FORMATS:

@@ -158,6 +158,15 @@ def resolve_targets(targets) -> tuple[str, ...]:
     return tuple(t for t in valid if t in targets)  # canonical order, duplicates dropped
 
 
+def check_head_dropout(targets, dropout, targets_name: str = "target", dropout_name: str = "dropout") -> None:
+    """The one rule for the output head: LoRA on lm_head needs dropout 0, since the fused log-probs use its merged
+    weight (`output_weight`), which has no dropout. ValueError naming the options as the caller calls them
+    (train.py's --lora-targets / --lora-dropout, add_lora's target / dropout)."""
+    if HEAD_TARGET in targets and dropout:
+        raise ValueError(f"{targets_name} {HEAD_TARGET} needs {dropout_name} 0 (the fused log-probs use its merged "
+                         f"weight, which has no dropout), got {dropout!r}")
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """{module name: LoRALinear} in module order, e.g. {"layers.0.self_attn.q_proj": ...}."""
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
@@ -173,9 +182,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, ta
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"add_lora: dropout must be in [0, 1), got {dropout!r}")
     targets = resolve_targets(targets)
-    if HEAD_TARGET in targets and dropout:
-        raise ValueError(f"add_lora: target {HEAD_TARGET} needs dropout 0 (the fused log-probs use its merged "
-                         f"weight, which has no dropout), got {dropout!r}")
+    check_head_dropout(targets, dropout, "add_lora: target", "dropout")
     if lora_modules(model):
         raise ValueError("add_lora: the model already has LoRA layers (merge_lora or load a fresh model first)")
     chosen = [(name, module) for name, module in model.named_modules()
@@ -271,5 +278,5 @@ def load_lora_state_dict(model: nn.Module, state: dict, source: str = "state dic
     return model
 
 
-__all__ = ["LoRALinear", "AdapterError", "TARGET_NAMES", "HEAD_TARGET", "output_weight", "resolve_targets", "add_lora", "disable_lora", "merge_lora",
+__all__ = ["LoRALinear", "AdapterError", "TARGET_NAMES", "HEAD_TARGET", "output_weight", "check_head_dropout", "resolve_targets", "add_lora", "disable_lora", "merge_lora",
            "lora_modules", "lora_parameters", "lora_state_dict", "load_lora_state_dict"]
