@@ -94,6 +94,11 @@ OWN_MODEL_PRESET = "paper-chat"  # what --model without --preset starts from (Tr
 # options' logits can go (eval/output_gap.py), which DPO's peaked optima need. Any option given on the command line
 # wins; other data keep the plain loss.
 WORLD_MAIN_JOB = dict(anchor=0.1, prompts_per_batch=15, steps=200, lora_targets=[*TARGET_NAMES, HEAD_TARGET])
+# Online SPL on the world (--loss spl-online, no --model, --init-config or --data): every question each step, K = 4
+# samples of each, the output head trainable as for the main job, and the step size and length that measured best
+# (README "Online SPL"; lr 1e-2 with the head oscillates). Any option given on the command line wins.
+WORLD_ONLINE_JOB = dict(batch_size=30, online_samples=4, lr=3e-3, warmup_steps=10, steps=200,
+                        lora_targets=[*TARGET_NAMES, HEAD_TARGET])
 
 # What --resume may change; every other option must equal the run's config.json (spl/runs.check_resumed_config).
 # How far to train (--steps/--epochs: extend a run, as one raises HF Trainer's max_steps when resuming from a
@@ -127,7 +132,9 @@ class TrainConfig:
     max_new_tokens: int = 16
     reward_floor: float | None = None  # None: online.noise_proof_floor (log 0.01, lowered for alpha > beta)
     reward_model: str | None = None
-    online_exact: bool = True  # sum over each prompt's data responses exactly, sample the rest (exact_candidates_loss)
+    # natural: each prompt's data responses summed exactly, in natural-gradient form, the rest sampled; exact: the
+    # same with the plain (unbiased) gradient; rloo: every text sampled (spl/online.py exact_candidates_loss)
+    online_estimator: str = "natural"
     anchor: float = Objective.anchor
     nll_weight: float = Objective.nll_weight
     dpop_lambda: float = Objective.dpop_lambda
@@ -198,8 +205,8 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
                    "(replaces --batch-size; each distinct response is scored once; default 0: batches of "
                    f"--batch-size pairs, the main job {WORLD_MAIN_JOB['prompts_per_batch']})")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's recipes (Appendix B.3 / C.4)")
-    p.add_argument("--online-samples", type=int, default=defaults.online_samples,
-                   help="spl-online: completions sampled per prompt per step, K >= 2 (the RLOO baseline)")
+    p.add_argument("--online-samples", type=int, help=f"spl-online: completions sampled per prompt per step, K >= 2 "
+                   f"(default {defaults.online_samples}; on the world {WORLD_ONLINE_JOB['online_samples']})")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
                    help="spl-online: length limit of a sampled completion")
     p.add_argument("--reward-floor", type=float, default=defaults.reward_floor,
@@ -209,10 +216,10 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
                    "(default: none, the reward model scores everything)")
     p.add_argument("--reward-model", help="spl-online: the run directory of a `--loss reward` run to score with "
                    "(default on the world: its exact reward)")
-    p.add_argument("--online-exact", action=argparse.BooleanOptionalAction, default=defaults.online_exact,
-                   help="spl-online: the data's responses of each prompt (the world's options) enter the gradient "
-                   "exactly, by their probability, and the samples only for the other text (spl/online.py "
-                   "exact_candidates_loss)")
+    p.add_argument("--online-estimator", choices=online.ESTIMATORS, default=defaults.online_estimator,
+                   help="spl-online's gradient: 'exact' sums each prompt's data responses exactly, samples the rest; "
+                   "'natural' (default): 'exact' moving each response by its advantage, not advantage x probability "
+                   "(natural policy gradient: same optimum, no slow escape from a wrong mode); 'rloo' samples all")
     for name in ("lora_rank", "lora_alpha", "lora_dropout", "lr", "weight_decay", "warmup_steps", "steps",
                  "epochs", "batch_size", "grad_accum", "max_grad_norm", "max_length", "max_prompt_length"):
         kind = {int: int, float: float}.get(type(getattr(defaults, name)), float)
@@ -268,6 +275,10 @@ def parse_args(argv=None) -> TrainConfig:
         values.update(PRESETS[args.preset])
     elif args.model is None and args.init_config is None and args.data is None and args.loss in ("spl", "dpo"):
         values.update(WORLD_MAIN_JOB)
+    elif args.model is None and args.init_config is None and args.data is None and args.loss == "spl-online":
+        values.update(WORLD_ONLINE_JOB)
+    if args.loss == "spl-online":  # samples must come from the pi that is differentiated: no LoRA dropout, even
+        values["lora_dropout"] = 0.0  # under a preset (paper-chat's 0.05); --lora-dropout given is still refused
     given = {k: v for k, v in vars(args).items() if v is not None}
     if "lora_targets" in given:
         targets = given.pop("lora_targets")
@@ -568,7 +579,8 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
 
     if c.save_every and (last_saved is None or not last_saved.name.endswith(f"{total_steps:06d}")):
         save(total_steps)
-    write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out, c, procs, device, reports)
+    write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out, c, procs, device, reports,
+                  reference[:2] if c.loss == "spl-online" else None)
     return 0
 
 
@@ -733,7 +745,7 @@ def online_batches(examples, tokenizer, c: TrainConfig, procs: Processes, device
     """--loss spl-online: (a seeded order of batches of the data's distinct prompts, what step_function needs:
     (prompts, reward, pad_id, end_of_turn_id))."""
     prompts, reward = online_prompts_and_reward(examples, tokenizer, c, device)
-    if c.online_exact:  # the responses the sampler can write, scored once
+    if c.online_estimator != "rloo":  # the responses the sampler can write, scored once
         prompts = online.with_candidate_rewards(prompts, reward, c.max_new_tokens, tokenizer.end_of_turn_id)
     batches = share_batches(PreferenceBatches(prompts, c.batch_size // c.grad_accum, tokenizer.pad_id,
                                               seed=c.seed, collate_fn=online.collate_prompts,
@@ -841,7 +853,8 @@ def step_function(c: TrainConfig, model, head, reference, compile):
     if c.loss == "spl-online":  # reference: (distinct prompts, reward, pad id, stop id); see spl/online.py
         prompts, reward, pad_id, eos_id = reference
         return online.online_step_function(model, prompts, reward, c.alpha, c.beta, c.online_samples,
-                                           c.max_new_tokens, pad_id, eos_id, c.online_exact, compile=compile)
+                                           c.max_new_tokens, pad_id, eos_id, c.online_estimator,
+                                           compile=compile)
     objective = Objective.from_config(c)
     ref_chosen_logps, ref_rejected_logps = reference
 
@@ -906,14 +919,17 @@ def report_coefficients(c: TrainConfig) -> tuple[float, float]:
 
 
 def write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out: Path, c: TrainConfig, procs: Processes,
-                  device, reports: bool) -> None:
+                  device, reports: bool, online_reward=None) -> None:
     """The adapter (PEFT format, plus the reward head) or the whole model (HF format), and on the world the
-    report comparing the learned policy with the closed-form optimum (report.json, printed)."""
+    report comparing the learned policy with the closed-form optimum (report.json, printed). online_reward:
+    spl-online's (prompts, reward), for the optimum a reward model implies."""
     report = None
     if reports and c.loss in ("spl", "dpo", "spl-online") and c.lora_rank:
         report = world_report(model, tokenizer, *report_coefficients(c), device)
         if c.loss == "spl-online" and c.reward_model is None:  # the full-space optimum's option mass
             report = online.add_full_space_mass(report, *world_floor(c, tokenizer.vocab_size), c.alpha, c.beta)
+        elif c.loss == "spl-online":  # how far the reward model alone moves the target
+            report = online.add_reward_optimum(report, online_reward[1], online_reward[0], tokenizer, c.alpha, c.beta)
     if not procs.main:
         return
     if c.lora_rank:
@@ -930,6 +946,8 @@ def write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out: Path, 
         print(format_report(report))
         if "mean_closed_form_option_mass" in report:
             print(online.format_full_space_mass(report))
+        if "mean_tv_reward_optimum_vs_closed_form" in report:
+            print(online.format_reward_optimum(report))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ every y, so the advantages and with them the estimator's variance vanish there.
 A training step (train.py --loss spl-online): sample K completions per prompt from the current policy at
 temperature 1 with no filtering (the expectation is over pi itself), with models/generate.py's KV cache; score
 them under the policy (with grad) and the reference (LoRA off, no grad); reward them; minimise
-`rloo_loss`, whose gradient is -g, or by default (`--online-exact`) `exact_candidates_loss`, the same expectation
-with each prompt's data responses (on the world: its options) summed exactly and only the other text sampled.
+`rloo_loss`, whose gradient is -g (`--online-estimator rloo`), or `exact_candidates_loss`, the same expectation
+with each prompt's data responses (on the world: its options) summed exactly and only the other text sampled
+(`exact`), by default in natural-gradient form over those responses (`natural`: natural_candidates_term, the
+same optimum without softmax policy gradient's slow escape from a wrong mode).
 A completion that reaches max_new_tokens without EOS is the outcome "these first max_new_tokens tokens": its
 probability is the product of its tokens', so the outcomes still form one distribution and the estimator stays
 unbiased for the truncated problem.
@@ -56,12 +58,15 @@ from models.generate import decode_n_tokens, prefill, sample_token
 from models.lora import disable_lora, lora_modules
 from models.mistral import KVCache
 from spl.step import RewardHead, policy_logprobs, reward_scores
-from spl.theory import full_space_option_mass, off_option_weight_bounds
+from spl.theory import full_space_option_mass, off_option_weight_bounds, optimal_policy_from_reward
 
 # The floor: the exact reward of any text that is not one of a question's options. log p of the options ranges
 # over [log 0.05, log 0.8]; text no rater picks would have log 0 = -inf, which has no finite optimum, so a finite
 # floor stands for it. Prop. A.2 gives the mass the optimum keeps off the options (spl.theory.full_space_optimum).
 DEFAULT_FLOOR = math.log(0.01)
+# The gradient estimators of train.py --online-estimator: exact_candidates_loss with natural=True, with
+# natural=False (unbiased for grad J), and rloo_loss.
+ESTIMATORS = ("natural", "exact", "rloo")
 
 
 def noise_proof_floor(alpha: float, beta: float, log_num_texts: float, floor: float = DEFAULT_FLOOR) -> float:
@@ -106,7 +111,8 @@ def rloo_loss(policy_logps, ref_logps, rewards, alpha: float, beta: float):
 
 
 def exact_candidates_loss(candidate_logps, candidate_ref_logps, candidate_rewards, candidate_mask,
-                          policy_logps, ref_logps, rewards, is_candidate, alpha: float, beta: float):
+                          policy_logps, ref_logps, rewards, is_candidate, alpha: float, beta: float,
+                          natural: bool = False):
     """RLOO's estimate with the sum over a known finite set C of each prompt's texts done exactly (a
     Rao-Blackwellisation: the samples' part on C replaced by its expectation). Splitting J = E_pi[s] over C and
     the rest R, with the -alpha E[grad log pi] terms of both parts cancelling as in the module docstring, and
@@ -124,6 +130,10 @@ def exact_candidates_loss(candidate_logps, candidate_ref_logps, candidate_reward
     R's samples, whose advantages are their deviations from R's mean. Samples in C contribute nothing. At the
     optimum s = alpha log Z everywhere (Prop. A.2), so every coefficient, and the variance, vanish there. A prompt
     without candidates keeps RLOO's leave-one-out baseline.
+
+    natural=True replaces the first term by its natural-gradient form (`natural_candidates_term`): the same
+    fixed point, without the factor pi(c) that traps a policy on the wrong candidate. The loss is then no longer
+    an unbiased estimate of -J's gradient but of a preconditioned one; the other two terms are unchanged.
 
     candidate_* [P, C] (padding where candidate_mask is False; candidate_logps with grad), the samples' policy_logps
     (with grad), ref_logps, rewards and is_candidate [P, K]. Returns (loss, the samples' soft rewards [P, K],
@@ -148,12 +158,40 @@ def exact_candidates_loss(candidate_logps, candidate_ref_logps, candidate_reward
         rest_baseline = torch.where(has_candidates[:, None], rest_baseline, rloo_baselines(soft))
     candidate_probs = masked_logps.exp()  # (P, C) pi(c), with grad; 0 on padding
     mass = candidate_probs.sum(-1)  # (P,) pi(C), with grad
-    exact_part = (candidate_probs * (candidate_soft - baseline)).sum(-1) \
-        + (baseline - rest_baseline).mean(-1) * mass  # (P,) sum_C grad pi (s - b) + (b - b_R) grad pi(C)
+    among = natural_candidates_term(masked_logps, candidate_soft, candidate_mask, mass.detach()) if natural \
+        else (candidate_probs * (candidate_soft - baseline)).sum(-1)  # (P,) grad: sum_C grad pi (s - b)
+    exact_part = among + (baseline - rest_baseline).mean(-1) * mass  # (P,) + (b - b_R) grad pi(C)
     advantages = (soft - rest_baseline).masked_fill(is_candidate, 0.0)  # (P, K) the samples in R only
     sampled_part = (advantages * policy_logps).mean(-1)  # (P,) grad: (1/K) sum_k 1{R} (s - b_R) grad log pi
     loss = -(exact_part + sampled_part).mean()
     return loss, soft, advantages, mass.detach()
+
+
+def natural_candidates_term(masked_logps, candidate_soft, candidate_mask, mass):
+    """The natural-gradient form of exact_candidates_loss's first term, sum_C grad pi(c) (s(c) - b) =
+    pi(C) sum_C pi(c|C) (s(c) - b) grad log pi(c|C): [P] whose gradient is
+
+        pi(C) / |C| * sum_{c in C} (s(c) - b_u) grad log pi(c),     b_u = mean_{c in C} s(c)   (uniform).
+
+    Why: in the candidates' logits z_c = log pi(c) (pi(c|C) = softmax(z)), the plain gradient is
+    pi(C) pi(c|C) (s(c) - b): a candidate the policy has nearly left is pushed back in proportion to its
+    probability, so softmax policy gradient escapes a wrong mode slowly (one LoRA shared by all prompts, whose
+    candidates share tokens, falls into such modes: README "Online SPL"). The Fisher matrix of pi(.|C) in z is
+    diag(pi) - pi pi^T, and its pseudo-inverse applied to that gradient is s - b_u up to a constant, which
+    moves every candidate by its own advantage whatever its probability (Kakade 2001's natural policy gradient;
+    Cen et al. 2021 show it converges linearly with an entropy bonus, where the plain gradient can take
+    exponentially long). Pulled back to the parameters by the chain rule, that is the sum above; weighting by
+    pi(C) / |C| keeps its size that of the plain term. Because sum_C (s - b_u) = 0, grad log pi(c) can be the
+    full-space log-prob: its grad log pi(C) part cancels, so this term moves no mass between C and the rest.
+
+    Fixed point: it vanishes where s(c) is the same for every candidate, r(c) - alpha log pi(c) +
+    beta log pi_ref(c) = const, which is pi(c|C) ∝ pi_ref^(beta/alpha) exp(r/alpha): Prop. A.1/A.2's optimum
+    over C, the plain gradient's fixed point too. masked_logps [P, C] (-inf on padding, with grad),
+    candidate_soft [P, C] (detached), candidate_mask [P, C], mass [P] (detached pi(C))."""
+    count = candidate_mask.sum(-1, keepdim=True).clamp(min=1)  # (P, 1) |C|
+    uniform_baseline = (candidate_soft * candidate_mask).sum(-1, keepdim=True) / count  # (P, 1) b_u
+    advantages = ((candidate_soft - uniform_baseline) * candidate_mask) * (mass[:, None] / count)  # (P, C)
+    return (advantages * masked_logps.masked_fill(~candidate_mask, 0.0)).sum(-1)  # (P,)
 
 
 # -------------------------------------------------------------------------------------------- sampling
@@ -251,7 +289,7 @@ class Candidates:
 
 
 def online_step(model, rollouts: Rollouts, rewards, alpha: float, beta: float, pad_id: int, eos_id: int, *,
-                candidates: Candidates | None = None, device=None, compile=None):
+                candidates: Candidates | None = None, natural: bool = False, device=None, compile=None):
     """One step's loss (with grad) and detached metrics, given the rollouts' rewards [P, K]: RLOO (rloo_loss),
     or with `candidates` the estimator that sums over them exactly (exact_candidates_loss); the candidates and
     the samples are scored in one batch, each distinct text once.
@@ -275,7 +313,7 @@ def online_step(model, rollouts: Rollouts, rewards, alpha: float, beta: float, p
         on = lambda x: x.to(policy.device)  # noqa: E731
         loss, soft, advantages, mass = exact_candidates_loss(
             policy[:, :width], ref[:, :width], on(candidates.rewards).to(policy.dtype), on(candidates.mask),
-            policy[:, width:], ref[:, width:], rewards, on(candidates.contains(rollouts)), alpha, beta)
+            policy[:, width:], ref[:, width:], rewards, on(candidates.contains(rollouts)), alpha, beta, natural)
         policy, ref = policy[:, width:], ref[:, width:]
         extra = {"candidate_mass": float(mass.mean())}
     lengths = rollouts.lengths()
@@ -449,22 +487,23 @@ def world_reward_for_prompts(questions, tokenizer, prompts: list[OnlinePrompt], 
 
 
 def online_step_function(model, prompts: list[OnlinePrompt], reward, alpha: float, beta: float, samples: int,
-                         max_new_tokens: int, pad_id: int, eos_id: int, exact_candidates: bool = False, device=None,
+                         max_new_tokens: int, pad_id: int, eos_id: int, estimator: str = "rloo", device=None,
                          compile=None):
     """train.py's micro-batch loss for --loss spl-online: batch (collate_prompts) -> (loss, metric sums over its
     prompts). Samples K completions per prompt with the current policy, rewards them, and returns
-    `online_step`'s loss (exact_candidates: the prompts' scored candidates, from with_candidate_rewards, summed
-    exactly). The batch's attention_mask becomes the trained rows' mask, so the loop's tokens/s counts the tokens
-    trained on per second of the whole step (sampling included); generation has its own."""
+    `online_step`'s loss by `estimator` (ESTIMATORS): "rloo" samples everything; "exact" and "natural" sum the
+    prompts' scored candidates (from with_candidate_rewards) exactly, "natural" in natural-gradient form. The
+    batch's attention_mask becomes the trained rows' mask, so the loop's tokens/s counts the tokens trained on per
+    second of the whole step (sampling included); generation has its own."""
     def step(batch):
         index = batch["prompt_index"].tolist()
         started = time.perf_counter()
         rollouts = sample_rollouts(model, [prompts[i].prompt_ids for i in index], samples, max_new_tokens, eos_id)
         generation_s = time.perf_counter() - started
         rewards = reward(index, rollouts)  # (P, K)
-        candidates = batch_candidates([prompts[i] for i in index]) if exact_candidates else None
+        candidates = None if estimator == "rloo" else batch_candidates([prompts[i] for i in index])
         loss, metrics = online_step(model, rollouts, rewards, alpha, beta, pad_id, eos_id, candidates=candidates,
-                                    device=device, compile=compile)
+                                    natural=estimator == "natural", device=device, compile=compile)
         generated = float(rollouts.lengths().sum())
         metrics |= {"generation_s": generation_s, "generation_tokens_per_s": generated / max(generation_s, 1e-9)}
         if isinstance(reward, WorldReward):
@@ -499,6 +538,38 @@ def add_full_space_mass(report: dict, floor: float, log_num_texts: float, alpha:
     report["mean_abs_option_mass_error"] = sum(errors) / len(errors)
     report["max_abs_option_mass_error"] = max(errors)
     return report
+
+
+def add_reward_optimum(report: dict, reward, prompts: list[OnlinePrompt], tokenizer, alpha: float, beta: float) -> dict:
+    """For a run scored by a learned reward on the world (--reward-model): per question the optimum that reward
+    implies over the options, pi_ref^(beta/alpha) exp(r_hat/alpha) (Prop. A.2 restricted to them,
+    `optimal_policy_from_reward`; a per-prompt constant in r_hat cancels), beside the true closed form. Its TV to
+    the closed form is what the reward model alone costs; the learned policy's TV to it is what training left.
+    The questions are matched to `prompts` (their data's distinct prompts) by their chat prompt's tokens."""
+    by_ids = {tuple(p.prompt_ids): p.index for p in prompts}
+    report = dict(report)
+    for row in report["questions"]:
+        ids = tokenizer.encode_prompt([{"role": "user", "content": row["prompt"]}])
+        options = [tokenizer.encode_response(option) for option in row["options"]]
+        scores = reward([by_ids[tuple(ids)]], Rollouts([ids], [options], None))[0]  # (K,) r_hat on the options
+        reference = torch.tensor(row["reference"], dtype=torch.float64)
+        optimum = optimal_policy_from_reward(reference, scores.to(torch.float64), alpha, beta)  # (K,)
+        closed_form, learned = (torch.tensor(row[k], dtype=torch.float64) for k in ("closed_form", "learned"))
+        row["reward_scores"], row["reward_optimum"] = scores.tolist(), optimum.tolist()
+        row["tv_reward_optimum_vs_closed_form"] = 0.5 * float((optimum - closed_form).abs().sum())
+        row["tv_learned_vs_reward_optimum"] = 0.5 * float((learned - optimum).abs().sum())
+    for key in ("tv_reward_optimum_vs_closed_form", "tv_learned_vs_reward_optimum"):
+        values = [row[key] for row in report["questions"]]
+        report[f"mean_{key}"], report[f"max_{key}"] = sum(values) / len(values), max(values)
+    return report
+
+
+def format_reward_optimum(report: dict) -> str:
+    """add_reward_optimum's summary line."""
+    mean, most = (report[f"{k}_tv_reward_optimum_vs_closed_form"] for k in ("mean", "max"))
+    learned, learned_most = (report[f"{k}_tv_learned_vs_reward_optimum"] for k in ("mean", "max"))
+    return (f"the reward's own optimum over the options is mean TV {mean:.4f} (max {most:.4f}) from the closed "
+            f"form; learned vs that optimum {learned:.4f} (max {learned_most:.4f})")
 
 
 def format_full_space_mass(report: dict) -> str:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from spl.online import (Candidates, RewardModelReward, Rollouts, WorldReward, exact_candidates_loss, is_outcome,
-                        online_step, rloo_baselines, rloo_loss, rollout_batch, sample_rollouts, sequence_logps)
+                        natural_candidates_term, online_step, rloo_baselines, rloo_loss, rollout_batch,
+                        sample_rollouts, sequence_logps)
 from spl.theory import full_space_option_mass, full_space_optimum, optimal_policy_from_reward, spl_objective
 
 
@@ -142,6 +143,81 @@ def test_exact_candidates_without_candidates_is_rloo():
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
     assert mass.tolist() == [0.0, 0.0]
     assert torch.autograd.grad(loss, candidates, allow_unused=True)[0].abs().max() == 0
+
+
+def candidates_field(theta, ref, reward, alpha, beta, candidates, natural):
+    """The ascent direction in theta of exact_candidates_loss's exact terms for a free softmax policy whose
+    every outcome is a candidate (so nothing is sampled: K = 1 sample, itself a candidate, adds nothing)."""
+    theta = theta.detach().clone().requires_grad_()
+    logps = theta.log_softmax(-1)
+    index = torch.tensor(candidates)
+    sample = index[:1]
+    loss, *_ = exact_candidates_loss(
+        logps[index][None], ref.log()[index][None], reward[index][None],
+        torch.ones(1, len(candidates), dtype=torch.bool),
+        logps[sample][None], ref.log()[sample][None], reward[sample][None], torch.ones(1, 1, dtype=torch.bool),
+        alpha, beta, natural)
+    (grad,) = torch.autograd.grad(-loss, theta)
+    return grad
+
+
+@pytest.mark.parametrize("alpha, beta", [(0.1, 0.1), (0.2, 0.1), (1.0, 0.1)])
+def test_natural_candidates_term_has_the_closed_form_as_its_fixed_point_and_ascends_eq4(alpha, beta):
+    """natural_candidates_term on the tabular problem, all 6 outcomes candidates. Oracles:
+    (1) at Prop. A.2's optimum pi* ∝ pi_ref^(beta/alpha) exp(r/alpha) the direction is 0 (the soft reward is
+        alpha log Z for every outcome), as the plain gradient's is;
+    (2) elsewhere it is an ascent direction of J: in the logits z, plain = pi (s - b) and natural = s - b_u,
+        whose inner product is sum_c pi_c (s_c - b)(s_c - b_u) = Var_pi(s) > 0 (as sum_c pi_c (s_c - b) = 0);
+    (3) at a uniform policy pi_c = 1/|C| the two coincide exactly (b_u = b and pi(C)/|C| = pi_c);
+    (4) in z the natural direction is s - mean(s) exactly, z = log pi (the derivation in its docstring)."""
+    _, theta, ref, reward = tabular_problem()
+    all_six = list(range(6))
+    optimum = optimal_policy_from_reward(ref, reward, alpha, beta)  # (6,)
+    at_optimum = candidates_field(optimum.log(), ref, reward, alpha, beta, all_six, natural=True)
+    torch.testing.assert_close(at_optimum, torch.zeros(6, dtype=torch.float64), rtol=0, atol=1e-12)
+    natural = candidates_field(theta, ref, reward, alpha, beta, all_six, natural=True)
+    plain = candidates_field(theta, ref, reward, alpha, beta, all_six, natural=False)
+    torch.testing.assert_close(plain, exact_tabular_gradient(theta, ref, reward, alpha, beta), rtol=1e-10, atol=1e-12)
+    pi = theta.softmax(-1)
+    soft = reward - alpha * pi.log() + beta * ref.log()
+    variance = float((pi * (soft - (pi * soft).sum()) ** 2).sum())
+    assert variance > 1e-3
+    torch.testing.assert_close(float(natural @ plain), variance / 6, rtol=1e-10, atol=0)  # pi(C)/|C| = 1/6
+    uniform = torch.zeros(6, dtype=torch.float64)
+    torch.testing.assert_close(candidates_field(uniform, ref, reward, alpha, beta, all_six, natural=True),
+                               candidates_field(uniform, ref, reward, alpha, beta, all_six, natural=False),
+                               rtol=1e-12, atol=1e-14)
+    # (4): d/dtheta of sum_c w_c log pi_c with sum_c w_c = 0 is w itself (the log-normaliser's part cancels).
+    torch.testing.assert_close(natural, (soft - soft.mean()) / 6, rtol=1e-10, atol=1e-12)
+
+
+def test_natural_candidates_term_contracts_at_the_same_rate_from_any_start():
+    """The trap README "Online SPL" measured, on a free softmax over 4 options, alpha = beta = 0.1: the policy
+    starts with 0.98 on an option the closed form gives 0.03. Closed form of the natural flow: at the optimum
+    r + beta log pi_ref = alpha z* + const, so s - mean(s) = -alpha centred(z - z*) with z = log pi = theta + const,
+    and a step theta += eta * direction shrinks centred(theta - z*) by exactly 1 - eta alpha / |C| whatever the
+    start (a linear contraction: Cen et al. 2021's rate). The plain gradient, pi(c) (s(c) - b) in z, moves the
+    option the policy has left (the optimum's favourite, at 0.02 / 3) more than 10x less than the natural one."""
+    alpha = beta = 0.1
+    ref = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    reward = torch.tensor([0.3, 0.4, 0.2, 0.1], dtype=torch.float64).log()
+    optimum = optimal_policy_from_reward(ref, reward, alpha, beta)  # (4,)
+    wrong, best = int(optimum.argmin()), int(optimum.argmax())
+    assert float(optimum[wrong]) < 0.05
+    trapped = torch.full((4,), math.log(0.02 / 3), dtype=torch.float64)
+    trapped[wrong] = math.log(0.98)
+    eta, centred = 5.0, lambda v: v - v.mean()  # noqa: E731
+    for start in (trapped, tabular_problem()[1][:4]):
+        theta = start.clone()
+        for _ in range(20):
+            following = theta + eta * candidates_field(theta, ref, reward, alpha, beta, list(range(4)), True)
+            torch.testing.assert_close(centred(following - optimum.log()),
+                                       (1 - eta * alpha / 4) * centred(theta - optimum.log()), rtol=1e-9, atol=1e-12)
+            theta = following
+    natural = candidates_field(trapped, ref, reward, alpha, beta, list(range(4)), True)
+    plain = candidates_field(trapped, ref, reward, alpha, beta, list(range(4)), False)
+    assert float(natural[best]) > 0 and float(plain[best]) > 0
+    assert float(natural[best]) > 10 * float(plain[best]), (natural, plain)
 
 
 # -------------------------------------------------------------------------------------------- a tiny model
@@ -283,6 +359,49 @@ def test_reward_model_reward_scores_each_completion_alone(tiny_model):
             ids = torch.tensor([rollouts.prompt_ids[p] + completion])
             expected = head.score(model.hidden_states(ids)[0, -1]).item()
             assert abs(scores[p, k].item() - expected) < 1e-5
+
+
+def test_reward_optimum_is_the_closed_form_for_the_true_reward_and_moves_with_a_wrong_one():
+    """add_reward_optimum on a report of the world's 30 questions (a random reference and learned policy per
+    question). Oracles: with the true reward plus a per-question constant (log p + 3 q: Bradley-Terry scores are
+    defined up to one), Prop. A.2's optimum over the options is Prop. A.1's closed form, TV 0 to 1e-12; with a
+    reward that is 0 on every option it is the reference tempered, pi_ref^(beta/alpha) normalised; and the
+    learned-vs-optimum TV is computed from the rows themselves."""
+    from data.world import DEFAULT_DIR, load_world
+    from models import Tokenizer
+    from spl.online import OnlinePrompt, add_reward_optimum
+    from spl.theory import optimal_policy
+
+    tokenizer = Tokenizer(DEFAULT_DIR / "model" / "tokenizer.model")
+    questions = load_world(DEFAULT_DIR).opinions
+    generator = torch.Generator().manual_seed(7)
+    alpha, beta = 0.2, 0.1
+    rows = []
+    for q in questions:
+        reference = torch.softmax(torch.randn(len(q.options), dtype=torch.float64, generator=generator), -1)
+        learned = torch.softmax(torch.randn(len(q.options), dtype=torch.float64, generator=generator), -1)
+        closed = optimal_policy(reference, torch.tensor(q.population, dtype=torch.float64), alpha, beta)
+        rows.append({"prompt": q.prompt, "options": list(q.options), "reference": reference.tolist(),
+                     "learned": learned.tolist(), "closed_form": closed.tolist()})
+    prompts = [OnlinePrompt(tokenizer.encode_prompt([{"role": "user", "content": q.prompt}]), 29 - i)
+               for i, q in enumerate(reversed(questions))]  # another order: matched by tokens, not position
+    true = WorldReward.from_questions(questions, tokenizer)
+
+    def shifted(indices, rollouts):  # log p + 3 q, q the prompt's index: its question's number
+        return torch.stack([true([q], rollouts)[0] + 3.0 * q for q in indices])
+
+    report = add_reward_optimum({"questions": rows}, shifted, prompts, tokenizer, alpha, beta)
+    assert report["max_tv_reward_optimum_vs_closed_form"] < 1e-12
+    for row in report["questions"]:
+        learned, optimum = (torch.tensor(row[k], dtype=torch.float64) for k in ("learned", "reward_optimum"))
+        assert abs(row["tv_learned_vs_reward_optimum"] - 0.5 * float((learned - optimum).abs().sum())) < 1e-12
+    flat = add_reward_optimum({"questions": rows}, lambda i, r: torch.zeros(1, len(r.completions[0])), prompts,
+                              tokenizer, alpha, beta)
+    for row in flat["questions"]:
+        tempered = torch.tensor(row["reference"], dtype=torch.float64) ** (beta / alpha)
+        torch.testing.assert_close(torch.tensor(row["reward_optimum"], dtype=torch.float64), tempered / tempered.sum(),
+                                   rtol=1e-12, atol=1e-15)
+    assert flat["mean_tv_reward_optimum_vs_closed_form"] > 0.05
 
 
 def test_supported_reward_is_the_model_on_data_responses_and_the_floor_elsewhere():
@@ -434,6 +553,31 @@ def test_train_spl_online_on_the_world_resumes_bit_identically(tmp_path):
     assert len(report["questions"]) == 30 and "reward_floor" in report
     low, high = report["mean_closed_form_option_mass"]  # alpha != beta: the interval the bounds on W give
     assert 0 <= low <= high <= 1 and report["mean_abs_option_mass_error"] >= 0
+
+
+def test_train_reward_model_then_online_spl_reports_the_reward_optimum(tmp_path):
+    """The README's two-command pipeline, shortened: `--loss reward` for 3 steps, then spl-online scored by it
+    (with a floor off the data's responses). The report carries the reward's own optimum over the options,
+    whose scores are those RewardModelReward.load gives the options independently, and its TVs."""
+    import json
+
+    import train
+    from data.world import DEFAULT_DIR, MODEL_DIR, load_world
+    from models import Tokenizer
+
+    rm, out = tmp_path / "rm", tmp_path / "online"
+    assert train.main(["--loss", "reward", "--steps", "3", "--batch-size", "4", "--out", str(rm), "--no-progress"]) == 0
+    assert train.main(online_args(out, "--steps", "2", "--reward-model", str(rm), "--reward-floor", "-4.6")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "mean_closed_form_option_mass" not in report  # the full-space optimum is the exact reward's
+    assert 0 <= report["mean_tv_reward_optimum_vs_closed_form"] <= report["max_tv_reward_optimum_vs_closed_form"] <= 1
+    tokenizer = Tokenizer(MODEL_DIR / "tokenizer.model")
+    question = load_world(DEFAULT_DIR).opinions[0]
+    ids = tokenizer.encode_prompt([{"role": "user", "content": question.prompt}])
+    options = [tokenizer.encode_response(o) for o in question.options]
+    scores = RewardModelReward.load(rm, MODEL_DIR, tokenizer.pad_id)([0], Rollouts([ids], [options], None))[0]
+    row = next(r for r in report["questions"] if r["prompt"] == question.prompt)
+    torch.testing.assert_close(torch.tensor(row["reward_scores"], dtype=torch.float64), scores, rtol=1e-6, atol=1e-6)
 
 
 def test_train_spl_online_under_torchrun(tmp_path):

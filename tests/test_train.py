@@ -285,6 +285,27 @@ def test_main_job_keeps_the_option_mass_and_other_runs_keep_the_papers_loss():
     assert (asked.anchor, asked.prompts_per_batch) == (0.5, 4)
 
 
+def test_online_spl_on_the_world_gets_its_measured_recipe_and_a_flag_given_wins(tmp_path):
+    """--loss spl-online with no --model/--data: WORLD_ONLINE_JOB (every question each step, K = 4, the output
+    head trainable, the natural estimator); with --model it keeps the paper's recipe and TrainConfig's K; any flag
+    given wins, including the estimator."""
+    online = train.parse_args(["--loss", "spl-online"])
+    for name, value in train.WORLD_ONLINE_JOB.items():
+        assert getattr(online, name) == value, name
+    assert online.lora_targets == [*TARGET_NAMES, "lm_head"] and online.online_estimator == "natural"
+    assert (online.anchor, online.prompts_per_batch) == (0.0, 0)  # the main job's offline remedies are not online's
+    (tmp_path / "rm" / "adapter").mkdir(parents=True)
+    (tmp_path / "rm" / "adapter" / "reward_head.safetensors").touch()  # parse_args checks only that it is there
+    own = train.parse_args(["--loss", "spl-online", "--model", "some/dir", "--reward-model", str(tmp_path / "rm")])
+    assert own.online_samples == train.TrainConfig.online_samples and "lm_head" not in own.lora_targets
+    assert own.lr == train.PRESETS[train.OWN_MODEL_PRESET]["lr"]
+    assert own.lora_dropout == 0.0  # the preset's 0.05 would make the samples come from another policy
+    asked = train.parse_args(["--loss", "spl-online", "--online-samples", "6", "--lr", "1e-3", "--steps", "7",
+                              "--lora-targets", "q_proj", "--online-estimator", "rloo"])
+    assert (asked.online_samples, asked.lr, asked.steps, asked.lora_targets, asked.online_estimator) == \
+        (6, 1e-3, 7, ["q_proj"], "rloo")
+
+
 @pytest.mark.parametrize("extra, message", [
     (("--anchor", "1"), "--anchor needs each prompt's responses in one batch"),
     (("--anchor", "-1", "--prompts-per-batch", "2"), "must be >= 0"),
