@@ -126,15 +126,18 @@ def test_exact_candidates_gradient_is_unbiased_and_less_noisy(alpha, beta, k):
     assert float(((theta_.grad - exact).abs() / standard_error).max()) > 10
 
 
-def test_exact_candidates_without_candidates_is_rloo():
-    """Invariant: a prompt whose candidate row is all padding gets exactly rloo_loss's loss and gradient."""
+@pytest.mark.parametrize("natural", [False, True])
+def test_exact_candidates_without_candidates_is_rloo(natural):
+    """Invariant: a prompt whose candidate row is all padding gets exactly rloo_loss's loss and gradient, in
+    either form of the candidates' term."""
     generator = torch.Generator().manual_seed(3)
     logps = torch.randn(2, 4, dtype=torch.float64, generator=generator).requires_grad_()
     ref, rewards = torch.randn(2, 4, dtype=torch.float64, generator=generator), torch.randn(2, 4, dtype=torch.float64)
     candidates = torch.randn(2, 3, dtype=torch.float64, generator=generator).requires_grad_()
     loss, soft, advantages, mass = exact_candidates_loss(
         candidates, torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64),
-        torch.zeros(2, 3, dtype=torch.bool), logps, ref, rewards, torch.zeros(2, 4, dtype=torch.bool), 0.3, 0.1)
+        torch.zeros(2, 3, dtype=torch.bool), logps, ref, rewards, torch.zeros(2, 4, dtype=torch.bool), 0.3, 0.1,
+        natural)
     expected_loss, expected_soft, expected_advantages = rloo_loss(logps, ref, rewards, 0.3, 0.1)
     torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-12)
     torch.testing.assert_close(advantages, expected_advantages, rtol=0, atol=1e-12)
@@ -218,6 +221,29 @@ def test_natural_candidates_term_contracts_at_the_same_rate_from_any_start():
     plain = candidates_field(trapped, ref, reward, alpha, beta, list(range(4)), False)
     assert float(natural[best]) > 0 and float(plain[best]) > 0
     assert float(natural[best]) > 10 * float(plain[best]), (natural, plain)
+
+
+def test_natural_candidates_term_ignores_padding_and_each_prompt_is_its_own():
+    """Invariant: in a batch of two prompts, one with 2 of its 4 candidate slots padding, the natural term's
+    gradient is the sum of each prompt's alone with only its real candidates (padding slots get no gradient,
+    and |C| and b_u count the real ones)."""
+    generator = torch.Generator().manual_seed(11)
+    logps = torch.randn(2, 4, dtype=torch.float64, generator=generator).requires_grad_()
+    soft = torch.randn(2, 4, dtype=torch.float64, generator=generator)
+    mask = torch.tensor([[True, True, True, True], [True, False, True, False]])
+    mass = torch.tensor([0.9, 0.6], dtype=torch.float64)
+    term = natural_candidates_term(logps.masked_fill(~mask, -math.inf), soft, mask, mass)  # (2,)
+    (together,) = torch.autograd.grad(term.sum(), logps)
+    for row in range(2):
+        real = mask[row].nonzero().flatten()
+        alone = logps.detach()[row, real].clone().requires_grad_()
+        value = natural_candidates_term(alone[None], soft[row, real][None], torch.ones(1, len(real), dtype=torch.bool),
+                                        mass[row:row + 1])
+        (grad,) = torch.autograd.grad(value.sum(), alone)
+        centred = soft[row, real] - soft[row, real].mean()
+        torch.testing.assert_close(grad, centred * float(mass[row]) / len(real), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(together[row, real], grad, rtol=1e-12, atol=1e-15)
+    assert bool((together[~mask] == 0).all())
 
 
 # -------------------------------------------------------------------------------------------- a tiny model
