@@ -61,7 +61,7 @@ from data.preferences import DataError
 from data.reference_cache import ReferenceCacheKey, cache_path, file_sha256
 from data.sft import SequenceBatches, load_sft_data
 from data.tokenization import check_lengths, load_preference_data
-from eval.opinions import format_report, world_report
+from eval.opinions import add_reward_optimum, format_report, format_reward_optimum, world_report
 from models import (CheckpointError, ConfigError, MistralConfig, Tokenizer, add_lora, build_model, load_pretrained,
                     save_pretrained)
 from models.chat_format import FORMATS as CHAT_FORMATS
@@ -929,7 +929,7 @@ def write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out: Path, 
         if c.loss == "spl-online" and c.reward_model is None:  # the full-space optimum's option mass
             report = online.add_full_space_mass(report, *world_floor(c, tokenizer.vocab_size), c.alpha, c.beta)
         elif c.loss == "spl-online":  # how far the reward model alone moves the target
-            report = online.add_reward_optimum(report, online_reward[1], online_reward[0], tokenizer, c.alpha, c.beta)
+            report = add_reward_optimum(report, online_reward[1], online_reward[0], tokenizer, c.alpha, c.beta)
     if not procs.main:
         return
     if c.lora_rank:
@@ -947,7 +947,7 @@ def write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out: Path, 
         if "mean_closed_form_option_mass" in report:
             print(online.format_full_space_mass(report))
         if "mean_tv_reward_optimum_vs_closed_form" in report:
-            print(online.format_reward_optimum(report))
+            print(format_reward_optimum(report))
 
 
 if __name__ == "__main__":

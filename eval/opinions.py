@@ -26,8 +26,9 @@ import torch
 from data.sft import SequenceExample, collate_sequences
 from data.world import DEFAULT_DIR, load_world
 from models.lora import disable_lora
+from spl.online import Rollouts
 from spl.step import policy_logprobs
-from spl.theory import optimal_policy
+from spl.theory import optimal_policy, optimal_policy_from_reward
 
 
 @torch.no_grad()
@@ -116,3 +117,36 @@ def format_report(report: dict, rows: int = 4) -> str:
                  f"ratio {report['mean_learned_option_mass'] / report['mean_reference_option_mass']:.3f} "
                  f"(mean over questions)")
     return "\n".join(lines)
+
+
+def add_reward_optimum(report: dict, reward, prompts, tokenizer, alpha: float, beta: float) -> dict:
+    """For a run scored by a learned reward on the world (--reward-model): per question the optimum that reward
+    implies over the options, pi_ref^(beta/alpha) exp(r_hat/alpha) (Prop. A.2 restricted to them,
+    `optimal_policy_from_reward`; a per-prompt constant in r_hat cancels), beside the true closed form. Its TV to
+    the closed form is what the reward model alone costs; the learned policy's TV to it is what training left.
+    The questions are matched to `prompts` (spl.online.OnlinePrompt: their data's distinct prompts) by their
+    chat prompt's tokens; `reward` is spl/online.py's interface, (prompt indices, Rollouts) -> [P, K]."""
+    by_ids = {tuple(p.prompt_ids): p.index for p in prompts}
+    report = dict(report)
+    for row in report["questions"]:
+        ids = tokenizer.encode_prompt([{"role": "user", "content": row["prompt"]}])
+        options = [tokenizer.encode_response(option) for option in row["options"]]
+        scores = reward([by_ids[tuple(ids)]], Rollouts([ids], [options], None))[0]  # (K,) r_hat on the options
+        reference = torch.tensor(row["reference"], dtype=torch.float64)
+        optimum = optimal_policy_from_reward(reference, scores.to(torch.float64), alpha, beta)  # (K,)
+        closed_form, learned = (torch.tensor(row[k], dtype=torch.float64) for k in ("closed_form", "learned"))
+        row["reward_scores"], row["reward_optimum"] = scores.tolist(), optimum.tolist()
+        row["tv_reward_optimum_vs_closed_form"] = total_variation(optimum, closed_form)
+        row["tv_learned_vs_reward_optimum"] = total_variation(learned, optimum)
+    for key in ("tv_reward_optimum_vs_closed_form", "tv_learned_vs_reward_optimum"):
+        values = [row[key] for row in report["questions"]]
+        report[f"mean_{key}"], report[f"max_{key}"] = sum(values) / len(values), max(values)
+    return report
+
+
+def format_reward_optimum(report: dict) -> str:
+    """add_reward_optimum's summary line."""
+    mean, most = (report[f"{k}_tv_reward_optimum_vs_closed_form"] for k in ("mean", "max"))
+    learned, learned_most = (report[f"{k}_tv_learned_vs_reward_optimum"] for k in ("mean", "max"))
+    return (f"the reward's own optimum over the options is mean TV {mean:.4f} (max {most:.4f}) from the closed "
+            f"form; learned vs that optimum {learned:.4f} (max {learned_most:.4f})")

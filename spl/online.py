@@ -58,7 +58,7 @@ from models.generate import decode_n_tokens, prefill, sample_token
 from models.lora import disable_lora, lora_modules
 from models.mistral import KVCache
 from spl.step import RewardHead, policy_logprobs, reward_scores
-from spl.theory import full_space_option_mass, off_option_weight_bounds, optimal_policy_from_reward
+from spl.theory import full_space_option_mass, off_option_weight_bounds
 
 # The floor: the exact reward of any text that is not one of a question's options. log p of the options ranges
 # over [log 0.05, log 0.8]; text no rater picks would have log 0 = -inf, which has no finite optimum, so a finite
@@ -538,38 +538,6 @@ def add_full_space_mass(report: dict, floor: float, log_num_texts: float, alpha:
     report["mean_abs_option_mass_error"] = sum(errors) / len(errors)
     report["max_abs_option_mass_error"] = max(errors)
     return report
-
-
-def add_reward_optimum(report: dict, reward, prompts: list[OnlinePrompt], tokenizer, alpha: float, beta: float) -> dict:
-    """For a run scored by a learned reward on the world (--reward-model): per question the optimum that reward
-    implies over the options, pi_ref^(beta/alpha) exp(r_hat/alpha) (Prop. A.2 restricted to them,
-    `optimal_policy_from_reward`; a per-prompt constant in r_hat cancels), beside the true closed form. Its TV to
-    the closed form is what the reward model alone costs; the learned policy's TV to it is what training left.
-    The questions are matched to `prompts` (their data's distinct prompts) by their chat prompt's tokens."""
-    by_ids = {tuple(p.prompt_ids): p.index for p in prompts}
-    report = dict(report)
-    for row in report["questions"]:
-        ids = tokenizer.encode_prompt([{"role": "user", "content": row["prompt"]}])
-        options = [tokenizer.encode_response(option) for option in row["options"]]
-        scores = reward([by_ids[tuple(ids)]], Rollouts([ids], [options], None))[0]  # (K,) r_hat on the options
-        reference = torch.tensor(row["reference"], dtype=torch.float64)
-        optimum = optimal_policy_from_reward(reference, scores.to(torch.float64), alpha, beta)  # (K,)
-        closed_form, learned = (torch.tensor(row[k], dtype=torch.float64) for k in ("closed_form", "learned"))
-        row["reward_scores"], row["reward_optimum"] = scores.tolist(), optimum.tolist()
-        row["tv_reward_optimum_vs_closed_form"] = 0.5 * float((optimum - closed_form).abs().sum())
-        row["tv_learned_vs_reward_optimum"] = 0.5 * float((learned - optimum).abs().sum())
-    for key in ("tv_reward_optimum_vs_closed_form", "tv_learned_vs_reward_optimum"):
-        values = [row[key] for row in report["questions"]]
-        report[f"mean_{key}"], report[f"max_{key}"] = sum(values) / len(values), max(values)
-    return report
-
-
-def format_reward_optimum(report: dict) -> str:
-    """add_reward_optimum's summary line."""
-    mean, most = (report[f"{k}_tv_reward_optimum_vs_closed_form"] for k in ("mean", "max"))
-    learned, learned_most = (report[f"{k}_tv_learned_vs_reward_optimum"] for k in ("mean", "max"))
-    return (f"the reward's own optimum over the options is mean TV {mean:.4f} (max {most:.4f}) from the closed "
-            f"form; learned vs that optimum {learned:.4f} (max {learned_most:.4f})")
 
 
 def format_full_space_mass(report: dict) -> str:

@@ -395,7 +395,8 @@ def test_reward_optimum_is_the_closed_form_for_the_true_reward_and_moves_with_a_
     learned-vs-optimum TV is computed from the rows themselves."""
     from data.world import DEFAULT_DIR, load_world
     from models import Tokenizer
-    from spl.online import OnlinePrompt, add_reward_optimum
+    from eval.opinions import add_reward_optimum
+    from spl.online import OnlinePrompt
     from spl.theory import optimal_policy
 
     tokenizer = Tokenizer(DEFAULT_DIR / "model" / "tokenizer.model")
