@@ -21,11 +21,20 @@ pass rather than a float32 copy per target (see there: at Mistral-7B's shape tho
 activations together).
 `merge_lora` forms W0 + (alpha / r) B A in float32 and casts once, back to W0's dtype.
 
+Tied embeddings (`tie_word_embeddings: true`, SmolLM2): the head's W0 is the embedding's tensor. LoRA on `lm_head`
+adapts the head only, as PEFT does (the embedding lookup keeps W0), and the fused log-probs read `output_weight`,
+the merged head, never the embedding. Merging such a head cannot keep the tie: W0 + (alpha / r) B A is no longer the
+embedding. `merge_lora` therefore gives the head its own merged weight and sets `tie_word_embeddings` to false, so
+the model (and what save_pretrained writes) computes exactly what the adapted one did. PEFT's `merge_and_unload`
+instead adds B A into the shared tensor, changing the embedding too (it warns, and recommends untying first:
+what is done here); its config stays tied only because the two modules still share that one changed tensor.
+
 The adapter on disk, in PEFT's format, is models/peft.py's (`save_adapter` / `load_adapter`).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import torch
@@ -222,7 +231,7 @@ def disable_lora(model: nn.Module):
 def merge_lora(model: nn.Module):
     """Fold W0 + (alpha / r) B A into each base weight and put a plain bias-free nn.Linear in place of every
     LoRALinear, so `save_pretrained` writes an ordinary HF checkpoint. The merged weights stay frozen (as W0 was);
-    returns the model."""
+    returns the model. A tied head that was a target is untied (the module docstring says why)."""
     modules = lora_modules(model)
     if not modules:
         raise ValueError("merge_lora: the model has no LoRA layers")
@@ -235,6 +244,9 @@ def merge_lora(model: nn.Module):
             linear.weight = nn.Parameter(module.merged_weight(), requires_grad=False)  # base dtype and device
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, linear.train(module.training))
+    config = getattr(model, "config", None)
+    if HEAD_TARGET in modules and getattr(config, "tie_word_embeddings", False):
+        model.config = dataclasses.replace(config, tie_word_embeddings=False)  # the head has its own weight now
     return model
 
 
