@@ -38,6 +38,7 @@ from data.world import MODEL_DIR as DEFAULT_MODEL
 from models import CheckpointError, ConfigError, Tokenizer, load_adapter, load_pretrained
 from models.chat_format import FORMATS as CHAT_FORMATS
 from models.generate import Completion, sample_completions, user_prompt_ids
+from models.gguf import resolve_model
 from models.tokenizer import check_vocabulary, describe_format
 
 
@@ -95,7 +96,8 @@ def print_readable(completions: list[Completion], file=None) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help=f"HF-format model directory with tokenizer.model (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", help=f"HF-format model directory with tokenizer.model, a .gguf file (converted once, "
+                                    f"cached) or smollm2 (default: {DEFAULT_MODEL})")
     p.add_argument("--adapter", help="PEFT-format LoRA adapter directory (e.g. a train.py run's adapter/)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
@@ -136,7 +138,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-    model_dir = Path(args.model) if args.model else DEFAULT_MODEL
+    model_dir = resolve_model(args.model) if args.model else DEFAULT_MODEL  # a directory, a .gguf file or smollm2
     if args.model is None and not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: the embedded world's reference model is not built yet; "
                               f"pass --model DIR")

@@ -65,6 +65,7 @@ from eval.opinions import add_reward_optimum, format_report, format_reward_optim
 from models import (CheckpointError, ConfigError, MistralConfig, Tokenizer, add_lora, build_model, load_pretrained,
                     save_pretrained)
 from models.chat_format import FORMATS as CHAT_FORMATS
+from models.gguf import resolve_model
 from models.lora import HEAD_TARGET, TARGET_NAMES, check_head_dropout, resolve_targets
 from models.peft import save_adapter
 from models.tokenizer import check_vocabulary, describe_format
@@ -181,7 +182,8 @@ class TrainConfig:
 def argument_parser(defaults: TrainConfig) -> ArgumentParser:
     """Every option of TrainConfig on the command line (values not given stay None, so presets can fill them)."""
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="HF-format model directory (default: the embedded world's reference model)")
+    p.add_argument("--model", help="HF-format model directory, a .gguf file (converted once, cached) or smollm2 "
+                                    "(default: the embedded world's reference model)")
     p.add_argument("--init-config", help="train from random weights built from this config.json (full fine-tune)")
     p.add_argument("--data", help="preference data: .jsonl/.json (.gz), .parquet, a datasets directory (or SFT "
                                   "records for --loss sft)")
@@ -623,7 +625,7 @@ def load_model(c: TrainConfig, device):
         model = build_model(MistralConfig.from_json(c.init_config), dtype=dtype, device=load_device, seed=c.seed)
         tokenizer_path = Path(c.init_config).parent / "tokenizer.model"
     else:
-        model_dir = Path(c.model) if c.model else WORLD_MODEL
+        model_dir = resolve_model(c.model) if c.model else WORLD_MODEL  # a directory, a .gguf file or smollm2
         model = load_pretrained(model_dir, dtype=dtype, device=load_device)
         tokenizer_path = model_dir / "tokenizer.model"
     if not tokenizer_path.is_file():
@@ -778,7 +780,7 @@ def online_prompts_and_reward(examples, tokenizer, c: TrainConfig, device):
     saved = json.loads((Path(c.reward_model) / "config.json").read_text(encoding="utf-8"))
     if saved.get("loss") != "reward" or saved.get("init_config"):
         raise UsageError(f"--reward-model {c.reward_model}: not a LoRA `--loss reward` run")
-    base = Path(saved["model"]) if saved.get("model") else WORLD_MODEL
+    base = resolve_model(saved["model"]) if saved.get("model") else WORLD_MODEL
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[c.dtype]
     reward = online.RewardModelReward.load(c.reward_model, base, tokenizer.pad_id, device, dtype)
     return prompts, reward if c.reward_floor is None else online.SupportedReward(reward, prompts, c.reward_floor)
