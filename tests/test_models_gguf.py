@@ -123,23 +123,17 @@ def hf_gguf_model(path):
 
 # ---- the reader against the gguf package --------------------------------------------------------------------------
 
-def assert_same_metadata(ours: GGUFFile, reference: gguf.GGUFReader):
-    keys = [key for key in reference.fields if not key.startswith("GGUF.")]
-    assert list(ours.metadata) == keys
-    for key in keys:
-        value = ours.metadata[key]
-        value = value.tolist() if isinstance(value, np.ndarray) else value
-        assert value == reference.fields[key].contents(), key
-    assert list(ours.tensors) == [t.name for t in reference.tensors]
-    assert [ours.tensors[t.name].shape for t in reference.tensors] == [tuple(reversed(t.shape.tolist()))
-                                                                         for t in reference.tensors]  # ne reversed
-
-
 def assert_same_as_gguf_package(path):
     """Every metadata value and every tensor of `path` as our reader gives it equals the gguf package's reading."""
     reference = gguf.GGUFReader(str(path))
     with GGUFFile(path) as ours:
-        assert_same_metadata(ours, reference)
+        keys = [key for key in reference.fields if not key.startswith("GGUF.")]
+        assert list(ours.metadata) == keys
+        for key in keys:
+            value = ours.metadata[key]
+            assert (value.tolist() if isinstance(value, np.ndarray) else value) == reference.fields[key].contents(), key
+        assert [(name, info.shape) for name, info in ours.tensors.items()] == [
+            (t.name, tuple(reversed(t.shape.tolist()))) for t in reference.tensors]  # GGUF's ne, reversed
         for tensor in reference.tensors:
             expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
             got = ours.dequantize(tensor.name)
@@ -247,26 +241,34 @@ def smollm2_hf(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def smollm2_reader(smollm2_file):
-    return gguf.GGUFReader(str(smollm2_file))  # ~8 s: the gguf package parses 98k strings one by one
+def smollm2_hf_reading(smollm2_file):
+    """HF transformers' own GGUF reader (transformers/integrations/gguf/reader.py): the metadata with every string
+    array kept, and the tensor table. (The gguf package's GGUFReader takes ~8 s on this file; HF's 0.4 s.)"""
+    from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
+
+    class Every:
+        def __contains__(self, key):
+            return True
+
+    metadata, _ = read_gguf_metadata(str(smollm2_file), string_arrays=Every())
+    return metadata, GgufHeader.from_file(str(smollm2_file))
 
 
 @pytest.fixture(scope="module")
-def smollm2_reference_tokenizer(smollm2_reader):
-    """The reference: a `tokenizers` BPE of the gguf package's reading of the file's vocabulary and merges, with
-    SmolLM2's pre-tokenizer (Digits one by one, then GPT-2's byte-level regex) and its control tokens special."""
+def smollm2_reference_tokenizer(smollm2_hf_reading):
+    """The reference: a `tokenizers` BPE of HF's reading of the file's vocabulary and merges, with SmolLM2's
+    pre-tokenizer (Digits one by one, then GPT-2's byte-level regex) and its control tokens special."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    fields = smollm2_reader.fields
-    tokens = fields["tokenizer.ggml.tokens"].contents()
-    merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"].contents()]
-    types = fields["tokenizer.ggml.token_type"].contents()
+    metadata, _ = smollm2_hf_reading
+    tokens, types = metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.token_type"]
+    merges = [tuple(m.split(" ")) for m in metadata["tokenizer.ggml.merges"]]
     tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True)
                                   for t, kind in zip(tokens, types) if kind == 3])
-    return tokenizer, fields["tokenizer.chat_template"].contents()
+    return tokenizer, metadata["tokenizer.chat_template"]
 
 
 def test_real_config_is_smollm2_135m(smollm2_dir):
@@ -282,28 +284,35 @@ def test_real_config_is_smollm2_135m(smollm2_dir):
     assert (hf.tie_word_embeddings, hf.head_dim, hf.rope_parameters["rope_theta"]) == (True, 64, 1e5)
 
 
-def test_real_file_metadata_and_weights_equal_the_gguf_package(smollm2_file, smollm2_reader, smollm2_dir):
-    """Our reader's metadata is the gguf package's; every tensor of the converted model.safetensors is the gguf
-    package's dequantisation, Q and K put through HF transformers' own un-permutation (LlamaTensorProcessor),
-    under HF's tensor names."""
+def test_real_file_metadata_and_weights_equal_independent_readings(smollm2_file, smollm2_hf_reading, smollm2_dir):
+    """Our reader's metadata is HF's reader's; every tensor of the converted model.safetensors is the gguf
+    package's dequantisation of the bytes HF's reader locates, Q and K put through HF transformers' own
+    un-permutation (LlamaTensorProcessor), under HF's tensor names."""
     from safetensors.numpy import load_file
+    from transformers.integrations.gguf.reader import load_gguf_state_dict
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+    metadata, header = smollm2_hf_reading
+    with GGUFFile(smollm2_file) as ours:
+        assert list(ours.metadata) == list(metadata)
+        for key, value in ours.metadata.items():
+            assert (value.tolist() if isinstance(value, np.ndarray) else value) == metadata[key], key
     processor = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
     names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_norm": "input_layernorm",
              "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
              "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-    reference = smollm2_reader
-    with GGUFFile(smollm2_file) as ours:
-        assert_same_metadata(ours, reference)
     converted = load_file(smollm2_dir / "model.safetensors")
-    assert len(converted) == len(reference.tensors) == 272  # no lm_head.weight: tied
-    for tensor in reference.tensors:
-        parts = tensor.name.split(".")
+    raw = load_gguf_state_dict(header)
+    assert len(converted) == len(header.tensors) == 272  # no lm_head.weight: tied
+    for info in header.tensors:
+        parts = info.name.split(".")
         hf_name = (f"model.layers.{parts[1]}.{names[parts[2]]}.weight" if parts[0] == "blk" else
                    f"{names[parts[0]]}.weight")
-        weights = processor.process(gguf.quants.dequantize(tensor.data, tensor.tensor_type), tensor.name).weights
-        np.testing.assert_array_equal(converted[hf_name], weights, err_msg=tensor.name)
+        data = np.asarray(raw[info.name].data)
+        weights = (data.view(np.float32).reshape(info.shape) if info.ggml_type == Q.F32 else
+                   gguf.quants.dequantize(data.reshape(raw[info.name].shape), Q(info.ggml_type)))
+        weights = processor.process(weights, info.name).weights
+        np.testing.assert_array_equal(converted[hf_name], weights, err_msg=info.name)
 
 
 def test_real_logits_and_greedy_decoding_equal_hf(smollm2, smollm2_hf, smollm2_reference_tokenizer):
@@ -379,6 +388,36 @@ def test_tied_model_save_load_keeps_the_tie(smollm2, tmp_path):
     ids = torch.tensor([[1, 4093, 198, 30, 31, 32]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), smollm2(ids), rtol=0, atol=0)
+
+
+def test_train_py_adapter_on_the_tied_model_loads_in_peft(smollm2_dir, tmp_path):
+    """train.py, 2 steps of SPL with LoRA on q_proj, v_proj and the tied lm_head (one short pair): the
+    adapter it writes, loaded by HF peft onto HF's LlamaForCausalLM of the converted directory, gives the logits of
+    ours (load_pretrained + load_adapter) within 1e-4, and differs from the base model (the steps moved it)."""
+    import train
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from models import load_adapter
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "Best pet?", "chosen": "A cat.", "rejected": "A fish.",
+                                "chosen_prob": 0.7}) + "\n", encoding="utf-8")
+    assert train.main(["--model", str(smollm2_dir), "--data", str(data), "--out", str(tmp_path / "run"),
+                       "--steps", "2", "--batch-size", "1", "--max-length", "48", "--max-prompt-length", "40",
+                       "--lora-targets", "q_proj,v_proj,lm_head", "--lora-dropout", "0", "--lr", "1e-2",
+                       "--warmup-steps", "0", "--threads", "1", "--no-progress"]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    assert set(json.loads((adapter / "adapter_config.json").read_text())["target_modules"]) == {
+        "q_proj", "v_proj", "lm_head"}
+    ids = torch.tensor([[1, 4093, 198, 30, 31, 32, 2]])
+    with torch.no_grad():
+        ours = load_adapter(load_pretrained(smollm2_dir).eval(), adapter)(ids)
+        peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(smollm2_dir).eval(), adapter).eval()
+        expected = peft_model(ids).logits
+        with peft_model.disable_adapter():
+            base = peft_model(ids).logits
+    assert (expected - base).abs().max() > 1e-2
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
 
 
 # ---- naming a model: resolve_model and the cache ----------------------------------------------------------------
