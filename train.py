@@ -62,12 +62,12 @@ from data.reference_cache import ReferenceCacheKey, cache_path, file_sha256
 from data.sft import SequenceBatches, load_sft_data
 from data.tokenization import check_lengths, load_preference_data
 from eval.opinions import add_reward_optimum, format_report, format_reward_optimum, world_report
-from models import (CheckpointError, ConfigError, MistralConfig, Tokenizer, add_lora, build_model, load_pretrained,
+from models import (CheckpointError, ConfigError, MistralConfig, add_lora, build_model, load_pretrained,
                     save_pretrained)
 from models.chat_format import FORMATS as CHAT_FORMATS
 from models.lora import HEAD_TARGET, TARGET_NAMES, check_head_dropout, resolve_targets
 from models.peft import save_adapter
-from models.tokenizer import check_vocabulary, describe_format
+from models.tokenizer import check_vocabulary, describe_format, load_tokenizer
 from spl import runs
 from spl.distributed import (Processes, broadcast_from_main, gather_to_main, share_batches, shard_frozen_weights,
                              shared_reference_logps, sum_across, sum_gradients_)
@@ -621,14 +621,11 @@ def load_model(c: TrainConfig, device):
     if c.init_config:
         model_dir = None
         model = build_model(MistralConfig.from_json(c.init_config), dtype=dtype, device=load_device, seed=c.seed)
-        tokenizer_path = Path(c.init_config).parent / "tokenizer.model"
     else:
         model_dir = Path(c.model) if c.model else WORLD_MODEL
         model = load_pretrained(model_dir, dtype=dtype, device=load_device)
-        tokenizer_path = model_dir / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise UsageError(f"{tokenizer_path}: missing (the sentencepiece tokenizer.model must sit beside the model)")
-    tokenizer = Tokenizer(tokenizer_path, c.chat_format)  # the chat format, from the checkpoint or --chat-format
+    # tokenizer.model, tekken.json or tokenizer.json, and the chat format, from the checkpoint or --chat-format
+    tokenizer, tokenizer_path = load_tokenizer(model_dir or Path(c.init_config).parent, c.chat_format)
     check_vocabulary(tokenizer, model.config.vocab_size, model_dir or c.init_config)  # a tokenizer of another model
     choose_threads(c.threads, model.num_parameters(), device)  # 0: one thread for a small model on CPU
     return model, tokenizer, model_dir, tokenizer_path
