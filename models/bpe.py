@@ -131,6 +131,7 @@ class BPETokenizer(TokenizerBase):
             self.token_bytes.append(token)
         self.splits = [_compile(pattern, self.path, "config.pattern")]
         self.ignore_merges = True  # tiktoken: a word that is a token is that token
+        self.missing_bytes = set()  # the first 256 ranks are the bytes
         ids = self.ids
         self._rank = lambda left, right: ids.get(left + right)  # tiktoken: the rank of the merged bytes
         self.bos_id, self.eos_id = self.special["<s>"], self.special["</s>"]
@@ -172,9 +173,11 @@ class BPETokenizer(TokenizerBase):
             if index not in added_ids:  # an added token's content is not in the byte-level alphabet
                 self.token_bytes[index] = raw(token, "model.vocab token")
                 self.ids[self.token_bytes[index]] = index
-        missing = [b for b in range(256) if bytes([b]) not in self.ids]
-        _refuse_unless(not missing, self.path, "model.vocab", f"{len(missing)} of the 256 byte tokens missing",
-                       "every byte needs a token")
+        # Real vocabularies may lack byte tokens (SmolLM2's lacks 21: 0xC0, 0xF5-0xFF, some control bytes). HF then
+        # gives such a byte model.unk_token (one for a run of them with fuse_unk), or drops it before merging.
+        self.missing_bytes = {bytes([b]) for b in range(256)} - self.ids.keys()
+        self.unk_id = vocab.get(model.get("unk_token")) if model.get("unk_token") is not None else None
+        self.fuse_unk = bool(model.get("fuse_unk"))
         pair_ranks = {}
         for rank, merge in enumerate(_field(model, "merges", list, self.path, "model.")):
             left, right = merge.split(" ") if isinstance(merge, str) else merge
@@ -233,8 +236,10 @@ class BPETokenizer(TokenizerBase):
             _refuse_unless(isinstance(text, str), self.path, f"{where}.pattern", pattern, "a Regex or String")
             self.splits.append(_compile(text, self.path, f"{where}.pattern"))
             return False
-        if kind == "Digits":  # SmolLM2: every digit a word of its own
-            self.splits.append(_compile("[0-9]" if step.get("individual_digits") else "[0-9]+", self.path, where))
+        if kind == "Digits":  # SmolLM2: every digit a word of its own. A digit is Rust's char::is_numeric,
+            # any of the Unicode number categories Nd, Nl, No (\p{N}): "²", "½" and "٣" too, not only 0-9
+            self.splits.append(_compile(r"\p{N}" if step.get("individual_digits") else r"\p{N}+", self.path, where,
+                                        covers=False))
             return False
         raise _checkpoint_error(f"{self.path}: {where}.type {kind!r}: not supported (ByteLevel, Split, Digits, "
                                 f"Sequence are)")
@@ -246,19 +251,16 @@ class BPETokenizer(TokenizerBase):
         return self.special.get(piece, self.added.get(piece))
 
     def words(self, text: str) -> list[str]:
-        """Pre-tokenization: each regex in turn cuts every piece into its matches and the text between them."""
+        """Pre-tokenization: each regex in turn cuts every piece into its matches and the text between them
+        (HF's Split "Isolated"). The word regexes match every character, so findall (C speed) is the cut unless
+        its matches do not add up to the piece; then, and always for Digits, split() with the match captured."""
         pieces = [text]
-        for pattern in self.splits:
+        for pattern, splitter, covers in self.splits:
             cut = []
             for piece in pieces:
-                found = [] if pattern.groups else pattern.findall(piece)  # findall gives groups, if any
-                if sum(map(len, found)) != len(piece):  # text between matches stays, as its own piece
-                    found, end = [], 0
-                    for match in pattern.finditer(piece):
-                        found += [piece[end:match.start()]] * (match.start() > end) + [match.group()] * (
-                            match.end() > match.start())
-                        end = match.end()
-                    found += [piece[end:]] * (end < len(piece))
+                found = pattern.findall(piece) if covers else []
+                if sum(map(len, found)) != len(piece):
+                    found = [part for part in splitter.split(piece) if part]
                 cut += found
             pieces = cut
         return pieces
@@ -288,6 +290,8 @@ class BPETokenizer(TokenizerBase):
         if self.ignore_merges and word in self.ids:
             return [self.ids[word]]
         parts, rank = [word[i:i + 1] for i in range(len(word))], self._rank
+        if self.missing_bytes and not self.missing_bytes.isdisjoint(parts):
+            parts = self._unknown_bytes(parts)
         while len(parts) > 1:
             best, best_rank = -1, None
             for i in range(len(parts) - 1):
@@ -297,7 +301,18 @@ class BPETokenizer(TokenizerBase):
             if best < 0:
                 break
             parts[best:best + 2] = [parts[best] + parts[best + 1]]
-        return [self.ids[part] for part in parts]
+        return [self.unk_id if part is None else self.ids[part] for part in parts]
+
+    def _unknown_bytes(self, parts: list[bytes]) -> list:
+        """HF's BPE on a byte with no token: dropped (no unk_token), or None, which no pair merges with and which
+        becomes unk_token's id (consecutive ones fused into one with fuse_unk)."""
+        kept = []
+        for part in parts:
+            if part not in self.missing_bytes:
+                kept.append(part)
+            elif self.unk_id is not None and not (self.fuse_unk and kept and kept[-1] is None):
+                kept.append(None)
+        return kept
 
     def _added_split(self, text: str):
         """(chunk, None) for text and (content, id) for each non-special added token found in it, in order."""
@@ -353,10 +368,14 @@ def _refuse_unless(ok: bool, path: str, field: str, value, why: str) -> None:
         raise _checkpoint_error(f"{path}: {field} {value!r} is not supported ({why})")
 
 
-def _compile(pattern: str, path: str, where: str):
+def _compile(pattern: str, path: str, where: str, covers: bool = True):
+    """(pattern, the pattern captured for split(), whether it is meant to match every character)."""
     regex = _regex_module()
     try:
-        return regex.compile(pattern)
+        compiled = regex.compile(pattern)
+        if compiled.groups:  # findall and split would return its groups: capture nothing of its own
+            raise _checkpoint_error(f"{path}: {where}: a regex with capturing groups is not supported")
+        return compiled, regex.compile(f"({pattern})"), covers
     except regex.error as error:
         raise _checkpoint_error(f"{path}: {where}: not a regex the regex package reads ({error})") from None
 

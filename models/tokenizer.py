@@ -131,7 +131,7 @@ class Tokenizer(TokenizerBase):
         pieces = {"mistral-v7": "[SYSTEM_PROMPT]", "mistral-v3": "[INST]"}
         why = f"{pieces[version]} is a control piece" if version in pieces else "[INST] is not a control piece"
         self._choose_chat_format(chat_format, config, config_path, control,
-                                 (version, f"{why} of {os.path.basename(path)}"))
+                                 (version, f"no chat_template; {why} of {os.path.basename(path)}"))
 
     # ---- ids and raw text ------------------------------------------------------------------------------------
 
