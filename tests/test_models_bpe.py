@@ -49,9 +49,10 @@ TEXTS = ["Hello, world!", "héllo wörld ñ Ελληνικά русский عر
          "digits 1234567890 3.14159 1,000,000 2024-12-06", "runs     of   spaces\t\ttabs", "\n\n\nnewlines\n \n  \n",
          "CRLF line\r\nnext\r\n\r\n", "def f(x):\n    return x ** 2  # code\n\nprint(f(3))", "literal [INST] x [/INST]",
          "end </s> and <s> and <unk>", "I'm sure they'll say it's WON'T", "", " ", "  leading and trailing  ",
-         "odd spaces\x1c\x85\u2028\u00a0\u3000x", "area 3 m² ½ x²² ٣٤ Ⅻ", "a" * 300 + " " + "ab" * 120, "!!!???...---===", "naïve café\u0301"]
-ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \t\n\r.,;:!?'\"()[]{}<>/\\-_+=*&^%$#@~`|"
-                ) + list("éüñçßøΩЖжλ日本語中文한국어🎉😀👍🏽\u0301\u200d\x1c\x85\u2028\u00a0\u3000\u0660\u00b2\u2160") + [
+         "odd spaces\x1c\x85\u2028\u00a0\u3000x", "area 3 m² ½ x²² ٣٤ Ⅻ", "a" * 300 + " " + "ab" * 120,
+         "!!!???...---===", "naïve café\u0301"]
+ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \t\n\r.,;:!?'\"()[]{}<>/\\-_+=*&^%$#@~`|") \
+    + list("éüñçßøΩЖжλ日本語中文한국어🎉😀👍🏽\u0301\u200d\x1c\x85\u2028\u00a0\u3000\u0660\u00b2\u2160") + [
     "[INST]", "</s>", "'s", "'LL", " the", "\r\n"]
 
 
@@ -71,8 +72,8 @@ CHATS = [
     (msgs(("system", "Be kind."), ("user", "Hi  there,   friend"), ("assistant", "Hello.  "), ("user", "How are you?")),
      "Fine, thanks.   "),
     (msgs(("user", "héllo 日本語 🎉 1234"), ("assistant", "Ça va ? 你好"), ("user", "Ελληνικά; русский!")), "Да 42."),
-    (msgs(("user", "line one\r\nline two\r\n\r\nthree"), ("assistant", "ok\r\n"), ("user", "\ttabs\tand\n\nnewlines\n")),
-     "\nstarts with a newline"),
+    (msgs(("user", "line one\r\nline two\r\n\r\nthree"), ("assistant", "ok\r\n"),
+          ("user", "\ttabs\tand\n\nnewlines\n")), "\nstarts with a newline"),
     (msgs(("user", "Say [INST] and [/INST] and </s>"), ("assistant", "[INST] x [/INST] </s>"), ("user", "again")),
      "</s> [/INST]"),
     (msgs(("system", "sys"), ("user", "1"), ("assistant", "a"), ("user", "2"), ("assistant", "b"), ("user", "3"),
@@ -132,7 +133,8 @@ def test_tekken_text_equals_mistral_common(tekken, name):
 def test_tekken_v3_chats_equal_mistral_common(tekken, name, index):
     ours, theirs = tekken[name]
     messages, reply = CHATS[index]
-    assert (ours.chat_format, ours.format_origin) == ("mistral-v3", "no chat_template; config.version v3 of tekken.json")
+    assert ours.chat_format == "mistral-v3"
+    assert ours.format_origin == "no chat_template; config.version v3 of tekken.json"
     prompt_ids, response_ids = ours.encode_prompt(messages), ours.encode_response(reply)
     assert prompt_ids == mistral_common_ids(theirs, "v3", messages)
     assert prompt_ids + response_ids == mistral_common_ids(theirs, "v3", messages, reply)
@@ -176,7 +178,8 @@ def test_v7_format_over_a_v3_file_is_mistral_commons_v7(tekken):
     tokenizer, theirs = tekken[TEKKEN_FILES[0]]
     v7 = FORMATS["mistral-v7"](tokenizer)  # what BPETokenizer(path, "mistral-v7") builds
     for messages, reply in CHATS:
-        assert v7.encode_prompt(messages) + v7.encode_response(reply) == mistral_common_ids(theirs, "v7", messages, reply)
+        whole = v7.encode_prompt(messages) + v7.encode_response(reply)
+        assert whole == mistral_common_ids(theirs, "v7", messages, reply)
 
 
 HH_PROMPT = "\n\nHuman: Hi  there\n\nAssistant: Hello! How can I help?\n\nHuman: Explain [INST] tags.\n\nAssistant:"
@@ -376,7 +379,8 @@ def test_bytes_without_a_token_as_hf_treats_them(tmp_path, unk_token, fuse_unk):
         document["model"]["vocab"].pop(bytes_to_unicode()[ord(byte)])
     document["model"] |= {"unk_token": unk_token, "fuse_unk": fuse_unk}
     (directory / "tokenizer.json").write_text(json.dumps(document), encoding="utf-8")
-    ours, theirs = BPETokenizer(directory / "tokenizer.json"), tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+    ours = BPETokenizer(directory / "tokenizer.json")
+    theirs = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
     for text in ["a\x04\x06b wow!\x04!", "\x04", "\x06\x06 sat", "hmm?\x06\x06? .\x04.\x04."]:
         assert ours.encode(text) == theirs.encode(text, add_special_tokens=False).ids
 

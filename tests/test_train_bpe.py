@@ -50,8 +50,8 @@ def hf_tokenizer_dir(tmp_path_factory):
     from a BPE trained here (SmolLM2's pre-tokenizer) with SmolLM2's ChatML template."""
     import transformers
 
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer_json("smollm2"), bos_token="<|im_start|>",
-                                              eos_token="<|im_end|>", pad_token="<|im_end|>")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer_json("smollm2"),
+                                              bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>")
     hf.chat_template = TEMPLATE.read_text(encoding="utf-8")
     directory = tmp_path_factory.mktemp("hf_tokenizer")
     hf.save_pretrained(directory)

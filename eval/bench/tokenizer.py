@@ -191,7 +191,8 @@ def main(argv=None) -> int:
         results = {name: timed(make, records) for name, make in runs.items()}
     base = results["sentencepiece v1"][1]
     print(f"{args.pairs} HH-RLHF-shaped pairs through data.tokenization.tokenize_records (seed {args.seed})")
-    print(f"{'tokenizer':<32} {'load s':>7} {'tokenize s':>10} {'tokens':>10} {'tokens/pair':>11} {'x sentencepiece':>15}")
+    print(f"{'tokenizer':<32} {'load s':>7} {'tokenize s':>10} {'tokens':>10} {'tokens/pair':>11} "
+          f"{'x sentencepiece':>15}")
     for name, (load, seconds, tokens) in results.items():
         print(f"{name:<32} {load:>7.2f} {seconds:>10.2f} {tokens:>10} {tokens / args.pairs:>11.0f} "
               f"{seconds / base:>15.2f}")
