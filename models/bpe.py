@@ -75,7 +75,7 @@ class BPETokenizer(TokenizerBase):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise _checkpoint_error(f"{self.path}: tokenizer file not found")
-        document = _read_json(self.path)
+        document = read_config(self.path)  # a JSON object, or a one-line error naming the file
         config_path = os.path.join(os.path.dirname(os.path.abspath(self.path)), "tokenizer_config.json")
         config = read_config(config_path)
         self.token_bytes: list[bytes | None] = []  # id -> bytes (None: a special token)
@@ -344,17 +344,6 @@ DEFAULT_SPECIAL = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOL
 
 
 # ---- reading helpers ------------------------------------------------------------------------------------------
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as file:
-            document = json.load(file)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise _checkpoint_error(f"{path}: not a readable JSON file ({error})") from None
-    if not isinstance(document, dict):
-        raise _checkpoint_error(f"{path}: expected a JSON object")
-    return document
-
 
 def _field(mapping: dict, key: str, kind: type, path: str, prefix: str = ""):
     value = mapping.get(key)

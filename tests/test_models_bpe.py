@@ -26,6 +26,7 @@ from models.bpe import BPETokenizer, bytes_to_unicode
 from models.chat_format import FORMATS, ChatFormatError
 from models.checkpoint import CheckpointError
 from models.tokenizer import check_vocabulary, load_tokenizer
+from test_models_chat_format import DATA_RECORDS  # (record, conversation, chosen, rejected); tests/ is on sys.path
 
 mistral_common = pytest.importorskip("mistral_common")  # test oracles (requirements-dev.txt)
 tokenizers = pytest.importorskip("tokenizers")
@@ -180,23 +181,6 @@ def test_v7_format_over_a_v3_file_is_mistral_commons_v7(tekken):
     for messages, reply in CHATS:
         whole = v7.encode_prompt(messages) + v7.encode_response(reply)
         assert whole == mistral_common_ids(theirs, "v7", messages, reply)
-
-
-HH_PROMPT = "\n\nHuman: Hi  there\n\nAssistant: Hello! How can I help?\n\nHuman: Explain [INST] tags.\n\nAssistant:"
-DATA_RECORDS = [  # (record as in the file, the conversation it means, chosen, rejected)
-    ({"prompt": "Capital of France?", "chosen": "Paris.  ", "rejected": "Lyon."},
-     msgs(("user", "Capital of France?")), "Paris.  ", "Lyon."),
-    ({"prompt": msgs(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "Weather? 🌧")),
-      "chosen": msgs(("assistant", "Rainy.")), "rejected": msgs(("assistant", "I don't know."))},
-     msgs(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "Weather? 🌧")), "Rainy.",
-     "I don't know."),
-    ({"prompt": "Write a haiku.", "chosen": msgs(("user", "Write a haiku."), ("assistant", "Old pond;\r\na frog.")),
-      "rejected": msgs(("user", "Write a haiku."), ("assistant", "No.")), "score_chosen": 8.0, "score_rejected": 2.0},
-     msgs(("user", "Write a haiku.")), "Old pond;\r\na frog.", "No."),
-    ({"chosen": HH_PROMPT + " They mark turns.", "rejected": HH_PROMPT + " No idea."},
-     msgs(("user", "Hi  there"), ("assistant", "Hello! How can I help?"), ("user", "Explain [INST] tags.")),
-     "They mark turns.", "No idea."),
-]
 
 
 def test_tekken_data_path_equals_mistral_common(tmp_path, tekken):

@@ -9,7 +9,6 @@ weights are random (1 layer, hidden 16): only the plumbing is under test.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -24,8 +23,8 @@ from models.tokenizer import load_tokenizer
 
 mistral_common = pytest.importorskip("mistral_common")
 pytest.importorskip("tokenizers")
-from test_models_bpe import (mistral_common_ids, mistral_common_tekkenizer,  # noqa: E402  (tests/ is on
-                             train_tokenizer_json)  # sys.path under pytest)
+from test_models_bpe import mistral_common_ids, mistral_common_tekkenizer, train_tokenizer_json  # noqa: E402
+from test_train_formats import pairs, run_args  # noqa: E402,F401  (tests/ is on sys.path under pytest)
 
 DATA = Path(mistral_common.__file__).parent / "data"
 TEKKEN = DATA / "tekken_240911.json"
@@ -63,22 +62,6 @@ def hf_checkpoint(directory: Path, tokenizer_dir: Path, vocab_size: int) -> Path
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(tokenizer_dir / name, directory / name)
     return directory
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    """Preference pairs as HH-RLHF distributes them: a gzipped JSON Lines file of transcripts."""
-    path = tmp_path_factory.mktemp("data") / "train.jsonl.gz"
-    rows = [{"chosen": f"\n\nHuman: Which pet is best? {i}\n\nAssistant: Dogs are loyal.",
-             "rejected": f"\n\nHuman: Which pet is best? {i}\n\nAssistant: Fish are quiet."} for i in range(8)]
-    path.write_bytes(gzip.compress("".join(json.dumps(row) + "\n" for row in rows).encode()))
-    return path
-
-
-def run_args(model, data, out, *extra):
-    return ["--model", str(model), "--data", str(data), "--out", str(out), "--steps", "1", "--batch-size", "2",
-            "--lora-rank", "2", "--lora-alpha", "2", "--max-length", "48", "--max-prompt-length", "32", "--lr", "1e-3",
-            "--warmup-steps", "1", "--threads", "1", "--no-progress", *extra]
 
 
 def sample_prompt_ids(model: Path, capsys, prompt: str) -> tuple[list[int], str]:
