@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from cli import ArgumentParser, UsageError, choose_threads, resolve_device
+from spl.cli import ArgumentParser, UsageError, choose_threads, resolve_device
 from data.world import MODEL_DIR as DEFAULT_MODEL
 from models import CheckpointError, ConfigError, load_adapter, load_pretrained
 from models.chat_format import FORMATS as CHAT_FORMATS

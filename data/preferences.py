@@ -159,12 +159,7 @@ def parse_record(value, columns: dict, path: str, line: int, where: str = "line"
 
     if columns["prompt"] in value:
         prompt_value = value[columns["prompt"]]
-        if isinstance(prompt_value, str):
-            prompt = [{"role": "user", "content": prompt_value}]
-        elif isinstance(prompt_value, list):
-            prompt = _messages(prompt_value, columns["prompt"], fail)
-        else:
-            fail(f'field "{columns["prompt"]}" must be a string or a list of messages, got {_json_type(prompt_value)}')
+        prompt = parse_prompt(prompt_value, columns["prompt"], fail)
         prefix_c, chosen = _split_reply(chosen_value, columns["chosen"], fail)
         prefix_r, rejected = _split_reply(rejected_value, columns["rejected"], fail)
         for prefix, name in ((prefix_c, columns["chosen"]), (prefix_r, columns["rejected"])):
@@ -245,6 +240,16 @@ def _columns(column_map: dict | None) -> dict:
             raise ValueError(f"column_map[{name!r}] must be a non-empty field name, got {key!r}")
         columns[name] = key
     return columns
+
+
+def parse_prompt(value, name: str, fail) -> list[dict]:
+    """A prompt field as chat messages: a string is one user turn, a list must be chat messages (`_messages`);
+    anything else calls `fail(problem)`. The one reader of a prompt field, for preference and SFT records."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list):
+        return _messages(value, name, fail)
+    fail(f'field "{name}" must be a string or a list of messages, got {_json_type(value)}')
 
 
 def _json_type(value) -> str:

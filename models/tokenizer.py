@@ -53,7 +53,8 @@ def load_tokenizer(directory, chat_format: str | None = None):
         path = directory / name
         if path.is_file():
             return (Tokenizer if name == "tokenizer.model" else BPETokenizer)(path, chat_format), path
-    raise _checkpoint_error(f"{directory}: no tokenizer (looked for {', '.join(TOKENIZER_FILES)})")
+    raise _checkpoint_error(f"{directory / TOKENIZER_FILES[0]}: missing, and no {' or '.join(TOKENIZER_FILES[1:])} "
+                            f"beside it (a checkpoint's tokenizer is one of {', '.join(TOKENIZER_FILES)})")
 
 
 class TokenizerBase:

@@ -390,8 +390,9 @@ def test_load_tokenizer_order_and_missing_files(tmp_path):
     shutil.copy(DATA / "tokenizer.model.v1", directory / "tokenizer.model")  # tokenizer.model first
     tokenizer, path = load_tokenizer(directory, "mistral-v1")
     assert path == directory / "tokenizer.model" and tokenizer.kind == "sentencepiece"
-    with pytest.raises(CheckpointError, match=r"empty: no tokenizer \(looked for tokenizer.model, tekken.json, "
-                                              r"tokenizer.json\)"):
+    with pytest.raises(CheckpointError, match=r"empty/tokenizer.model: missing, and no tekken.json or tokenizer.json "
+                                              r"beside it \(a checkpoint's tokenizer is one of tokenizer.model, "
+                                              r"tekken.json, tokenizer.json\)"):
         load_tokenizer(tmp_path / "empty")
     with pytest.raises(CheckpointError, match=r"tekken.json: 131072 tokens, more than the vocab_size 32768"):
         check_vocabulary(tekken, 32768, directory)

@@ -124,22 +124,26 @@ def test_a_larger_vocabulary_is_refused_before_the_run_directory_exists(tmp_path
     assert not out.exists()
 
 
-def test_reference_cache_key_follows_the_tokenizer_files_content(tmp_path, pairs, hf_tokenizer_dir):
+def cached_tokenizer_sha256(out: Path) -> tuple[str, str]:
+    """(cache directory name, the tokenizer_sha256 in its key) of a run's reference-log-prob cache."""
+    from safetensors import safe_open
+
+    (cache,) = (out / "cache").glob("ref_logps-*")
+    with safe_open(str(cache / "ref_logps.safetensors"), framework="pt") as file:
+        return cache.name, file.metadata()["tokenizer_sha256"]
+
+
+def test_reference_cache_key_follows_the_tokenizer_files_content(tmp_path, pairs, capsys, hf_tokenizer_dir):
     """The key hashes the file the tokenizer was read from (tokenizer.json here): the same ids from a file with
-    other bytes still give another key, so a cache is never reused across tokenizer files."""
+    other bytes still give another key and another cache, so a cache is never reused across tokenizer files."""
     tokenizer_dir, hf = hf_tokenizer_dir
     model = hf_checkpoint(tmp_path / "model", tokenizer_dir, len(hf))
-    c = train.parse_args(run_args(model, pairs, tmp_path / "run"))
-
-    def key():
-        loaded, tokenizer, model_dir, tokenizer_path = train.load_model(c, train.torch.device("cpu"))
-        examples, summary = train.load_data(c, tokenizer, lambda *args: None, loaded.config.vocab_size)
-        return tokenizer_path, train.reference_cache_key(examples, c, model_dir, summary.sha256, tokenizer,
-                                                         tokenizer_path)
-
-    path, before = key()
-    assert path == model / "tokenizer.json" and before.tokenizer_sha256 == file_sha256(path)
-    document = json.loads(path.read_text(encoding="utf-8"))
-    path.write_text(json.dumps(document, indent=1), encoding="utf-8")  # the same tokenizer, other bytes
-    path_after, after = key()
-    assert after.tokenizer_sha256 == file_sha256(path_after) != before.tokenizer_sha256
+    assert train.main(run_args(model, pairs, tmp_path / "run")) == 0
+    before = cached_tokenizer_sha256(tmp_path / "run")
+    assert before[1] == file_sha256(model / "tokenizer.json")
+    document = json.loads((model / "tokenizer.json").read_text(encoding="utf-8"))
+    (model / "tokenizer.json").write_text(json.dumps(document, indent=1), encoding="utf-8")  # same tokens
+    assert train.main(run_args(model, pairs, tmp_path / "run2")) == 0
+    after = cached_tokenizer_sha256(tmp_path / "run2")
+    assert after[1] == file_sha256(model / "tokenizer.json") != before[1] and after[0] != before[0]
+    capsys.readouterr()

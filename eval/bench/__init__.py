@@ -1,1 +1,1 @@
-"""Benchmarks: each script measures one part of the pipeline against a reference and prints the ratio."""
+"""Benchmarks: each prints ratios against a baseline measured in the same run (figures in docs/results.md)."""

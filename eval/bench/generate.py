@@ -1,8 +1,8 @@
 """Generation speed: `models.generate.generate` against HF transformers' `generate` on the same checkpoint.
 
-    python eval/bench_generate.py                      # N = 16 samples x 128 new tokens, the world model's shape
-    python eval/bench_generate.py --threads 1 --repeats 5   # one thread only
-    python eval/bench_generate.py --busy 1               # the same while another CPU-bound job runs
+    python eval/bench/generate.py                      # N = 16 samples x 128 new tokens, the world model's shape
+    python eval/bench/generate.py --threads 1 --repeats 5   # one thread only
+    python eval/bench/generate.py --busy 1               # the same while another CPU-bound job runs
 
 Both methods run at torch's default thread count and at one thread (--threads N: only at N). With --busy K,
 K competing processes (each a one-thread matmul loop, like another job on the machine) run during every timed
@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 # torch, transformers and our models are imported inside the functions that use them: --help answers without
 # loading torch, and transformers (a benchmark-only dependency) is imported only to build the HF checkpoint.
 
