@@ -17,6 +17,7 @@ import functools
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -367,6 +368,13 @@ def test_bytes_without_a_token_as_hf_treats_them(tmp_path, unk_token, fuse_unk):
     theirs = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
     for text in ["a\x04\x06b wow!\x04!", "\x04", "\x06\x06 sat", "hmm?\x06\x06? .\x04.\x04."]:
         assert ours.encode(text) == theirs.encode(text, add_special_tokens=False).ids
+
+
+def test_without_the_regex_package_one_line_says_what_to_install(tmp_path, monkeypatch):
+    directory = write_tokenizer_dir(tmp_path, "gpt2", "chatml.jinja", "<|im_end|>", "<|im_start|>")
+    monkeypatch.setitem(sys.modules, "regex", None)  # import regex now raises ImportError
+    with pytest.raises(CheckpointError, match=r"^byte-level BPE tokenizers need the regex package: pip install regex$"):
+        BPETokenizer(directory / "tokenizer.json")
 
 
 def test_llama_31_dated_system_block_is_refused(tmp_path):
