@@ -160,6 +160,9 @@ class ChatFormat:
         system, turns = normalize_messages(messages)
         if turns[-1]["role"] != "user":
             raise ChatFormatError("encode_prompt: messages must end with a user turn")
+        if system is None and self.default_system is not None and messages[0]["role"] == "system":
+            raise ChatFormatError("an empty system message: the chat template would write an empty system block "
+                                  "where it writes its default one otherwise; drop it or give it text")
         return self.prompt(system, turns)
 
     def encode_response(self, text: str) -> list[int]:

@@ -331,6 +331,8 @@ def test_smollm2_template_writes_its_default_system_message(tmp_path_factory):
     assert ours.format.default_system == default
     assert ours.encode_prompt(msgs(("user", "Hi"))) == ours.encode_prompt(msgs(("system", default), ("user", "Hi")))
     assert ours.encode_prompt(msgs(("system", "Be brief."), ("user", "Hi"))) != ours.encode_prompt(msgs(("user", "Hi")))
+    with pytest.raises(ChatFormatError, match=r"an empty system message: the chat template would write an empty"):
+        ours.encode_prompt(msgs(("system", ""), ("user", "Hi")))  # normalised away here, an empty block there
 
 
 def test_tokenizer_json_detection_and_refusals(tmp_path):
