@@ -144,10 +144,10 @@ class Completion:
 
 def user_prompt_ids(tokenizer, text: str, chat: bool = True) -> list[int]:
     """BOS + enc("[INST] text [/INST]") (a user turn in the tokenizer's chat format), or BOS + enc(text) without
-    chat."""
+    chat (BOS where the tokenizer adds one: SmolLM2's and Qwen's tokenizer.json do not)."""
     if chat:
         return tokenizer.encode_prompt([{"role": "user", "content": text}])
-    return [tokenizer.bos_id] + tokenizer.encode(text)
+    return [tokenizer.bos_id] * tokenizer.adds_bos + tokenizer.encode(text)
 
 
 @torch.no_grad()
