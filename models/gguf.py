@@ -220,8 +220,10 @@ def describe(gguf_path) -> str:
                 f"{len(md.get('tokenizer.ggml.tokens', []))} tokens")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spl" / "gguf"
+def cache_dir(gguf_path) -> Path:
+    """Where resolve_model keeps the conversion of a GGUF file: keyed by the file's sha256 and CONVERTER_VERSION."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spl" / "gguf"
+    return root / f"{file_sha256(gguf_path)[:16]}-v{CONVERTER_VERSION}"
 
 
 def installed_file(name: str) -> Path:
@@ -238,23 +240,24 @@ def installed_file(name: str) -> Path:
 
 def resolve_model(name_or_path, say=None) -> Path:
     """The HF-format directory --model names: a directory as it is; a .gguf file converted once into the cache
-    (cache_root()); a short name (SHORT_NAMES) when no such path exists. Says (to stderr by default) which file
+    (cache_dir); a short name (SHORT_NAMES) when no such path exists. Says (to stderr by default) which file
     was used and where its conversion lives."""
     say = say or (lambda line: print(line, file=sys.stderr))
     path = Path(name_or_path)
+    named = f"{name_or_path} = " if str(name_or_path) in SHORT_NAMES else ""
     if not path.exists() and str(name_or_path) in SHORT_NAMES:
         path = installed_file(str(name_or_path))
     elif path.is_dir() or path.suffix.lower() != ".gguf":
         return path
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
-    out = cache_root() / f"{file_sha256(path)[:16]}-v{CONVERTER_VERSION}"
+    out = cache_dir(path)
     if out.is_dir():  # published atomically: a directory that exists is complete
-        say(f"model: {name_or_path} = {path}, converted before: {out}")
+        say(f"model: {named}{path}, converted before: {out}")
         return out
     start = time.perf_counter()
     convert(path, out)  # two processes converting at once: both publish whole directories, the last one stays
-    say(f"model: {name_or_path} = {path} ({describe(path)}), converted in {time.perf_counter() - start:.1f} s "
+    say(f"model: {named}{path} ({describe(path)}), converted in {time.perf_counter() - start:.1f} s "
         f"into {out}")
     return out
 

@@ -423,16 +423,32 @@ def test_train_py_adapter_on_the_tied_model_loads_in_peft(smollm2_dir, tmp_path)
 # ---- naming a model: resolve_model and the cache ----------------------------------------------------------------
 
 def test_resolve_model_converts_once_into_the_cache(tmp_path, monkeypatch):
+    from models.gguf import cache_dir
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     write_tiny_llama(tmp_path / "tiny.gguf")
     said = []
     first = resolve_model(tmp_path / "tiny.gguf", say=said.append)
     assert first.parent == tmp_path / "cache" / "spl" / "gguf" and (first / "model.safetensors").is_file()
+    assert first == cache_dir(tmp_path / "tiny.gguf")
     assert "converted in" in said[0] and str(first) in said[0]
     written = (first / "model.safetensors").stat().st_mtime_ns
     assert resolve_model(tmp_path / "tiny.gguf", say=said.append) == first
     assert "converted before" in said[1] and (first / "model.safetensors").stat().st_mtime_ns == written
     assert resolve_model(tmp_path) == tmp_path  # a directory is itself
+
+
+def test_sample_py_on_the_gguf_file_says_paris(smollm2_file, smollm2_dir, tmp_path, monkeypatch, capsys):
+    """`python sample.py --model FILE.gguf --prompt "What is the capital of France?" --temperature 0`, in process,
+    with the cache already holding the module's conversion (a link to it): the answer names Paris."""
+    import sample
+    from models.gguf import cache_dir
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache_dir(smollm2_file).parent.mkdir(parents=True)
+    cache_dir(smollm2_file).symlink_to(smollm2_dir, target_is_directory=True)
+    assert sample.main(["--model", str(smollm2_file), "--prompt", "What is the capital of France?",
+                        "--temperature", "0", "--max-new-tokens", "16", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "Paris" in out and f"{smollm2_file}, converted before: {cache_dir(smollm2_file)}" in err
 
 
 def test_short_name_is_the_wheels_file(smollm2_file, monkeypatch):
