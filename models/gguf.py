@@ -98,7 +98,8 @@ def llama_config(gguf: GGUFFile) -> MistralConfig:
         (get("rope.dimension_count", default=head_dim) != head_dim, "rope.dimension_count (partial rotary) is not "
                                                                    "head_dim"),
         (get("expert_count", default=0) != 0, "expert_count: mixture-of-experts is not built here"),
-        (metadata.get("llama.rope.scaling.type", "none") != "none", "rope.scaling.type: RoPE scaling is not built here"),
+        (metadata.get("llama.rope.scaling.type", "none") != "none",
+         "rope.scaling.type: RoPE scaling is not built here"),
         ("rope_freqs.weight" in gguf.tensors, "rope_freqs.weight: RoPE frequency factors are not built here"),
     ]
     for refused, message in refusals:
@@ -238,17 +239,21 @@ def installed_file(name: str) -> Path:
     raise GGUFError(f"--model {name}: {file_name} is not installed; {install}")
 
 
+def named_file(name_or_path) -> Path:
+    """The path itself, or the installed file a short name stands for when no such path exists."""
+    path = Path(name_or_path)
+    return installed_file(str(name_or_path)) if not path.exists() and str(name_or_path) in SHORT_NAMES else path
+
+
 def resolve_model(name_or_path, say=None) -> Path:
     """The HF-format directory --model names: a directory as it is; a .gguf file converted once into the cache
     (cache_dir); a short name (SHORT_NAMES) when no such path exists. Says (to stderr by default) which file
     was used and where its conversion lives."""
     say = say or (lambda line: print(line, file=sys.stderr))
-    path = Path(name_or_path)
-    named = f"{name_or_path} = " if str(name_or_path) in SHORT_NAMES else ""
-    if not path.exists() and str(name_or_path) in SHORT_NAMES:
-        path = installed_file(str(name_or_path))
-    elif path.is_dir() or path.suffix.lower() != ".gguf":
+    path = named_file(name_or_path)
+    if path.is_dir() or path.suffix.lower() != ".gguf":
         return path
+    named = f"{name_or_path} = " if str(name_or_path) != str(path) else ""
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
     out = cache_dir(path)
@@ -269,9 +274,7 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (once the new one is whole)")
     args = parser.parse_args(argv)
     try:
-        path = Path(args.gguf)
-        if not path.exists() and args.gguf in SHORT_NAMES:
-            path = installed_file(args.gguf)
+        path = named_file(args.gguf)
         start = time.perf_counter()
         convert(path, args.out, overwrite=args.overwrite)
         print(f"{args.out}: {describe(path)}; converted in {time.perf_counter() - start:.1f} s")

@@ -21,7 +21,8 @@ is an `np.frombuffer` view into it, so opening a 100 MB file reads only its head
 by tensor (the caller holds one float32 tensor at a time). Every length, count and offset is checked against the
 file's size before it is used, so a truncated or hostile file is one GGUFError line, never a huge allocation.
 
-What the tensors and metadata become (an HF-format directory) is models/gguf.py; the tokenizer, models/gguf_tokenizer.py.
+What the tensors and metadata become (an HF-format directory) is models/gguf.py; the tokenizer,
+models/gguf_tokenizer.py.
 """
 from __future__ import annotations
 

