@@ -31,6 +31,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import struct
 import sys
 import time
@@ -132,6 +133,10 @@ def llama_config(gguf: GGUFFile) -> MistralConfig:
 def tensor_plan(gguf: GGUFFile, config: MistralConfig) -> list[tuple[str, str, int | None]]:
     """[(GGUF name, HF name, heads to un-permute or None)] in file order, once every name, shape and type checks
     out against the config (one GGUFError listing every problem, before anything is written)."""
+    blocks = {int(name.split(".")[1]) for name in gguf.tensors if re.match(r"blk\.\d+\.", name)}
+    if config.num_hidden_layers > max(blocks, default=-1) + 1:  # before building a model of that many layers
+        raise GGUFError(f"{gguf.path}: llama.block_count is {config.num_hidden_layers} but the file holds blocks "
+                        f"0..{max(blocks, default=-1)}")
     with torch.device("meta"):
         expected = {ours_to_hf(name): tuple(p.shape) for name, p in Mistral(config).state_dict().items()
                     if not (config.tie_word_embeddings and name == "lm_head.weight")}

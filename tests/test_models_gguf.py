@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import gguf  # the test oracle: ggml's own reader, writer and (de)quantisers (requirements-dev.txt)
-from gguf import GGMLQuantizationType as Q
+from gguf import GGMLQuantizationType as Q, GGUFValueType as T
 
 from models import load_adapter, load_pretrained, save_pretrained
 from models.gguf import SHORT_NAMES, cache_dir, convert, installed_file, main, resolve_model
@@ -75,7 +75,8 @@ def write_tiny_llama(path, types=SUPPORTED, tied=True, arch="llama", pre="smollm
     for key, value in {"block_count": 2, "context_length": 256, "embedding_length": hidden,
                        "feed_forward_length": ffn, "attention.head_count": heads, "attention.head_count_kv": kv_heads,
                        "rope.dimension_count": head_dim, "vocab_size": vocab}.items():
-        writer.add_uint32(f"{arch}.{key}", value)
+        if f"{arch}.{key}" not in (extra or {}):  # `extra` replaces a key, never repeats it
+            writer.add_uint32(f"{arch}.{key}", value)
     writer.add_float32(f"{arch}.rope.freq_base", 10000.0)
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
     writer.add_string("tokenizer.ggml.model", "gpt2")
@@ -160,7 +161,6 @@ def test_each_type_dequantises_as_the_gguf_package(qtype, tmp_path):
 
 def test_every_metadata_value_type(tmp_path):
     """Every GGUF value type (scalars at their range's edges, arrays of numbers, bools and strings)."""
-    T = gguf.GGUFValueType
     values = {"u8": (200, T.UINT8), "i8": (-100, T.INT8), "u16": (60000, T.UINT16), "i16": (-30000, T.INT16),
               "u32": (4_000_000_000, T.UINT32), "i32": (-2_000_000_000, T.INT32), "f32": (0.1, T.FLOAT32),
               "bool": (True, T.BOOL), "str": ("naïve ½ 東京", T.STRING), "u64": (2**63 + 5, T.UINT64),
@@ -409,8 +409,8 @@ def test_train_py_adapter_on_the_tied_model_loads_in_peft(smollm2_dir, tmp_path)
                        "--lora-targets", "q_proj,v_proj,lm_head", "--lora-dropout", "0", "--lr", "1e-2",
                        "--warmup-steps", "0", "--threads", "1", "--no-progress"]) == 0
     adapter = tmp_path / "run" / "adapter"
-    assert set(json.loads((adapter / "adapter_config.json").read_text())["target_modules"]) == {
-        "q_proj", "v_proj", "lm_head"}
+    assert sorted(json.loads((adapter / "adapter_config.json").read_text())["target_modules"]) == [
+        "lm_head", "q_proj", "v_proj"]
     ids = torch.tensor([[1, 4093, 198, 30, 31, 32, 2]])
     with torch.no_grad():
         ours = load_adapter(load_pretrained(smollm2_dir).eval(), adapter)(ids)
@@ -429,9 +429,8 @@ def test_resolve_model_converts_once_into_the_cache(tmp_path, monkeypatch):
     write_tiny_llama(tmp_path / "tiny.gguf")
     said = []
     first = resolve_model(tmp_path / "tiny.gguf", say=said.append)
-    assert first.parent == tmp_path / "cache" / "spl" / "gguf" and (first / "model.safetensors").is_file()
-    assert first == cache_dir(tmp_path / "tiny.gguf")
-    assert "converted in" in said[0] and str(first) in said[0]
+    assert first == cache_dir(tmp_path / "tiny.gguf") and first.parent == tmp_path / "cache" / "spl" / "gguf"
+    assert "converted in" in said[0] and str(first) in said[0] and (first / "model.safetensors").is_file()
     written = (first / "model.safetensors").stat().st_mtime_ns
     assert resolve_model(tmp_path / "tiny.gguf", say=said.append) == first
     assert "converted before" in said[1] and (first / "model.safetensors").stat().st_mtime_ns == written
@@ -462,7 +461,6 @@ def test_short_name_is_the_wheels_file(smollm2_file, monkeypatch):
 # ---- bad input: one line naming the file and what is wrong -------------------------------------------------------
 
 def test_bad_files_are_one_line(tmp_path, smollm2_file):
-    T = gguf.GGUFValueType
     cases = {}
     write_tiny_llama(tmp_path / "qwen.gguf", arch="qwen2")
     cases["qwen.gguf"] = r"general\.architecture is 'qwen2'; only llama is converted"
@@ -470,6 +468,8 @@ def test_bad_files_are_one_line(tmp_path, smollm2_file):
     cases["pre.gguf"] = r"tokenizer\.ggml\.pre 'llama-bpe' is not a pre-tokenizer this converter knows"
     write_tiny_llama(tmp_path / "scaled.gguf", extra={"llama.rope.scaling.type": ("linear", T.STRING)})
     cases["scaled.gguf"] = r"llama\.rope\.scaling\.type: RoPE scaling is not built here"
+    write_tiny_llama(tmp_path / "deep.gguf", extra={"llama.block_count": (10**12, T.UINT64)})
+    cases["deep.gguf"] = r"llama\.block_count is 1000000000000 but the file holds blocks 0\.\.1$"
     (tmp_path / "magic.gguf").write_bytes(b"GGML" + bytes(60))
     cases["magic.gguf"] = r"not a GGUF file \(magic b'GGML', expected b'GGUF'\)"
     with open(smollm2_file, "rb") as f:
