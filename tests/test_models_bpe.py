@@ -358,6 +358,23 @@ def test_bytes_without_a_token_as_hf_treats_them(tmp_path, unk_token, fuse_unk):
         assert ours.encode(text) == theirs.encode(text, add_special_tokens=False).ids
 
 
+def test_ignore_merges_takes_a_word_that_is_a_token_whole(tmp_path):
+    """A token no merge path builds ("qqq", added to the vocabulary by hand): with ignore_merges (Llama 3) the word
+    "qqq" is that token; without, it is merged from its bytes. Both as HF tokenizers does."""
+    directory = write_tokenizer_dir(tmp_path, "llama3", "chatml.jinja", "<|im_end|>", "<|im_start|>")
+    document = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    document["model"]["vocab"]["qqq"] = qqq = 1 + max(t["id"] for t in document["added_tokens"])
+    found = {}
+    for ignore_merges in (True, False):
+        document["model"]["ignore_merges"] = ignore_merges
+        (directory / "tokenizer.json").write_text(json.dumps(document), encoding="utf-8")
+        ours = BPETokenizer(directory / "tokenizer.json")
+        theirs = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+        found[ignore_merges] = ours.encode("qqq qqq")
+        assert found[ignore_merges] == theirs.encode("qqq qqq", add_special_tokens=False).ids
+    assert found[True][0] == qqq and qqq not in found[False]
+
+
 def test_without_the_regex_package_one_line_says_what_to_install(tmp_path, monkeypatch):
     directory = write_tokenizer_dir(tmp_path, "gpt2", "chatml.jinja", "<|im_end|>", "<|im_start|>")
     monkeypatch.setitem(sys.modules, "regex", None)  # import regex now raises ImportError
