@@ -335,7 +335,9 @@ def test_tokenizer_json_detection_and_refusals(tmp_path):
             (lambda d: d["model"].update(type="WordPiece"), r"model.type 'WordPiece' is not supported"),
             (lambda d: d.update(normalizer={"type": "Lowercase"}), r"normalizer \['Lowercase'\] is not supported"),
             (lambda d: d.update(pre_tokenizer={"type": "Metaspace"}), r"pre_tokenizer.type 'Metaspace': not supported"),
-            (lambda d: d["added_tokens"][0].update(lstrip=True), r"added_tokens\[0\].lstrip True is not supported")]:
+            (lambda d: d["added_tokens"][0].update(lstrip=True), r"added_tokens\[0\].lstrip True is not supported"),
+            (lambda d: d["model"]["merges"].append("oops"), r"model.merges\[\d+\] 'oops' is not a pair of tokens"),
+            (lambda d: d["added_tokens"].append(7), r"added_tokens\[\d+\] needs an int id and a str content")]:
         changed = json.loads(json.dumps(document))
         change(changed)
         (directory / "tokenizer.json").write_text(json.dumps(changed), encoding="utf-8")
