@@ -157,6 +157,22 @@ class BPETokenizer(TokenizerBase):
         _refuse_unless(byte_level, self.path, "pre_tokenizer", None, "a ByteLevel pre-tokenizer is needed")
         decoder = (document.get("decoder") or {}).get("type")
         _refuse_unless(decoder in (None, "ByteLevel"), self.path, "decoder.type", decoder, "ByteLevel expected")
+        added = document.get("added_tokens") or []
+        for position, token in enumerate(added):
+            if not (isinstance(token, dict) and isinstance(token.get("id"), int) and isinstance(token.get("content"),
+                                                                                                  str)):
+                raise _checkpoint_error(f"{self.path}: added_tokens[{position}] needs an int id and a str content")
+        self._read_vocabulary(model, added)
+        self._read_added_tokens(added, config, config_path)
+        self.adds_bos = _adds_bos(document.get("post_processor"), config, self.bos_id)
+        if "[INST]" in self.special:  # a Mistral tokenizer converted to tokenizer.json
+            marker = "[SYSTEM_PROMPT]" if "[SYSTEM_PROMPT]" in self.special else "[INST]"
+            return set(self.special), (mistral_version(set(self.special)),
+                                       f"no chat_template; {marker} is a special token of tokenizer.json")
+        return set(self.special), None
+
+    def _read_vocabulary(self, model: dict, added: list) -> None:
+        """model.vocab and model.merges, their tokens mapped from GPT-2's alphabet back to bytes."""
         to_byte = {character: b for b, character in bytes_to_unicode().items()}
 
         def raw(token: str, where: str) -> bytes:
@@ -165,8 +181,9 @@ class BPETokenizer(TokenizerBase):
             return bytes(to_byte[c] for c in token)
 
         vocab = _field(model, "vocab", dict, self.path, "model.")
-        added = document.get("added_tokens") or []
-        size = max([*vocab.values(), *(t.get("id", -1) for t in added)], default=-1) + 1
+        if not all(isinstance(index, int) and index >= 0 for index in vocab.values()):
+            raise _checkpoint_error(f"{self.path}: model.vocab must map tokens to ids >= 0")
+        size = max([*vocab.values(), *(t["id"] for t in added)], default=-1) + 1
         self.token_bytes = [None] * size
         added_ids = {t.get("id") for t in added}
         for token, index in vocab.items():
@@ -180,17 +197,21 @@ class BPETokenizer(TokenizerBase):
         self.fuse_unk = bool(model.get("fuse_unk"))
         pair_ranks = {}
         for rank, merge in enumerate(_field(model, "merges", list, self.path, "model.")):
-            left, right = merge.split(" ") if isinstance(merge, str) else merge
-            pair = raw(left, "model.merges"), raw(right, "model.merges")
+            pair = merge.split(" ") if isinstance(merge, str) else merge  # "a b" (older files) or ["a", "b"]
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+                raise _checkpoint_error(f"{self.path}: model.merges[{rank}] {merge!r} is not a pair of tokens")
+            pair = raw(pair[0], "model.merges"), raw(pair[1], "model.merges")
             if pair[0] + pair[1] not in self.ids:
                 raise _checkpoint_error(f"{self.path}: model.merges[{rank}] {merge!r} makes no token of the vocab")
             pair_ranks.setdefault(pair, rank)
         self._rank = lambda left, right: pair_ranks.get((left, right))
         self.ignore_merges = bool(model.get("ignore_merges"))
+
+    def _read_added_tokens(self, added: list, config: dict, config_path: str) -> None:
+        """added_tokens (special: never matched in text; not special: matched whole, as HF does) and the
+        bos/eos/pad tokens tokenizer_config.json names among them."""
         for position, token in enumerate(added):
             where = f"added_tokens[{position}]"
-            if not (isinstance(token.get("id"), int) and isinstance(token.get("content"), str)):
-                raise _checkpoint_error(f"{self.path}: {where} needs an int id and a str content")
             for flag in ("lstrip", "rstrip", "single_word"):
                 _refuse_unless(not token.get(flag), self.path, f"{where}.{flag}", token.get(flag),
                                f"{token['content']!r}: stripping around added tokens is not implemented")
@@ -203,16 +224,10 @@ class BPETokenizer(TokenizerBase):
         names = {key: _token_name(config.get(key)) for key in ("bos_token", "eos_token", "pad_token")}
         ids = {key: self.special.get(name, self.added.get(name)) for key, name in names.items()}
         if ids["eos_token"] is None:
-            raise _checkpoint_error(f"{config_path}: eos_token {names['eos_token']!r} is not an added token of "
+            raise _checkpoint_error(f"{config_path}: eos_token {names['eos_token']!r} names no added token of "
                                     f"{self.path} (the chat format ends turns with it)")
         self.bos_id, self.eos_id = ids["bos_token"], ids["eos_token"]
         self.pad_id = ids["pad_token"] if ids["pad_token"] is not None else self.eos_id
-        self.adds_bos = _adds_bos(document.get("post_processor"), config, self.bos_id)
-        if "[INST]" in self.special:  # a Mistral tokenizer converted to tokenizer.json
-            marker = "[SYSTEM_PROMPT]" if "[SYSTEM_PROMPT]" in self.special else "[INST]"
-            return set(self.special), (mistral_version(set(self.special)),
-                                       f"no chat_template; {marker} is a special token of tokenizer.json")
-        return set(self.special), None
 
     def _pre_tokenizer(self, step, where: str) -> bool:
         """Append the regex splits of a pre_tokenizer to self.splits; True if it holds a ByteLevel step."""

@@ -27,7 +27,7 @@ from models.bpe import BPETokenizer, bytes_to_unicode
 from models.chat_format import FORMATS, ChatFormatError
 from models.checkpoint import CheckpointError
 from models.tokenizer import check_vocabulary, load_tokenizer
-from test_models_chat_format import DATA_RECORDS  # (record, conversation, chosen, rejected); tests/ is on sys.path
+from test_models_chat_format import CONVERSATIONS as CHATS, DATA_RECORDS, msgs  # tests/ is on sys.path
 
 mistral_common = pytest.importorskip("mistral_common")  # test oracles (requirements-dev.txt)
 tokenizers = pytest.importorskip("tokenizers")
@@ -61,26 +61,6 @@ ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 
 def random_texts(count: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 40))) for _ in range(count)]
-
-
-def msgs(*pairs):
-    return [{"role": role, "content": content} for role, content in pairs]
-
-
-# (prompt messages, reply): 1-4 user turns, with and without a system message
-CHATS = [
-    (msgs(("user", "What is the capital of France?")), "Paris."),
-    (msgs(("system", "You are terse."), ("user", "Capital of France?")), "Paris."),
-    (msgs(("system", "Be kind."), ("user", "Hi  there,   friend"), ("assistant", "Hello.  "), ("user", "How are you?")),
-     "Fine, thanks.   "),
-    (msgs(("user", "héllo 日本語 🎉 1234"), ("assistant", "Ça va ? 你好"), ("user", "Ελληνικά; русский!")), "Да 42."),
-    (msgs(("user", "line one\r\nline two\r\n\r\nthree"), ("assistant", "ok\r\n"),
-          ("user", "\ttabs\tand\n\nnewlines\n")), "\nstarts with a newline"),
-    (msgs(("user", "Say [INST] and [/INST] and </s>"), ("assistant", "[INST] x [/INST] </s>"), ("user", "again")),
-     "</s> [/INST]"),
-    (msgs(("system", "sys"), ("user", "1"), ("assistant", "a"), ("user", "2"), ("assistant", "b"), ("user", "3"),
-          ("assistant", "c"), ("user", "4")), "d"),
-]
 
 
 # ---- tekken against mistral-common -------------------------------------------------------------------------
@@ -293,35 +273,41 @@ def hf_pair(root: Path, kind: str, template: str, eos: str, bos: str | None):
     return BPETokenizer(directory / "tokenizer.json"), transformers.AutoTokenizer.from_pretrained(directory)
 
 
-TEMPLATE_CASES = {  # name -> (tokenizer kind, template, eos, bos, format, what the template writes after a turn)
-    "chatml-gpt2": ("gpt2", "chatml.jinja", "<|im_end|>", "<|im_start|>", "chatml", "\n"),
-    "smollm2": ("smollm2", "smollm2.jinja", "<|im_end|>", "<|im_start|>", "chatml", "\n"),
-    "zephyr": ("gpt2", "zephyr.jinja", "<|endoftext|>", None, "zephyr", "\n"),
-    "llama-3": ("llama3", "llama-3.jinja", "<|eot_id|>", "<|begin_of_text|>", "llama-3", ""),
+# name -> (tokenizer kind, template, eos, bos, format, what the template writes after a turn, whether the
+# tokenizer's own special tokens are added: yes for the formats whose BOS is the tokenizer's, as in the
+# sentencepiece tests; no for llama-3, whose template writes bos_token itself)
+TEMPLATE_CASES = {
+    "chatml-gpt2": ("gpt2", "chatml.jinja", "<|im_end|>", "<|im_start|>", "chatml", "\n", True),
+    "chatml-llama3": ("llama3", "chatml.jinja", "<|im_end|>", "<|begin_of_text|>", "chatml", "\n", True),
+    "smollm2": ("smollm2", "smollm2.jinja", "<|im_end|>", "<|im_start|>", "chatml", "\n", True),
+    "zephyr": ("gpt2", "zephyr.jinja", "<|endoftext|>", None, "zephyr", "\n", True),
+    "llama-3": ("llama3", "llama-3.jinja", "<|eot_id|>", "<|begin_of_text|>", "llama-3", "", False),
 }
+REFUSED = {("chatml-llama3", 4)}  # a reply starting with "\n" after "assistant\n": Llama 3's regex joins them
 
 
 @pytest.mark.parametrize("case", list(TEMPLATE_CASES))
 @pytest.mark.parametrize("index", range(len(CHATS)))
 def test_template_formats_equal_apply_chat_template(tmp_path_factory, case, index):
-    """prompt ids = transformers' ids of the rendered prompt (add_generation_prompt, no special tokens added:
-    apply_chat_template(tokenize=True)); prompt + response = its ids of the whole conversation, up to what the
-    template writes after the end of turn. A reply the format refuses is one whose ids in the whole conversation
-    do not start with the prompt's (so no prompt/response split is exact)."""
-    kind, template, eos, bos, name, after_turn = TEMPLATE_CASES[case]
+    """prompt ids = transformers' ids of the rendered prompt (add_generation_prompt); prompt + response = its ids
+    of the whole conversation, up to what the template writes after the end of turn. A reply the format refuses
+    is one whose ids in the whole conversation do not start with the prompt's (no prompt/response split is exact)."""
+    kind, template, eos, bos, name, after_turn, add_special_tokens = TEMPLATE_CASES[case]
     ours, hf = hf_pair(tmp_path_factory.getbasetemp(), kind, template, eos, bos)
     assert (ours.chat_format, ours.format_origin) == (name, "chat_template in tokenizer_config.json")
     messages, reply = CHATS[index]
     prompt_text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     whole_text = hf.apply_chat_template(messages + msgs(("assistant", reply)), tokenize=False)
     assert whole_text.endswith(after_turn)
-    prompt, whole = hf.encode(prompt_text, add_special_tokens=False), hf.encode(whole_text, add_special_tokens=False)
+    prompt = hf.encode(prompt_text, add_special_tokens=add_special_tokens)
+    whole = hf.encode(whole_text, add_special_tokens=add_special_tokens)
     assert ours.encode_prompt(messages) == prompt
-    try:
-        response_ids = ours.encode_response(reply)
-    except ChatFormatError:
+    if (case, index) in REFUSED:
+        with pytest.raises(ChatFormatError, match=r"a token of this tokenizer spans the boundary"):
+            ours.encode_response(reply)
         assert whole[:len(prompt)] != prompt
         return
+    response_ids = ours.encode_response(reply)
     assert prompt + response_ids + (hf.encode(after_turn, add_special_tokens=False) if after_turn else []) == whole
 
 
@@ -349,7 +335,9 @@ def test_tokenizer_json_detection_and_refusals(tmp_path):
             (lambda d: d["model"].update(type="WordPiece"), r"model.type 'WordPiece' is not supported"),
             (lambda d: d.update(normalizer={"type": "Lowercase"}), r"normalizer \['Lowercase'\] is not supported"),
             (lambda d: d.update(pre_tokenizer={"type": "Metaspace"}), r"pre_tokenizer.type 'Metaspace': not supported"),
-            (lambda d: d["added_tokens"][0].update(lstrip=True), r"added_tokens\[0\].lstrip True is not supported")]:
+            (lambda d: d["added_tokens"][0].update(lstrip=True), r"added_tokens\[0\].lstrip True is not supported"),
+            (lambda d: d["model"]["merges"].append("oops"), r"model.merges\[\d+\] 'oops' is not a pair of tokens"),
+            (lambda d: d["added_tokens"].append(7), r"added_tokens\[\d+\] needs an int id and a str content")]:
         changed = json.loads(json.dumps(document))
         change(changed)
         (directory / "tokenizer.json").write_text(json.dumps(changed), encoding="utf-8")
@@ -370,6 +358,23 @@ def test_bytes_without_a_token_as_hf_treats_them(tmp_path, unk_token, fuse_unk):
     theirs = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
     for text in ["a\x04\x06b wow!\x04!", "\x04", "\x06\x06 sat", "hmm?\x06\x06? .\x04.\x04."]:
         assert ours.encode(text) == theirs.encode(text, add_special_tokens=False).ids
+
+
+def test_ignore_merges_takes_a_word_that_is_a_token_whole(tmp_path):
+    """A token no merge path builds ("qqq", added to the vocabulary by hand): with ignore_merges (Llama 3) the word
+    "qqq" is that token; without, it is merged from its bytes. Both as HF tokenizers does."""
+    directory = write_tokenizer_dir(tmp_path, "llama3", "chatml.jinja", "<|im_end|>", "<|im_start|>")
+    document = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    document["model"]["vocab"]["qqq"] = qqq = 1 + max(t["id"] for t in document["added_tokens"])
+    found = {}
+    for ignore_merges in (True, False):
+        document["model"]["ignore_merges"] = ignore_merges
+        (directory / "tokenizer.json").write_text(json.dumps(document), encoding="utf-8")
+        ours = BPETokenizer(directory / "tokenizer.json")
+        theirs = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+        found[ignore_merges] = ours.encode("qqq qqq")
+        assert found[ignore_merges] == theirs.encode("qqq qqq", add_special_tokens=False).ids
+    assert found[True][0] == qqq and qqq not in found[False]
 
 
 def test_without_the_regex_package_one_line_says_what_to_install(tmp_path, monkeypatch):
