@@ -79,6 +79,14 @@ class TokenizerBase:
         except ChatFormatError as error:
             raise _checkpoint_error(f"{self.path}: {error}") from None
         self.chat_format = name
+        if self.chat_template is not None and not self.dummy_prefix and self.format_origin.startswith("chat_template"):
+            from models.template import check_template  # here: models/template.py imports chat_format only
+
+            where = os.path.join(os.path.dirname(os.path.abspath(self.path)), self.format_origin.split(" in ")[-1])
+            try:  # markers chose the format: the template's own rendering must agree with it, token for token
+                check_template(self, self.chat_template, where)
+            except ChatFormatError as error:
+                raise _checkpoint_error(str(error)) from None
 
     # ---- the chat format (models/chat_format.py) -------------------------------------------------------------
 

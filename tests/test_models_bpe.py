@@ -251,7 +251,8 @@ def write_tokenizer_dir(directory: Path, kind: str, template: str | None, eos: s
 
 @pytest.mark.parametrize("kind", ["gpt2", "smollm2", "llama3"])
 def test_tokenizer_json_text_equals_hf_tokenizers(tmp_path, kind):
-    directory = write_tokenizer_dir(tmp_path, kind, "chatml.jinja", "<|im_end|>", "<|im_start|>")
+    bos = "<|begin_of_text|>" if kind == "llama3" else "<|im_start|>"  # the BOS its post-processor adds
+    directory = write_tokenizer_dir(tmp_path, kind, "chatml.jinja", "<|im_end|>", bos)
     theirs = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
     ours = BPETokenizer(directory / "tokenizer.json")
     assert ours.vocab_size == theirs.get_vocab_size()
@@ -363,7 +364,7 @@ def test_bytes_without_a_token_as_hf_treats_them(tmp_path, unk_token, fuse_unk):
 def test_ignore_merges_takes_a_word_that_is_a_token_whole(tmp_path):
     """A token no merge path builds ("qqq", added to the vocabulary by hand): with ignore_merges (Llama 3) the word
     "qqq" is that token; without, it is merged from its bytes. Both as HF tokenizers does."""
-    directory = write_tokenizer_dir(tmp_path, "llama3", "chatml.jinja", "<|im_end|>", "<|im_start|>")
+    directory = write_tokenizer_dir(tmp_path, "llama3", "chatml.jinja", "<|im_end|>", "<|begin_of_text|>")
     document = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
     document["model"]["vocab"]["qqq"] = qqq = 1 + max(t["id"] for t in document["added_tokens"])
     found = {}
