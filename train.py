@@ -41,7 +41,6 @@ from tqdm import tqdm
 
 from data.batching import PreferenceBatches, PromptGroupedBatches, epochs_to_steps
 from data.preferences import DataError
-from data.reference_cache import ReferenceCacheKey, cache_path, file_sha256, reference_identity
 from data.sft import SequenceBatches, load_sft_data
 from data.tokenization import load_preference_data
 from data.world import DEFAULT_DIR as WORLD_DIR, FILES as WORLD_FILES, MODEL_DIR as WORLD_MODEL, load_world
@@ -51,15 +50,15 @@ from models import (CheckpointError, ConfigError, MistralConfig, Tokenizer, add_
                     save_pretrained)
 from models.peft import save_adapter
 from models.tokenizer import check_vocabulary, describe_format
-from spl import online, runs
+from spl import evaluation, online, runs
 from spl.cli import UsageError, choose_threads, resolve_device
 from spl.config import RESUME_MAY_CHANGE, TrainConfig, describe, describe_recipe, is_world_run, parse_args
 from spl.distributed import (Processes, check_run_directory, prepare_run_directory, resume, run_directory_lock,
-                             save_checkpoint, share_batches,
-                             shard_frozen_weights, shared_reference_logps, start_processes, sum_across,
+                             save_checkpoint, share_batches, shard_frozen_weights, start_processes, sum_across,
                              sum_gradients_)
+from spl.reference import reference_log_probs
 from spl.step import (PREFERENCE_LOSSES, Objective, RewardHead, grouped_preference_step, preference_step,
-                      reference_logprobs, reward_step, sft_step)
+                      reward_step, sft_step)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -117,6 +116,7 @@ class Setup:
     step_loss: object  # micro-batch -> (loss, metric sums), step_function's
     total_steps: int
     start_step: int
+    evaluate: object = None  # () -> {eval_<metric>: mean over the held-out pairs}, when there is an eval set
 
 
 def run(c: TrainConfig, procs: Processes, device) -> int:
@@ -129,19 +129,20 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
     np.random.seed(c.seed)
     model, tokenizer, model_dir, tokenizer_path = load_model(c, device)
     examples, summary = load_data(c, tokenizer, say, model.config.vocab_size)
+    examples, held_out, held_out_sha256 = evaluation.held_out_examples(c, tokenizer, examples, summary.sha256,
+                                                                       model.config.vocab_size, say)
     total_steps = c.steps or epochs_to_steps(examples, c.epochs, c.prompts_per_batch or c.batch_size,
                                              c.prompts_per_batch > 0)
     prepare_run_directory(out, dataclasses.asdict(c), c.resume, c.overwrite, procs)  # every input read and checked
     num_parameters = model.num_parameters()  # the model's own, before LoRA adds its branches
     trainable, head = trainable_parameters(model, c, procs, device)
-    reference = None  # (ref_chosen_logps [N], ref_rejected_logps [N]) for the preference losses
-    if c.loss in PREFERENCE_LOSSES:
-        key = ReferenceCacheKey.build(  # what the reference log-probs depend on: another key, a stale cache
-            examples, dataset_sha256=summary.sha256, max_length=c.max_length, max_prompt_length=c.max_prompt_length,
-            reference_model=reference_identity(model_dir, c.init_config, c.seed, c.dtype, c.average_logprobs),
-            chat_format=tokenizer.chat_format, tokenizer_sha256=file_sha256(tokenizer_path))
-        reference = reference_log_probs(model, examples, tokenizer.pad_id, out / "cache", key, c, procs, device,
-                                        compile)
+    reference = held_out_reference = None  # (ref_chosen_logps [N], ref_rejected_logps [N]), preference losses
+    if c.loss in PREFERENCE_LOSSES:  # the model as loaded, LoRA off, before any update; cached (spl/reference.py)
+        reference = reference_log_probs(model, examples, summary.sha256, model_dir, tokenizer, tokenizer_path,
+                                        out / "cache", c, procs, device, compile)
+        if held_out:  # its own key, its own cache
+            held_out_reference = reference_log_probs(model, held_out, held_out_sha256, model_dir, tokenizer,
+                                                     tokenizer_path, out / "cache", c, procs, device, compile)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay)
     if c.loss == "spl-online":  # the data's distinct prompts, the reward, and a seeded order of prompt batches
         prompts = online.distinct_prompts(examples)
@@ -154,6 +155,10 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
     start_step = resume(out, trainable, optimizer, batches, total_steps, procs, say) if c.resume else 0
     setup = Setup(model, trainable, optimizer, batches, step_function(c, model, head, reference, compile),
                   total_steps, start_step)
+    if held_out:  # each evaluation: the training loss over a fresh seeded order of the held-out pairs
+        held_out_loss = step_function(c, model, head, held_out_reference, compile)
+        setup.evaluate = lambda: evaluation.evaluate(model, held_out_loss, training_batches(
+            held_out, tokenizer.pad_id, c, procs), procs, device)
     code = loop(setup, c, procs, device, out, say, reports=is_world_run(c) and (procs.main or c.fsdp),
                 tokenizer=tokenizer)
     if code == 0:
@@ -200,9 +205,11 @@ def loop(s: Setup, c: TrainConfig, procs: Processes, device, out: Path, say, rep
             progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
             if c.save_every and (step + 1) % c.save_every == 0:
                 last_saved = save(step + 1)
-            if reports and c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < s.total_steps:
-                log.write({"step": step + 1, **world_report(s.model, tokenizer, *report_coefficients(c), device,
-                                                             brief=True)})
+            if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < s.total_steps:
+                evaluate(s, step + 1, log, say)
+                if reports:
+                    log.write({"step": step + 1, **world_report(s.model, tokenizer, *report_coefficients(c), device,
+                                                                 brief=True)})
             if sum_across(procs, [float(signals.received is not None)], device)[0] > 0:  # all stop together
                 if last_saved is None or not last_saved.name.endswith(f"{step + 1:06d}"):
                     last_saved = save(step + 1)
@@ -211,6 +218,7 @@ def loop(s: Setup, c: TrainConfig, procs: Processes, device, out: Path, say, rep
                 log.close()
                 return 128 + (signals.received or signal.SIGTERM)
         progress.close()
+    evaluate(s, s.total_steps, log, say)
     log.close()
     if c.save_every and (last_saved is None or not last_saved.name.endswith(f"{s.total_steps:06d}")):
         save(s.total_steps)
@@ -250,10 +258,8 @@ def load_data(c: TrainConfig, tokenizer, say, vocab_size: int):
         examples, summary = load_sft_data(data_path, tokenizer, c.max_length, c.max_prompt_length,
                                           {"prompt": c.prompt_key, "response": c.response_key})
     else:
-        column_map = {"prompt": c.prompt_key, "chosen": c.chosen_key, "rejected": c.rejected_key,
-                      "chosen_prob": c.chosen_prob_key}
-        examples, summary = load_preference_data(data_path, tokenizer, c.max_length, c.max_prompt_length, column_map,
-                                                 c.data_split, vocab_size)
+        examples, summary = load_preference_data(data_path, tokenizer, c.max_length, c.max_prompt_length,
+                                                 c.column_map(), c.data_split, vocab_size)
     say(describe_format(tokenizer))
     say(summary.format())
     if c.preset:
@@ -282,31 +288,6 @@ def trainable_parameters(model, c: TrainConfig, procs: Processes, device):
     if head is not None:
         trainable |= {f"reward_head.{name}": p for name, p in head.named_parameters()}
     return trainable, head
-
-
-def reference_log_probs(model, examples, pad_id: int, cache_dir: Path, key, c: TrainConfig, procs: Processes,
-                        device, compile):
-    """(ref_chosen_logps [N], ref_rejected_logps [N]) on `device`: the model as loaded, LoRA off, before any
-    update (so also right on --resume), read from the cache or computed once, each process scoring its share."""
-    def compute():
-        model.eval()
-        chosen = torch.zeros(len(examples), device=device)  # [N]
-        rejected = torch.zeros(len(examples), device=device)  # [N]
-        micro_batch = c.batch_size // c.grad_accum  # pairs per accumulation step, all processes together
-        order = share_batches(PreferenceBatches(examples, micro_batch * 2, pad_id, seed=c.seed), procs)
-        for _ in tqdm(range(len(order)), desc="reference log-probs", disable=not (c.progress and procs.main),
-                      leave=False):
-            batch = next(order)
-            counts = batch.pop("counts", True)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            ref_chosen, ref_rejected = reference_logprobs(model, batch, average=c.average_logprobs, compile=compile,
-                                                          shared_prefix=c.uses_shared_prefix())
-            if counts:
-                chosen[batch["pair_index"]] = ref_chosen.float()
-                rejected[batch["pair_index"]] = ref_rejected.float()
-        return chosen, rejected
-
-    return shared_reference_logps(cache_path(cache_dir, key), key, compute, procs, device)
 
 
 def training_batches(examples, pad_id: int, c: TrainConfig, procs: Processes):
@@ -381,6 +362,14 @@ def accumulate_gradients(step_loss, batches, trainable: dict, grad_accum: int, p
     names = list(sums)  # the same order on every process
     reduced = sum_across(procs, [sums[name] for name in names] + [tokens], device)
     return dict(zip(names, reduced[:-1])), total_units, reduced[-1]
+
+
+def evaluate(s: Setup, step: int, log, say) -> None:
+    """The held-out metrics (when there is an eval set), logged with the step and printed (spl/evaluation.py)."""
+    if s.evaluate is not None:
+        record = s.evaluate()
+        log.write({"step": step, **record})
+        say(evaluation.format_evaluation(step, record))
 
 
 def report_coefficients(c: TrainConfig) -> tuple[float, float]:

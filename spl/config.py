@@ -65,6 +65,10 @@ class TrainConfig:
     data: str | None = None  # preference (or SFT) file or dataset directory; None: the embedded world's opinion pairs
     data_split: str | None = None  # the split of a dataset directory with several (data/preferences.py)
     chat_format: str | None = None  # None: chosen from the checkpoint (models/tokenizer.py)
+    # Held-out evaluation (spl/evaluation.py): another file, another split, or whole prompts cut from --data
+    eval_data: str | None = None
+    eval_split: str | None = None
+    eval_fraction: float = 0.0
     # The objective (spl/step.py's Objective owns these fields and their defaults; see Objective.from_config)
     loss: str = Objective.loss
     alpha: float = Objective.alpha
@@ -124,6 +128,11 @@ class TrainConfig:
     response_key: str = "response"
     progress: bool = True
 
+    def column_map(self) -> dict:
+        """The data's field names (--prompt-key, ...) as data/preferences.py's column_map."""
+        return {"prompt": self.prompt_key, "chosen": self.chosen_key, "rejected": self.rejected_key,
+                "chosen_prob": self.chosen_prob_key}
+
     def uses_shared_prefix(self) -> bool:
         """--shared-prefix unless --fsdp: FSDP gathers a block's shards in the block's own forward, which
         models/prefix.py's per-module calls bypass."""
@@ -144,6 +153,13 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
     p.add_argument("--data", help="preference data: .jsonl/.json (.gz), .parquet, a datasets directory (or SFT "
                                   "records for --loss sft)")
     p.add_argument("--data-split", help="the split of a dataset directory with several (train, test_prefs, ...)")
+    p.add_argument("--eval-data", help="held-out preference pairs to evaluate on every --eval-every steps and at "
+                   "the end (any form --data takes)")
+    p.add_argument("--eval-split", help="evaluate on this split of the dataset directory (--eval-data's, else "
+                   "--data's), e.g. test_prefs")
+    p.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction,
+                   help="hold this fraction of --data's prompts out of training (all their pairs, seeded by --seed) "
+                        "and evaluate on them (default 0: none)")
     p.add_argument("--chat-format", help=f"override the checkpoint's chat format: {', '.join(CHAT_FORMATS)}")
     p.add_argument("--loss", choices=LOSSES, default=defaults.loss)
     p.add_argument("--alpha", type=float, help=f"SPL entropy coefficient (default {defaults.alpha})")
@@ -207,7 +223,9 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
     p.add_argument("--out", default=defaults.out, help="run directory")
     p.add_argument("--save-every", type=int, default=defaults.save_every, help="checkpoint period in steps; 0: off")
     p.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
-    p.add_argument("--eval-every", type=int, default=defaults.eval_every, help="world report period; 0: at the end")
+    p.add_argument("--eval-every", type=int, default=defaults.eval_every,
+                   help="evaluate the eval set (--eval-data, --eval-split, --eval-fraction) every N steps; it is "
+                        "also evaluated at the end. On the embedded world: the world report's period (0: at the end)")
     p.add_argument("--log-every", type=int, default=defaults.log_every)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
@@ -256,8 +274,9 @@ def validate(c: TrainConfig, world_size: int = 1) -> None:
     def fail(message):
         raise UsageError(message)
 
+    # nan passes every comparison below: refuse it first
     for name in ("alpha", "beta", "label_smoothing", "ipo_tau", "fdpo_alpha", "lora_alpha", "lora_dropout", "lr",
-                 "weight_decay", "max_grad_norm", "epochs"):  # nan passes every comparison below: refuse it first
+                 "weight_decay", "max_grad_norm", "epochs", "eval_fraction"):
         value = getattr(c, name)
         if value is not None and not math.isfinite(value):
             fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
@@ -352,8 +371,30 @@ def validate_combinations(c: TrainConfig, world_size: int) -> None:
         fail(f"--chat-format {c.chat_format}: unknown format (known: {', '.join(CHAT_FORMATS)})")
     if c.data_split is not None and c.loss == "sft":
         fail("--data-split reads preference datasets; --loss sft reads one .jsonl/.json(.gz) file")
+    validate_evaluation(c)
     if c.loss == "spl-online":
         validate_online(c)
+
+
+def validate_evaluation(c: TrainConfig) -> None:
+    """The held-out evaluation options (spl/evaluation.py)."""
+    def fail(message):
+        raise UsageError(message)
+
+    if not 0 <= c.eval_fraction < 1:
+        fail(f"--eval-fraction must be in [0, 1), got {c.eval_fraction}")
+    named = c.eval_data is not None or c.eval_split is not None
+    if named and c.eval_fraction:
+        fail("give --eval-data / --eval-split (a held-out file or split) or --eval-fraction (prompts held out of "
+             "--data), not both")
+    if c.eval_split is not None and c.eval_data is None and c.data is None:
+        fail(f"--eval-split {c.eval_split} names a split of --eval-data's or --data's dataset directory: give one")
+    if (named or c.eval_fraction) and c.loss in ("sft", "spl-online"):
+        fail(f"--eval-data, --eval-split and --eval-fraction evaluate preference pairs with the training loss; "
+             f"--loss {c.loss} has none to evaluate")
+    if c.eval_every and not (named or c.eval_fraction) and not is_world_run(c):
+        fail(f"--eval-every {c.eval_every}: nothing to evaluate; give --eval-data FILE, --eval-split NAME or "
+             f"--eval-fraction F")
 
 
 def validate_online(c: TrainConfig) -> None:
