@@ -220,7 +220,8 @@ def loop(s: Setup, c: TrainConfig, procs: Processes, device, out: Path, say, rep
         progress.close()
     evaluate(s, s.total_steps, log, say)
     log.close()
-    if c.save_every and (last_saved is None or not last_saved.name.endswith(f"{s.total_steps:06d}")):
+    saved_last_step = last_saved is not None and last_saved.name.endswith(f"{s.total_steps:06d}")
+    if c.save_every and s.total_steps >= c.save_every and not saved_last_step:  # a shorter run saves none
         save(s.total_steps)
     return 0
 

@@ -114,7 +114,9 @@ class TrainConfig:
     threads: int = 0  # CPU intra-op threads; 0: one for tiny models (< 10M parameters), torch's default otherwise
     seed: int = 0
     out: str = "runs/spl"
-    save_every: int = 0
+    # Checkpoints by default on long runs: a crash loses at most 500 steps; a run of fewer steps (the world's jobs,
+    # tests) writes none. The last keep_checkpoints are kept.
+    save_every: int = 500
     keep_checkpoints: int = 2
     eval_every: int = 0
     log_every: int = 1
@@ -221,8 +223,11 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
     p.add_argument("--no-compile", dest="compile", action="store_const", const="off")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--out", default=defaults.out, help="run directory")
-    p.add_argument("--save-every", type=int, default=defaults.save_every, help="checkpoint period in steps; 0: off")
-    p.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
+    p.add_argument("--save-every", type=int, default=defaults.save_every,
+                   help=f"checkpoint every N steps (default {defaults.save_every}: a shorter run writes none; "
+                        f"0: never; a stop signal always saves)")
+    p.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints,
+                   help=f"how many of the latest checkpoints to keep (default {defaults.keep_checkpoints})")
     p.add_argument("--eval-every", type=int, default=defaults.eval_every,
                    help="evaluate the eval set (--eval-data, --eval-split, --eval-fraction) every N steps; it is "
                         "also evaluated at the end. On the embedded world: the world report's period (0: at the end)")
