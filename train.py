@@ -254,21 +254,21 @@ def load_model(c: TrainConfig, device):
 def load_data(c: TrainConfig, tokenizer, say, vocab_size: int):
     """(examples, summary): --data (or the world's opinion pairs, its SFT text for --loss sft), tokenized in the
     tokenizer's chat format, truncated and checked."""
-    data_path = Path(c.data) if c.data else WORLD_DIR / WORLD_FILES["sft" if c.loss == "sft" else "opinion_pairs_soft"]
+    data_path = c.data or WORLD_DIR / WORLD_FILES["sft" if c.loss == "sft" else "opinion_pairs_soft"]  # or several
     if c.loss == "sft":
         examples, summary = load_sft_data(data_path, tokenizer, c.max_length, c.max_prompt_length,
                                           {"prompt": c.prompt_key, "response": c.response_key})
     else:
         examples, summary = load_preference_data(data_path, tokenizer, c.max_length, c.max_prompt_length,
-                                                 c.column_map(), c.data_split, vocab_size)
+                                                 c.column_map(), c.data_split, vocab_size, c.data_subsets)
     say(describe_format(tokenizer))
     say(summary.format())
     if c.preset:
         say(describe_recipe(c))
     if not examples:
-        raise UsageError(f"{data_path}: no usable examples")
+        raise UsageError(f"{summary.path}: no usable examples")
     if c.loss == "cdpo" and any(e.chosen_prob != 1.0 for e in examples):
-        raise UsageError(f"{data_path}: --loss cdpo smooths every label by --label-smoothing; the data's soft "
+        raise UsageError(f"{summary.path}: --loss cdpo smooths every label by --label-smoothing; the data's soft "
                          f"labels ({c.chosen_prob_key}) would be ignored: use --loss spl or dpo with them")
     return examples, summary
 

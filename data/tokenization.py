@@ -79,10 +79,10 @@ def tokenize_records(records: list[PreferenceRecord], tokenizer, max_length: int
         prompt_ids, chosen_ids, rejected_ids = encode_record(record, tokenizer, summary, vocab_size)
         prompt, chosen, rejected = truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
         if not chosen or not rejected:
-            summary.skip(f"prompt fills max_length={max_length}, no room for a response", record.line)
+            summary.skip(f"prompt fills max_length={max_length}, no room for a response", record.location)
             continue
         if chosen == rejected:
-            summary.skip(f"chosen and rejected are identical once cut to max_length={max_length}", record.line)
+            summary.skip(f"chosen and rejected are identical once cut to max_length={max_length}", record.location)
             continue
         if len(prompt) < len(prompt_ids):
             summary.count_truncation(f"prompts cut to max_prompt_length={max_prompt_length} (kept their end)")
@@ -97,28 +97,29 @@ def tokenize_records(records: list[PreferenceRecord], tokenizer, max_length: int
 def encode_record(record: PreferenceRecord, tokenizer, summary: DataSummary,
                   vocab_size: int | None = None) -> tuple[list[int], list[int], list[int]]:
     """(prompt_ids, chosen_ids, rejected_ids) of one record, or a DataError at its line."""
+    path = record.source or summary.path  # the record's own file when the data is several
     try:
         ids = (tokenizer.encode_prompt(record.prompt),
                tokenizer.encode_response(record.chosen),  # ids(chosen) + end of turn
                tokenizer.encode_response(record.rejected))  # ids(rejected) + end of turn
     except ChatFormatError as error:
-        raise DataError(summary.path, record.line, f"chat format {tokenizer.chat_format}: {error}",
-                        summary.where) from None
+        raise DataError(path, record.line, f"chat format {tokenizer.chat_format}: {error}", summary.where) from None
     if vocab_size is not None:
         for name, part in zip(("prompt", "chosen", "rejected"), ids):
             outside = [token for token in part if not 0 <= token < vocab_size]
             if outside:
-                raise DataError(summary.path, record.line, f"{name} token id {outside[0]} is outside the model's "
-                                                           f"embedding (vocab_size {vocab_size})", summary.where)
+                raise DataError(path, record.line, f"{name} token id {outside[0]} is outside the model's "
+                                                   f"embedding (vocab_size {vocab_size})", summary.where)
     return ids
 
 
 def load_preference_data(path, tokenizer, max_length: int, max_prompt_length: int, column_map: dict | None = None,
-                         split: str | None = None,
-                         vocab_size: int | None = None) -> tuple[list[PreferenceExample], DataSummary]:
-    """Read, validate and tokenise preference data (any form data/preferences.py reads; `split` for a dataset
-    with splits). Raises DataError on bad input; print(summary.format())."""
+                         split: str | None = None, vocab_size: int | None = None,
+                         subsets: list[str] | None = None) -> tuple[list[PreferenceExample], DataSummary]:
+    """Read, validate and tokenise preference data (any form data/sources.py reads, one or several; `split` for a
+    dataset with splits, `subsets` for some of a repository's). Raises DataError on bad input;
+    print(summary.format())."""
     check_lengths(max_length, max_prompt_length)
-    records, summary = read_preferences(path, column_map, split)
+    records, summary = read_preferences(path, column_map, split, subsets)
     examples = tokenize_records(records, tokenizer, max_length, max_prompt_length, summary, vocab_size)
     return examples, summary

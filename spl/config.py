@@ -62,8 +62,11 @@ class TrainConfig:
     """Every training option, flat. Saved as config.json in the run directory and checked on --resume."""
     model: str | None = None  # HF-format directory; None: the embedded world's reference model
     init_config: str | None = None  # a config.json to train from random weights (the world's SFT model)
-    data: str | None = None  # preference (or SFT) file or dataset directory; None: the embedded world's opinion pairs
-    data_split: str | None = None  # the split of a dataset directory with several (data/preferences.py)
+    # preference (or SFT) data: a file, a dataset directory, a glob, or several of them (a list; data/sources.py);
+    # None: the embedded world's opinion pairs
+    data: str | list[str] | None = None
+    data_split: str | None = None  # the split of a dataset directory with several (data/sources.py)
+    data_subsets: list[str] | None = None  # some of a dataset repository's subsets (folders); None: all
     chat_format: str | None = None  # None: chosen from the checkpoint (models/tokenizer.py)
     # Held-out evaluation (spl/evaluation.py): another file, another split, or whole prompts cut from --data
     eval_data: str | None = None
@@ -152,9 +155,12 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
     p = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF-format model directory (default: the embedded world's reference model)")
     p.add_argument("--init-config", help="train from random weights built from this config.json (full fine-tune)")
-    p.add_argument("--data", help="preference data: .jsonl/.json (.gz), .parquet, a datasets directory (or SFT "
-                                  "records for --loss sft)")
+    p.add_argument("--data", nargs="+", help="preference data: .jsonl/.json (.gz), .parquet, a datasets directory, "
+                   "a dataset repository (its shards and subsets read as one), a glob, or several of these (or one "
+                   "file of SFT records for --loss sft)")
     p.add_argument("--data-split", help="the split of a dataset directory with several (train, test_prefs, ...)")
+    p.add_argument("--data-subsets", help="comma-separated subsets (folders) of a dataset repository to read, e.g. "
+                   "helpful-base,harmless-base (default: all)")
     p.add_argument("--eval-data", help="held-out preference pairs to evaluate on every --eval-every steps and at "
                    "the end (any form --data takes)")
     p.add_argument("--eval-split", help="evaluate on this split of the dataset directory (--eval-data's, else "
@@ -261,6 +267,10 @@ def parse_args(argv=None) -> TrainConfig:
     if args.loss == "spl-online":  # samples must come from the pi that is differentiated: no LoRA dropout, even
         values["lora_dropout"] = 0.0  # under a preset (paper-chat's 0.05); --lora-dropout given is still refused
     given = {k: v for k, v in vars(args).items() if v is not None}
+    if "data" in given:  # one path stays a string (as config.json has always held it); several are a list
+        given["data"] = given["data"][0] if len(given["data"]) == 1 else given["data"]
+    if "data_subsets" in given:
+        given["data_subsets"] = [name.strip() for name in given["data_subsets"].split(",") if name.strip()]
     if "lora_targets" in given:
         targets = given.pop("lora_targets")
         given["lora_targets"] = (list(TARGET_NAMES) if targets == "all-linear"
@@ -374,8 +384,9 @@ def validate_combinations(c: TrainConfig, world_size: int) -> None:
         fail("--fsdp shards the frozen weights of a LoRA run: give --lora-rank > 0")
     if c.chat_format is not None and c.chat_format not in CHAT_FORMATS:
         fail(f"--chat-format {c.chat_format}: unknown format (known: {', '.join(CHAT_FORMATS)})")
-    if c.data_split is not None and c.loss == "sft":
-        fail("--data-split reads preference datasets; --loss sft reads one .jsonl/.json(.gz) file")
+    if (c.data_split is not None or c.data_subsets is not None or isinstance(c.data, list)) and c.loss == "sft":
+        fail("--data-split, --data-subsets and several --data paths read preference datasets; --loss sft reads one "
+             ".jsonl/.json(.gz) file")
     validate_evaluation(c)
     if c.loss == "spl-online":
         validate_online(c)

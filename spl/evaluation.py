@@ -19,8 +19,6 @@ of every batch and the sums are all-reduced.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from data.heldout import split_by_prompt
@@ -49,9 +47,9 @@ def held_out_examples(c, tokenizer, examples: list, dataset_sha256: str, vocab_s
         return train, held_out, f"{dataset_sha256}:eval_fraction={c.eval_fraction!r}:seed={c.seed}"
     if not (c.eval_data or c.eval_split):
         return examples, [], None
-    path = Path(c.eval_data or c.data)
-    held_out, summary = load_preference_data(path, tokenizer, c.max_length, c.max_prompt_length, c.column_map(),
-                                             c.eval_split, vocab_size)
+    held_out, summary = load_preference_data(c.eval_data or c.data, tokenizer, c.max_length, c.max_prompt_length,
+                                             c.column_map(), c.eval_split, vocab_size,
+                                             None if c.eval_data else c.data_subsets)
     say(f"eval set: {summary.format()}")
     if not held_out:
         raise UsageError(f"{summary.path}: no usable eval pairs")
