@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from spl.cli import ArgumentParser, UsageError, choose_threads, resolve_device
+from data.tokenization import ContextError, check_context
 from data.world import MODEL_DIR as DEFAULT_MODEL
 from models import CheckpointError, ConfigError, Tokenizer, load_adapter, load_pretrained
 from models.chat_format import FORMATS as CHAT_FORMATS
@@ -152,13 +153,11 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         load_adapter(model, args.adapter)
         model.to(device).eval()
-    positions = model.config.max_position_embeddings
-    for number, text in enumerate(prompts, start=1):
+    for number, text in enumerate(prompts, start=1):  # train.py's rule for --max-length (data/tokenization.py)
         length = len(user_prompt_ids(tokenizer, text, not args.no_chat))
-        if length + args.max_new_tokens > positions:
-            where = "--prompt" if args.prompt is not None else f"{args.prompts}: prompt {number}"
-            raise UsageError(f"{where}: {length} tokens + --max-new-tokens {args.max_new_tokens} exceed the model's "
-                             f"max_position_embeddings {positions}")
+        where = "--prompt" if args.prompt is not None else f"{args.prompts}: prompt {number}"
+        check_context(length + args.max_new_tokens, model.config.max_position_embeddings,
+                      f"{where}: {length} tokens + --max-new-tokens {args.max_new_tokens} =", model_dir)
     print(describe_format(tokenizer), file=sys.stderr)  # once every input is checked; stdout holds the completions
     generator = torch.Generator(device=device).manual_seed(args.seed)
     completions = sample_completions(model, tokenizer, prompts, args.num_samples, args.max_new_tokens,
@@ -177,7 +176,7 @@ def main(argv=None) -> int:
         return run(parse_args(argv))
     except SystemExit as exit:  # argparse's own errors (usage printed): return the code instead of exiting
         return int(exit.code or 0)
-    except UsageError as error:
+    except (UsageError, ContextError) as error:
         print(f"sample.py: error: {error}", file=sys.stderr)
         return 2
     except (PromptError, CheckpointError, ConfigError) as error:  # AdapterError is a CheckpointError

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from data.batching import PreferenceBatches, PromptGroupedBatches, epochs_to_steps
 from data.preferences import DataError
 from data.sft import SequenceBatches, load_sft_data
-from data.tokenization import load_preference_data
+from data.tokenization import ContextError, check_context, load_preference_data
 from data.world import DEFAULT_DIR as WORLD_DIR, FILES as WORLD_FILES, MODEL_DIR as WORLD_MODEL, load_world
 from data.world.report import format_job_report, job_report, world_report
 from data.world.reward import exact_reward_floor, world_reward_for_prompts
@@ -52,6 +52,7 @@ from models.peft import save_adapter
 from models.tokenizer import check_vocabulary, describe_format
 from spl import evaluation, online, runs
 from spl.cli import UsageError, choose_threads, resolve_device
+from spl.console import ConsoleLog
 from spl.config import RESUME_MAY_CHANGE, TrainConfig, describe, describe_recipe, is_world_run, parse_args
 from spl.distributed import (Processes, check_run_directory, prepare_run_directory, resume, run_directory_lock,
                              save_checkpoint, share_batches, shard_frozen_weights, start_processes, sum_across,
@@ -76,11 +77,11 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, f
 def main(argv=None) -> int:
     try:
         return train(parse_args(argv))
-    except (UsageError, DataError, CheckpointError, ConfigError, runs.RunError) as error:
+    except (UsageError, ContextError, DataError, CheckpointError, ConfigError, runs.RunError) as error:
         # Every process meets these alike (same inputs; run-directory checks are rank 0's, broadcast): one line.
         if Processes.from_environment().main:
             print(f"train.py: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, UsageError) else 1
+        return 2 if isinstance(error, (UsageError, ContextError)) else 1
 
 
 def train(c: TrainConfig) -> int:
@@ -92,8 +93,8 @@ def train(c: TrainConfig) -> int:
                          f"give --device auto, cuda or cpu")
     device = start_processes(procs, resolve_device(c.device))
     try:
-        with run_directory_lock(Path(c.out), procs):
-            code = run(c, procs, device)
+        with run_directory_lock(Path(c.out), procs), ConsoleLog(enabled=procs.main) as console:
+            code = run(c, procs, device, console)
         if procs.distributed:
             # Leave together: rank 0 still writes the outputs when the others finish, and a gloo process whose
             # peer tears its connections down first can abort in its own teardown ("terminate called ...").
@@ -119,8 +120,9 @@ class Setup:
     evaluate: object = None  # () -> {eval_<metric>: mean over the held-out pairs}, when there is an eval set
 
 
-def run(c: TrainConfig, procs: Processes, device) -> int:
-    """The whole run, phase by phase; each phase is a function below, in the order it runs."""
+def run(c: TrainConfig, procs: Processes, device, console: ConsoleLog) -> int:
+    """The whole run, phase by phase; each phase is a function below, in the order it runs. What it prints is
+    kept in OUT/train.log once the run directory exists (spl/console.py)."""
     say = print if procs.main else (lambda *args, **kwargs: None)  # only rank 0 prints
     out = Path(c.out)
     check_run_directory(out, dataclasses.asdict(c), c.resume, c.overwrite, RESUME_MAY_CHANGE, procs)
@@ -128,12 +130,14 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
     torch.manual_seed(c.seed)
     np.random.seed(c.seed)
     model, tokenizer, model_dir, tokenizer_path = load_model(c, device)
+    c = dataclasses.replace(c, detected_chat_format=tokenizer.chat_format)  # recorded in config.json
     examples, summary = load_data(c, tokenizer, say, model.config.vocab_size)
     examples, held_out, held_out_sha256 = evaluation.held_out_examples(c, tokenizer, examples, summary.sha256,
                                                                        model.config.vocab_size, say)
     total_steps = c.steps or epochs_to_steps(examples, c.epochs, c.prompts_per_batch or c.batch_size,
                                              c.prompts_per_batch > 0)
     prepare_run_directory(out, dataclasses.asdict(c), c.resume, c.overwrite, procs)  # every input read and checked
+    console.keep_in(out / "train.log")
     num_parameters = model.num_parameters()  # the model's own, before LoRA adds its branches
     trainable, head = trainable_parameters(model, c, procs, device)
     reference = held_out_reference = None  # (ref_chosen_logps [N], ref_rejected_logps [N]), preference losses
@@ -247,6 +251,7 @@ def load_model(c: TrainConfig, device):
         raise UsageError(f"{tokenizer_path}: missing (the sentencepiece tokenizer.model must sit beside the model)")
     tokenizer = Tokenizer(tokenizer_path, c.chat_format)  # the chat format, from the checkpoint or --chat-format
     check_vocabulary(tokenizer, model.config.vocab_size, model_dir or c.init_config)  # a tokenizer of another model
+    check_context(c.max_length, model.config.max_position_embeddings, "--max-length", model_dir or c.init_config)
     choose_threads(c.threads, model.num_parameters(), device)  # 0: one thread for a small model on CPU
     return model, tokenizer, model_dir, tokenizer_path
 

@@ -67,6 +67,19 @@ def check_lengths(max_length: int, max_prompt_length: int) -> None:
                          f"max_length={max_length}")
 
 
+class ContextError(ValueError):
+    """A length past the model's context (check_context); str(error) is one line, a usage error of the scripts."""
+
+
+def check_context(length: int, positions: int, what: str, model) -> None:
+    """The one length rule of train.py and sample.py: a sequence of `length` tokens (what --max-length allows, a
+    prompt plus --max-new-tokens) must fit the model's max_position_embeddings, positions it was never trained at
+    (HF transformers warns and degrades past them): refused in one line, never truncated silently."""
+    if length > positions:
+        raise ContextError(f"{what} {length}: longer than the max_position_embeddings {positions} of the model in "
+                           f"{model}; give at most {positions} tokens")
+
+
 def tokenize_records(records: list[PreferenceRecord], tokenizer, max_length: int, max_prompt_length: int,
                      summary: DataSummary, vocab_size: int | None = None) -> list[PreferenceExample]:
     """Records -> PreferenceExamples numbered 0..N-1; every skip and truncation is counted in `summary`.

@@ -54,7 +54,7 @@ WORLD_ONLINE_JOB = dict(batch_size=30, online_samples=4, lr=3e-3, warmup_steps=1
 # rounding), and what is logged, kept and reported. --preset only fills other options, which are compared.
 RESUME_MAY_CHANGE = ("steps", "epochs", "device", "threads", "compile", "fsdp", "grad_checkpointing", "shared_prefix",
                      "progress", "log_every", "save_every", "keep_checkpoints", "eval_every", "resume", "overwrite",
-                     "preset", "out")
+                     "preset", "out", "from_preset", "detected_chat_format", "tensorboard")
 
 
 @dataclass
@@ -126,6 +126,10 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     preset: str | None = None
+    # Records, not options: the options whose value the preset gave (the recipe line, config.json), and the chat
+    # format train.py detected in the checkpoint (set at start-up, for config.json; not compared on --resume).
+    from_preset: list[str] = field(default_factory=list)
+    detected_chat_format: str | None = None
     prompt_key: str = "prompt"
     chosen_key: str = "chosen"
     rejected_key: str = "rejected"
@@ -169,14 +173,17 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
                    help="hold this fraction of --data's prompts out of training (all their pairs, seeded by --seed) "
                         "and evaluate on them (default 0: none)")
     p.add_argument("--chat-format", help=f"override the checkpoint's chat format: {', '.join(CHAT_FORMATS)}")
-    p.add_argument("--loss", choices=LOSSES, default=defaults.loss)
+    p.add_argument("--loss", choices=LOSSES, default=defaults.loss,
+                   help=f"the objective (default {defaults.loss}; dpo is spl with alpha = beta)")
     p.add_argument("--alpha", type=float, help=f"SPL entropy coefficient (default {defaults.alpha})")
     p.add_argument("--beta", type=float, help=f"cross-entropy (reference) coefficient (default {defaults.beta})")
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, help="cdpo: label noise eps")
-    p.add_argument("--ipo-tau", type=float, default=defaults.ipo_tau)
-    p.add_argument("--fdpo-divergence", choices=FDPO_DIVERGENCES,
-                   default=defaults.fdpo_divergence)
-    p.add_argument("--fdpo-alpha", type=float, default=defaults.fdpo_alpha)
+    p.add_argument("--ipo-tau", type=float, default=defaults.ipo_tau,
+                   help=f"ipo: the regularisation tau (default {defaults.ipo_tau})")
+    p.add_argument("--fdpo-divergence", choices=FDPO_DIVERGENCES, default=defaults.fdpo_divergence,
+                   help=f"fdpo: the f-divergence (default {defaults.fdpo_divergence})")
+    p.add_argument("--fdpo-alpha", type=float, default=defaults.fdpo_alpha,
+                   help=f"fdpo: the alpha-divergence's parameter, in (0, 1) (default {defaults.fdpo_alpha})")
     p.add_argument("--average-logprobs", action="store_true", help="length-normalised sequence log-probs")
     p.add_argument("--anchor", type=float, help="weight of the option-mass anchor, which keeps the probability on "
                    "each prompt's responses at the reference's and the optimum at Prop. A.1's (needs "
@@ -186,7 +193,8 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
     p.add_argument("--prompts-per-batch", type=int, help="batches of whole prompts, this many per optimizer step "
                    "(replaces --batch-size; each distinct response is scored once; default 0: batches of "
                    f"--batch-size pairs, the main job {WORLD_MAIN_JOB['prompts_per_batch']})")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's recipes (Appendix B.3 / C.4)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's recipes (Appendix B.3 / C.4) for the options "
+                   "not given (flags given win, --steps over a preset's --epochs and the other way round)")
     p.add_argument("--online-samples", type=int, help=f"spl-online: completions sampled per prompt per step, K >= 2 "
                    f"(default {defaults.online_samples}; on the world {WORLD_ONLINE_JOB['online_samples']})")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
@@ -208,10 +216,11 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
         if name in ("steps", "lora_rank", "warmup_steps", "batch_size", "grad_accum", "max_length",
                     "max_prompt_length"):
             kind = int
-        p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"default {getattr(defaults, name)}")
+        p.add_argument("--" + name.replace("_", "-"), type=kind, help=option_defaults(name, defaults))
     p.add_argument("--lora-targets", help=f"comma-separated, or all-linear; {HEAD_TARGET} adds the output head "
                    f"(default {','.join(TARGET_NAMES)}; the main job adds {HEAD_TARGET})")
-    p.add_argument("--group-by-length", action="store_true")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="batch pairs of similar length together (less padding; the order stays random)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=defaults.dtype,
                    help="bfloat16: frozen weights in bf16, LoRA and optimizer state in float32")
     p.add_argument("--grad-checkpointing", action="store_true",
@@ -226,8 +235,11 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
                    help="CPU threads per process (default 0: 1 for models under 10M parameters, else torch's choice)")
     p.add_argument("--compile", dest="compile", action="store_const", const="on", default=defaults.compile,
                    help="torch.compile the fused log-prob kernel (default: on CUDA, off on CPU)")
-    p.add_argument("--no-compile", dest="compile", action="store_const", const="off")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="off",
+                   help="never torch.compile (the eager kernel: the same values)")
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help=f"seeds the data order, LoRA's initialisation and --eval-fraction's cut (default "
+                        f"{defaults.seed})")
     p.add_argument("--out", default=defaults.out, help="run directory")
     p.add_argument("--save-every", type=int, default=defaults.save_every,
                    help=f"checkpoint every N steps (default {defaults.save_every}: a shorter run writes none; "
@@ -237,7 +249,8 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
     p.add_argument("--eval-every", type=int, default=defaults.eval_every,
                    help="evaluate the eval set (--eval-data, --eval-split, --eval-fraction) every N steps; it is "
                         "also evaluated at the end. On the embedded world: the world report's period (0: at the end)")
-    p.add_argument("--log-every", type=int, default=defaults.log_every)
+    p.add_argument("--log-every", type=int, default=defaults.log_every,
+                   help=f"write a metrics.jsonl line every N steps (default {defaults.log_every})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
     for key in ("prompt", "chosen", "rejected", "chosen_prob", "response"):
@@ -275,8 +288,12 @@ def parse_args(argv=None) -> TrainConfig:
         targets = given.pop("lora_targets")
         given["lora_targets"] = (list(TARGET_NAMES) if targets == "all-linear"
                                  else [t.strip() for t in targets.split(",") if t.strip()])
-    if given.get("epochs") is not None and "steps" not in given:
-        values["steps"] = None
+    if "epochs" in given and "steps" not in given:  # how far to train, given on the command line, wins over the
+        values["steps"] = None  # preset's, whichever of the two the preset states
+    if "steps" in given and "epochs" not in given:
+        values["epochs"] = None
+    preset = PRESETS.get(args.preset, {})
+    values["from_preset"] = [k for k in preset if k not in given and values.get(k) == preset[k]]
     values.update(given)
     config = dataclasses.replace(defaults, **values)
     validate(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -436,16 +453,38 @@ def validate_online(c: TrainConfig) -> None:
 
 def describe(c: TrainConfig, num_parameters: int, trainable: dict, num_examples: int, total_steps: int,
              world_size: int, device) -> str:
-    """The run's one-line summary: model size, what is trained, examples, steps and where."""
+    """The run's one-line summary: model size, what is trained, examples, steps and where; then a line for each of
+    `warnings`."""
     processes = f" x {world_size} processes{' (FSDP)' if c.fsdp else ''}" if world_size > 1 else ""
     return (f"model: {num_parameters / 1e6:.2f}M parameters; {sum(p.numel() for p in trainable.values()) / 1e6:.3f}M "
             f"trainable{' (LoRA)' if c.lora_rank else ''}; {num_examples} examples, {total_steps} steps of "
             f"{f'{c.prompts_per_batch} prompts' if c.prompts_per_batch else c.batch_size}"
-            f"{f', anchor {c.anchor:g}' if c.anchor else ''} on {device}{processes}")
+            f"{f', anchor {c.anchor:g}' if c.anchor else ''} on {device}{processes}"
+            + "".join("\n" + line for line in warnings(c, total_steps)))
 
 
 def describe_recipe(c: TrainConfig) -> str:
-    """Which of the preset's values the run took (those of the options not given)."""
+    """Which of the preset's values the run took: those of the options not given (c.from_preset)."""
     taken = [f"--{k.replace('_', '-')} {v:g}" for k, v in PRESETS[c.preset].items()
-             if v is not None and getattr(c, k) == v]
+             if v is not None and k in c.from_preset]
     return f"recipe: {c.preset} for the options not given: {', '.join(taken) or 'none left'}"
+
+
+def option_defaults(name: str, defaults: TrainConfig) -> str:
+    """An option's help: its default, and the values the embedded world's main job and --model (the paper-chat
+    recipe) take instead, where they differ."""
+    shown = [f"default {getattr(defaults, name)}"]
+    if name in WORLD_MAIN_JOB and WORLD_MAIN_JOB[name] != getattr(defaults, name):
+        shown.append(f"the world's main job {WORLD_MAIN_JOB[name]}")
+    if name in PRESETS[OWN_MODEL_PRESET] and PRESETS[OWN_MODEL_PRESET][name] != getattr(defaults, name):
+        shown.append(f"with --model {PRESETS[OWN_MODEL_PRESET][name]} ({OWN_MODEL_PRESET})")
+    return "; ".join(shown)
+
+
+def warnings(c: TrainConfig, total_steps: int) -> list[str]:
+    """One line per option that does something other than it seems to in this run."""
+    said = []
+    if c.warmup_steps > total_steps:
+        said.append(f"warning: --warmup-steps {c.warmup_steps} is longer than the run's {total_steps} steps: the "
+                    f"learning rate never reaches --lr {c.lr:g} (it ends at {c.lr * total_steps / c.warmup_steps:.3g})")
+    return said
