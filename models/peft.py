@@ -126,6 +126,24 @@ def _read_adapter_config(directory: Path) -> tuple[int, float, float, tuple[str,
     return rank, alpha, dropout, targets
 
 
+def adapter_base_model(directory) -> Path:
+    """The base model an adapter was trained on: its adapter_config.json's base_model_name_or_path, when that is a
+    model directory here (train.py writes the path it trained from); AdapterError in one line otherwise (a hub id,
+    a path from another machine, none at all: then the model must be named)."""
+    path = Path(directory) / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdapterError(f"{path}: no such file (is {directory} a PEFT adapter directory?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise AdapterError(f"{path}: not valid JSON ({type(error).__name__}: {error})") from None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not (Path(base) / "config.json").is_file():
+        raise AdapterError(f"{path}: base_model_name_or_path {base!r} is not a model directory here; pass --model "
+                           f"DIR (the model the adapter was trained on)")
+    return Path(base)
+
+
 def load_adapter(model: nn.Module, directory):
     """Load a PEFT LoRA adapter (ours or PEFT's) into `model` and return it. A model without LoRA gets it
     (add_lora with the config's r, lora_alpha, lora_dropout, target_modules); a model with LoRA must match the
