@@ -4,8 +4,9 @@
     python sample.py --model DIR --adapter runs/spl/adapter --prompts prompts.txt -n 16 --json > samples.jsonl
 
 With no --model it samples from the embedded world's reference model (data/world/model/). The tokenizer is the
-`tokenizer.model` beside the model. Prompts are user turns in the checkpoint's chat format (models/chat_format.py;
-chosen from its tokenizer_config.json or tokenizer.model, printed to stderr, `--chat-format NAME` overrides), e.g.
+`tokenizer.model`, `tekken.json` or `tokenizer.json` beside the model (models.load_tokenizer, in that order).
+Prompts are user turns in the checkpoint's chat format (models/chat_format.py; chosen from its
+tokenizer_config.json or tokenizer file, printed to stderr, `--chat-format NAME` overrides), e.g.
 Mistral v1's BOS + enc("[INST] {prompt} [/INST]"), or BOS + enc(prompt) with --no-chat; `--prompts FILE` reads one prompt per
 line (a .txt file; blank lines are skipped) or JSONL objects with a "prompt" field (a .jsonl file): a string (one
 user turn) or a conversation, a list of {"role", "content"} messages (a system message first, then user and
@@ -40,12 +41,12 @@ import torch
 from spl.cli import ArgumentParser, UsageError, choose_threads, resolve_device
 from data.tokenization import ContextError, check_context
 from data.world import MODEL_DIR as DEFAULT_MODEL
-from models import CheckpointError, ConfigError, Tokenizer, load_adapter, load_pretrained
-from models.chat_format import FORMATS as CHAT_FORMATS
+from models import CheckpointError, ConfigError, load_adapter, load_pretrained
+from models.chat_format import FORMATS as CHAT_FORMATS, ChatFormatError
 from data.preferences import parse_prompt
 from models.generate import Completion, sample_completions, user_prompt_ids
 from models.peft import adapter_base_model
-from models.tokenizer import check_vocabulary, describe_format
+from models.tokenizer import check_vocabulary, describe_format, load_tokenizer
 
 
 class PromptError(ValueError):
@@ -128,7 +129,7 @@ def print_readable(completions: list[Completion], file=None) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help=f"HF-format model directory with tokenizer.model (default: the --adapter's base "
+    p.add_argument("--model", help=f"HF-format model directory with its tokenizer (default: the --adapter's base "
                    f"model, else {DEFAULT_MODEL})")
     p.add_argument("--adapter", help="PEFT-format LoRA adapter directory (e.g. a train.py run's adapter/)")
     source = p.add_mutually_exclusive_group(required=True)
@@ -184,18 +185,17 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = load_pretrained(model_dir, dtype=getattr(torch, args.dtype), device=device).eval()
     choose_threads(args.threads, model.num_parameters(), device)  # 0: one thread for a small model on CPU
-    tokenizer_path = model_dir / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise CheckpointError(f"{tokenizer_path}: missing (the sentencepiece tokenizer.model must sit beside "
-                              f"the model)")
-    tokenizer = Tokenizer(tokenizer_path, args.chat_format)
+    tokenizer, _ = load_tokenizer(model_dir, args.chat_format)  # tokenizer.model, tekken.json or tokenizer.json
     check_vocabulary(tokenizer, model.config.vocab_size, model_dir)
     if args.adapter:
         load_adapter(model, args.adapter)
         model.to(device).eval()
     for number, text in enumerate(prompts, start=1):  # train.py's rule for --max-length (data/tokenization.py)
-        length = len(user_prompt_ids(tokenizer, text, not args.no_chat))
         where = "--prompt" if args.prompt is not None else f"{args.prompts}: prompt {number}"
+        try:
+            length = len(user_prompt_ids(tokenizer, text, not args.no_chat))
+        except ChatFormatError as error:  # a conversation this chat format refuses
+            raise PromptError(f"{where}: chat format {tokenizer.chat_format}: {error}") from None
         check_context(length + args.max_new_tokens, model.config.max_position_embeddings,
                       f"{where}: {length} tokens + --max-new-tokens {args.max_new_tokens} =", model_dir)
     print(describe_format(tokenizer), file=sys.stderr)  # once every input is checked; stdout holds the completions

@@ -46,10 +46,10 @@ from data.tokenization import ContextError, check_context, load_preference_data
 from data.world import DEFAULT_DIR as WORLD_DIR, FILES as WORLD_FILES, MODEL_DIR as WORLD_MODEL, load_world
 from data.world.report import format_job_report, job_report, world_report
 from data.world.reward import exact_reward_floor, world_reward_for_prompts
-from models import (CheckpointError, ConfigError, MistralConfig, Tokenizer, add_lora, build_model, load_pretrained,
+from models import (CheckpointError, ConfigError, MistralConfig, add_lora, build_model, load_pretrained,
                     save_pretrained)
 from models.peft import save_adapter
-from models.tokenizer import check_vocabulary, describe_format
+from models.tokenizer import check_vocabulary, describe_format, load_tokenizer
 from spl import evaluation, online, runs
 from spl.cli import UsageError, choose_threads, resolve_device
 from spl.console import ConsoleLog
@@ -242,14 +242,11 @@ def load_model(c: TrainConfig, device):
         model_dir = None
         model = build_model(MistralConfig.from_json(c.init_config), dtype=DTYPES[c.dtype], device=load_device,
                             seed=c.seed)
-        tokenizer_path = Path(c.init_config).parent / "tokenizer.model"
     else:
         model_dir = Path(c.model) if c.model else WORLD_MODEL
         model = load_pretrained(model_dir, dtype=DTYPES[c.dtype], device=load_device)
-        tokenizer_path = model_dir / "tokenizer.model"
-    if not tokenizer_path.is_file():
-        raise UsageError(f"{tokenizer_path}: missing (the sentencepiece tokenizer.model must sit beside the model)")
-    tokenizer = Tokenizer(tokenizer_path, c.chat_format)  # the chat format, from the checkpoint or --chat-format
+    # tokenizer.model, tekken.json or tokenizer.json, and the chat format, from the checkpoint or --chat-format
+    tokenizer, tokenizer_path = load_tokenizer(model_dir or Path(c.init_config).parent, c.chat_format)
     check_vocabulary(tokenizer, model.config.vocab_size, model_dir or c.init_config)  # a tokenizer of another model
     check_context(c.max_length, model.config.max_position_embeddings, "--max-length", model_dir or c.init_config)
     choose_threads(c.threads, model.num_parameters(), device)  # 0: one thread for a small model on CPU

@@ -30,9 +30,22 @@ boundary is clean and the tests check the result against transformers token for 
                 "[INST] {user_n} [/INST]" | cont(" {reply} ") EOS      (user and assistant text .strip()ped)
     chatml      BOS <|im_start|> "system\\n{system}" <|im_end|> "\\n" <|im_start|> "user\\n{user}" <|im_end|>
                 "\\n" <|im_start|> "assistant\\n" | cont(reply) <|im_end|>
+                (a template that writes a default system message when there is none, as SmolLM2's and Qwen2.5's
+                do, gets it here too: default_system_prompt)
+    llama-3     <|begin_of_text|> <|start_header_id|> "system" <|end_header_id|> "\\n\\n{system}" <|eot_id|> ...
+                <|start_header_id|> "assistant" <|end_header_id|> "\\n\\n" | cont(reply) <|eot_id|>
+                (every message's content .strip()ped, as the template's `| trim` does)
 
 (`|` marks the prompt/response boundary; quoted text is one chunk.) The response ends with the end-of-turn id
 and nothing after it: what follows an end of turn (Zephyr's "\\n") is never trained on.
+
+Over a byte-level BPE (models/bpe.py: tekken.json, tokenizer.json) there is no dummy prefix: `enc(text)` is the
+text's ids alone, as mistral-common and HF encode a message or a chunk, so Mistral's v3/v7 formats are the same
+code. BOS starts the template formats only where the tokenizer adds one itself (`adds_bos`: SmolLM2's and Qwen's
+do not; llama-3 writes its template's bos_token), and `cont(reply)` continues the chunk's real text before the
+reply ("assistant\\n"), not a "\\n" stand-in: the BPE's regex decides where words split, and the check stops a
+reply it would join to that text (one starting with "\\n" after ChatML's "assistant\\n" under Qwen's regex).
+mistral-v1 and llama-2 exist only as sentencepiece formats and are refused over a BPE.
 
 Messages are normalised first, as mistral-common normalises them, for every format (normalize_messages):
 an empty system message is dropped, several leading system messages are joined with "\\n\\n", consecutive user
@@ -40,6 +53,8 @@ turns and consecutive assistant turns are joined with "\\n\\n"; a system message
 conversation starting with the assistant, and an empty ("") earlier assistant turn are refused.
 """
 from __future__ import annotations
+
+import re
 
 ROLES = ("system", "user", "assistant")
 JOIN = "\n\n"  # mistral-common's separator for merged messages (protocol/instruct/normalize.py)
@@ -94,23 +109,28 @@ class Pieces:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.bos, self.eos = tokenizer.bos_id, tokenizer.eos_id
-        self._sentinel = tokenizer.encode("\n")
+        self.start = [self.bos] if tokenizer.adds_bos else []  # what the tokenizer itself puts first
+        self.dummy_prefix = tokenizer.dummy_prefix
 
     def enc(self, text: str) -> list[int]:
-        """sentencepiece ids of `text` encoded on its own: a dummy-prefix "▁" first."""
+        """The ids of `text` encoded on its own (sentencepiece: a dummy-prefix "▁" first)."""
         return self.tokenizer.encode(text)
 
-    def cont(self, text: str) -> list[int]:
-        """The ids of `text` continuing a chunk (no dummy prefix): enc("\\n" + text) less enc("\\n")'s ids.
+    def cont(self, text: str, before: str) -> list[int]:
+        """The ids of `text` continuing a chunk whose text so far is `before`: enc(context + text) less
+        enc(context)'s ids, checked to be a prefix (else no segment boundary falls there, and it is refused).
 
-        "\\n" is a byte-fallback piece in Mistral's and Llama's vocabularies, so no piece spans it and the rest
-        are the pieces `text` gets inside a longer string (HF's non-legacy Llama trick, with "\\n" for "<unk>").
+        sentencepiece (no context needed but a dummy prefix to drop): context "\\n", a byte-fallback piece in
+        Mistral's and Llama's vocabularies, so no piece spans it and the rest are the pieces `text` gets inside a
+        longer string (HF's non-legacy Llama trick, with "\\n" for "<unk>"). Byte-level BPE: context `before`
+        itself, so the result is exactly HF's ids of the chunk `before + text` after enc(before)'s.
         """
-        ids = self.tokenizer.encode("\n" + text)
-        if ids[:len(self._sentinel)] != self._sentinel:
-            raise ChatFormatError(f"cannot encode {text[:20]!r} as a continuation: a piece of this tokenizer "
-                                  f"spans a newline")
-        return ids[len(self._sentinel):]
+        context = "\n" if self.dummy_prefix else before
+        head, ids = self.tokenizer.encode(context), self.tokenizer.encode(context + text)
+        if ids[:len(head)] != head:
+            raise ChatFormatError(f"cannot encode {text[:20]!r} as a continuation of {context!r}: a token of this "
+                                  f"tokenizer spans the boundary")
+        return ids[len(head):]
 
     def special(self, piece: str, format_name: str) -> int:
         token = self.tokenizer.special_id(piece)
@@ -125,16 +145,24 @@ class ChatFormat:
 
     name = ""
     description = ""
+    sentencepiece_only = False  # written in sentencepiece's dummy-prefix spaces: no byte-level BPE uses it
 
     def __init__(self, tokenizer):
+        if self.sentencepiece_only and not tokenizer.dummy_prefix:
+            raise ChatFormatError(f"chat format {self.name} is a sentencepiece format (it relies on the dummy-prefix "
+                                  f"space); this tokenizer is a byte-level BPE")
         self.pieces = Pieces(tokenizer)
         self.end_of_turn = self.pieces.eos
+        self.default_system = default_system_prompt(getattr(tokenizer, "chat_template", None))
 
     def encode_prompt(self, messages) -> list[int]:
         """BOS + the conversation up to the assistant's reply to its last (user) turn, generation prompt included."""
         system, turns = normalize_messages(messages)
         if turns[-1]["role"] != "user":
             raise ChatFormatError("encode_prompt: messages must end with a user turn")
+        if system is None and self.default_system is not None and messages[0]["role"] == "system":
+            raise ChatFormatError("an empty system message: the chat template would write an empty system block "
+                                  "where it writes its default one otherwise; drop it or give it text")
         return self.prompt(system, turns)
 
     def encode_response(self, text: str) -> list[int]:
@@ -153,6 +181,7 @@ class ChatFormat:
 class MistralV1(ChatFormat):
     name = "mistral-v1"
     description = "Mistral-7B(-Instruct) v0.1/v0.2: [INST] as text, system on the first user turn"
+    sentencepiece_only = True
 
     def prompt(self, system, turns):
         p, ids = self.pieces, [self.pieces.bos]
@@ -218,19 +247,22 @@ class Zephyr(ChatFormat):
     description = "Zephyr / HuggingFaceH4 SFT models: <|user|>\\n{content}</s>\\n<|assistant|>\\n"
 
     def prompt(self, system, turns):
-        p, ids, head = self.pieces, [self.pieces.bos], ""
+        p, ids, head = self.pieces, list(self.pieces.start), ""
         for message in ([{"role": "system", "content": system}] if system else []) + turns:
             ids += p.enc(f"{head}<|{message['role']}|>\n{message['content']}") + [p.eos]
             head = "\n"  # the template's "\n" after each </s> opens the next chunk
-        return ids + p.enc("\n<|assistant|>\n")
+        return ids + p.enc(self.reply_after)
+
+    reply_after = "\n<|assistant|>\n"  # the chunk's text before a reply
 
     def response(self, text):
-        return self.pieces.cont(text)
+        return self.pieces.cont(text, self.reply_after)
 
 
 class Llama2(ChatFormat):
     name = "llama-2"
     description = "Llama-2-chat: <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} </s>"
+    sentencepiece_only = True
 
     def prompt(self, system, turns):
         p, ids = self.pieces, []
@@ -246,7 +278,7 @@ class Llama2(ChatFormat):
         return ids
 
     def response(self, text):
-        return self.pieces.cont(f" {text.strip()} ")
+        return self.pieces.cont(f" {text.strip()} ", "[/INST]")
 
 
 class ChatML(ChatFormat):
@@ -259,17 +291,44 @@ class ChatML(ChatFormat):
         self.end_of_turn = self.im_end = self.pieces.special("<|im_end|>", self.name)
 
     def prompt(self, system, turns):
-        p, ids = self.pieces, [self.pieces.bos]
+        p, ids = self.pieces, list(self.pieces.start)
+        system = system or self.default_system
         messages = ([{"role": "system", "content": system}] if system else []) + turns
         for message in messages:
             ids += [self.im_start] + p.enc(f"{message['role']}\n{message['content']}") + [self.im_end] + p.enc("\n")
         return ids + [self.im_start] + p.enc("assistant\n")
 
     def response(self, text):
-        return self.pieces.cont(text)
+        return self.pieces.cont(text, "assistant\n")
 
 
-FORMATS = {cls.name: cls for cls in (MistralV1, MistralV3, MistralV7, Zephyr, Llama2, ChatML)}
+class Llama3(ChatFormat):
+    name = "llama-3"
+    description = ("Llama 3 (Instruct): <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>, "
+                   "<|eot_id|> ends a turn")
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        if self.pieces.bos is None:
+            raise ChatFormatError(f"chat format {self.name} starts with the bos_token, and this tokenizer has none")
+        self.start_header = self.pieces.special("<|start_header_id|>", self.name)
+        self.end_header = self.pieces.special("<|end_header_id|>", self.name)
+        self.end_of_turn = self.eot = self.pieces.special("<|eot_id|>", self.name)
+
+    def header(self, role: str) -> list[int]:
+        return [self.start_header] + self.pieces.enc(role) + [self.end_header]
+
+    def prompt(self, system, turns):
+        p, ids = self.pieces, [self.pieces.bos]  # the template's own bos_token, whatever the tokenizer adds
+        for message in ([{"role": "system", "content": system}] if system else []) + turns:
+            ids += self.header(message["role"]) + p.enc("\n\n" + message["content"].strip()) + [self.eot]
+        return ids + self.header("assistant") + p.enc("\n\n")
+
+    def response(self, text):
+        return self.pieces.cont(text.strip(), "\n\n")
+
+
+FORMATS = {cls.name: cls for cls in (MistralV1, MistralV3, MistralV7, Zephyr, Llama2, ChatML, Llama3)}
 
 
 def chat_format(name: str, tokenizer) -> ChatFormat:
@@ -285,6 +344,8 @@ def recognise_template(template: str, control_pieces: set[str]) -> str | None:
     An [INST] template does not say reliably which Mistral version it is (the v0.1 and v0.3 templates differ
     by one space), so the tokenizer's control pieces decide it, as for a tokenizer.model alone.
     """
+    if "<|start_header_id|>" in template and "<|eot_id|>" in template:
+        return "llama-3"
     if "<|im_start|>" in template and "<|im_end|>" in template:
         return "chatml"
     if "<|user|>" in template and "<|assistant|>" in template and "<|end|>" not in template:
@@ -303,3 +364,27 @@ def mistral_version(control_pieces: set[str]) -> str:
     if "[INST]" in control_pieces:
         return "mistral-v3"
     return "mistral-v1"
+
+
+# A ChatML template that writes a system message of its own when the conversation has none, e.g. SmolLM2's
+# {{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}
+# (the "\n" a real newline or a Jinja escape, the quotes single or double).
+DEFAULT_SYSTEM = re.compile(r"""(['"])<\|im_start\|>system(?:\n|\\n)((?:(?!\1)[^{}])*?)<\|im_end\|>""")
+
+
+def default_system_prompt(template: str | None) -> str | None:
+    """The system message a chat template writes itself when the conversation brings none, or None.
+
+    The one place that compares a template with what the built-in formats render beyond its markers (issue 26
+    renders templates in full): a ChatML default system block is rendered (ChatML.prompt); a template this
+    function knows the built-in formats would render differently is refused, naming the difference.
+    """
+    if template is None:
+        return None
+    if "Cutting Knowledge Date" in template:  # Llama 3.1+: a dated system block on every conversation
+        raise ChatFormatError("the chat_template writes a dated system block (\"Cutting Knowledge Date\", Llama 3.1 "
+                              "and later) that the built-in llama-3 format does not render")
+    found = DEFAULT_SYSTEM.search(template)
+    if found is None:
+        return None
+    return found.group(2).replace("\\n", "\n")

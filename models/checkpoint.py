@@ -229,8 +229,19 @@ def save_pretrained(model: Mistral, path, max_shard_bytes: int | None = None, to
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, staging / "tokenizer.model")
+            copy_tokenizer(Path(tokenizer_path), staging)
     return path
+
+
+def copy_tokenizer(tokenizer_path: Path, directory: Path) -> None:
+    """Copy a tokenizer file into a model directory under the name load_tokenizer looks for (tokenizer.json and
+    tekken.json keep theirs; any other file is a sentencepiece model), with the tokenizer_config.json and
+    chat_template.jinja beside it, which carry the chat template, the added tokens and BOS/EOS."""
+    name = tokenizer_path.name if tokenizer_path.name in ("tokenizer.json", "tekken.json") else "tokenizer.model"
+    shutil.copyfile(tokenizer_path, directory / name)
+    for sibling in ("tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_path.parent / sibling).is_file():
+            shutil.copyfile(tokenizer_path.parent / sibling, directory / sibling)
 
 
 def _split(state: dict, max_shard_bytes: int | None) -> list[dict]:

@@ -144,15 +144,16 @@ class Completion:
 
 def user_prompt_ids(tokenizer, prompt, chat: bool = True) -> list[int]:
     """BOS + enc("[INST] text [/INST]") (a user turn in the tokenizer's chat format), or BOS + enc(text) without
-    chat. A prompt may also be a conversation, a list of chat messages ([system] user (assistant user)*, ending with
-    the user's turn): its generation prompt in the chat format (Tokenizer.encode_prompt)."""
+    chat (BOS where the tokenizer adds one: SmolLM2's and Qwen's tokenizer.json do not). A prompt may also be a
+    conversation, a list of chat messages ([system] user (assistant user)*, ending with the user's turn): its
+    generation prompt in the chat format (Tokenizer.encode_prompt)."""
     if isinstance(prompt, list):
         if not chat:
             raise ValueError("a conversation (a list of messages) needs the chat format")
         return tokenizer.encode_prompt(prompt)
     if chat:
         return tokenizer.encode_prompt([{"role": "user", "content": prompt}])
-    return [tokenizer.bos_id] + tokenizer.encode(prompt)
+    return [tokenizer.bos_id] * tokenizer.adds_bos + tokenizer.encode(prompt)
 
 
 @torch.no_grad()

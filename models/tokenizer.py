@@ -1,5 +1,10 @@
 """The tokenizer: sentencepiece, the checkpoint's added tokens, and the chat format chosen from the checkpoint.
 
+`load_tokenizer(directory)` finds a checkpoint's tokenizer in this order: `tokenizer.model` (sentencepiece, this
+file), `tekken.json` (Mistral's byte-level BPE since July 2024), `tokenizer.json` (HF's byte-level BPE: SmolLM2,
+Llama 3, Qwen, every checkpoint transformers 5 saves); the two BPE files are read by models/bpe.py behind the
+same interface (TokenizerBase below: the chat methods, which only need encode, special_id and the ids).
+
 `Tokenizer(path/to/tokenizer.model)` reads the sentencepiece model and, when they sit beside it, the HF files
 that say how the model was trained to chat:
 
@@ -21,23 +26,94 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import sentencepiece
 
 from models.chat_format import (FORMATS, ROLES, ChatFormatError, mistral_version, normalize_messages,
                                 recognise_template)
 
-__all__ = ["Tokenizer", "ROLES", "validate_messages", "check_vocabulary", "describe_format"]
+__all__ = ["Tokenizer", "ROLES", "validate_messages", "check_vocabulary", "describe_format", "load_tokenizer",
+           "TOKENIZER_FILES"]
+
+# The files a checkpoint's tokenizer may come in, in the order they are looked for: a Mistral HF repository ships
+# tekken.json beside a converted tokenizer.json (tekken.json is mistral-common's own, so it wins), and a v0.3 one
+# tokenizer.model beside tokenizer.json.
+TOKENIZER_FILES = ("tokenizer.model", "tekken.json", "tokenizer.json")
 
 
-class Tokenizer:
+def load_tokenizer(directory, chat_format: str | None = None):
+    """(tokenizer, path of the file it was read from) for a checkpoint directory: the first of TOKENIZER_FILES
+    present, its chat format chosen from the files beside it (or `chat_format`). The path is the file whose
+    content names the tokenizer (the reference-cache key hashes it) and the one save_pretrained copies."""
+    from models.bpe import BPETokenizer  # here: models/bpe.py imports this module
+
+    directory = Path(directory)
+    for name in TOKENIZER_FILES:
+        path = directory / name
+        if path.is_file():
+            return (Tokenizer if name == "tokenizer.model" else BPETokenizer)(path, chat_format), path
+    raise _checkpoint_error(f"{directory / TOKENIZER_FILES[0]}: missing, and no {' or '.join(TOKENIZER_FILES[1:])} "
+                            f"beside it (a checkpoint's tokenizer is one of {', '.join(TOKENIZER_FILES)})")
+
+
+class TokenizerBase:
+    """The chat-format methods every tokenizer shares; a subclass sets `format`, `chat_format`, `format_origin`,
+    `path` and `kind`, and provides encode / decode / bos_id / eos_id / pad_id / vocab_size / special_id."""
+
+    dummy_prefix = True  # sentencepiece puts a "▁" before every string it encodes; byte-level BPE does not
+    adds_bos = True  # whether the tokenizer itself starts a sequence with BOS (HF: add_special_tokens=True)
+
+    @property
+    def end_of_turn_id(self) -> int:
+        """The id that closes an assistant turn: EOS, or ChatML's <|im_end|>. Generation stops there."""
+        return self.format.end_of_turn
+
+    def _choose_chat_format(self, chat_format, config: dict, config_path: str, control: set[str],
+                            detected: tuple[str, str] | None) -> None:
+        """Set chat_format, format_origin, chat_template and format (models/chat_format.py) from the checkpoint."""
+        name, self.format_origin, self.chat_template = choose_format(chat_format, config, config_path, control,
+                                                                     detected)
+        try:
+            self.format = FORMATS[name](self)
+        except ChatFormatError as error:
+            raise _checkpoint_error(f"{self.path}: {error}") from None
+        self.chat_format = name
+
+    # ---- the chat format (models/chat_format.py) -------------------------------------------------------------
+
+    def encode_response(self, text: str) -> list[int]:
+        """An assistant turn: its ids + the end-of-turn id (EOS, or <|im_end|> for ChatML)."""
+        return self.format.encode_response(text)
+
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        """BOS + the conversation up to the assistant's reply to the last user turn (the generation prompt).
+
+        `messages` is [system*] then user and assistant turns ending with a user turn, normalised as
+        mistral-common does (models/chat_format.normalize_messages).
+        """
+        return self.format.encode_prompt(messages)
+
+    def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """A conversation ending with an assistant turn -> (prompt_ids, response_ids).
+
+        prompt_ids + response_ids is the whole conversation, and prompt_ids is exactly
+        encode_prompt(messages[:-1]): the boundary is where the segments meet, found without any re-encoding.
+        """
+        validate_messages(messages)
+        if messages[-1]["role"] != "assistant":
+            raise ValueError("encode_chat: messages must end with an assistant turn")
+        return self.encode_prompt(messages[:-1]), self.encode_response(messages[-1]["content"])
+
+
+class Tokenizer(TokenizerBase):
     """sentencepiece `tokenizer.model` with Mistral's special ids (unk 0 "<unk>", bos 1 "<s>", eos 2 "</s>")."""
 
     def __init__(self, path_to_tokenizer_model: str | os.PathLike, chat_format: str | None = None):
         path = os.fspath(path_to_tokenizer_model)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: tokenizer model not found (expected sentencepiece tokenizer.model)")
-        self.path = path
+        self.path, self.kind = path, "sentencepiece"
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
         except (RuntimeError, OSError) as error:  # not a sentencepiece model: a truncated or mixed-up file
@@ -49,15 +125,14 @@ class Tokenizer:
         self.control_pieces = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())
                                if self.sp.IsControl(i)}
         config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
-        config = _read_config(config_path)
+        config = read_config(config_path)
         self.added_tokens = _added_tokens(config, config_path, self.sp.get_piece_size())  # content -> id
-        name, self.format_origin = _choose_format(chat_format, config, config_path, set(self.control_pieces),
-                                                  os.path.basename(path))
-        try:
-            self.format = FORMATS[name](self)
-        except ChatFormatError as error:
-            raise _checkpoint_error(f"{path}: {error}") from None
-        self.chat_format = name
+        control = set(self.control_pieces)
+        version = mistral_version(control)
+        pieces = {"mistral-v7": "[SYSTEM_PROMPT]", "mistral-v3": "[INST]"}
+        why = f"{pieces[version]} is a control piece" if version in pieces else "[INST] is not a control piece"
+        self._choose_chat_format(chat_format, config, config_path, control,
+                                 (version, f"no chat_template; {why} of {os.path.basename(path)}"))
 
     # ---- ids and raw text ------------------------------------------------------------------------------------
 
@@ -68,11 +143,6 @@ class Tokenizer:
     @property
     def eos_id(self) -> int:
         return self.sp.eos_id()
-
-    @property
-    def end_of_turn_id(self) -> int:
-        """The id that closes an assistant turn: EOS, or ChatML's <|im_end|>. Generation stops there."""
-        return self.format.end_of_turn
 
     @property
     def pad_id(self) -> int:
@@ -104,32 +174,6 @@ class Tokenizer:
         pieces = self.sp.get_piece_size()
         return self.sp.decode([i for i in ids if i < pieces and not self.sp.IsControl(i)])
 
-    # ---- the chat format (models/chat_format.py) -------------------------------------------------------------
-
-    def encode_response(self, text: str) -> list[int]:
-        """An assistant turn: its ids + the end-of-turn id (EOS, or <|im_end|> for ChatML)."""
-        return self.format.encode_response(text)
-
-    def encode_prompt(self, messages: list[dict]) -> list[int]:
-        """BOS + the conversation up to the assistant's reply to the last user turn (the generation prompt).
-
-        `messages` is [system*] then user and assistant turns ending with a user turn, normalised as
-        mistral-common does (models/chat_format.normalize_messages).
-        """
-        return self.format.encode_prompt(messages)
-
-    def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        """A conversation ending with an assistant turn -> (prompt_ids, response_ids).
-
-        prompt_ids + response_ids is the whole conversation, and prompt_ids is exactly
-        encode_prompt(messages[:-1]): the boundary is where the segments meet, found without any re-encoding.
-        """
-        validate_messages(messages)
-        if messages[-1]["role"] != "assistant":
-            raise ValueError("encode_chat: messages must end with an assistant turn")
-        return self.encode_prompt(messages[:-1]), self.encode_response(messages[-1]["content"])
-
-
 def validate_messages(messages) -> tuple[str | None, list[dict]]:
     """Check roles and types, normalise as mistral-common does -> (system text or None, alternating turns)."""
     return normalize_messages(messages)
@@ -148,8 +192,9 @@ def check_vocabulary(tokenizer: Tokenizer, vocab_size: int, model_dir) -> None:
 
 
 def describe_format(tokenizer: Tokenizer) -> str:
-    """One line for start-up: which chat format, and why."""
-    return f"chat format: {tokenizer.chat_format} ({tokenizer.format_origin})"
+    """One line for start-up: which tokenizer file and kind, which chat format, and why."""
+    return (f"tokenizer: {os.path.basename(tokenizer.path)} ({tokenizer.kind}, {tokenizer.vocab_size} ids); "
+            f"chat format: {tokenizer.chat_format} ({tokenizer.format_origin})")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
@@ -160,7 +205,7 @@ def _checkpoint_error(message: str):
     return CheckpointError(message)
 
 
-def _read_config(config_path: str) -> dict:
+def read_config(config_path: str) -> dict:
     if not os.path.isfile(config_path):
         return {}
     try:
@@ -202,21 +247,23 @@ def _template(config: dict, config_path: str) -> tuple[str | None, str]:
     return template, config_path
 
 
-def _choose_format(override: str | None, config: dict, config_path: str, control: set[str],
-                   model_name: str) -> tuple[str, str]:
-    """(format name, how it was chosen)."""
+def choose_format(override: str | None, config: dict, config_path: str, control: set[str],
+                  detected: tuple[str, str] | None) -> tuple[str, str, str | None]:
+    """(format name, how it was chosen, the chat template or None). `control`: the special tokens that say which
+    Mistral version an [INST] template is; `detected`: (name, why) when there is no template, or None when the
+    tokenizer alone cannot say (a tokenizer.json without [INST]: ChatML, Llama 3 and Zephyr look alike)."""
+    template, where = _template(config, config_path)
     if override is not None:
         if override not in FORMATS:
             raise _checkpoint_error(f"unknown chat format {override!r} (known: {', '.join(FORMATS)})")
-        return override, "--chat-format"
-    template, where = _template(config, config_path)
+        return override, "--chat-format", template
     if template is not None:
         name = recognise_template(template, control)
         if name is None:
             raise _checkpoint_error(f"{where}: chat_template is none of the known formats "
                                     f"({', '.join(FORMATS)}); pass --chat-format NAME")
-        return name, f"chat_template in {os.path.basename(where)}"
-    name = mistral_version(control)
-    pieces = {"mistral-v7": "[SYSTEM_PROMPT]", "mistral-v3": "[INST]"}
-    why = f"{pieces[name]} is a control piece" if name in pieces else "[INST] is not a control piece"
-    return name, f"no chat_template; {why} of {model_name}"
+        return name, f"chat_template in {os.path.basename(where)}", template
+    if detected is None:
+        raise _checkpoint_error(f"{config_path}: no chat_template (in it or in chat_template.jinja beside it) and "
+                                f"no [INST] special token; pass --chat-format NAME")
+    return (*detected, None)

@@ -84,7 +84,7 @@ def test_chat_format_flag_overrides_and_unknown_names_stop(tmp_path, pairs, caps
     assert train.main(run_args(model, pairs, tmp_path / "run2", "--chat-format", "alpaca")) == 2  # a usage error
     error = capsys.readouterr().err.strip()
     assert error == ("train.py: error: --chat-format alpaca: unknown format (known: mistral-v1, mistral-v3, "
-                     "mistral-v7, zephyr, llama-2, chatml)")
+                     "mistral-v7, zephyr, llama-2, chatml, llama-3)")
     assert not (tmp_path / "run2").exists()
 
 
@@ -106,7 +106,7 @@ def test_unrecognised_template_stops_at_start_up(tmp_path, pairs, capsys):
     assert train.main(run_args(model, pairs, out)) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"train.py: error: {model / 'tokenizer_config.json'}: chat_template is none of the known "
-                            f"formats (mistral-v1, mistral-v3, mistral-v7, zephyr, llama-2, chatml)")
+                            f"formats (mistral-v1, mistral-v3, mistral-v7, zephyr, llama-2, chatml, llama-3)")
     assert not out.exists()
 
 
