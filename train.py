@@ -53,6 +53,7 @@ from models.tokenizer import check_vocabulary, describe_format, load_tokenizer
 from spl import evaluation, online, runs
 from spl.cli import UsageError, choose_threads, resolve_device
 from spl.console import ConsoleLog
+from spl.plot import TensorBoardLog, draw_curves
 from spl.config import RESUME_MAY_CHANGE, TrainConfig, describe, describe_recipe, is_world_run, parse_args
 from spl.distributed import (Processes, check_run_directory, prepare_run_directory, resume, run_directory_lock,
                              save_checkpoint, share_batches, shard_frozen_weights, start_processes, sum_across,
@@ -179,6 +180,7 @@ def loop(s: Setup, c: TrainConfig, procs: Processes, device, out: Path, say, rep
         return save_checkpoint(out, step, s.trainable, s.optimizer, s.batches, c.keep_checkpoints, procs)
 
     log = runs.MetricsLog(out / "metrics.jsonl", resume_step=s.start_step if c.resume else None, enabled=procs.main)
+    log = TensorBoardLog(log, out / "tensorboard") if c.tensorboard and procs.main else log  # spl/plot.py
     s.model.train()
     last_saved = None
     with runs.StopSignals() as signals:
@@ -405,6 +407,8 @@ def write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out: Path, 
     if report is not None:
         runs.write_json_atomic(out / "report.json", report)
         print(format_job_report(report))
+    if c.plot and (picture := draw_curves(out)) is not None:  # when matplotlib is installed
+        print(f"curves: {picture}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from models.lora import HEAD_TARGET, TARGET_NAMES, check_head_dropout, resolve_t
 from spl.cli import ArgumentParser, UsageError
 from spl.losses import FDPO_DIVERGENCES, check_label_smoothing
 from spl.online import ESTIMATORS as ONLINE_ESTIMATORS
+from spl.plot import check_tensorboard
 from spl.step import PREFERENCE_LOSSES, Objective
 
 DESCRIPTION = "Train a policy with Soft Preference Learning (or DPO, IPO, cDPO, f-DPO, SFT, a reward model)."
@@ -54,7 +55,7 @@ WORLD_ONLINE_JOB = dict(batch_size=30, online_samples=4, lr=3e-3, warmup_steps=1
 # rounding), and what is logged, kept and reported. --preset only fills other options, which are compared.
 RESUME_MAY_CHANGE = ("steps", "epochs", "device", "threads", "compile", "fsdp", "grad_checkpointing", "shared_prefix",
                      "progress", "log_every", "save_every", "keep_checkpoints", "eval_every", "resume", "overwrite",
-                     "preset", "out", "from_preset", "detected_chat_format", "tensorboard")
+                     "preset", "out", "from_preset", "detected_chat_format", "tensorboard", "plot")
 
 
 @dataclass
@@ -136,6 +137,8 @@ class TrainConfig:
     chosen_prob_key: str = "chosen_prob"
     response_key: str = "response"
     progress: bool = True
+    plot: bool = True  # OUT/curves.png at the end, when matplotlib is installed (spl/plot.py)
+    tensorboard: bool = False  # metrics also as TensorBoard scalars in OUT/tensorboard/ (needs tensorboard)
 
     def column_map(self) -> dict:
         """The data's field names (--prompt-key, ...) as data/preferences.py's column_map."""
@@ -257,6 +260,11 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
         p.add_argument(f"--{key.replace('_', '-')}-key", default=getattr(defaults, f"{key}_key"),
                        help=f"field name of the {key} in the data")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-plot", dest="plot", action="store_false",
+                   help="no curves.png at the end (drawn when matplotlib is installed; python -m spl.plot RUN_DIR "
+                        "draws it any time)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log the metrics for TensorBoard, in OUT/tensorboard/ (needs: pip install tensorboard)")
     return p
 
 
@@ -405,6 +413,8 @@ def validate_combinations(c: TrainConfig, world_size: int) -> None:
         fail("--data-split, --data-subsets and several --data paths read preference datasets; --loss sft reads one "
              ".jsonl/.json(.gz) file")
     validate_evaluation(c)
+    if c.tensorboard and (missing := check_tensorboard()):
+        fail(missing)
     if c.loss == "spl-online":
         validate_online(c)
 
