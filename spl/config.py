@@ -19,6 +19,7 @@ from data.tokenization import check_lengths
 from models.chat_format import FORMATS as CHAT_FORMATS
 from models.lora import HEAD_TARGET, TARGET_NAMES, check_head_dropout, resolve_targets
 from spl.cli import ArgumentParser, UsageError
+from spl.evaluation import check_evaluation_options
 from spl.losses import FDPO_DIVERGENCES, check_label_smoothing
 from spl.online import ESTIMATORS as ONLINE_ESTIMATORS
 from spl.plot import check_tensorboard
@@ -412,32 +413,11 @@ def validate_combinations(c: TrainConfig, world_size: int) -> None:
     if (c.data_split is not None or c.data_subsets is not None or isinstance(c.data, list)) and c.loss == "sft":
         fail("--data-split, --data-subsets and several --data paths read preference datasets; --loss sft reads one "
              ".jsonl/.json(.gz) file")
-    validate_evaluation(c)
+    check_evaluation_options(c, is_world_run(c))  # spl/evaluation.py's
     if c.tensorboard and (missing := check_tensorboard()):
         fail(missing)
     if c.loss == "spl-online":
         validate_online(c)
-
-
-def validate_evaluation(c: TrainConfig) -> None:
-    """The held-out evaluation options (spl/evaluation.py)."""
-    def fail(message):
-        raise UsageError(message)
-
-    if not 0 <= c.eval_fraction < 1:
-        fail(f"--eval-fraction must be in [0, 1), got {c.eval_fraction}")
-    named = c.eval_data is not None or c.eval_split is not None
-    if named and c.eval_fraction:
-        fail("give --eval-data / --eval-split (a held-out file or split) or --eval-fraction (prompts held out of "
-             "--data), not both")
-    if c.eval_split is not None and c.eval_data is None and c.data is None:
-        fail(f"--eval-split {c.eval_split} names a split of --eval-data's or --data's dataset directory: give one")
-    if (named or c.eval_fraction) and c.loss in ("sft", "spl-online"):
-        fail(f"--eval-data, --eval-split and --eval-fraction evaluate preference pairs with the training loss; "
-             f"--loss {c.loss} has none to evaluate")
-    if c.eval_every and not (named or c.eval_fraction) and not is_world_run(c):
-        fail(f"--eval-every {c.eval_every}: nothing to evaluate; give --eval-data FILE, --eval-split NAME or "
-             f"--eval-fraction F")
 
 
 def validate_online(c: TrainConfig) -> None:

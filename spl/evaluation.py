@@ -32,6 +32,28 @@ def has_eval_set(c) -> bool:
     return bool(c.eval_data or c.eval_split or c.eval_fraction)
 
 
+def check_evaluation_options(c, world_run: bool) -> None:
+    """The held-out evaluation options of a TrainConfig, checked at start-up (spl/config.py validate): one
+    UsageError line each. world_run: a run on the embedded world, where --eval-every is the world report's period."""
+    def fail(message):
+        raise UsageError(message)
+
+    if not 0 <= c.eval_fraction < 1:
+        fail(f"--eval-fraction must be in [0, 1), got {c.eval_fraction}")
+    named = c.eval_data is not None or c.eval_split is not None
+    if named and c.eval_fraction:
+        fail("give --eval-data / --eval-split (a held-out file or split) or --eval-fraction (prompts held out of "
+             "--data), not both")
+    if c.eval_split is not None and c.eval_data is None and c.data is None:
+        fail(f"--eval-split {c.eval_split} names a split of --eval-data's or --data's dataset directory: give one")
+    if has_eval_set(c) and c.loss in ("sft", "spl-online"):
+        fail(f"--eval-data, --eval-split and --eval-fraction evaluate preference pairs with the training loss; "
+             f"--loss {c.loss} has none to evaluate")
+    if c.eval_every and not has_eval_set(c) and not world_run:
+        fail(f"--eval-every {c.eval_every}: nothing to evaluate; give --eval-data FILE, --eval-split NAME or "
+             f"--eval-fraction F")
+
+
 def held_out_examples(c, tokenizer, examples: list, dataset_sha256: str, vocab_size: int, say):
     """(training examples, eval examples, the eval set's content hash for its reference cache key): --eval-data /
     --eval-split read and tokenised as --data is, or --eval-fraction's prompts cut from `examples`; with no eval
