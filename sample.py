@@ -8,7 +8,11 @@ With no --model it samples from the embedded world's reference model (data/world
 Prompts are user turns in the checkpoint's chat format (models/chat_format.py; chosen from its
 tokenizer_config.json or tokenizer file, printed to stderr, `--chat-format NAME` overrides), e.g.
 Mistral v1's BOS + enc("[INST] {prompt} [/INST]"), or BOS + enc(prompt) with --no-chat; `--prompts FILE` reads one prompt per
-line (a .txt file; blank lines are skipped) or JSONL objects with a "prompt" field (a .jsonl file).
+line (a .txt file; blank lines are skipped) or JSONL objects with a "prompt" field (a .jsonl file): a string (one
+user turn) or a conversation, a list of {"role", "content"} messages (a system message first, then user and
+assistant turns ending with the user's), as training data's prompts are. `--system TEXT` puts a system message
+before every prompt that has none. With --adapter and no --model, the base model is the adapter_config.json's
+base_model_name_or_path (what train.py trained from), or one line says to pass --model.
 
 Each prompt is prefilled once, its KV cache repeated N times, and the N completions decoded as one batch until
 each has emitted EOS or --max-new-tokens tokens (models/generate.py). Sampling: temperature, then top-k, top-p
@@ -35,11 +39,14 @@ from pathlib import Path
 import torch
 
 from spl.cli import ArgumentParser, UsageError, choose_threads, resolve_device
+from data.tokenization import ContextError, check_context
 from data.world import MODEL_DIR as DEFAULT_MODEL
 from models import CheckpointError, ConfigError, load_adapter, load_pretrained
-from models.chat_format import FORMATS as CHAT_FORMATS
+from models.chat_format import FORMATS as CHAT_FORMATS, ChatFormatError
+from data.preferences import parse_prompt
 from models.generate import Completion, sample_completions, user_prompt_ids
 from models.gguf import resolve_model
+from models.peft import adapter_base_model
 from models.tokenizer import check_vocabulary, describe_format, load_tokenizer
 
 
@@ -50,8 +57,9 @@ class PromptError(ValueError):
 # ---- prompts --------------------------------------------------------------------------------------------------
 
 
-def read_prompts(path) -> list[str]:
-    """Prompts from a .jsonl file (objects with a string "prompt") or any other file (one prompt per line)."""
+def read_prompts(path) -> list[str | list[dict]]:
+    """Prompts from a .jsonl file (objects with a "prompt": a string, or chat messages ending with a user turn) or
+    any other file (one prompt per line)."""
     path = Path(path)
     if not path.is_file():
         raise PromptError(f"{path}: no such file")
@@ -74,20 +82,45 @@ def read_prompts(path) -> list[str]:
             raise PromptError(f"{path}:{number}: not valid JSON (nested too deeply to parse)") from None
         if not isinstance(record, dict) or "prompt" not in record:
             raise PromptError(f'{path}:{number}: missing field "prompt"')
-        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
-            raise PromptError(f'{path}:{number}: field "prompt" must be a non-empty string, '
-                              f'got {record["prompt"]!r:.60}')
-        prompts.append(record["prompt"])
+        prompts.append(conversation_or_text(record["prompt"], f"{path}:{number}"))
     if not prompts:
         raise PromptError(f"{path}: no prompts")
     return prompts
+
+
+def conversation_or_text(value, where: str) -> str | list[dict]:
+    """A "prompt" field: a non-empty string, or chat messages as training data's (data/preferences.py parse_prompt's
+    rules) ending with a user turn; PromptError naming `where` otherwise."""
+    def fail(problem):
+        raise PromptError(f"{where}: {problem}")
+
+    if isinstance(value, str):
+        if not value.strip():
+            fail('field "prompt" must be a non-empty string or a list of messages')
+        return value
+    if not isinstance(value, list) or not value:
+        fail(f'field "prompt" must be a non-empty string or a list of messages, got {value!r:.60}')
+    messages = parse_prompt(value, "prompt", fail)
+    if messages[-1]["role"] != "user":
+        fail(f'field "prompt": the last message must be the user\'s turn, got role {messages[-1]["role"]!r}')
+    return messages
+
+
+def with_system(prompt, system: str | None):
+    """`prompt` as a conversation with `system` first (--system), unless it has its own system message."""
+    if system is None:
+        return prompt
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return messages if messages[0]["role"] == "system" else [{"role": "system", "content": system}, *messages]
 
 
 def print_readable(completions: list[Completion], file=None) -> None:
     file = file or sys.stdout  # looked up at call time, so redirections (and pytest's capsys) apply
     for c in completions:
         if c.index == 0:
-            print(f"\n=== prompt {c.prompt_index + 1}: {c.prompt}", file=file)
+            shown = c.prompt if isinstance(c.prompt, str) else " | ".join(f"{m['role']}: {m['content']}"
+                                                                          for m in c.prompt)
+            print(f"\n=== prompt {c.prompt_index + 1}: {shown}", file=file)
         stop = "eos" if c.eos else "max tokens"
         print(f"[{c.index}] {c.text}\n    ({len(c.token_ids)} tokens, {stop}, logprob {c.logprob:.3f})", file=file)
 
@@ -98,11 +131,13 @@ def print_readable(completions: list[Completion], file=None) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help=f"HF-format model directory with its tokenizer, a .gguf file (converted once, "
-                                    f"cached) or smollm2 (default: {DEFAULT_MODEL})")
+                                    f"cached) or smollm2 (default: the --adapter's base model, else {DEFAULT_MODEL})")
     p.add_argument("--adapter", help="PEFT-format LoRA adapter directory (e.g. a train.py run's adapter/)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
-    source.add_argument("--prompts", help="prompts file: one per line (.txt) or JSONL with a \"prompt\" field")
+    source.add_argument("--prompts", help="prompts file: one per line (.txt) or JSONL with a \"prompt\" field (a "
+                        "string or a list of chat messages)")
+    p.add_argument("--system", help="a system message put before every prompt that has none")
     p.add_argument("-n", "--num-samples", type=int, default=1, help="completions per prompt (default 1)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1)")
     p.add_argument("--top-k", type=int)
@@ -130,6 +165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
         (args.threads >= 0, f"--threads must be >= 0 (0: automatic), got {args.threads}"),
         (args.prompt is None or args.prompt.strip() != "", "--prompt is empty"),
+        (not (args.no_chat and args.system is not None), "--system needs the chat format: leave out --no-chat"),
     ]
     for ok, message in checks:
         if not ok:
@@ -139,7 +175,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-    model_dir = resolve_model(args.model) if args.model else DEFAULT_MODEL  # a directory, a .gguf file or smollm2
+    prompts = [with_system(prompt, args.system) for prompt in prompts]
+    if args.no_chat and any(isinstance(prompt, list) for prompt in prompts):
+        raise UsageError(f"{args.prompts}: its prompts are conversations, which need the chat format: leave out "
+                         f"--no-chat")
+    model_dir = (resolve_model(args.model) if args.model  # a directory, a .gguf file or smollm2
+                 else adapter_base_model(args.adapter) if args.adapter else DEFAULT_MODEL)
     if args.model is None and not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: the embedded world's reference model is not built yet; "
                               f"pass --model DIR")
@@ -151,13 +192,14 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         load_adapter(model, args.adapter)
         model.to(device).eval()
-    positions = model.config.max_position_embeddings
-    for number, text in enumerate(prompts, start=1):
-        length = len(user_prompt_ids(tokenizer, text, not args.no_chat))
-        if length + args.max_new_tokens > positions:
-            where = "--prompt" if args.prompt is not None else f"{args.prompts}: prompt {number}"
-            raise UsageError(f"{where}: {length} tokens + --max-new-tokens {args.max_new_tokens} exceed the model's "
-                             f"max_position_embeddings {positions}")
+    for number, text in enumerate(prompts, start=1):  # train.py's rule for --max-length (data/tokenization.py)
+        where = "--prompt" if args.prompt is not None else f"{args.prompts}: prompt {number}"
+        try:
+            length = len(user_prompt_ids(tokenizer, text, not args.no_chat))
+        except ChatFormatError as error:  # a conversation this chat format refuses
+            raise PromptError(f"{where}: chat format {tokenizer.chat_format}: {error}") from None
+        check_context(length + args.max_new_tokens, model.config.max_position_embeddings,
+                      f"{where}: {length} tokens + --max-new-tokens {args.max_new_tokens} =", model_dir)
     print(describe_format(tokenizer), file=sys.stderr)  # once every input is checked; stdout holds the completions
     generator = torch.Generator(device=device).manual_seed(args.seed)
     completions = sample_completions(model, tokenizer, prompts, args.num_samples, args.max_new_tokens,
@@ -176,7 +218,7 @@ def main(argv=None) -> int:
         return run(parse_args(argv))
     except SystemExit as exit:  # argparse's own errors (usage printed): return the code instead of exiting
         return int(exit.code or 0)
-    except UsageError as error:
+    except (UsageError, ContextError) as error:
         print(f"sample.py: error: {error}", file=sys.stderr)
         return 2
     except (PromptError, CheckpointError, ConfigError) as error:  # AdapterError is a CheckpointError

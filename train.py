@@ -41,9 +41,8 @@ from tqdm import tqdm
 
 from data.batching import PreferenceBatches, PromptGroupedBatches, epochs_to_steps
 from data.preferences import DataError
-from data.reference_cache import ReferenceCacheKey, cache_path, file_sha256, reference_identity
 from data.sft import SequenceBatches, load_sft_data
-from data.tokenization import load_preference_data
+from data.tokenization import ContextError, check_context, load_preference_data
 from data.world import DEFAULT_DIR as WORLD_DIR, FILES as WORLD_FILES, MODEL_DIR as WORLD_MODEL, load_world
 from data.world.report import format_job_report, job_report, world_report
 from data.world.reward import exact_reward_floor, world_reward_for_prompts
@@ -52,15 +51,17 @@ from models import (CheckpointError, ConfigError, MistralConfig, add_lora, build
 from models.gguf import resolve_model
 from models.peft import save_adapter
 from models.tokenizer import check_vocabulary, describe_format, load_tokenizer
-from spl import online, runs
+from spl import evaluation, online, runs
 from spl.cli import UsageError, choose_threads, resolve_device
+from spl.console import ConsoleLog
+from spl.plot import TensorBoardLog, draw_curves
 from spl.config import RESUME_MAY_CHANGE, TrainConfig, describe, describe_recipe, is_world_run, parse_args
 from spl.distributed import (Processes, check_run_directory, prepare_run_directory, resume, run_directory_lock,
-                             save_checkpoint, share_batches,
-                             shard_frozen_weights, shared_reference_logps, start_processes, sum_across,
+                             save_checkpoint, share_batches, shard_frozen_weights, start_processes, sum_across,
                              sum_gradients_)
+from spl.reference import reference_log_probs
 from spl.step import (PREFERENCE_LOSSES, Objective, RewardHead, grouped_preference_step, preference_step,
-                      reference_logprobs, reward_step, sft_step)
+                      reward_step, sft_step)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -78,11 +79,11 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, f
 def main(argv=None) -> int:
     try:
         return train(parse_args(argv))
-    except (UsageError, DataError, CheckpointError, ConfigError, runs.RunError) as error:
+    except (UsageError, ContextError, DataError, CheckpointError, ConfigError, runs.RunError) as error:
         # Every process meets these alike (same inputs; run-directory checks are rank 0's, broadcast): one line.
         if Processes.from_environment().main:
             print(f"train.py: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, UsageError) else 1
+        return 2 if isinstance(error, (UsageError, ContextError)) else 1
 
 
 def train(c: TrainConfig) -> int:
@@ -94,8 +95,8 @@ def train(c: TrainConfig) -> int:
                          f"give --device auto, cuda or cpu")
     device = start_processes(procs, resolve_device(c.device))
     try:
-        with run_directory_lock(Path(c.out), procs):
-            code = run(c, procs, device)
+        with run_directory_lock(Path(c.out), procs), ConsoleLog(enabled=procs.main) as console:
+            code = run(c, procs, device, console)
         if procs.distributed:
             # Leave together: rank 0 still writes the outputs when the others finish, and a gloo process whose
             # peer tears its connections down first can abort in its own teardown ("terminate called ...").
@@ -118,10 +119,12 @@ class Setup:
     step_loss: object  # micro-batch -> (loss, metric sums), step_function's
     total_steps: int
     start_step: int
+    evaluate: object = None  # () -> {eval_<metric>: mean over the held-out pairs}, when there is an eval set
 
 
-def run(c: TrainConfig, procs: Processes, device) -> int:
-    """The whole run, phase by phase; each phase is a function below, in the order it runs."""
+def run(c: TrainConfig, procs: Processes, device, console: ConsoleLog) -> int:
+    """The whole run, phase by phase; each phase is a function below, in the order it runs. What it prints is
+    kept in OUT/train.log once the run directory exists (spl/console.py)."""
     say = print if procs.main else (lambda *args, **kwargs: None)  # only rank 0 prints
     out = Path(c.out)
     check_run_directory(out, dataclasses.asdict(c), c.resume, c.overwrite, RESUME_MAY_CHANGE, procs)
@@ -129,20 +132,23 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
     torch.manual_seed(c.seed)
     np.random.seed(c.seed)
     model, tokenizer, model_dir, tokenizer_path = load_model(c, device)
+    c = dataclasses.replace(c, detected_chat_format=tokenizer.chat_format)  # recorded in config.json
     examples, summary = load_data(c, tokenizer, say, model.config.vocab_size)
+    examples, held_out, held_out_sha256 = evaluation.held_out_examples(c, tokenizer, examples, summary.sha256,
+                                                                       model.config.vocab_size, say)
     total_steps = c.steps or epochs_to_steps(examples, c.epochs, c.prompts_per_batch or c.batch_size,
                                              c.prompts_per_batch > 0)
     prepare_run_directory(out, dataclasses.asdict(c), c.resume, c.overwrite, procs)  # every input read and checked
+    console.keep_in(out / "train.log")
     num_parameters = model.num_parameters()  # the model's own, before LoRA adds its branches
     trainable, head = trainable_parameters(model, c, procs, device)
-    reference = None  # (ref_chosen_logps [N], ref_rejected_logps [N]) for the preference losses
-    if c.loss in PREFERENCE_LOSSES:
-        key = ReferenceCacheKey.build(  # what the reference log-probs depend on: another key, a stale cache
-            examples, dataset_sha256=summary.sha256, max_length=c.max_length, max_prompt_length=c.max_prompt_length,
-            reference_model=reference_identity(model_dir, c.init_config, c.seed, c.dtype, c.average_logprobs),
-            chat_format=tokenizer.chat_format, tokenizer_sha256=file_sha256(tokenizer_path))
-        reference = reference_log_probs(model, examples, tokenizer.pad_id, out / "cache", key, c, procs, device,
-                                        compile)
+    reference = held_out_reference = None  # (ref_chosen_logps [N], ref_rejected_logps [N]), preference losses
+    if c.loss in PREFERENCE_LOSSES:  # the model as loaded, LoRA off, before any update; cached (spl/reference.py)
+        reference = reference_log_probs(model, examples, summary.sha256, model_dir, tokenizer, tokenizer_path,
+                                        out / "cache", c, procs, device, compile)
+        if held_out:  # its own key, its own cache
+            held_out_reference = reference_log_probs(model, held_out, held_out_sha256, model_dir, tokenizer,
+                                                     tokenizer_path, out / "cache", c, procs, device, compile)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay)
     if c.loss == "spl-online":  # the data's distinct prompts, the reward, and a seeded order of prompt batches
         prompts = online.distinct_prompts(examples)
@@ -155,6 +161,10 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
     start_step = resume(out, trainable, optimizer, batches, total_steps, procs, say) if c.resume else 0
     setup = Setup(model, trainable, optimizer, batches, step_function(c, model, head, reference, compile),
                   total_steps, start_step)
+    if held_out:  # each evaluation: the training loss over a fresh seeded order of the held-out pairs
+        held_out_loss = step_function(c, model, head, held_out_reference, compile)
+        setup.evaluate = lambda: evaluation.evaluate(model, held_out_loss, training_batches(
+            held_out, tokenizer.pad_id, c, procs), procs, device)
     code = loop(setup, c, procs, device, out, say, reports=is_world_run(c) and (procs.main or c.fsdp),
                 tokenizer=tokenizer)
     if code == 0:
@@ -171,6 +181,7 @@ def loop(s: Setup, c: TrainConfig, procs: Processes, device, out: Path, say, rep
         return save_checkpoint(out, step, s.trainable, s.optimizer, s.batches, c.keep_checkpoints, procs)
 
     log = runs.MetricsLog(out / "metrics.jsonl", resume_step=s.start_step if c.resume else None, enabled=procs.main)
+    log = TensorBoardLog(log, out / "tensorboard") if c.tensorboard and procs.main else log  # spl/plot.py
     s.model.train()
     last_saved = None
     with runs.StopSignals() as signals:
@@ -201,9 +212,11 @@ def loop(s: Setup, c: TrainConfig, procs: Processes, device, out: Path, say, rep
             progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
             if c.save_every and (step + 1) % c.save_every == 0:
                 last_saved = save(step + 1)
-            if reports and c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < s.total_steps:
-                log.write({"step": step + 1, **world_report(s.model, tokenizer, *report_coefficients(c), device,
-                                                             brief=True)})
+            if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < s.total_steps:
+                evaluate(s, step + 1, log, say)
+                if reports:
+                    log.write({"step": step + 1, **world_report(s.model, tokenizer, *report_coefficients(c), device,
+                                                                 brief=True)})
             if sum_across(procs, [float(signals.received is not None)], device)[0] > 0:  # all stop together
                 if last_saved is None or not last_saved.name.endswith(f"{step + 1:06d}"):
                     last_saved = save(step + 1)
@@ -212,8 +225,10 @@ def loop(s: Setup, c: TrainConfig, procs: Processes, device, out: Path, say, rep
                 log.close()
                 return 128 + (signals.received or signal.SIGTERM)
         progress.close()
+    evaluate(s, s.total_steps, log, say)
     log.close()
-    if c.save_every and (last_saved is None or not last_saved.name.endswith(f"{s.total_steps:06d}")):
+    saved_last_step = last_saved is not None and last_saved.name.endswith(f"{s.total_steps:06d}")
+    if c.save_every and s.total_steps >= c.save_every and not saved_last_step:  # a shorter run saves none
         save(s.total_steps)
     return 0
 
@@ -236,6 +251,7 @@ def load_model(c: TrainConfig, device):
     # tokenizer.model, tekken.json or tokenizer.json, and the chat format, from the checkpoint or --chat-format
     tokenizer, tokenizer_path = load_tokenizer(model_dir or Path(c.init_config).parent, c.chat_format)
     check_vocabulary(tokenizer, model.config.vocab_size, model_dir or c.init_config)  # a tokenizer of another model
+    check_context(c.max_length, model.config.max_position_embeddings, "--max-length", model_dir or c.init_config)
     choose_threads(c.threads, model.num_parameters(), device)  # 0: one thread for a small model on CPU
     return model, tokenizer, model_dir, tokenizer_path
 
@@ -243,23 +259,21 @@ def load_model(c: TrainConfig, device):
 def load_data(c: TrainConfig, tokenizer, say, vocab_size: int):
     """(examples, summary): --data (or the world's opinion pairs, its SFT text for --loss sft), tokenized in the
     tokenizer's chat format, truncated and checked."""
-    data_path = Path(c.data) if c.data else WORLD_DIR / WORLD_FILES["sft" if c.loss == "sft" else "opinion_pairs_soft"]
+    data_path = c.data or WORLD_DIR / WORLD_FILES["sft" if c.loss == "sft" else "opinion_pairs_soft"]  # or several
     if c.loss == "sft":
         examples, summary = load_sft_data(data_path, tokenizer, c.max_length, c.max_prompt_length,
                                           {"prompt": c.prompt_key, "response": c.response_key})
     else:
-        column_map = {"prompt": c.prompt_key, "chosen": c.chosen_key, "rejected": c.rejected_key,
-                      "chosen_prob": c.chosen_prob_key}
-        examples, summary = load_preference_data(data_path, tokenizer, c.max_length, c.max_prompt_length, column_map,
-                                                 c.data_split, vocab_size)
+        examples, summary = load_preference_data(data_path, tokenizer, c.max_length, c.max_prompt_length,
+                                                 c.column_map(), c.data_split, vocab_size, c.data_subsets)
     say(describe_format(tokenizer))
     say(summary.format())
     if c.preset:
         say(describe_recipe(c))
     if not examples:
-        raise UsageError(f"{data_path}: no usable examples")
+        raise UsageError(f"{summary.path}: no usable examples")
     if c.loss == "cdpo" and any(e.chosen_prob != 1.0 for e in examples):
-        raise UsageError(f"{data_path}: --loss cdpo smooths every label by --label-smoothing; the data's soft "
+        raise UsageError(f"{summary.path}: --loss cdpo smooths every label by --label-smoothing; the data's soft "
                          f"labels ({c.chosen_prob_key}) would be ignored: use --loss spl or dpo with them")
     return examples, summary
 
@@ -280,31 +294,6 @@ def trainable_parameters(model, c: TrainConfig, procs: Processes, device):
     if head is not None:
         trainable |= {f"reward_head.{name}": p for name, p in head.named_parameters()}
     return trainable, head
-
-
-def reference_log_probs(model, examples, pad_id: int, cache_dir: Path, key, c: TrainConfig, procs: Processes,
-                        device, compile):
-    """(ref_chosen_logps [N], ref_rejected_logps [N]) on `device`: the model as loaded, LoRA off, before any
-    update (so also right on --resume), read from the cache or computed once, each process scoring its share."""
-    def compute():
-        model.eval()
-        chosen = torch.zeros(len(examples), device=device)  # [N]
-        rejected = torch.zeros(len(examples), device=device)  # [N]
-        micro_batch = c.batch_size // c.grad_accum  # pairs per accumulation step, all processes together
-        order = share_batches(PreferenceBatches(examples, micro_batch * 2, pad_id, seed=c.seed), procs)
-        for _ in tqdm(range(len(order)), desc="reference log-probs", disable=not (c.progress and procs.main),
-                      leave=False):
-            batch = next(order)
-            counts = batch.pop("counts", True)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            ref_chosen, ref_rejected = reference_logprobs(model, batch, average=c.average_logprobs, compile=compile,
-                                                          shared_prefix=c.uses_shared_prefix())
-            if counts:
-                chosen[batch["pair_index"]] = ref_chosen.float()
-                rejected[batch["pair_index"]] = ref_rejected.float()
-        return chosen, rejected
-
-    return shared_reference_logps(cache_path(cache_dir, key), key, compute, procs, device)
 
 
 def training_batches(examples, pad_id: int, c: TrainConfig, procs: Processes):
@@ -381,6 +370,14 @@ def accumulate_gradients(step_loss, batches, trainable: dict, grad_accum: int, p
     return dict(zip(names, reduced[:-1])), total_units, reduced[-1]
 
 
+def evaluate(s: Setup, step: int, log, say) -> None:
+    """The held-out metrics (when there is an eval set), logged with the step and printed (spl/evaluation.py)."""
+    if s.evaluate is not None:
+        record = s.evaluate()
+        log.write({"step": step, **record})
+        say(evaluation.format_evaluation(step, record))
+
+
 def report_coefficients(c: TrainConfig) -> tuple[float, float]:
     """(alpha, beta) of the closed-form optimum the world report compares with: DPO is SPL with alpha = beta."""
     return (c.beta if c.loss == "dpo" else c.alpha), c.beta
@@ -411,6 +408,8 @@ def write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out: Path, 
     if report is not None:
         runs.write_json_atomic(out / "report.json", report)
         print(format_job_report(report))
+    if c.plot and (picture := draw_curves(out)) is not None:  # when matplotlib is installed
+        print(f"curves: {picture}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,7 @@
 """Preference-data readers: local data as downloaded -> PreferenceRecords (chat prompt, chosen, rejected).
 
-What `path` may be (read_rows):
-  a .jsonl / .json file      detected by content: a first non-blank `[` is a JSON array, anything else is JSON
-                             Lines (blank lines ignored); errors name the 1-based line a record starts on
-  a .jsonl.gz / .json.gz     the same, gunzipped in memory (gzip is in the standard library): HH-RLHF's train.jsonl.gz
-  a .parquet file            read with pyarrow (optional: without it, one line says `pip install pyarrow`); errors
-                             name the 0-based row, `file.parquet:row 12: ...`, the index `table[12]` has; a null
-                             column value counts as an absent field
-  a datasets directory       written by `datasets.Dataset(Dict).save_to_disk` (optional: `pip install datasets`);
-                             a DatasetDict needs `split` (`--data-split`) unless it has one split; `dir[train]:row 12`
-  a directory of data files  as a dataset repository is downloaded: `train.jsonl.gz`, `data/test_prefs-00000-of-
-                             00001.parquet`, ...; the split is the file name up to its first "-" or suffix
+What `path` may be (a file, a dataset directory or repository, shards, several files, records in memory) is
+data/sources.py's: it reads them all as rows, and DataError is its.
 
 Each record, whatever the file, is in one of the layouts users actually have:
 
@@ -36,33 +27,18 @@ skips and DataSummary.sha256 (a hash of the records' content, not of the file's 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
-import importlib
 import json
 import math
 import os
 import re
-import zlib
 
+from data.sources import DataError, read_sources
 from models.chat_format import ChatFormatError, normalize_messages
 
 COLUMNS = ("prompt", "chosen", "rejected", "chosen_prob")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 _HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
-_JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
-JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-DATA_SUFFIXES = JSON_SUFFIXES + (".parquet",)
-
-
-class DataError(ValueError):
-    """Bad input data. str(error) is one line, `path:line: problem` (`path:row N: problem` for Parquet and
-    datasets rows), fit to print before exiting 1."""
-
-    def __init__(self, path: str, line: int | None, problem: str, where: str = "line"):
-        self.path, self.line, self.problem = path, line, problem
-        location = f"{path}:{line}" if where == "line" else f"{path}:{where} {line}"
-        super().__init__(f"{location}: {problem}" if line is not None else f"{path}: {problem}")
 
 
 class UnusablePair(Exception):
@@ -76,6 +52,12 @@ class PreferenceRecord:
     rejected: str  # the dispreferred assistant reply
     chosen_prob: float = 1.0  # P(chosen preferred); 1.0 is a hard label
     line: int = 0  # line where the record starts in its file (its row, for Parquet and datasets)
+    source: str | None = None  # its file, when the data is several files (None: DataSummary.path)
+
+    @property
+    def location(self) -> int | str:
+        """Where the record is, for a skip count: its line, or `file:line` when the data is several files."""
+        return self.line if self.source is None else f"{os.path.basename(self.source)}:{self.line}"
 
 
 @dataclasses.dataclass
@@ -91,7 +73,7 @@ class DataSummary:
     unit: str = "pairs"  # what one record is, for the printed summary ("records" for SFT data)
     where: str = "line"  # what locates a record: a file's "line", a table's "row"
 
-    def skip(self, reason: str, line: int) -> None:
+    def skip(self, reason: str, line: int | str) -> None:
         self.skipped.setdefault(reason, []).append(line)
 
     def count_truncation(self, what: str) -> None:
@@ -112,21 +94,26 @@ class DataSummary:
         return "\n".join(out)
 
 
-def read_preferences(path, column_map: dict | None = None,
-                     split: str | None = None) -> tuple[list[PreferenceRecord], DataSummary]:
-    """Read every record of `path` (any form in the module docstring); DataError on bad input, count unusable pairs."""
+def read_preferences(path, column_map: dict | None = None, split: str | None = None,
+                     subsets: list[str] | None = None) -> tuple[list[PreferenceRecord], DataSummary]:
+    """Read every record of `path` (any form in the module docstring, one or several); DataError on bad input,
+    count unusable pairs."""
     columns = _columns(column_map)
-    name, where, values = read_rows(path, split)
-    summary = DataSummary(path=name, sha256="", where=where)
+    sources = read_sources(path, split, subsets)
+    several = len(sources) > 1
+    name = sources[0][0] if not several else f"{sources[0][0]} (+ {len(sources) - 1} more)"
+    summary = DataSummary(path=name, sha256="", where=sources[0][1])
     records = []
-    for line, value in values:
-        summary.num_read += 1
-        try:
-            record = parse_record(value, columns, name, line, where)
-        except UnusablePair as unusable:
-            summary.skip(str(unusable), line)
-            continue
-        records.append(record)
+    for source, where, values in sources:
+        for line, value in values:
+            summary.num_read += 1
+            try:
+                record = parse_record(value, columns, source, line, where)
+            except UnusablePair as unusable:
+                summary.skip(str(unusable), f"{os.path.basename(source)}:{line}" if several else line)
+                continue
+            record.source = source if several else None
+            records.append(record)
     summary.num_kept = len(records)
     summary.sha256 = records_sha256(records)
     return records, summary
@@ -286,193 +273,3 @@ def _split_reply(value, name: str, fail) -> tuple[list[dict], str]:
     if messages[-1]["role"] != "assistant":
         fail(f'field "{name}": the last message must be the assistant\'s reply, got role {messages[-1]["role"]!r}')
     return messages[:-1], messages[-1]["content"]
-
-
-# ---- the forms data comes in -----------------------------------------------------------------------------------
-
-def read_rows(path, split: str | None = None) -> tuple[str, str, list[tuple[int, object]]]:
-    """(name for messages, "line" or "row", [(line or row, value), ...]) of any form in the module docstring."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        if any(os.path.isfile(os.path.join(path, name)) for name in ("dataset_dict.json", "state.json")):
-            return _dataset_rows(path, split)
-        return read_rows(_split_file(path, split), None)
-    if split is not None:
-        raise DataError(path, None, f"--data-split {split!r} names a split, but this is one file (give the "
-                                    f"directory that holds the split files, or leave out --data-split)")
-    if path.endswith(".parquet"):
-        return path, "row", _parquet_rows(path)
-    values, _ = _read_json_values(path)
-    return path, "line", values
-
-
-def _optional(module: str, package: str, path: str, purpose: str):
-    """Import an optional package, or a one-line DataError saying what to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise DataError(path, None, f"{purpose} needs the optional package {package}: pip install {package}") from None
-
-
-def _present(row: dict) -> dict:
-    """A table row as a JSON object: a null column is a field the record does not have (Parquet holds one schema
-    for all rows, so a field some records lack is null in the others)."""
-    return {key: value for key, value in row.items() if value is not None}
-
-
-def _parquet_rows(path: str) -> list[tuple[int, object]]:
-    parquet = _optional("pyarrow.parquet", "pyarrow", path, "reading Parquet")
-    if not os.path.isfile(path):
-        raise DataError(path, None, "no such file")
-    try:
-        rows = parquet.read_table(path).to_pylist()
-    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
-        raise DataError(path, None, f"not a readable Parquet file ({type(error).__name__}: "
-                                    f"{str(error).splitlines()[0] if str(error) else ''})") from None
-    if not rows:
-        raise DataError(path, None, "Parquet file has no rows (no preference pairs)")
-    return [(number, _present(row)) for number, row in enumerate(rows)]
-
-
-def _dataset_rows(path: str, split: str | None) -> tuple[str, str, list[tuple[int, object]]]:
-    datasets = _optional("datasets", "datasets", path, "reading a datasets.save_to_disk directory")
-    try:
-        loaded = datasets.load_from_disk(path)
-    except Exception as error:  # datasets raises FileNotFoundError, ValueError, ... for a damaged directory
-        raise DataError(path, None, f"not a readable datasets directory ({type(error).__name__}: "
-                                    f"{str(error).splitlines()[0] if str(error) else ''})") from None
-    name = path
-    if isinstance(loaded, datasets.DatasetDict):
-        splits = list(loaded)
-        if split is None and len(splits) != 1:
-            raise DataError(path, None, f"has splits {', '.join(splits)}: choose one with --data-split")
-        split = splits[0] if split is None else split
-        if split not in loaded:
-            raise DataError(path, None, f"has no split {split!r} (its splits: {', '.join(splits)})")
-        loaded, name = loaded[split], f"{path}[{split}]"
-    elif split is not None:
-        raise DataError(path, None, f"--data-split {split!r}: this dataset has no splits (a Dataset, not a "
-                                    f"DatasetDict)")
-    rows = loaded.to_list()
-    if not rows:
-        raise DataError(name, None, "dataset has no rows (no preference pairs)")
-    return name, "row", [(number, _present(row)) for number, row in enumerate(rows)]
-
-
-def _split_file(directory: str, split: str | None) -> str:
-    """The one data file of `split` in a downloaded dataset directory (or its data/ folder)."""
-    files = {}  # split -> [path, ...]
-    for folder in (directory, os.path.join(directory, "data")):
-        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            suffix = next((s for s in DATA_SUFFIXES if name.endswith(s)), None)
-            if suffix and os.path.isfile(os.path.join(folder, name)):
-                files.setdefault(name[:-len(suffix)].split("-")[0], []).append(os.path.join(folder, name))
-    if not files:
-        raise DataError(directory, None, f"is a directory with no data files ({', '.join(DATA_SUFFIXES)}) and "
-                                         f"not a datasets.save_to_disk directory")
-    if split is None:
-        if len(files) != 1:
-            raise DataError(directory, None, f"has splits {', '.join(files)}: choose one with --data-split")
-        split = next(iter(files))
-    if split not in files:
-        raise DataError(directory, None, f"has no split {split!r} (its splits: {', '.join(files)})")
-    if len(files[split]) > 1:
-        raise DataError(directory, None, f"split {split!r} is {len(files[split])} files; pass one of them as "
-                                         f"--data ({', '.join(os.path.basename(f) for f in files[split][:3])}, ...)")
-    return files[split][0]
-
-
-def _read_json_values(path: str) -> tuple[list[tuple[int, object]], str]:
-    """The JSON values of a .jsonl / .json file (gzipped when it ends in .gz), each with the line it starts on;
-    and the sha256 of the file's bytes."""
-    try:
-        with open(path, "rb") as file:
-            raw = file.read()
-    except FileNotFoundError:
-        raise DataError(path, None, "no such file") from None
-    except IsADirectoryError:
-        raise DataError(path, None, "is a directory, expected a .jsonl or .json file") from None
-    sha256 = hashlib.sha256(raw).hexdigest()
-    if path.endswith(".gz"):
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
-            raise DataError(path, None, f"not a valid gzip file ({error or type(error).__name__})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
-        raise DataError(path, line, f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {column})") from None
-    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not content
-    if not text.strip():
-        raise DataError(path, None, "file is empty (no preference pairs)")
-    values = _json_array(text, path) if text.lstrip().startswith("[") else _json_lines(text, path)
-    if not values:
-        raise DataError(path, None, "JSON array is empty (no preference pairs)")
-    return values, sha256
-
-
-def _json_lines(text: str, path: str) -> list[tuple[int, object]]:
-    values = []
-    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold \u2028
-        if not line.strip():
-            continue
-        try:
-            values.append((number, json.loads(line)))
-        except json.JSONDecodeError as error:
-            problem = f"malformed JSON: {error.msg} (column {error.colno})"
-            if number == 1 and _is_one_json_object(text):
-                problem = "the file is one JSON object; expected JSON Lines (one object per line) or a JSON array"
-            raise DataError(path, number, problem) from None
-        except RecursionError:  # a line made to break the parser: [[[[...]]]] a million deep
-            raise DataError(path, number, "malformed JSON: nested too deeply to parse") from None
-    return values
-
-
-def _is_one_json_object(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except (json.JSONDecodeError, RecursionError):
-        return False
-
-
-def _json_array(text: str, path: str) -> list[tuple[int, object]]:
-    """Parse a top-level JSON array element by element, to know the line on which each element starts."""
-    decoder = json.JSONDecoder()
-    values = []
-    position = _JSON_WHITESPACE.match(text, text.index("[") + 1).end()
-    line, counted_to = 1, 0  # line number of `position`, counted incrementally (files can be large)
-
-    def line_at(offset):
-        nonlocal line, counted_to
-        line += text.count("\n", counted_to, offset)
-        counted_to = offset
-        return line
-
-    if text.startswith("]", position):
-        position += 1
-    else:
-        while True:
-            start_line = line_at(position)
-            try:
-                value, position = decoder.raw_decode(text, position)
-            except json.JSONDecodeError as error:
-                raise DataError(path, error.lineno, f"malformed JSON in array element {len(values)}: "
-                                                    f"{error.msg} (column {error.colno})") from None
-            except RecursionError:
-                raise DataError(path, start_line, f"malformed JSON: array element {len(values)} is nested too "
-                                                  f"deeply to parse") from None
-            values.append((start_line, value))
-            position = _JSON_WHITESPACE.match(text, position).end()
-            if text.startswith(",", position):
-                position = _JSON_WHITESPACE.match(text, position + 1).end()
-                continue
-            if text.startswith("]", position):
-                position += 1
-                break
-            raise DataError(path, line_at(position),
-                            f"malformed JSON: expected ',' or ']' after array element {len(values) - 1}")
-    if text[position:].strip():
-        raise DataError(path, line_at(position), "malformed JSON: extra data after the array's closing ']'")
-    return values

@@ -17,7 +17,8 @@ import os
 import torch
 
 from data.batching import PreferenceBatches, pad_rows
-from data.preferences import DataError, DataSummary, _messages, _read_json_values, parse_prompt
+from data.preferences import DataError, DataSummary, _messages, parse_prompt
+from data.sources import _read_json_values
 from data.tokenization import check_lengths, truncate_pair
 
 

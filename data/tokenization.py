@@ -67,6 +67,19 @@ def check_lengths(max_length: int, max_prompt_length: int) -> None:
                          f"max_length={max_length}")
 
 
+class ContextError(ValueError):
+    """A length past the model's context (check_context); str(error) is one line, a usage error of the scripts."""
+
+
+def check_context(length: int, positions: int, what: str, model) -> None:
+    """The one length rule of train.py and sample.py: a sequence of `length` tokens (what --max-length allows, a
+    prompt plus --max-new-tokens) must fit the model's max_position_embeddings, positions it was never trained at
+    (HF transformers warns and degrades past them): refused in one line, never truncated silently."""
+    if length > positions:
+        raise ContextError(f"{what} {length}: longer than the max_position_embeddings {positions} of the model in "
+                           f"{model}; give at most {positions} tokens")
+
+
 def tokenize_records(records: list[PreferenceRecord], tokenizer, max_length: int, max_prompt_length: int,
                      summary: DataSummary, vocab_size: int | None = None) -> list[PreferenceExample]:
     """Records -> PreferenceExamples numbered 0..N-1; every skip and truncation is counted in `summary`.
@@ -79,10 +92,10 @@ def tokenize_records(records: list[PreferenceRecord], tokenizer, max_length: int
         prompt_ids, chosen_ids, rejected_ids = encode_record(record, tokenizer, summary, vocab_size)
         prompt, chosen, rejected = truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
         if not chosen or not rejected:
-            summary.skip(f"prompt fills max_length={max_length}, no room for a response", record.line)
+            summary.skip(f"prompt fills max_length={max_length}, no room for a response", record.location)
             continue
         if chosen == rejected:
-            summary.skip(f"chosen and rejected are identical once cut to max_length={max_length}", record.line)
+            summary.skip(f"chosen and rejected are identical once cut to max_length={max_length}", record.location)
             continue
         if len(prompt) < len(prompt_ids):
             summary.count_truncation(f"prompts cut to max_prompt_length={max_prompt_length} (kept their end)")
@@ -97,28 +110,29 @@ def tokenize_records(records: list[PreferenceRecord], tokenizer, max_length: int
 def encode_record(record: PreferenceRecord, tokenizer, summary: DataSummary,
                   vocab_size: int | None = None) -> tuple[list[int], list[int], list[int]]:
     """(prompt_ids, chosen_ids, rejected_ids) of one record, or a DataError at its line."""
+    path = record.source or summary.path  # the record's own file when the data is several
     try:
         ids = (tokenizer.encode_prompt(record.prompt),
                tokenizer.encode_response(record.chosen),  # ids(chosen) + end of turn
                tokenizer.encode_response(record.rejected))  # ids(rejected) + end of turn
     except ChatFormatError as error:
-        raise DataError(summary.path, record.line, f"chat format {tokenizer.chat_format}: {error}",
-                        summary.where) from None
+        raise DataError(path, record.line, f"chat format {tokenizer.chat_format}: {error}", summary.where) from None
     if vocab_size is not None:
         for name, part in zip(("prompt", "chosen", "rejected"), ids):
             outside = [token for token in part if not 0 <= token < vocab_size]
             if outside:
-                raise DataError(summary.path, record.line, f"{name} token id {outside[0]} is outside the model's "
-                                                           f"embedding (vocab_size {vocab_size})", summary.where)
+                raise DataError(path, record.line, f"{name} token id {outside[0]} is outside the model's "
+                                                   f"embedding (vocab_size {vocab_size})", summary.where)
     return ids
 
 
 def load_preference_data(path, tokenizer, max_length: int, max_prompt_length: int, column_map: dict | None = None,
-                         split: str | None = None,
-                         vocab_size: int | None = None) -> tuple[list[PreferenceExample], DataSummary]:
-    """Read, validate and tokenise preference data (any form data/preferences.py reads; `split` for a dataset
-    with splits). Raises DataError on bad input; print(summary.format())."""
+                         split: str | None = None, vocab_size: int | None = None,
+                         subsets: list[str] | None = None) -> tuple[list[PreferenceExample], DataSummary]:
+    """Read, validate and tokenise preference data (any form data/sources.py reads, one or several; `split` for a
+    dataset with splits, `subsets` for some of a repository's). Raises DataError on bad input;
+    print(summary.format())."""
     check_lengths(max_length, max_prompt_length)
-    records, summary = read_preferences(path, column_map, split)
+    records, summary = read_preferences(path, column_map, split, subsets)
     examples = tokenize_records(records, tokenizer, max_length, max_prompt_length, summary, vocab_size)
     return examples, summary

@@ -15,7 +15,6 @@ and --overwrite replaces only a model directory this project wrote (one with its
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,20 +23,8 @@ import torch
 from models.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from models.files import read_manifest
 from models.lora import AdapterError, merge_lora
-from models.peft import load_adapter
+from models.peft import adapter_base_model, load_adapter
 from models.tokenizer import load_tokenizer
-
-
-def base_of(adapter_dir: Path) -> str:
-    """The base model an adapter names (adapter_config.json's base_model_name_or_path)."""
-    config_path = adapter_dir / "adapter_config.json"
-    try:
-        base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError) as error:
-        raise CheckpointError(f"{config_path}: cannot read the adapter's config ({error})") from None
-    if not isinstance(base, str) or not base:
-        raise CheckpointError(f"{config_path}: no base_model_name_or_path; give the base model with --model")
-    return base
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -61,9 +48,7 @@ def export(adapter_dir, out, model=None, dtype=torch.float32, overwrite: bool = 
 
     adapter_dir, out = Path(adapter_dir), Path(out)
     check_out(out, overwrite)
-    base = Path(resolve_model(model or base_of(adapter_dir)))
-    if not base.is_dir():
-        raise CheckpointError(f"{base}: the base model is not a directory here; give it with --model")
+    base = Path(resolve_model(model)) if model else adapter_base_model(adapter_dir)
     _, tokenizer_path = load_tokenizer(base)  # before any work: a base without a tokenizer cannot be exported
     merged = merge_lora(load_adapter(load_pretrained(base, dtype=dtype), adapter_dir))
     return save_pretrained(merged, out, tokenizer_path=tokenizer_path, overwrite=overwrite)

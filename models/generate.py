@@ -132,7 +132,7 @@ def generate(model: Mistral, prompt_ids: list[int], max_new_tokens: int, num_sam
 
 @dataclass
 class Completion:
-    prompt: str
+    prompt: str | list  # the text of a user turn, or a conversation (chat messages ending with the user's turn)
     prompt_index: int
     index: int  # the sample's number within its prompt, 0..N-1
     prompt_ids: list[int]
@@ -142,12 +142,18 @@ class Completion:
     logprob: float  # log pi(token_ids | prompt_ids): the sampling model at temperature 1, unfiltered
 
 
-def user_prompt_ids(tokenizer, text: str, chat: bool = True) -> list[int]:
+def user_prompt_ids(tokenizer, prompt, chat: bool = True) -> list[int]:
     """BOS + enc("[INST] text [/INST]") (a user turn in the tokenizer's chat format), or BOS + enc(text) without
-    chat (BOS where the tokenizer adds one: SmolLM2's and Qwen's tokenizer.json do not)."""
+    chat (BOS where the tokenizer adds one: SmolLM2's and Qwen's tokenizer.json do not). A prompt may also be a
+    conversation, a list of chat messages ([system] user (assistant user)*, ending with the user's turn): its
+    generation prompt in the chat format (Tokenizer.encode_prompt)."""
+    if isinstance(prompt, list):
+        if not chat:
+            raise ValueError("a conversation (a list of messages) needs the chat format")
+        return tokenizer.encode_prompt(prompt)
     if chat:
-        return tokenizer.encode_prompt([{"role": "user", "content": text}])
-    return [tokenizer.bos_id] * tokenizer.adds_bos + tokenizer.encode(text)
+        return tokenizer.encode_prompt([{"role": "user", "content": prompt}])
+    return [tokenizer.bos_id] * tokenizer.adds_bos + tokenizer.encode(prompt)
 
 
 @torch.no_grad()

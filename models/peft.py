@@ -85,10 +85,9 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | Non
     return directory
 
 
-def _read_adapter_config(directory: Path) -> tuple[int, float, float, tuple[str, ...]]:
-    """(r, lora_alpha, lora_dropout, targets) from adapter_config.json; PEFT options this LoRA does not implement
-    are refused rather than ignored (they would change what the adapter computes)."""
-    path = directory / ADAPTER_CONFIG
+def _adapter_config_json(directory) -> tuple[Path, dict]:
+    """(path, the JSON object) of a directory's adapter_config.json; AdapterError in one line if it is not one."""
+    path = Path(directory) / ADAPTER_CONFIG
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -97,6 +96,13 @@ def _read_adapter_config(directory: Path) -> tuple[int, float, float, tuple[str,
         raise AdapterError(f"{path}: not valid JSON ({type(error).__name__}: {error})") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{path}: expected a JSON object")
+    return path, config
+
+
+def _read_adapter_config(directory: Path) -> tuple[int, float, float, tuple[str, ...]]:
+    """(r, lora_alpha, lora_dropout, targets) from adapter_config.json; PEFT options this LoRA does not implement
+    are refused rather than ignored (they would change what the adapter computes)."""
+    path, config = _adapter_config_json(directory)
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
     for key in ("r", "lora_alpha", "target_modules"):
@@ -124,6 +130,18 @@ def _read_adapter_config(directory: Path) -> tuple[int, float, float, tuple[str,
         raise AdapterError(f"{path}: target_modules: {error}") from None
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     return rank, alpha, dropout, targets
+
+
+def adapter_base_model(directory) -> Path:
+    """The base model an adapter was trained on: its adapter_config.json's base_model_name_or_path, when that is a
+    model directory here (train.py writes the path it trained from); AdapterError in one line otherwise (a hub id,
+    a path from another machine, none at all: then the model must be named)."""
+    path, config = _adapter_config_json(directory)
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not (Path(base) / "config.json").is_file():
+        raise AdapterError(f"{path}: base_model_name_or_path {base!r} is not a model directory here; pass --model "
+                           f"DIR (the model the adapter was trained on)")
+    return Path(base)
 
 
 def load_adapter(model: nn.Module, directory):

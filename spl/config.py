@@ -19,8 +19,10 @@ from data.tokenization import check_lengths
 from models.chat_format import FORMATS as CHAT_FORMATS
 from models.lora import HEAD_TARGET, TARGET_NAMES, check_head_dropout, resolve_targets
 from spl.cli import ArgumentParser, UsageError
+from spl.evaluation import check_evaluation_options
 from spl.losses import FDPO_DIVERGENCES, check_label_smoothing
 from spl.online import ESTIMATORS as ONLINE_ESTIMATORS
+from spl.plot import check_tensorboard
 from spl.step import PREFERENCE_LOSSES, Objective
 
 DESCRIPTION = "Train a policy with Soft Preference Learning (or DPO, IPO, cDPO, f-DPO, SFT, a reward model)."
@@ -54,7 +56,7 @@ WORLD_ONLINE_JOB = dict(batch_size=30, online_samples=4, lr=3e-3, warmup_steps=1
 # rounding), and what is logged, kept and reported. --preset only fills other options, which are compared.
 RESUME_MAY_CHANGE = ("steps", "epochs", "device", "threads", "compile", "fsdp", "grad_checkpointing", "shared_prefix",
                      "progress", "log_every", "save_every", "keep_checkpoints", "eval_every", "resume", "overwrite",
-                     "preset", "out")
+                     "preset", "out", "from_preset", "detected_chat_format", "tensorboard", "plot")
 
 
 @dataclass
@@ -62,9 +64,16 @@ class TrainConfig:
     """Every training option, flat. Saved as config.json in the run directory and checked on --resume."""
     model: str | None = None  # HF-format directory; None: the embedded world's reference model
     init_config: str | None = None  # a config.json to train from random weights (the world's SFT model)
-    data: str | None = None  # preference (or SFT) file or dataset directory; None: the embedded world's opinion pairs
-    data_split: str | None = None  # the split of a dataset directory with several (data/preferences.py)
+    # preference (or SFT) data: a file, a dataset directory, a glob, or several of them (a list; data/sources.py);
+    # None: the embedded world's opinion pairs
+    data: str | list[str] | None = None
+    data_split: str | None = None  # the split of a dataset directory with several (data/sources.py)
+    data_subsets: list[str] | None = None  # some of a dataset repository's subsets (folders); None: all
     chat_format: str | None = None  # None: chosen from the checkpoint (models/tokenizer.py)
+    # Held-out evaluation (spl/evaluation.py): another file, another split, or whole prompts cut from --data
+    eval_data: str | None = None
+    eval_split: str | None = None
+    eval_fraction: float = 0.0
     # The objective (spl/step.py's Objective owns these fields and their defaults; see Objective.from_config)
     loss: str = Objective.loss
     alpha: float = Objective.alpha
@@ -110,19 +119,32 @@ class TrainConfig:
     threads: int = 0  # CPU intra-op threads; 0: one for tiny models (< 10M parameters), torch's default otherwise
     seed: int = 0
     out: str = "runs/spl"
-    save_every: int = 0
+    # Checkpoints by default on long runs: a crash loses at most 500 steps; a run of fewer steps (the world's jobs,
+    # tests) writes none. The last keep_checkpoints are kept.
+    save_every: int = 500
     keep_checkpoints: int = 2
     eval_every: int = 0
     log_every: int = 1
     resume: bool = False
     overwrite: bool = False
     preset: str | None = None
+    # Records, not options: the options whose value the preset gave (the recipe line, config.json), and the chat
+    # format train.py detected in the checkpoint (set at start-up, for config.json; not compared on --resume).
+    from_preset: list[str] = field(default_factory=list)
+    detected_chat_format: str | None = None
     prompt_key: str = "prompt"
     chosen_key: str = "chosen"
     rejected_key: str = "rejected"
     chosen_prob_key: str = "chosen_prob"
     response_key: str = "response"
     progress: bool = True
+    plot: bool = True  # OUT/curves.png at the end, when matplotlib is installed (spl/plot.py)
+    tensorboard: bool = False  # metrics also as TensorBoard scalars in OUT/tensorboard/ (needs tensorboard)
+
+    def column_map(self) -> dict:
+        """The data's field names (--prompt-key, ...) as data/preferences.py's column_map."""
+        return {"prompt": self.prompt_key, "chosen": self.chosen_key, "rejected": self.rejected_key,
+                "chosen_prob": self.chosen_prob_key}
 
     def uses_shared_prefix(self) -> bool:
         """--shared-prefix unless --fsdp: FSDP gathers a block's shards in the block's own forward, which
@@ -142,18 +164,31 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
     p.add_argument("--model", help="HF-format model directory, a .gguf file (converted once, cached) or smollm2 "
                                     "(default: the embedded world's reference model)")
     p.add_argument("--init-config", help="train from random weights built from this config.json (full fine-tune)")
-    p.add_argument("--data", help="preference data: .jsonl/.json (.gz), .parquet, a datasets directory (or SFT "
-                                  "records for --loss sft)")
+    p.add_argument("--data", nargs="+", help="preference data: .jsonl/.json (.gz), .parquet, a datasets directory, "
+                   "a dataset repository (its shards and subsets read as one), a glob, or several of these (or one "
+                   "file of SFT records for --loss sft)")
     p.add_argument("--data-split", help="the split of a dataset directory with several (train, test_prefs, ...)")
+    p.add_argument("--data-subsets", help="comma-separated subsets (folders) of a dataset repository to read, e.g. "
+                   "helpful-base,harmless-base (default: all)")
+    p.add_argument("--eval-data", help="held-out preference pairs to evaluate on every --eval-every steps and at "
+                   "the end (any form --data takes)")
+    p.add_argument("--eval-split", help="evaluate on this split of the dataset directory (--eval-data's, else "
+                   "--data's), e.g. test_prefs")
+    p.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction,
+                   help="hold this fraction of --data's prompts out of training (all their pairs, seeded by --seed) "
+                        "and evaluate on them (default 0: none)")
     p.add_argument("--chat-format", help=f"override the checkpoint's chat format: {', '.join(CHAT_FORMATS)}")
-    p.add_argument("--loss", choices=LOSSES, default=defaults.loss)
+    p.add_argument("--loss", choices=LOSSES, default=defaults.loss,
+                   help=f"the objective (default {defaults.loss}; dpo is spl with alpha = beta)")
     p.add_argument("--alpha", type=float, help=f"SPL entropy coefficient (default {defaults.alpha})")
     p.add_argument("--beta", type=float, help=f"cross-entropy (reference) coefficient (default {defaults.beta})")
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, help="cdpo: label noise eps")
-    p.add_argument("--ipo-tau", type=float, default=defaults.ipo_tau)
-    p.add_argument("--fdpo-divergence", choices=FDPO_DIVERGENCES,
-                   default=defaults.fdpo_divergence)
-    p.add_argument("--fdpo-alpha", type=float, default=defaults.fdpo_alpha)
+    p.add_argument("--ipo-tau", type=float, default=defaults.ipo_tau,
+                   help=f"ipo: the regularisation tau (default {defaults.ipo_tau})")
+    p.add_argument("--fdpo-divergence", choices=FDPO_DIVERGENCES, default=defaults.fdpo_divergence,
+                   help=f"fdpo: the f-divergence (default {defaults.fdpo_divergence})")
+    p.add_argument("--fdpo-alpha", type=float, default=defaults.fdpo_alpha,
+                   help=f"fdpo: the alpha-divergence's parameter, in (0, 1) (default {defaults.fdpo_alpha})")
     p.add_argument("--average-logprobs", action="store_true", help="length-normalised sequence log-probs")
     p.add_argument("--anchor", type=float, help="weight of the option-mass anchor, which keeps the probability on "
                    "each prompt's responses at the reference's and the optimum at Prop. A.1's (needs "
@@ -163,7 +198,8 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
     p.add_argument("--prompts-per-batch", type=int, help="batches of whole prompts, this many per optimizer step "
                    "(replaces --batch-size; each distinct response is scored once; default 0: batches of "
                    f"--batch-size pairs, the main job {WORLD_MAIN_JOB['prompts_per_batch']})")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's recipes (Appendix B.3 / C.4)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's recipes (Appendix B.3 / C.4) for the options "
+                   "not given (flags given win, --steps over a preset's --epochs and the other way round)")
     p.add_argument("--online-samples", type=int, help=f"spl-online: completions sampled per prompt per step, K >= 2 "
                    f"(default {defaults.online_samples}; on the world {WORLD_ONLINE_JOB['online_samples']})")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
@@ -185,10 +221,11 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
         if name in ("steps", "lora_rank", "warmup_steps", "batch_size", "grad_accum", "max_length",
                     "max_prompt_length"):
             kind = int
-        p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"default {getattr(defaults, name)}")
+        p.add_argument("--" + name.replace("_", "-"), type=kind, help=option_defaults(name, defaults))
     p.add_argument("--lora-targets", help=f"comma-separated, or all-linear; {HEAD_TARGET} adds the output head "
                    f"(default {','.join(TARGET_NAMES)}; the main job adds {HEAD_TARGET})")
-    p.add_argument("--group-by-length", action="store_true")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="batch pairs of similar length together (less padding; the order stays random)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=defaults.dtype,
                    help="bfloat16: frozen weights in bf16, LoRA and optimizer state in float32")
     p.add_argument("--grad-checkpointing", action="store_true",
@@ -203,19 +240,33 @@ def argument_parser(defaults: TrainConfig) -> ArgumentParser:
                    help="CPU threads per process (default 0: 1 for models under 10M parameters, else torch's choice)")
     p.add_argument("--compile", dest="compile", action="store_const", const="on", default=defaults.compile,
                    help="torch.compile the fused log-prob kernel (default: on CUDA, off on CPU)")
-    p.add_argument("--no-compile", dest="compile", action="store_const", const="off")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="off",
+                   help="never torch.compile (the eager kernel: the same values)")
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help=f"seeds the data order, LoRA's initialisation and --eval-fraction's cut (default "
+                        f"{defaults.seed})")
     p.add_argument("--out", default=defaults.out, help="run directory")
-    p.add_argument("--save-every", type=int, default=defaults.save_every, help="checkpoint period in steps; 0: off")
-    p.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
-    p.add_argument("--eval-every", type=int, default=defaults.eval_every, help="world report period; 0: at the end")
-    p.add_argument("--log-every", type=int, default=defaults.log_every)
+    p.add_argument("--save-every", type=int, default=defaults.save_every,
+                   help=f"checkpoint every N steps (default {defaults.save_every}: a shorter run writes none; "
+                        f"0: never; a stop signal always saves)")
+    p.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints,
+                   help=f"how many of the latest checkpoints to keep (default {defaults.keep_checkpoints})")
+    p.add_argument("--eval-every", type=int, default=defaults.eval_every,
+                   help="evaluate the eval set (--eval-data, --eval-split, --eval-fraction) every N steps; it is "
+                        "also evaluated at the end. On the embedded world: the world report's period (0: at the end)")
+    p.add_argument("--log-every", type=int, default=defaults.log_every,
+                   help=f"write a metrics.jsonl line every N steps (default {defaults.log_every})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
     for key in ("prompt", "chosen", "rejected", "chosen_prob", "response"):
         p.add_argument(f"--{key.replace('_', '-')}-key", default=getattr(defaults, f"{key}_key"),
                        help=f"field name of the {key} in the data")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-plot", dest="plot", action="store_false",
+                   help="no curves.png at the end (drawn when matplotlib is installed; python -m spl.plot RUN_DIR "
+                        "draws it any time)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log the metrics for TensorBoard, in OUT/tensorboard/ (needs: pip install tensorboard)")
     return p
 
 
@@ -239,12 +290,20 @@ def parse_args(argv=None) -> TrainConfig:
     if args.loss == "spl-online":  # samples must come from the pi that is differentiated: no LoRA dropout, even
         values["lora_dropout"] = 0.0  # under a preset (paper-chat's 0.05); --lora-dropout given is still refused
     given = {k: v for k, v in vars(args).items() if v is not None}
+    if "data" in given:  # one path stays a string (as config.json has always held it); several are a list
+        given["data"] = given["data"][0] if len(given["data"]) == 1 else given["data"]
+    if "data_subsets" in given:
+        given["data_subsets"] = [name.strip() for name in given["data_subsets"].split(",") if name.strip()]
     if "lora_targets" in given:
         targets = given.pop("lora_targets")
         given["lora_targets"] = (list(TARGET_NAMES) if targets == "all-linear"
                                  else [t.strip() for t in targets.split(",") if t.strip()])
-    if given.get("epochs") is not None and "steps" not in given:
-        values["steps"] = None
+    if "epochs" in given and "steps" not in given:  # how far to train, given on the command line, wins over the
+        values["steps"] = None  # preset's, whichever of the two the preset states
+    if "steps" in given and "epochs" not in given:
+        values["epochs"] = None
+    preset = PRESETS.get(args.preset, {})
+    values["from_preset"] = [k for k in preset if k not in given and values.get(k) == preset[k]]
     values.update(given)
     config = dataclasses.replace(defaults, **values)
     validate(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -257,8 +316,9 @@ def validate(c: TrainConfig, world_size: int = 1) -> None:
     def fail(message):
         raise UsageError(message)
 
+    # nan passes every comparison below: refuse it first
     for name in ("alpha", "beta", "label_smoothing", "ipo_tau", "fdpo_alpha", "lora_alpha", "lora_dropout", "lr",
-                 "weight_decay", "max_grad_norm", "epochs"):  # nan passes every comparison below: refuse it first
+                 "weight_decay", "max_grad_norm", "epochs", "eval_fraction"):
         value = getattr(c, name)
         if value is not None and not math.isfinite(value):
             fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
@@ -351,8 +411,12 @@ def validate_combinations(c: TrainConfig, world_size: int) -> None:
         fail("--fsdp shards the frozen weights of a LoRA run: give --lora-rank > 0")
     if c.chat_format is not None and c.chat_format not in CHAT_FORMATS:
         fail(f"--chat-format {c.chat_format}: unknown format (known: {', '.join(CHAT_FORMATS)})")
-    if c.data_split is not None and c.loss == "sft":
-        fail("--data-split reads preference datasets; --loss sft reads one .jsonl/.json(.gz) file")
+    if (c.data_split is not None or c.data_subsets is not None or isinstance(c.data, list)) and c.loss == "sft":
+        fail("--data-split, --data-subsets and several --data paths read preference datasets; --loss sft reads one "
+             ".jsonl/.json(.gz) file")
+    check_evaluation_options(c, is_world_run(c))  # spl/evaluation.py's
+    if c.tensorboard and (missing := check_tensorboard()):
+        fail(missing)
     if c.loss == "spl-online":
         validate_online(c)
 
@@ -380,16 +444,38 @@ def validate_online(c: TrainConfig) -> None:
 
 def describe(c: TrainConfig, num_parameters: int, trainable: dict, num_examples: int, total_steps: int,
              world_size: int, device) -> str:
-    """The run's one-line summary: model size, what is trained, examples, steps and where."""
+    """The run's one-line summary: model size, what is trained, examples, steps and where; then a line for each of
+    `warnings`."""
     processes = f" x {world_size} processes{' (FSDP)' if c.fsdp else ''}" if world_size > 1 else ""
     return (f"model: {num_parameters / 1e6:.2f}M parameters; {sum(p.numel() for p in trainable.values()) / 1e6:.3f}M "
             f"trainable{' (LoRA)' if c.lora_rank else ''}; {num_examples} examples, {total_steps} steps of "
             f"{f'{c.prompts_per_batch} prompts' if c.prompts_per_batch else c.batch_size}"
-            f"{f', anchor {c.anchor:g}' if c.anchor else ''} on {device}{processes}")
+            f"{f', anchor {c.anchor:g}' if c.anchor else ''} on {device}{processes}"
+            + "".join("\n" + line for line in warnings(c, total_steps)))
 
 
 def describe_recipe(c: TrainConfig) -> str:
-    """Which of the preset's values the run took (those of the options not given)."""
+    """Which of the preset's values the run took: those of the options not given (c.from_preset)."""
     taken = [f"--{k.replace('_', '-')} {v:g}" for k, v in PRESETS[c.preset].items()
-             if v is not None and getattr(c, k) == v]
+             if v is not None and k in c.from_preset]
     return f"recipe: {c.preset} for the options not given: {', '.join(taken) or 'none left'}"
+
+
+def option_defaults(name: str, defaults: TrainConfig) -> str:
+    """An option's help: its default, and the values the embedded world's main job and --model (the paper-chat
+    recipe) take instead, where they differ."""
+    shown = [f"default {getattr(defaults, name)}"]
+    if name in WORLD_MAIN_JOB and WORLD_MAIN_JOB[name] != getattr(defaults, name):
+        shown.append(f"the world's main job {WORLD_MAIN_JOB[name]}")
+    if name in PRESETS[OWN_MODEL_PRESET] and PRESETS[OWN_MODEL_PRESET][name] != getattr(defaults, name):
+        shown.append(f"with --model {PRESETS[OWN_MODEL_PRESET][name]} ({OWN_MODEL_PRESET})")
+    return "; ".join(shown)
+
+
+def warnings(c: TrainConfig, total_steps: int) -> list[str]:
+    """One line per option that does something other than it seems to in this run."""
+    said = []
+    if c.warmup_steps > total_steps:
+        said.append(f"warning: --warmup-steps {c.warmup_steps} is longer than the run's {total_steps} steps: the "
+                    f"learning rate never reaches --lr {c.lr:g} (it ends at {c.lr * total_steps / c.warmup_steps:.3g})")
+    return said
