@@ -445,6 +445,7 @@ def main(argv=None) -> int:
 def train(c: TrainConfig) -> int:
     """Join torchrun's process group when launched by it, run, and leave it."""
     procs = Processes.from_environment()
+    runs.check_out(c.out, c.resume, c.overwrite, run_inputs(c))  # before anything is read, created or deleted
     device = start_processes(procs, c.device)
     try:
         with run_directory_lock(Path(c.out), procs):
@@ -477,6 +478,10 @@ def run_directory_lock(out: Path, procs: Processes):
         print(lock.took_over)
     try:
         yield
+    except BaseException:  # a new run that failed before its first checkpoint leaves nothing behind
+        if lock is not None and not runs.complete_checkpoints(out):
+            lock.abandon()
+        raise
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)
@@ -514,12 +519,13 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
     model, tokenizer, model_dir, tokenizer_path = load_model(c, device)
     examples, summary = load_data(c, tokenizer, say, model.config.vocab_size)
     total_steps = c.steps or epochs_to_steps(examples, c)
-    prepare_run_dir(out, c, procs)  # now that every input has been read and checked
+    inputs = input_fingerprints(c, model_dir, summary.sha256, tokenizer_path)  # recorded; --resume compares
+    prepare_run_dir(out, c, procs, inputs, say)  # now that every input has been read and checked
     num_parameters = model.num_parameters()  # the model's own, before LoRA adds its branches
     trainable, head = trainable_parameters(model, c, procs, device)
     reference = None  # (ref_chosen_logps [N], ref_rejected_logps [N]) for the preference losses
     if c.loss in PREFERENCE_LOSSES:
-        key = reference_cache_key(examples, c, model_dir, summary.sha256, tokenizer, tokenizer_path)
+        key = reference_cache_key(examples, c, inputs, tokenizer)
         reference = reference_log_probs(model, examples, tokenizer.pad_id, out / "cache", key, c, procs, device,
                                         compile)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay)
@@ -534,7 +540,8 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
     # The world's report runs the model: on rank 0, or on every process when FSDP shards the model.
     reports = c.model is None and c.init_config is None and c.data is None and (procs.main or c.fsdp)
 
-    log = runs.MetricsLog(out / "metrics.jsonl", resume_step=start_step if c.resume else None, enabled=procs.main)
+    log = runs.MetricsLog(out / "metrics.jsonl", resume_step=start_step if c.resume else None, enabled=procs.main,
+                          say=say)
     model.train()
     last_saved = None
     with runs.StopSignals() as signals:
@@ -602,13 +609,25 @@ def check_run_dir(out: Path, c: TrainConfig, procs: Processes) -> None:
         raise runs.RunError(problem)
 
 
-def prepare_run_dir(out: Path, c: TrainConfig, procs: Processes) -> None:
-    """Rank 0 creates the run directory (emptied with --overwrite, kept with --resume) and, for a new run,
-    writes its config.json."""
+def run_inputs(c: TrainConfig) -> dict:
+    """What the run reads, which its --out must stay apart from (spl/rundir.py check_out)."""
+    return {"--model": c.model or (None if c.init_config else WORLD_MODEL), "--data": c.data or WORLD_DIR,
+            "--init-config": c.init_config, "--reward-model": c.reward_model}
+
+
+def prepare_run_dir(out: Path, c: TrainConfig, procs: Processes, inputs: dict, say) -> None:
+    """Rank 0 creates the run directory (a marked one emptied with --overwrite) with its marker and config.json
+    (the options and the inputs' fingerprints), or, for --resume, checks the inputs are the run's; every process
+    raises the same error."""
+    problem = None
     if procs.main:
-        runs.prepare_run_dir(out, c.resume, c.overwrite)
-        if not c.resume:
-            runs.write_json_atomic(out / "config.json", dataclasses.asdict(c))
+        try:
+            runs.prepare_run_dir(out, c.resume, c.overwrite, dataclasses.asdict(c), inputs, say)
+        except runs.RunError as error:
+            problem = str(error)
+    problem = broadcast_from_main(procs, problem)
+    if problem:
+        raise runs.RunError(problem)
 
 
 def load_model(c: TrainConfig, device):
@@ -679,13 +698,18 @@ def trainable_parameters(model, c: TrainConfig, procs: Processes, device):
     return trainable, head
 
 
-def reference_cache_key(examples, c: TrainConfig, model_dir, dataset_sha256: str, tokenizer, tokenizer_path):
-    """What the reference log-probs depend on (data/reference_cache.py): a cache with another key is stale. The
-    dataset is named by the content of the records read (the same in every file format; another split, another)."""
-    return ReferenceCacheKey.build(examples, dataset_sha256=dataset_sha256,
-                                   reference_model=reference_identity(model_dir, c), max_length=c.max_length,
-                                   max_prompt_length=c.max_prompt_length, chat_format=tokenizer.chat_format,
-                                   tokenizer_sha256=file_sha256(tokenizer_path))
+def input_fingerprints(c: TrainConfig, model_dir, dataset_sha256: str, tokenizer_path) -> dict:
+    """{"data", "model", "tokenizer"}: what the run's inputs are, recorded in config.json (--resume refuses
+    others) and the reference cache's key. The dataset is named by the content of the records read (the same in
+    every file format; another split, another)."""
+    return {"data": dataset_sha256, "model": reference_identity(model_dir, c), "tokenizer": file_sha256(tokenizer_path)}
+
+
+def reference_cache_key(examples, c: TrainConfig, inputs: dict, tokenizer):
+    """What the reference log-probs depend on (data/reference_cache.py): a cache with another key is stale."""
+    return ReferenceCacheKey.build(examples, dataset_sha256=inputs["data"], reference_model=inputs["model"],
+                                   max_length=c.max_length, max_prompt_length=c.max_prompt_length,
+                                   chat_format=tokenizer.chat_format, tokenizer_sha256=inputs["tokenizer"])
 
 
 def reference_identity(model_dir: Path | None, c: TrainConfig) -> str:
@@ -838,7 +862,11 @@ def resume(out: Path, trainable: dict, optimizer, batches, total_steps: int, c: 
     else:
         say(f"{checkpoint}: written by {len(rng_states)} process(es), resumed by {procs.world_size}: the "
             f"data position is global and carries over; dropout noise starts from fresh seeds")
-    batches.load_state_dict(state["data"])
+    try:
+        batches.load_state_dict(state["data"])
+    except (ValueError, TypeError, KeyError) as error:  # the data shrank, or the position was edited
+        raise runs.RunError(f"{checkpoint}: its data position does not fit this data ({error}); resume with the "
+                            f"data the run started with, or start a new run") from None
     say(f"resumed from {checkpoint} at step {state['step']}")
     return state["step"]
 

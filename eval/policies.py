@@ -18,7 +18,8 @@ from models import Tokenizer, load_adapter, load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train.py"
-IGNORED = ("resume", "overwrite", "progress")  # options that do not change what a run trains
+IGNORED = ("resume", "overwrite", "progress", "inputs")  # options that do not change what a run trains (and
+# the inputs' fingerprints, which train.py records beside them)
 
 # Asked of train.py itself, so that a change of its defaults is a change of configuration.
 _PRINT_CONFIG = ("import dataclasses, json, sys, train; "

@@ -1,0 +1,176 @@
+"""spl/rundir.py through train.main: a run directory cannot destroy what it does not own.
+
+Oracle: the contract, checked on the file system. Each refusal is one line on stderr naming the --out and the
+reason, exit code 1, and every file under the test's directory is byte for byte what it was (a sha256 of each
+file, and the set of paths, before and after). The lock's cases check the file a link points to is untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import train
+from spl import runs
+from spl.rundir import MARKER
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tree(root: Path) -> dict:
+    """{relative path: sha256 of the file, or "dir" / "link -> target"} of everything under root."""
+    found = {}
+    for path in sorted(Path(root).rglob("*")):
+        key = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            found[key] = f"link -> {os.readlink(path)}"
+        elif path.is_dir():
+            found[key] = "dir"
+        else:
+            found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+@pytest.fixture
+def place(tiny_run, tmp_path, monkeypatch):
+    """A working directory with files of the user's, a copy of the tiny model, the data inside a folder, and
+    the current directory inside it all: tmp/home/work (cwd), tmp/home/model, tmp/home/data/prefs.jsonl."""
+    home = tmp_path / "home"
+    work = home / "work"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("mine\n")
+    (work / "src").mkdir()
+    (work / "src" / "thesis.tex").write_text("years of work\n")
+    shutil.copytree(tiny_run["model"], home / "model")
+    (home / "data").mkdir()
+    shutil.copy(tiny_run["data"], home / "data" / "prefs.jsonl")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def base(home: Path) -> list[str]:
+    return ["--model", str(home / "model"), "--data", str(home / "data" / "prefs.jsonl"), "--steps", "1",
+            "--batch-size", "4", "--lora-rank", "2", "--max-length", "40", "--max-prompt-length", "24",
+            "--no-progress", "--threads", "1"]
+
+
+def refused(argv, root: Path, capsys, words) -> str:
+    """Run train.main(argv); assert exit 1, one line naming `words`, no traceback, nothing under root changed."""
+    before = tree(root)
+    code = train.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 1, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("train.py: error: "), err
+    for word in words:
+        assert word in err, err
+    assert tree(root) == before
+    return err
+
+
+@pytest.mark.parametrize("out, words", [
+    ("", ["--out is empty"]),
+    (".", ["the current directory"]),
+    ("..", ["a parent of the current directory"]),
+    ("/", ["a parent of the current directory"]),
+    ("../../", ["a parent of the current directory"]),
+])
+def test_out_that_would_swallow_the_working_directory_is_refused(place, capsys, out, words):
+    """`--out "" --overwrite` (an unset variable) used to empty the current directory and exit 0."""
+    for flags in (["--overwrite"], [], ["--resume"]):
+        refused(base(place) + ["--out", out, *flags], place.parent, capsys, words)
+
+
+def test_out_home_is_refused(place, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # so that $HOME is not also a parent of the current directory
+    refused(base(place) + ["--out", str(place), "--overwrite"], tmp_path, capsys, ["home directory"])
+
+
+@pytest.mark.parametrize("out, words", [
+    ("model", ["is --model"]),
+    ("model/sub", ["is inside --model"]),
+    ("data", ["holds --data"]),
+])
+def test_out_holding_or_inside_an_input_is_refused(place, capsys, out, words):
+    """--out equal to the model directory with --overwrite used to delete model.safetensors and tokenizer.model."""
+    for flags in (["--overwrite"], []):
+        refused(base(place) + ["--out", str(place / out), *flags], place.parent, capsys, words)
+
+
+def test_out_holding_the_world_or_a_reward_model_is_refused(place, capsys):
+    """The embedded world's folder (its model and data) when no --model/--data is given; a reward model run
+    given to --loss spl-online (a stand-in: the files validation looks for)."""
+    from data.world import DEFAULT_DIR
+    refused(["--out", str(DEFAULT_DIR), "--overwrite", "--steps", "1"], DEFAULT_DIR, capsys,
+            [str(DEFAULT_DIR), "holds --model"])
+    reward = place / "reward_run"
+    (reward / "adapter").mkdir(parents=True)
+    (reward / "adapter" / "reward_head.safetensors").write_bytes(b"")
+    (reward / MARKER).write_text("{}")
+    refused(base(place) + ["--loss", "spl-online", "--reward-model", str(reward), "--out", str(reward),
+                           "--overwrite"], place.parent, capsys, ["is --reward-model"])
+
+
+def test_overwrite_refuses_a_directory_this_project_did_not_make(place, capsys):
+    mine = place / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"not": "a run"}')
+    (mine / "checkpoints").mkdir()
+    refused(base(place) + ["--out", str(mine), "--overwrite"], place.parent, capsys, [str(mine), MARKER])
+
+
+def test_overwrite_replaces_a_marked_run_and_an_empty_directory(place, capsys):
+    """A run directory train.py made (its marker) is replaced; an empty one is taken; both get the marker."""
+    out = place / "run"
+    assert train.main(base(place) + ["--out", str(out)]) == 0
+    assert (out / MARKER).is_file() and json.loads((out / MARKER).read_text())["format"] == "spl-run-1"
+    (out / "stale.txt").write_text("from the old run")
+    assert train.main(base(place) + ["--out", str(out), "--overwrite"]) == 0
+    assert not (out / "stale.txt").exists() and (out / MARKER).is_file() and (out / "adapter").is_dir()
+    empty = place / "empty"
+    empty.mkdir()
+    assert train.main(base(place) + ["--out", str(empty), "--overwrite"]) == 0
+    assert (empty / MARKER).is_file()
+    capsys.readouterr()
+
+
+def test_lock_that_is_a_symbolic_link_is_replaced_never_written_through(tmp_path):
+    """A .lock pointing at a file outside used to get that file truncated and overwritten."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    victim = tmp_path / "precious.txt"
+    victim.write_text("do not touch\n" * 10)
+    (out / ".lock").symlink_to(victim)
+    with runs.RunLock(out):
+        assert not (out / ".lock").is_symlink() and json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    assert victim.read_text() == "do not touch\n" * 10
+    (out / ".lock").symlink_to(tmp_path / "dangling")  # a link to nowhere must not create its target either
+    with runs.RunLock(out):
+        pass
+    assert not (tmp_path / "dangling").exists()
+
+
+def test_lock_that_is_a_hard_link_is_replaced(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    victim = tmp_path / "precious.txt"
+    victim.write_text("do not touch\n")
+    os.link(victim, out / ".lock")
+    with runs.RunLock(out):
+        pass
+    assert victim.read_text() == "do not touch\n"
+
+
+def test_a_lock_that_is_a_directory_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    (out / ".lock").mkdir(parents=True)
+    with pytest.raises(runs.RunError, match=r"\.lock: cannot take the run directory's lock \(Is a directory\)"):
+        with runs.RunLock(out):
+            pass
+    assert (out / ".lock").is_dir()
