@@ -174,3 +174,75 @@ def test_a_lock_that_is_a_directory_is_one_line(tmp_path):
         with runs.RunLock(out):
             pass
     assert (out / ".lock").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------- the same run
+
+def started_run(place, capsys) -> tuple[list[str], Path]:
+    """A 2-step run with a checkpoint per step on copies of the model and data; (its argv, its --out)."""
+    out = place / "run"
+    argv = base(place) + ["--out", str(out), "--steps", "2", "--save-every", "1"]
+    assert train.main(argv) == 0
+    capsys.readouterr()
+    return argv, out
+
+
+def test_resume_refuses_changed_data_records(place, capsys):
+    """The same file name, one record's text changed: the run's data is not the data it started on."""
+    argv, out = started_run(place, capsys)
+    data = place / "data" / "prefs.jsonl"
+    data.write_text(data.read_text().replace("dogs are loyal", "dogs are loud", 1))
+    err = refused(argv + ["--steps", "3", "--resume"], place.parent, capsys,
+                  [str(out / "config.json"), "the data's records changed"])
+    assert "the model's weights" not in err
+
+
+def test_resume_refuses_changed_model_weights(place, capsys):
+    import torch
+
+    from models import load_pretrained, save_pretrained
+    argv, out = started_run(place, capsys)
+    model = load_pretrained(place / "model")
+    with torch.no_grad():
+        model.norm.weight.mul_(1.5)
+    save_pretrained(model, place / "model", tokenizer_path=place / "model" / "tokenizer.model", overwrite=True)
+    refused(argv + ["--steps", "3", "--resume"], place.parent, capsys,
+            [str(out / "config.json"), "the model's weights changed"])
+
+
+def test_run_without_fingerprints_resumes_with_a_note_and_shrunk_data_is_one_line(place, capsys):
+    """A run made before fingerprints existed resumes, saying it cannot check; if its data has meanwhile shrunk
+    below the saved position, resume stops in one line (exit 1) and the run's own files are unchanged."""
+    argv, out = started_run(place, capsys)
+    config = json.loads((out / "config.json").read_text())
+    del config["inputs"]
+    (out / "config.json").write_text(json.dumps(config))
+    data = place / "data" / "prefs.jsonl"
+    full = data.read_text()
+    data.write_text("".join(full.splitlines(keepends=True)[:4]))  # 4 pairs: 1 batch per epoch, position was 2
+    before = {k: v for k, v in tree(out).items() if not k.startswith("cache")}
+    code = train.main(argv + ["--steps", "3", "--resume"])
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "data position does not fit this data" in err and "step_000002" in err, err
+    assert "records no input fingerprints" in captured.out
+    assert {k: v for k, v in tree(out).items() if not k.startswith("cache")} == before
+    data.write_text(full)
+    assert train.main(argv + ["--steps", "3", "--resume"]) == 0  # the same data: resumes, with the note
+    assert "records no input fingerprints" in capsys.readouterr().out
+
+
+def test_torn_last_metrics_line_is_dropped_with_a_word(place, capsys):
+    """A kill mid-write leaves half a line at the end of metrics.jsonl: resume drops it, says so, and the log
+    reads steps 1, 2, 3 after one more step. A bad line before the last is damage: one line, exit 1."""
+    argv, out = started_run(place, capsys)
+    log = out / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "loss": 0.6')
+    assert train.main(argv + ["--steps", "3", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{log}:3: last line cut short" in printed
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    refused(argv + ["--steps", "4", "--resume"], place.parent, capsys, [f"{log}:2: not a metrics record"])
