@@ -478,9 +478,11 @@ def run_directory_lock(out: Path, procs: Processes):
         print(lock.took_over)
     try:
         yield
-    except BaseException:  # a new run that failed before its first checkpoint leaves nothing behind
-        if lock is not None and not runs.complete_checkpoints(out):
-            lock.abandon()
+    except BaseException as error:  # a new run that failed before its first checkpoint leaves nothing behind
+        begun = runs.has_marker(out)  # prepare_run_dir had written it: more than the lock's own directory
+        if lock is not None and not runs.complete_checkpoints(out) and lock.abandon() and begun and \
+                isinstance(error, runs.RunError):
+            raise runs.RunError(f"{error}; removed {out}, which this run had only begun") from None
         raise
     finally:
         if lock is not None:
@@ -755,7 +757,8 @@ def reference_log_probs(model, examples, pad_id: int, cache_dir: Path, key, c: T
                 rejected[batch["pair_index"]] = ref_rejected.float()
         return chosen, rejected
 
-    return shared_reference_logps(cache_path(cache_dir, key), key, compute, procs, device)
+    with runs.writing(cache_path(cache_dir, key)):  # a full disk: one line (the cache is published atomically)
+        return shared_reference_logps(cache_path(cache_dir, key), key, compute, procs, device)
 
 
 def epochs_to_steps(examples, c: TrainConfig) -> int:
@@ -960,17 +963,22 @@ def write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out: Path, 
             report = add_reward_optimum(report, online_reward[1], online_reward[0], tokenizer, c.alpha, c.beta)
     if not procs.main:
         return
+    saved = runs.complete_checkpoints(out)
+    kept = f"the last checkpoint {saved[-1]} is intact" if saved else ""
     if c.lora_rank:
         extra = {"reward_head.safetensors": head.state_dict()} if head is not None else None
-        save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir or c.init_config), overwrite=True,
-                     extra_tensors=extra)
+        with runs.writing(out / "adapter", kept):
+            save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir or c.init_config),
+                         overwrite=True, extra_tensors=extra)
         print(f"adapter: {out / 'adapter'} (PEFT format)")
     else:
         final = out / "model"
-        save_pretrained(model, final, tokenizer_path=tokenizer_path, overwrite=True)
+        with runs.writing(final, kept):
+            save_pretrained(model, final, tokenizer_path=tokenizer_path, overwrite=True)
         print(f"model: {final} (HF format)")
     if report is not None:
-        runs.write_json_atomic(out / "report.json", report)
+        with runs.writing(out / "report.json", kept):
+            runs.write_json_atomic(out / "report.json", report)
         print(format_report(report))
         if "mean_closed_form_option_mass" in report:
             print(online.format_full_space_mass(report))

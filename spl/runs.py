@@ -43,7 +43,8 @@ from spl.files import RunError, writing
 from spl.rundir import (RunLock, check_out, check_resumed_config, check_resumed_inputs, check_run_dir,  # noqa: F401
                         has_marker, prepare_run_dir)
 
-__all__ = ["RunError", "RunLock", "check_run_dir", "check_resumed_config", "prepare_run_dir", "write_json_atomic", "rng_state",
+__all__ = ["RunError", "RunLock", "writing", "check_out", "check_run_dir", "check_resumed_config", "check_resumed_inputs",
+           "prepare_run_dir", "has_marker", "write_json_atomic", "rng_state",
            "set_rng_state", "rng_state_to_json", "rng_state_from_json", "save_checkpoint", "load_checkpoint",
            "complete_checkpoints", "checkpoint_dirs", "load_latest_checkpoint", "clean_interrupted_saves",
            "MetricsLog", "StopSignals"]
