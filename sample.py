@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from cli import ArgumentParser, UsageError, choose_threads, resolve_device
+from cli import SEED_LIMIT, ArgumentParser, UsageError, check_fits, check_threads, choose_threads, resolve_device
 from data.world import MODEL_DIR as DEFAULT_MODEL
 from models import CheckpointError, ConfigError, Tokenizer, load_adapter, load_pretrained
 from models.chat_format import FORMATS as CHAT_FORMATS
@@ -101,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts", help="prompts file: one per line (.txt) or JSONL with a \"prompt\" field")
     p.add_argument("-n", "--num-samples", type=int, default=1, help="completions per prompt (default 1)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 (or below 1e-5) is greedy (default 1)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--min-p", type=float, help="p_base of min-p sampling")
@@ -126,12 +126,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         (args.min_p is None or 0 <= args.min_p <= 1, f"--min-p must be in [0, 1], got {args.min_p}"),
         (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
         (args.threads >= 0, f"--threads must be >= 0 (0: automatic), got {args.threads}"),
+        (0 <= args.seed < SEED_LIMIT, f"--seed must be in [0, 2^63), got {args.seed}"),
         (args.prompt is None or args.prompt.strip() != "", "--prompt is empty"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    check_threads(args.threads)
     return args
+
+
+def sampling_bytes(config, num_samples: int, length: int, dtype: str) -> int:
+    """Memory one prompt's sampling holds: the KV cache of N rows of `length` tokens (2 x layers x N x length x
+    kv heads x head_dim elements) and the float32 logits of N rows (a few copies while filtering)."""
+    element = 2 if dtype == "bfloat16" else 4
+    cache = 2 * config.num_hidden_layers * num_samples * length * config.num_key_value_heads * config.head_dim
+    return cache * element + 4 * num_samples * config.vocab_size * 4
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,21 +162,26 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         load_adapter(model, args.adapter)
         model.to(device).eval()
-    positions = model.config.max_position_embeddings
+    positions, max_prompt = model.config.max_position_embeddings, 0
     for number, text in enumerate(prompts, start=1):
         length = len(user_prompt_ids(tokenizer, text, not args.no_chat))
+        max_prompt = max(max_prompt, length)
         if length + args.max_new_tokens > positions:
             where = "--prompt" if args.prompt is not None else f"{args.prompts}: prompt {number}"
             raise UsageError(f"{where}: {length} tokens + --max-new-tokens {args.max_new_tokens} exceed the model's "
                              f"max_position_embeddings {positions}")
+    check_fits(sampling_bytes(model.config, args.num_samples, max_prompt + args.max_new_tokens, args.dtype),
+               f"-n {args.num_samples} samples of up to {max_prompt + args.max_new_tokens} tokens (their KV cache "
+               f"and logits)", device)
     print(describe_format(tokenizer), file=sys.stderr)  # once every input is checked; stdout holds the completions
     generator = torch.Generator(device=device).manual_seed(args.seed)
     completions = sample_completions(model, tokenizer, prompts, args.num_samples, args.max_new_tokens,
                                      args.temperature, args.top_k, args.top_p, args.min_p, chat=not args.no_chat,
                                      generator=generator)
     if args.json:
-        for c in completions:
-            print(json.dumps(asdict(c), ensure_ascii=False))
+        for c in completions:  # JSON has no NaN: a non-finite log-prob (an overflowing model) is null
+            record = asdict(c) | {"logprob": c.logprob if math.isfinite(c.logprob) else None}
+            print(json.dumps(record, ensure_ascii=False, allow_nan=False))
     else:
         print_readable(completions)
     return 0

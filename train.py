@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import ArgumentParser, UsageError, choose_threads, resolve_device
+from cli import ArgumentParser, UsageError, check_fits, check_seed, check_threads, choose_threads, resolve_device
 from data.world import DEFAULT_DIR as WORLD_DIR, FILES as WORLD_FILES, MODEL_DIR as WORLD_MODEL, load_world
 from data.batching import PreferenceBatches, PromptGroupedBatches, prompt_groups
 from data.preferences import DataError
@@ -65,7 +65,8 @@ from eval.opinions import add_reward_optimum, format_report, format_reward_optim
 from models import (CheckpointError, ConfigError, MistralConfig, Tokenizer, add_lora, build_model, load_pretrained,
                     save_pretrained)
 from models.chat_format import FORMATS as CHAT_FORMATS
-from models.lora import HEAD_TARGET, TARGET_NAMES, check_head_dropout, resolve_targets
+from models.fields import read_json_object
+from models.lora import HEAD_TARGET, TARGET_NAMES, check_head_dropout, max_rank, resolve_targets
 from models.peft import save_adapter
 from models.tokenizer import check_vocabulary, describe_format
 from spl import runs
@@ -350,8 +351,8 @@ def validate(c: TrainConfig, world_size: int = 1) -> None:
         lengths_ok = False
     if not lengths_ok:
         fail(f"need 2 <= --max-prompt-length ({c.max_prompt_length}) < --max-length ({c.max_length})")
-    if c.threads < 0:
-        fail(f"--threads must be >= 0 (0: automatic), got {c.threads}")
+    check_threads(c.threads)  # cli.py's rules, sample.py's too
+    check_seed(c.seed)
     if c.save_every < 0 or c.eval_every < 0 or c.log_every <= 0 or c.keep_checkpoints <= 0:
         fail("--save-every and --eval-every must be >= 0, --log-every and --keep-checkpoints > 0")
     validate_combinations(c, world_size)
@@ -521,8 +522,7 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
     model, tokenizer, model_dir, tokenizer_path = load_model(c, device)
     examples, summary = load_data(c, tokenizer, say, model.config.vocab_size)
     total_steps = c.steps or epochs_to_steps(examples, c)
-    inputs = input_fingerprints(c, model_dir, summary.sha256, tokenizer_path)  # recorded; --resume compares
-    prepare_run_dir(out, c, procs, inputs, say)  # now that every input has been read and checked
+    inputs = prepare_run_dir(out, c, procs, input_fingerprints(c, model_dir, summary.sha256, tokenizer_path), say)
     num_parameters = model.num_parameters()  # the model's own, before LoRA adds its branches
     trainable, head = trainable_parameters(model, c, procs, device)
     reference = None  # (ref_chosen_logps [N], ref_rejected_logps [N]) for the preference losses
@@ -617,10 +617,10 @@ def run_inputs(c: TrainConfig) -> dict:
             "--init-config": c.init_config, "--reward-model": c.reward_model}
 
 
-def prepare_run_dir(out: Path, c: TrainConfig, procs: Processes, inputs: dict, say) -> None:
-    """Rank 0 creates the run directory (a marked one emptied with --overwrite) with its marker and config.json
-    (the options and the inputs' fingerprints), or, for --resume, checks the inputs are the run's; every process
-    raises the same error."""
+def prepare_run_dir(out: Path, c: TrainConfig, procs: Processes, inputs: dict, say) -> dict:
+    """Once every input has been read and checked, rank 0 creates the run directory (a marked one emptied with
+    --overwrite) with its marker and config.json (the options and the inputs' fingerprints), or, for --resume,
+    checks the inputs are the run's; every process raises the same error. Returns `inputs`."""
     problem = None
     if procs.main:
         try:
@@ -630,6 +630,7 @@ def prepare_run_dir(out: Path, c: TrainConfig, procs: Processes, inputs: dict, s
     problem = broadcast_from_main(procs, problem)
     if problem:
         raise runs.RunError(problem)
+    return inputs
 
 
 def load_model(c: TrainConfig, device):
@@ -641,7 +642,10 @@ def load_model(c: TrainConfig, device):
     load_device = torch.device("cpu") if c.fsdp else device
     if c.init_config:
         model_dir = None
-        model = build_model(MistralConfig.from_json(c.init_config), dtype=dtype, device=load_device, seed=c.seed)
+        config = MistralConfig.from_json(c.init_config)
+        check_fits(16 * config.num_parameters(), f"--init-config {c.init_config}: a full fine-tune of "  # 4 float32s
+                   f"{config.num_parameters():,} parameters (weights, gradients, AdamW's two moments)", load_device)
+        model = build_model(config, dtype=dtype, device=load_device, seed=c.seed)
         tokenizer_path = Path(c.init_config).parent / "tokenizer.model"
     else:
         model_dir = Path(c.model) if c.model else WORLD_MODEL
@@ -652,7 +656,21 @@ def load_model(c: TrainConfig, device):
     tokenizer = Tokenizer(tokenizer_path, c.chat_format)  # the chat format, from the checkpoint or --chat-format
     check_vocabulary(tokenizer, model.config.vocab_size, model_dir or c.init_config)  # a tokenizer of another model
     choose_threads(c.threads, model.num_parameters(), device)  # 0: one thread for a small model on CPU
+    check_model_limits(model, c)
     return model, tokenizer, model_dir, tokenizer_path
+
+
+def check_model_limits(model, c: TrainConfig) -> None:
+    """Options the model bounds, refused before any work: a LoRA rank above min(in, out) of a target (B A
+    cannot have it), sequences longer than the model's positions."""
+    if c.lora_rank:
+        bound, layer = max_rank(model, c.lora_targets)
+        if c.lora_rank > bound:
+            raise UsageError(f"--lora-rank {c.lora_rank} exceeds min(in, out) = {bound} of {layer}, the largest "
+                             f"rank a LoRA update of it can have")
+    if c.max_length > model.config.max_position_embeddings:
+        raise UsageError(f"--max-length {c.max_length} exceeds the model's max_position_embeddings "
+                         f"{model.config.max_position_embeddings}")
 
 
 def load_data(c: TrainConfig, tokenizer, say, vocab_size: int):
@@ -755,6 +773,12 @@ def reference_log_probs(model, examples, pad_id: int, cache_dir: Path, key, c: T
             if counts:
                 chosen[batch["pair_index"]] = ref_chosen.float()
                 rejected[batch["pair_index"]] = ref_rejected.float()
+        finite = torch.isfinite(chosen) & torch.isfinite(rejected)  # [N]
+        if not bool(finite.all()):  # before the cache is written: a NaN reference would poison every step
+            first = int((~finite).nonzero()[0])
+            raise runs.RunError(f"reference log-probs are NaN or infinite for {int((~finite).sum())} of "
+                                f"{len(examples)} pairs (the first: pair {first}); the model overflows on this "
+                                f"data: check its weights and config.json (rope_theta, rms_norm_eps, dtype)")
         return chosen, rejected
 
     with runs.writing(cache_path(cache_dir, key)):  # a full disk: one line (the cache is published atomically)
@@ -802,7 +826,7 @@ def online_prompts_and_reward(examples, tokenizer, c: TrainConfig, device):
                                                             world_floor(c, tokenizer.vocab_size)[0])
         except ValueError as error:
             raise UsageError(f"{c.data}: {error}") from None
-    saved = json.loads((Path(c.reward_model) / "config.json").read_text(encoding="utf-8"))
+    saved = read_json_object(Path(c.reward_model) / "config.json", UsageError)
     if saved.get("loss") != "reward" or saved.get("init_config"):
         raise UsageError(f"--reward-model {c.reward_model}: not a LoRA `--loss reward` run")
     base = Path(saved["model"]) if saved.get("model") else WORLD_MODEL

@@ -39,19 +39,21 @@ import dataclasses
 import gzip
 import hashlib
 import importlib
+import io
 import json
-import math
 import os
 import re
 import zlib
 
 from models.chat_format import ChatFormatError, normalize_messages
+from models.fields import show
 
 COLUMNS = ("prompt", "chosen", "rejected", "chosen_prob")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 _HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
 _JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+MAX_DECOMPRESSED_BYTES = 1 << 30  # what a .gz file may expand to (1 GiB); SPL_MAX_DECOMPRESSED_BYTES overrides
 DATA_SUFFIXES = JSON_SUFFIXES + (".parquet",)
 
 
@@ -193,8 +195,9 @@ def parse_record(value, columns: dict, path: str, line: int, where: str = "line"
     if columns["chosen_prob"] in value:
         chosen_prob = value[columns["chosen_prob"]]
         if isinstance(chosen_prob, bool) or not isinstance(chosen_prob, (int, float)) \
-                or not (math.isfinite(chosen_prob) and 0.0 <= chosen_prob <= 1.0):
-            fail(f'field "{columns["chosen_prob"]}" must be a number in [0, 1], got {json.dumps(chosen_prob)}')
+                or not (chosen_prob in (0, 1) or (isinstance(chosen_prob, float) and 0.0 <= chosen_prob <= 1.0)):
+            fail(f'field "{columns["chosen_prob"]}" must be a number in [0, 1], got {show(chosen_prob)}')
+    check_text([m["content"] for m in prompt] + [chosen, rejected], fail)
 
     if not any(message["content"].strip() for message in prompt if message["role"] == "user"):
         raise UnusablePair("empty prompt")
@@ -205,6 +208,16 @@ def parse_record(value, columns: dict, path: str, line: int, where: str = "line"
     if chosen == rejected:
         raise UnusablePair("chosen and rejected responses are identical")
     return PreferenceRecord(prompt, chosen, rejected, float(chosen_prob), line)
+
+
+def check_text(texts, fail) -> None:
+    """Every string must be text that can be written out (UTF-8): JSON's "\\ud800" escapes decode to a lone
+    surrogate, which no tokenizer can encode."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            fail(f"holds a lone surrogate (\\u{ord(text[error.start]):04x} at character {error.start}), not text")
 
 
 def split_hh_transcripts(chosen: str, rejected: str) -> tuple[list[dict], str, str]:
@@ -389,10 +402,7 @@ def _read_json_values(path: str) -> tuple[list[tuple[int, object]], str]:
         raise DataError(path, None, "is a directory, expected a .jsonl or .json file") from None
     sha256 = hashlib.sha256(raw).hexdigest()
     if path.endswith(".gz"):
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
-            raise DataError(path, None, f"not a valid gzip file ({error or type(error).__name__})") from None
+        raw = _gunzip(raw, path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -406,6 +416,21 @@ def _read_json_values(path: str) -> tuple[list[tuple[int, object]], str]:
     if not values:
         raise DataError(path, None, "JSON array is empty (no preference pairs)")
     return values, sha256
+
+
+def _gunzip(raw: bytes, path: str, limit: int | None = None) -> bytes:
+    """The decompressed bytes of a .gz file, at most `limit` (MAX_DECOMPRESSED_BYTES, or the environment's
+    SPL_MAX_DECOMPRESSED_BYTES): a 300 KB file can expand to gigabytes, and the reader holds it all in memory."""
+    limit = limit or int(os.environ.get("SPL_MAX_DECOMPRESSED_BYTES", MAX_DECOMPRESSED_BYTES))
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as file:
+            data = file.read(limit + 1)
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        raise DataError(path, None, f"not a valid gzip file ({error or type(error).__name__})") from None
+    if len(data) > limit:
+        raise DataError(path, None, f"decompresses to more than {limit} bytes (the limit; a larger file: set "
+                                    f"SPL_MAX_DECOMPRESSED_BYTES, or decompress it and give the .jsonl)")
+    return data
 
 
 def _json_lines(text: str, path: str) -> list[tuple[int, object]]:
@@ -422,6 +447,8 @@ def _json_lines(text: str, path: str) -> list[tuple[int, object]]:
             raise DataError(path, number, problem) from None
         except RecursionError:  # a line made to break the parser: [[[[...]]]] a million deep
             raise DataError(path, number, "malformed JSON: nested too deeply to parse") from None
+        except ValueError as error:  # an integer literal of over 4300 digits
+            raise DataError(path, number, f"malformed JSON: {str(error).splitlines()[0][:80]}") from None
     return values
 
 
@@ -458,6 +485,9 @@ def _json_array(text: str, path: str) -> list[tuple[int, object]]:
             except RecursionError:
                 raise DataError(path, start_line, f"malformed JSON: array element {len(values)} is nested too "
                                                   f"deeply to parse") from None
+            except ValueError as error:  # an integer literal of over 4300 digits
+                raise DataError(path, start_line, f"malformed JSON in array element {len(values)}: "
+                                                  f"{str(error).splitlines()[0][:80]}") from None
             values.append((start_line, value))
             position = _JSON_WHITESPACE.match(text, position).end()
             if text.startswith(",", position):
