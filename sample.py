@@ -24,6 +24,11 @@ probability of the text, comparable across settings.
 """
 from __future__ import annotations
 
+from spl.signals import exit_quietly_on_stop
+
+if __name__ == "__main__":  # before torch's import (seconds): a stop signal is one line from the first line on
+    exit_quietly_on_stop("sample.py")
+
 import argparse
 import json
 import math
@@ -39,6 +44,7 @@ from models import CheckpointError, ConfigError, Tokenizer, load_adapter, load_p
 from models.chat_format import FORMATS as CHAT_FORMATS
 from models.generate import Completion, sample_completions, user_prompt_ids
 from models.tokenizer import check_vocabulary, describe_format
+from spl.runs import StopSignals, Stopped
 
 
 class PromptError(ValueError):
@@ -189,7 +195,11 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     try:
-        return run(parse_args(argv))
+        with StopSignals(immediate=True):  # SIGINT/SIGTERM: one line, exit 128 + signal, no traceback
+            return run(parse_args(argv))
+    except Stopped as stop:
+        print(f"sample.py: {stop.name}: stopped", file=sys.stderr)
+        return 128 + stop.signum
     except SystemExit as exit:  # argparse's own errors (usage printed): return the code instead of exiting
         return int(exit.code or 0)
     except UsageError as error:

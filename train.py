@@ -36,6 +36,11 @@ output head whole on every process, so gradients, optimizer and checkpoints are 
 """
 from __future__ import annotations
 
+from spl.signals import exit_quietly_on_stop
+
+if __name__ == "__main__":  # before torch's import (seconds): a stop signal is one line from the first line on
+    exit_quietly_on_stop("train.py")
+
 import argparse
 import contextlib
 import dataclasses
@@ -434,8 +439,12 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, f
 
 def main(argv=None) -> int:
     try:
-        config = parse_args(argv)
-        return train(config)
+        with runs.StopSignals(immediate=True):  # SIGINT/SIGTERM in any phase: one line, exit 128 + signal
+            return train(parse_args(argv))
+    except runs.Stopped as stop:
+        if Processes.from_environment().main:
+            print(f"train.py: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     except (UsageError, DataError, CheckpointError, ConfigError, runs.RunError) as error:
         # Every process meets these alike (same inputs; run-directory checks are rank 0's, broadcast): one line.
         if Processes.from_environment().main:
@@ -479,9 +488,9 @@ def run_directory_lock(out: Path, procs: Processes):
         print(lock.took_over)
     try:
         yield
-    except BaseException as error:  # a new run that failed before its first checkpoint leaves nothing behind
+    except BaseException as error:  # a new run stopped before a checkpoint or its outputs leaves nothing behind
         begun = runs.has_marker(out)  # prepare_run_dir had written it: more than the lock's own directory
-        if lock is not None and not runs.complete_checkpoints(out) and lock.abandon() and begun and \
+        if lock is not None and not runs.worth_keeping(out) and lock.abandon() and begun and \
                 isinstance(error, runs.RunError):
             raise runs.RunError(f"{error}; removed {out}, which this run had only begun") from None
         raise
@@ -542,8 +551,7 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
     # The world's report runs the model: on rank 0, or on every process when FSDP shards the model.
     reports = c.model is None and c.init_config is None and c.data is None and (procs.main or c.fsdp)
 
-    log = runs.MetricsLog(out / "metrics.jsonl", resume_step=start_step if c.resume else None, enabled=procs.main,
-                          say=say)
+    log = runs.MetricsLog(out / "metrics.jsonl", start_step if c.resume else None, procs.main, say=say)
     model.train()
     last_saved = None
     with runs.StopSignals() as signals:
@@ -579,17 +587,17 @@ def run(c: TrainConfig, procs: Processes, device) -> int:
             if sum_across(procs, [float(signals.received is not None)], device)[0] > 0:  # all stop together
                 if last_saved is None or not last_saved.name.endswith(f"{step + 1:06d}"):
                     last_saved = save(step + 1)
-                say(f"\n{signals.name or 'a stop signal to another process'}: saved {last_saved}; continue with "
-                    f"the same command plus --resume")
-                log.close()
-                return 128 + (signals.received or signal.SIGTERM)
+                progress.close()
+                log.close()  # another process's signal stops this one too, as SIGTERM
+                raise runs.Stopped(signals.received or signal.SIGTERM, f"saved {last_saved}; continue with the same "
+                                   f"command plus --resume")
         progress.close()
-    log.close()
-
-    if c.save_every and (last_saved is None or not last_saved.name.endswith(f"{total_steps:06d}")):
-        save(total_steps)
-    write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out, c, procs, device, reports,
-                  reference[:2] if c.loss == "spl-online" else None)
+        log.close()
+        if c.save_every and (last_saved is None or not last_saved.name.endswith(f"{total_steps:06d}")):
+            save(total_steps)
+        write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out, c, procs, device, reports,
+                      reference[:2] if c.loss == "spl-online" else None)
+        signals.check("came while the outputs were written; they were finished first")  # a write is not cut
     return 0
 
 

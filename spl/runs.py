@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from models.files import (IntegrityError, is_staging, publish_directory, verify_directory, write_file_atomic,
                           write_json_atomic)
 from spl.files import RunError, writing
+from spl.signals import StopSignals, Stopped  # noqa: F401
 from spl.rundir import (RunLock, check_out, check_resumed_config, check_resumed_inputs, check_run_dir,  # noqa: F401
                         has_marker, prepare_run_dir)
 
@@ -47,7 +48,7 @@ __all__ = ["RunError", "RunLock", "writing", "check_out", "check_run_dir", "chec
            "prepare_run_dir", "has_marker", "write_json_atomic", "rng_state",
            "set_rng_state", "rng_state_to_json", "rng_state_from_json", "save_checkpoint", "load_checkpoint",
            "complete_checkpoints", "checkpoint_dirs", "load_latest_checkpoint", "clean_interrupted_saves",
-           "MetricsLog", "StopSignals"]
+           "MetricsLog", "StopSignals", "Stopped"]
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{6,})$")
 
@@ -229,6 +230,13 @@ def _read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def worth_keeping(out: Path) -> bool:
+    """Whether a run directory holds what a user would want back: a complete checkpoint, or its finished
+    adapter or model. A new run that fails or is stopped without either removes its directory (train.py)."""
+    return bool(complete_checkpoints(out)) or any((out / name / "manifest.json").is_file()
+                                                  for name in ("adapter", "model"))
+
+
 def load_checkpoint(path: Path):
     """(trainable tensors, optimizer state dict, {"per_rank": [rng state per process]}, state dict) of one
     checkpoint directory, after verifying it against its manifest; RunError naming the file otherwise."""
@@ -333,35 +341,3 @@ def _logged_lines(path: Path, resume_step: int, say) -> list[str]:
         if step <= resume_step:
             kept.append(line)
     return kept
-
-
-# ------------------------------------------------------------------------------------------------ stop signals
-
-class StopSignals:
-    """SIGINT/SIGTERM set a flag the loop checks after each optimizer step (then it saves and exits cleanly).
-    A second signal while the flag is set falls back to the default behaviour (immediate exit); checkpoints
-    stay consistent because saves are atomic."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.received).name if self.received else ""

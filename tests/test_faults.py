@@ -14,9 +14,11 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -223,3 +225,93 @@ def test_real_full_file_system_new_run_and_resume(place, capsys, small_fs):
     for name in ("config.json", ".spl-run", *[k for k in before if k.startswith("checkpoints/")]):
         assert after.get(name) == before[name], name
     assert runs.load_checkpoint(out / "checkpoints" / "step_000002")[3]["step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- signals
+
+def signal_at(monkeypatch, name: str, signum: int, call: int = 1) -> None:
+    """Send `signum` to this process from inside train.<name> on its `call`-th call (then run it as usual):
+    the signal arrives in exactly that phase."""
+    real, calls = getattr(train, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, name, wrapper)
+
+
+@pytest.mark.parametrize("where, signum, call, words", [
+    ("load_pretrained", signal.SIGINT, 1, "SIGINT: stopped before training began; nothing to save yet"),
+    ("reference_logprobs", signal.SIGTERM, 2, "SIGTERM: stopped before training began; nothing to save yet"),
+    ("accumulate_gradients", signal.SIGINT, 2, "SIGINT: saved "),
+    ("save_adapter", signal.SIGTERM, 1, "SIGTERM: came while the outputs were written; they were finished first"),
+])
+def test_a_signal_in_each_phase_is_one_line_and_its_exit_code(place, capsys, monkeypatch, where, signum, call,
+                                                              words):
+    """Loading, the reference pass, training (step 2 of 5), writing the adapter: exit 128 + signal, one line,
+    no traceback, the handlers as they were. Nothing to save before training: a new run leaves no directory.
+    In training: a checkpoint of the step it was in (step 2), which loads. While writing: the adapter is
+    finished first and verifies against its manifest."""
+    from models.files import verify_directory
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    out = place / "run"
+    signal_at(monkeypatch, where, signum, call)
+    code = train.main(base(place) + ["--out", str(out), "--steps", "5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 128 + signum, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and err.startswith("train.py: "), err
+    assert words in err, err
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    if where == "accumulate_gradients":
+        assert f"{out / 'checkpoints' / 'step_000002'}; continue with the same command plus --resume" in err
+        assert runs.load_checkpoint(out / "checkpoints" / "step_000002")[3]["step"] == 2
+    elif where == "save_adapter":
+        assert verify_directory(out / "adapter")
+    else:
+        assert not out.exists()
+
+
+def _start(argv, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler installed for `signum` (/proc/<pid>/status SigCgt)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (signum - 1) & 1)
+
+
+def test_real_signals_while_starting_and_while_loading(place):
+    """Real processes. SIGTERM as soon as train.py has a handler (while torch still imports, most likely):
+    exit 143 and one line. SIGINT once the data is read (loading / the reference pass / at the latest the
+    first steps): exit 130, one line, no traceback, and either no run directory or a checkpoint that loads."""
+    out = place / "run"
+    argv = base(place) + ["--out", str(out), "--steps", "100000"]
+    process = _start(argv, place / "work")
+    deadline = time.time() + 60
+    while not _catches(process.pid, signal.SIGTERM):
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("train.py: SIGTERM: stopped"), err
+    assert not out.exists()
+
+    process = _start(argv, place / "work")
+    assert "chat format" in process.stdout.readline()  # load_data's first line: the model is loaded
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("\r") and "it/s]" not in line]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("train.py: SIGINT: "), err
+    if out.exists():  # it got as far as training: a checkpoint of that step
+        assert runs.load_checkpoint(runs.complete_checkpoints(out)[-1])
