@@ -44,8 +44,8 @@ class Tokenizer:
             reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             raise _checkpoint_error(f"{path}: not a sentencepiece model ({reason})") from None
         if self.sp.bos_id() < 0 or self.sp.eos_id() < 0:
-            raise ValueError(f"{path}: sentencepiece model has no BOS or EOS id (bos={self.sp.bos_id()}, "
-                             f"eos={self.sp.eos_id()}); the chat format needs both")
+            raise _checkpoint_error(f"{path}: sentencepiece model has no BOS or EOS id (bos={self.sp.bos_id()}, "
+                                    f"eos={self.sp.eos_id()}); the chat format needs both")
         self.control_pieces = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())
                                if self.sp.IsControl(i)}
         config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")

@@ -28,7 +28,7 @@ import train
 from spl import runs
 from tests.test_spl_rundir import base, tree
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "script")  # script: restores what main() sets (RNGs, ...)
 ROOT = Path(__file__).resolve().parents[1]
 # What safetensors raises when the disk is full (read off a full tmpfs: test_real_full_file_system_...)
 SAFETENSORS_ENOSPC = "Error while serializing: I/O error: No space left on device (os error 28)"

@@ -18,7 +18,7 @@ import train
 from spl import runs
 from spl.rundir import MARKER
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "script")  # script: restores what main() sets (RNGs, ...)
 
 
 def tree(root: Path) -> dict:
