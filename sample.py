@@ -25,9 +25,7 @@ probability of the text, comparable across settings.
 from __future__ import annotations
 
 from spl.signals import exit_quietly_on_stop
-
-if __name__ == "__main__":  # before torch's import (seconds): a stop signal is one line from the first line on
-    exit_quietly_on_stop("sample.py")
+exit_quietly_on_stop(__name__, "sample.py")  # before torch's import (seconds): a stop signal is one line from here on
 
 import argparse
 import json
@@ -38,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from cli import SEED_LIMIT, ArgumentParser, UsageError, check_fits, check_threads, choose_threads, resolve_device
+from spl.cli import SEED_LIMIT, ArgumentParser, UsageError, check_fits, check_threads, choose_threads, resolve_device
 from data.world import MODEL_DIR as DEFAULT_MODEL
 from models import CheckpointError, ConfigError, Tokenizer, load_adapter, load_pretrained
 from models.chat_format import FORMATS as CHAT_FORMATS
@@ -195,11 +193,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     try:
-        with StopSignals(immediate=True):  # SIGINT/SIGTERM: one line, exit 128 + signal, no traceback
+        with StopSignals(immediate=True, what="stopped"):  # SIGINT/SIGTERM: one line, exit 128 + signal
             return run(parse_args(argv))
     except Stopped as stop:
-        print(f"sample.py: {stop.name}: stopped", file=sys.stderr)
-        return 128 + stop.signum
+        return stop.exit("sample.py")
     except SystemExit as exit:  # argparse's own errors (usage printed): return the code instead of exiting
         return int(exit.code or 0)
     except UsageError as error:

@@ -15,6 +15,7 @@ already yielded this epoch), which a checkpoint stores and load_state_dict resum
 """
 from __future__ import annotations
 
+import math
 import numpy as np
 import torch
 
@@ -53,7 +54,7 @@ def collate(examples, pad_id: int, pad_to_multiple: int = 1) -> dict[str, torch.
         "attention_mask": attention_mask,
         "chosen_prob": torch.tensor([e.chosen_prob for e in examples], dtype=torch.float32),  # [B]
         "pair_index": torch.tensor([e.index for e in examples], dtype=torch.long),  # [B]
-        # The grouped batch's prompt fields (collate_grouped), so spl/prefix.py scores each prompt once:
+        # The grouped batch's prompt fields (collate_grouped), so models/prefix.py scores each prompt once:
         "response_prompt": torch.arange(len(examples)).repeat(2),  # [2B] rows b and B + b share prompt b
         "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long),  # [2B]
     }
@@ -268,3 +269,9 @@ class PromptGroupedBatches(PreferenceBatches):
         per_process = -(-len(groups) // world_size)
         return [[e for group in groups[rank * per_process:(rank + 1) * per_process] for e in group]
                 for rank in range(world_size)]
+
+
+def epochs_to_steps(examples, epochs: float, per_step: int, grouped: bool) -> int:
+    """--epochs as optimizer steps: passes over the pairs (or, grouped, the prompts), per_step of them a step."""
+    units = len(prompt_groups(examples)) if grouped else len(examples)
+    return max(1, math.ceil(epochs * units / per_step))

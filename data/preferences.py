@@ -46,14 +46,13 @@ import re
 import zlib
 
 from models.chat_format import ChatFormatError, normalize_messages
-from models.fields import show
+from models.fields import lone_surrogate, show
 
 COLUMNS = ("prompt", "chosen", "rejected", "chosen_prob")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 _HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
 _JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-MAX_DECOMPRESSED_BYTES = 1 << 30  # what a .gz file may expand to (1 GiB); SPL_MAX_DECOMPRESSED_BYTES overrides
 DATA_SUFFIXES = JSON_SUFFIXES + (".parquet",)
 
 
@@ -161,12 +160,7 @@ def parse_record(value, columns: dict, path: str, line: int, where: str = "line"
 
     if columns["prompt"] in value:
         prompt_value = value[columns["prompt"]]
-        if isinstance(prompt_value, str):
-            prompt = [{"role": "user", "content": prompt_value}]
-        elif isinstance(prompt_value, list):
-            prompt = _messages(prompt_value, columns["prompt"], fail)
-        else:
-            fail(f'field "{columns["prompt"]}" must be a string or a list of messages, got {_json_type(prompt_value)}')
+        prompt = parse_prompt(prompt_value, columns["prompt"], fail)
         prefix_c, chosen = _split_reply(chosen_value, columns["chosen"], fail)
         prefix_r, rejected = _split_reply(rejected_value, columns["rejected"], fail)
         for prefix, name in ((prefix_c, columns["chosen"]), (prefix_r, columns["rejected"])):
@@ -211,13 +205,9 @@ def parse_record(value, columns: dict, path: str, line: int, where: str = "line"
 
 
 def check_text(texts, fail) -> None:
-    """Every string must be text that can be written out (UTF-8): JSON's "\\ud800" escapes decode to a lone
-    surrogate, which no tokenizer can encode."""
-    for text in texts:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            fail(f"holds a lone surrogate (\\u{ord(text[error.start]):04x} at character {error.start}), not text")
+    """Every string must be text that can be written out (models/fields.py lone_surrogate)."""
+    for problem in filter(None, map(lone_surrogate, texts)):
+        fail(problem)
 
 
 def split_hh_transcripts(chosen: str, rejected: str) -> tuple[list[dict], str, str]:
@@ -258,6 +248,16 @@ def _columns(column_map: dict | None) -> dict:
             raise ValueError(f"column_map[{name!r}] must be a non-empty field name, got {key!r}")
         columns[name] = key
     return columns
+
+
+def parse_prompt(value, name: str, fail) -> list[dict]:
+    """A prompt field as chat messages: a string is one user turn, a list must be chat messages (`_messages`);
+    anything else calls `fail(problem)`. The one reader of a prompt field, for preference and SFT records."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list):
+        return _messages(value, name, fail)
+    fail(f'field "{name}" must be a string or a list of messages, got {_json_type(value)}')
 
 
 def _json_type(value) -> str:
@@ -418,10 +418,9 @@ def _read_json_values(path: str) -> tuple[list[tuple[int, object]], str]:
     return values, sha256
 
 
-def _gunzip(raw: bytes, path: str, limit: int | None = None) -> bytes:
-    """The decompressed bytes of a .gz file, at most `limit` (MAX_DECOMPRESSED_BYTES, or the environment's
-    SPL_MAX_DECOMPRESSED_BYTES): a 300 KB file can expand to gigabytes, and the reader holds it all in memory."""
-    limit = limit or int(os.environ.get("SPL_MAX_DECOMPRESSED_BYTES", MAX_DECOMPRESSED_BYTES))
+def _gunzip(raw: bytes, path: str) -> bytes:
+    """A .gz file's bytes, at most 1 GiB (or $SPL_MAX_DECOMPRESSED_BYTES): 300 KB can expand to gigabytes."""
+    limit = int(os.environ.get("SPL_MAX_DECOMPRESSED_BYTES", 1 << 30))
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(raw)) as file:
             data = file.read(limit + 1)
@@ -445,10 +444,9 @@ def _json_lines(text: str, path: str) -> list[tuple[int, object]]:
             if number == 1 and _is_one_json_object(text):
                 problem = "the file is one JSON object; expected JSON Lines (one object per line) or a JSON array"
             raise DataError(path, number, problem) from None
-        except RecursionError:  # a line made to break the parser: [[[[...]]]] a million deep
-            raise DataError(path, number, "malformed JSON: nested too deeply to parse") from None
-        except ValueError as error:  # an integer literal of over 4300 digits
-            raise DataError(path, number, f"malformed JSON: {str(error).splitlines()[0][:80]}") from None
+        except (RecursionError, ValueError) as error:  # [[[[...]]]] a million deep; an int of over 4300 digits
+            raise DataError(path, number, "malformed JSON: " + ("nested too deeply to parse" if isinstance(
+                error, RecursionError) else str(error).splitlines()[0][:80])) from None
     return values
 
 
@@ -482,12 +480,10 @@ def _json_array(text: str, path: str) -> list[tuple[int, object]]:
             except json.JSONDecodeError as error:
                 raise DataError(path, error.lineno, f"malformed JSON in array element {len(values)}: "
                                                     f"{error.msg} (column {error.colno})") from None
-            except RecursionError:
-                raise DataError(path, start_line, f"malformed JSON: array element {len(values)} is nested too "
-                                                  f"deeply to parse") from None
-            except ValueError as error:  # an integer literal of over 4300 digits
-                raise DataError(path, start_line, f"malformed JSON in array element {len(values)}: "
-                                                  f"{str(error).splitlines()[0][:80]}") from None
+            except (RecursionError, ValueError) as error:  # too deep; an integer literal of over 4300 digits
+                raise DataError(path, start_line, f"malformed JSON: array element {len(values)} " + (
+                    "is nested too deeply to parse" if isinstance(error, RecursionError) else
+                    f"holds {str(error).splitlines()[0][:80]}")) from None
             values.append((start_line, value))
             position = _JSON_WHITESPACE.match(text, position).end()
             if text.startswith(",", position):

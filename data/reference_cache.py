@@ -25,6 +25,7 @@ import array
 import dataclasses
 import hashlib
 import os
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -142,3 +143,19 @@ def reference_logps(path, key: ReferenceCacheKey, compute, log=None) -> tuple[to
     save_reference_logps(path, key, ref_chosen_logps, ref_rejected_logps)
     return (ref_chosen_logps.detach().to("cpu", torch.float32),
             ref_rejected_logps.detach().to("cpu", torch.float32))
+
+
+def reference_identity(model_dir: Path | None, init_config, seed: int, dtype: str, average: bool) -> str:
+    """What the reference log-probs depend on besides the data: the weights, their dtype, the objective's
+    length normalisation (or, for random weights, the config and seed). Weight files under 1 GB are hashed;
+    larger ones are named by size and mtime."""
+    if model_dir is None:
+        return f"random-init:{init_config}:{seed}"
+    parts = [file_sha256(model_dir / "config.json")]
+    files = sorted(model_dir.glob("*.safetensors"))
+    small = sum(f.stat().st_size for f in files) < 1 << 30
+    for f in files:
+        stat = f.stat()
+        parts.append(file_sha256(f) if small else f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    parts += [dtype, f"average={average}"]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()

@@ -17,7 +17,7 @@ import os
 import torch
 
 from data.batching import PreferenceBatches, pad_rows
-from data.preferences import DataError, DataSummary, _messages, _read_json_values, check_text
+from data.preferences import DataError, DataSummary, _messages, _read_json_values, check_text, parse_prompt
 from data.tokenization import check_lengths, truncate_pair
 
 
@@ -43,13 +43,8 @@ def _record(value, columns: dict, path: str, line: int) -> tuple[list[dict], str
     for key in (columns["prompt"], columns["response"]):
         if key not in value:
             fail(f'missing field "{key}"')
-    prompt, response = value[columns["prompt"]], value[columns["response"]]
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, list):
-        prompt = _messages(prompt, columns["prompt"], fail)
-    else:
-        fail(f'field "{columns["prompt"]}" must be a string or a list of messages, got {type(prompt).__name__}')
+    prompt = parse_prompt(value[columns["prompt"]], columns["prompt"], fail)
+    response = value[columns["response"]]
     if not isinstance(response, str):
         fail(f'field "{columns["response"]}" must be a string, got {type(response).__name__}')
     check_text([m["content"] for m in prompt] + [response], fail)

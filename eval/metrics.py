@@ -15,15 +15,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from data.batching import pad_rows
 from data.world import validate_story
-from spl.step import RewardHead, reward_scores as head_scores
+from spl.step import RewardHead, load_reward_head as spl_load_reward_head, reward_scores as head_scores
 
 # ---- diversity ------------------------------------------------------------------------------------------------
 
@@ -322,15 +320,10 @@ def sequence_nll(model, prompt_ids, completions, batch_size: int = 32, pad_id: i
 
 
 def load_reward_head(directory):
-    """(weight [D], bias []) of the scalar reward head that `train.py --loss reward` saves beside its adapter
-    (`reward_head.safetensors`, keys `score.weight` [1, D] and `score.bias` [1])."""
-    path = Path(directory) / "reward_head.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no reward head (train one with `train.py --loss reward`)")
-    state = load_file(str(path))
-    if set(state) != {"score.weight", "score.bias"}:
-        raise ValueError(f"{path}: expected keys score.weight and score.bias, got {sorted(state)}")
-    return state["score.weight"].reshape(-1), state["score.bias"].reshape(())
+    """(weight [D], bias []) of the scalar reward head that `train.py --loss reward` saves beside its adapter,
+    read by spl.step.load_reward_head."""
+    head = spl_load_reward_head(directory)
+    return head.score.weight.detach().reshape(-1), head.score.bias.detach().reshape(())
 
 
 def reward_scores(model, weight, bias, prompt_ids, completions, batch_size: int = 32, pad_id: int = 0):

@@ -135,6 +135,16 @@ def mapping(obj: dict, key: str, source, error=ValueError, *, default=MISSING) -
     return value
 
 
+def lone_surrogate(text: str) -> str | None:
+    """Why `text` is not text that can be written out, or None: JSON's "\\ud800" escapes decode to a lone
+    surrogate, which no tokenizer (and no UTF-8 file) can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"holds a lone surrogate (\\u{ord(text[error.start]):04x} at character {error.start}), not text"
+    return None
+
+
 def read_text(path, error=ValueError) -> str:
     """A small text file (a chat template) as UTF-8, or one line saying why not."""
     path = Path(path)

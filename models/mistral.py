@@ -178,7 +178,7 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
     """cos and sin tables [..., T, head_dim] for absolute `positions` [..., T] (one row of positions per sequence
-    when sequences start at different offsets, as in spl/prefix.py), rotate-half layout: frequency i sits at
+    when sequences start at different offsets, as in models/prefix.py), rotate-half layout: frequency i sits at
     columns i and i + head_dim/2. Computed in float32, then cast (as HF does)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[..., None] * inv_freq  # (..., T, hd/2)

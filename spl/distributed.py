@@ -10,19 +10,36 @@ training step calls `hidden_states`; and one reduction after gradient accumulati
 Values other than tensors (a problem found by rank 0, every process's RNG state) travel as JSON bytes in uint8
 tensors, not through torch's `*_object` collectives, which pickle.
 
+train.py under torchrun, in full: --batch-size is the number of pairs per optimizer step, all processes together:
+batch_size = processes x grad_accum x micro-batch. Every process draws the same seeded order of global
+micro-batches and takes its own contiguous share of each, back-propagates `sum over its pairs of loss / N`
+with N the step's global pair count, and the trainable (LoRA) gradients are summed across processes in one
+all-reduce per optimizer step: the update equals the one-process update on the same global batch. (A manual
+all-reduce rather than DistributedDataParallel: the step calls `model.hidden_states`, not the model's forward
+that DDP hooks; the LoRA gradients are a few MB; and one reduction after all accumulation micro-batches is
+exact and visible.) Reference log-probs: each process scores its share, an all-reduce joins them, rank 0
+writes the cache. Only rank 0 writes files and prints; a checkpoint holds the global data position and every
+process's RNG state, so --resume works under torchrun. --fsdp shards the frozen base weights with
+`torch.distributed.fsdp.fully_shard` (per decoder block, then the root) and keeps the LoRA parameters and the
+output head whole on every process, so gradients, optimizer and checkpoints are the same as without it.
+
 FSDP's modules are imported inside `shard_frozen_weights`: they take seconds to import and only --fsdp uses them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from data.reference_cache import reference_logps
 from models.lora import lora_modules
+from spl import runs
+from spl.cli import UsageError
 
 
 @dataclass(frozen=True)
@@ -155,11 +172,14 @@ def shared_reference_logps(path, key, compute, procs: Processes, device):
     """Reference log-probs ([N] chosen, [N] rejected, on `device`), computed once for all processes. Rank 0 runs
     data.reference_cache.reference_logps (the path its tests cover: load and verify, or compute and save) and
     sends a hit to the others; on a miss every process scores its share (compute() returns its pairs' values and
-    zeros elsewhere) and an all-reduce joins the shares. With one process this is reference_logps itself."""
+    zeros elsewhere) and an all-reduce joins the shares. With one process this is reference_logps itself.
+    Computed values that are not finite stop every process in one line before the cache is written; a cache that
+    cannot be written (a full disk) is one line too (spl/files.py)."""
     def computed_by_all():  # [2, N]: every process's share, joined
         both = torch.stack(compute()).float().to(device)
         if procs.distributed:
             dist.all_reduce(both)
+        runs.check_finite_reference(both[0], both[1])
         return both
 
     if not procs.main:
@@ -176,7 +196,8 @@ def shared_reference_logps(path, key, compute, procs: Processes, device):
         broadcast_from_main(procs, True)
         return tuple(computed_by_all())
 
-    both = torch.stack(reference_logps(path, key, on_miss, log=print)).to(device)  # [2, N]
+    with runs.writing(path):
+        both = torch.stack(reference_logps(path, key, on_miss, log=print)).to(device)  # [2, N]
     if not missed:
         broadcast_from_main(procs, False)
         if procs.distributed:
@@ -205,3 +226,128 @@ def shard_frozen_weights(model, procs: Processes, device) -> None:
     for module in lora_modules(model).values():
         module.lora_A.to(device)
         module.lora_B.to(device)
+
+
+# ----------------------------------------------------------------------------------- train.py's process glue
+
+def start_processes(procs: Processes, device):
+    """The device this process drives (`device`: what --device resolved to). Under torchrun, also join the
+    process group: NCCL with one GPU per process (cuda:LOCAL_RANK), gloo on CPU. With one process every helper
+    of this module is the identity."""
+    if not procs.distributed:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", procs.local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=procs.rank, world_size=procs.world_size, device_id=device)
+    else:
+        dist.init_process_group("gloo", rank=procs.rank, world_size=procs.world_size)
+    return device
+
+
+def on_main(procs: Processes, action, error_type):
+    """`action()` on rank 0 alone (the process that reads and writes the run directory); its result there, None
+    elsewhere. An `error_type` it raises is raised on every process with the same message, so all stop alike."""
+    result, problem = None, None
+    if procs.main:
+        try:
+            result = action()
+        except error_type as error:
+            problem = str(error)
+    problem = broadcast_from_main(procs, problem)
+    if problem:
+        raise error_type(problem)
+    return result
+
+
+def check_run_directory(out: Path, config: dict, resume: bool, overwrite: bool, may_change, procs: Processes):
+    """Refuse an unusable run directory before any work and before anything is written: rank 0 looks (spl/runs.py;
+    with --resume, the saved options must equal `config` but for `may_change`), every process raises alike."""
+    def check():
+        runs.check_run_dir(out, resume, overwrite)
+        if resume:
+            runs.check_resumed_config(out, config, may_change)
+    on_main(procs, check, runs.RunError)
+
+
+def prepare_run_directory(out: Path, config: dict, resume: bool, overwrite: bool, procs: Processes,
+                          inputs: dict | None = None, say=print) -> dict | None:
+    """Rank 0 creates the run directory (a marked one emptied with --overwrite) with its marker and, for a new run,
+    `config` as its config.json with the inputs' fingerprints; for --resume it checks that the inputs are the
+    run's (spl/rundir.py). Every process raises alike. Returns `inputs`."""
+    on_main(procs, lambda: runs.prepare_run_dir(out, resume, overwrite, config, inputs, say), runs.RunError)
+    return inputs
+
+
+@contextlib.contextmanager
+def run_directory_lock(out: Path, procs: Processes):
+    """Rank 0 holds out/.lock for the whole run (spl/runs.py RunLock): a second process on the same --out is
+    refused in one line, with --resume and --overwrite too, before it reads or deletes anything; a lock left by
+    a killed process is taken over and named. Every process raises the same error."""
+    lock = on_main(procs, lambda: runs.RunLock(out).__enter__(), runs.RunError)
+    if lock is not None and lock.took_over:
+        print(lock.took_over)
+    try:
+        yield
+    except BaseException as error:  # a new run stopped before a checkpoint or its outputs leaves nothing behind
+        begun = runs.has_marker(out)  # prepare_run_dir had written it: more than the lock's own directory
+        if lock is not None and not runs.worth_keeping(out) and lock.abandon() and begun and \
+                isinstance(error, runs.RunError):
+            raise runs.RunError(f"{error}; removed {out}, which this run had only begun") from None
+        raise
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def resume(out: Path, trainable: dict, optimizer, batches, total_steps: int, procs: Processes, say) -> int:
+    """Load the newest checkpoint of `out` that verifies against its manifest (a damaged newer one is named in
+    one line and passed over; every process reads the one rank 0 picked) into the trainable parameters, the
+    optimizer, the data position and the RNGs; returns its step (0 if there is none yet), at most total_steps."""
+    def latest():
+        runs.clean_interrupted_saves(out)
+        return runs.load_latest_checkpoint(out, say)
+
+    found = on_main(procs, latest, runs.RunError)
+    checkpoint = broadcast_from_main(procs, str(found[0]) if found else None)
+    if not checkpoint:
+        say(f"{out}: no complete checkpoint yet; starting from step 0")
+        return 0
+    checkpoint = Path(checkpoint)
+    tensors, optimizer_state, rng, state = found[1] if procs.main else runs.load_checkpoint(checkpoint)
+    if state["step"] > total_steps:
+        raise UsageError(f"{checkpoint}: is step {state['step']}, past the {total_steps} steps asked for; give "
+                         f"--steps {state['step']} or more to continue")
+    if set(tensors) != set(trainable):
+        raise runs.RunError(f"{checkpoint}: holds {sorted(set(tensors) ^ set(trainable))[:4]}... "
+                            f"that this run does not train")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(tensors[name])
+    optimizer.load_state_dict(optimizer_state)
+    rng_states = rng["per_rank"] if "per_rank" in rng else [rng]  # one per process that wrote it
+    if len(rng_states) == procs.world_size:
+        runs.set_rng_state(rng_states[procs.rank])
+    else:
+        say(f"{checkpoint}: written by {len(rng_states)} process(es), resumed by {procs.world_size}: the "
+            f"data position is global and carries over; dropout noise starts from fresh seeds")
+    try:
+        batches.load_state_dict(state["data"])
+    except (ValueError, TypeError, KeyError) as error:  # the data shrank, or the position was edited
+        raise runs.RunError(f"{checkpoint}: its data position does not fit this data ({error}); resume with the "
+                            f"data the run started with, or start a new run") from None
+    say(f"resumed from {checkpoint} at step {state['step']}")
+    return state["step"]
+
+
+def save_checkpoint(out: Path, step: int, trainable: dict, optimizer, batches, keep: int, procs: Processes):
+    """Checkpoint `step` (spl/runs.py, atomic): every process calls this (their RNG states are gathered); rank 0
+    writes; a failed save (disk full, no permission) keeps the previous checkpoint and stops every process.
+    Returns the checkpoint's directory."""
+    rng = runs.rng_state()
+    if procs.distributed:  # as JSON in tensors (torch's object collectives pickle)
+        states = gather_to_main(procs, runs.rng_state_to_json(rng))
+        rng = {"per_rank": [runs.rng_state_from_json(state) for state in states]} if procs.main else None
+    path = on_main(procs, lambda: runs.save_checkpoint(out, step, trainable, optimizer, {"data": batches.state_dict()},
+                                                       keep=keep, rng=rng), runs.RunError)
+    return path if procs.main else out / "checkpoints" / f"step_{step:06d}"

@@ -21,7 +21,7 @@ pass recomputes each chunk's logits from the saved log-sum-exp and accumulates b
 Memory: one float32 [C, V] logits buffer, reused by every chunk and overwritten in place by the softmax's
 numerators exp(z - max z) (one exp per logit), is the only vocabulary-sized allocation (C = 256, V = 32000:
 33 MB), plus the [N, D] saved gradient. Larger C means faster GEMMs and more memory
-(eval/bench_logprobs.py measures both).
+(eval/bench/logprobs.py measures both).
 
 The pure per-chunk math after each GEMM is torch.compiled (two fused kernels, the token dimension dynamic,
 so varying lengths do not recompile); `compile=False` or the environment variable SPL_NO_COMPILE=1 gives the
@@ -34,7 +34,7 @@ import warnings
 
 import torch
 
-DEFAULT_CHUNK_SIZE = 256  # tokens per chunk: [256, 32000] float32 logits are 33 MB (eval/bench_logprobs.py)
+DEFAULT_CHUNK_SIZE = 256  # tokens per chunk: [256, 32000] float32 logits are 33 MB (eval/bench/logprobs.py)
 
 
 def naive_sequence_logprobs(hidden, weight, targets, mask, *, average=False):

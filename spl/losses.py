@@ -350,6 +350,13 @@ def option_mass_anchor(policy_logps, ref_logps, response_prompt, num_prompts=Non
     return log_ratio ** 2  # [P]
 
 
+def pair_anchor(policy_logps, ref_logps, pair_chosen, response_prompt, one_sided=False):
+    """`option_mass_anchor` of each pair's prompt, `[B]`: the term `anchored_spl_loss` adds to every pair (times
+    `anchor`), and the one training adds to any preference loss on prompt-grouped batches (spl/step.py)."""
+    penalty = option_mass_anchor(policy_logps, ref_logps, response_prompt, one_sided=one_sided)  # [P]
+    return penalty[response_prompt[pair_chosen]]  # [B] each pair carries its prompt's
+
+
 def anchored_spl_loss(policy_logps, ref_logps, pair_chosen, pair_rejected, response_prompt, alpha, beta, anchor,
                       chosen_prob=None, one_sided=False):
     """SPL (Eq. 5) over a prompt-grouped batch, plus `anchor` times each pair's prompt's option-mass anchor:
@@ -393,8 +400,7 @@ def anchored_spl_loss(policy_logps, ref_logps, pair_chosen, pair_rejected, respo
         fn, policy_logps[pair_chosen], policy_logps[pair_rejected], ref_logps[pair_chosen], ref_logps[pair_rejected],
         alpha, beta, chosen_prob)  # [B] Eq. 5
     if anchor > 0:
-        penalty = option_mass_anchor(policy_logps, ref_logps, response_prompt, one_sided=one_sided)  # [P]
-        losses = losses + anchor * penalty[response_prompt[pair_chosen]]  # [B] each pair carries its prompt's
+        losses = losses + anchor * pair_anchor(policy_logps, ref_logps, pair_chosen, response_prompt, one_sided)  # [B]
     return losses, chosen_rewards, rejected_rewards
 
 

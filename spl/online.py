@@ -37,28 +37,29 @@ A completion that reaches max_new_tokens without EOS is the outcome "these first
 probability is the product of its tokens', so the outcomes still form one distribution and the estimator stays
 unbiased for the truncated problem.
 
-Rewards: `WorldReward` is the embedded world's exact one (log p of an option, the population's Bradley-Terry
+Rewards: `data.world.reward.WorldReward` is the embedded world's exact one (log p of an option, the population's Bradley-Terry
 score, and a floor for any other text); `RewardModelReward` wraps a reward model trained by
 `train.py --loss reward`; `SupportedReward` trusts a reward only on the data's responses, with a floor elsewhere.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from data.batching import PreferenceBatches
 from data.sft import SequenceExample, collate_sequences
 from models import load_adapter, load_pretrained
 from models.generate import decode_n_tokens, prefill, sample_token
 from models.lora import disable_lora, lora_modules
 from models.mistral import KVCache
-from spl.step import RewardHead, policy_logprobs, reward_scores
-from spl.theory import full_space_option_mass, off_option_weight_bounds
+from spl.distributed import share_batches
+from spl.step import RewardHead, load_reward_head, policy_logprobs, reward_scores
 
 # The floor: the exact reward of any text that is not one of a question's options. log p of the options ranges
 # over [log 0.05, log 0.8]; text no rater picks would have log 0 = -inf, which has no finite optimum, so a finite
@@ -328,40 +329,6 @@ def online_step(model, rollouts: Rollouts, rewards, alpha: float, beta: float, p
 
 # -------------------------------------------------------------------------------------------- rewards
 
-@dataclass(frozen=True)
-class WorldReward:
-    """The embedded world's exact reward on its opinion questions, a function of the token sequence:
-
-        r(x_q, y) = log p_q(o)   if y is exactly option o's tokens, enc(o) + EOS  (the Bradley-Terry score)
-                  = floor        for any other completion (another option's text tokenised differently, a
-                                 truncated or unfinished one, anything else).
-
-    r = log p is the population's Bradley-Terry reward up to a per-prompt constant (data/world.py), which
-    RLOO and the optimum ignore. `prompts[q]` are question q's chat prompt ids."""
-    prompts: tuple[tuple[int, ...], ...]
-    options: tuple[dict, ...]  # per question: option response ids (a tuple, EOS included) -> log p
-    floor: float
-
-    @classmethod
-    def from_questions(cls, questions, tokenizer, floor: float = DEFAULT_FLOOR) -> "WorldReward":
-        if not math.isfinite(floor):
-            raise ValueError(f"WorldReward: the floor must be a finite number, got {floor!r}")
-        prompts = tuple(tuple(tokenizer.encode_prompt([{"role": "user", "content": q.prompt}])) for q in questions)
-        options = tuple({tuple(tokenizer.encode_response(o)): math.log(p) for o, p in zip(q.options, q.population)}
-                        for q in questions)
-        return cls(prompts, options, float(floor))
-
-    def __call__(self, question_indices, rollouts: Rollouts) -> torch.Tensor:
-        """Rewards [P, K] of the rollouts of questions `question_indices` (P of them)."""
-        return torch.tensor([[self.options[q].get(tuple(c), self.floor) for c in row]
-                             for q, row in zip(question_indices, rollouts.completions)], dtype=torch.float64)
-
-    def is_option(self, question_indices, rollouts: Rollouts) -> torch.Tensor:
-        """Whether each completion [P, K] is one of its question's options."""
-        return torch.tensor([[tuple(c) in self.options[q] for c in row]
-                             for q, row in zip(question_indices, rollouts.completions)])
-
-
 class RewardModelReward:
     """A reward model trained by `train.py --loss reward`: the world's (or any) base model with the run's LoRA
     adapter and scalar head, score(x, y) = w . h_last + b (spl/step.py RewardHead). Bradley-Terry scores are
@@ -373,17 +340,15 @@ class RewardModelReward:
     @classmethod
     def load(cls, run_dir, base_model_dir, pad_id: int, device=None, dtype=None) -> "RewardModelReward":
         run_dir = Path(run_dir)
-        head_path = run_dir / "adapter" / "reward_head.safetensors"
-        if not head_path.is_file():
-            raise FileNotFoundError(f"{head_path}: missing; --reward-model takes the run directory of a finished "
-                                    f"`train.py --loss reward` run")
+        head = load_reward_head(run_dir / "adapter")
         model = load_pretrained(base_model_dir, dtype=dtype, device=device)
+        if head.score.in_features != model.config.hidden_size:
+            raise ValueError(f"{run_dir}: its reward head reads {head.score.in_features} features, the base model "
+                             f"{base_model_dir} has {model.config.hidden_size}")
         load_adapter(model, run_dir / "adapter")
         for p in model.parameters():
             p.requires_grad_(False)
-        head = RewardHead(model.config.hidden_size)
-        head.load_state_dict(load_file(str(head_path)))
-        return cls(model, head.to(device).requires_grad_(False), pad_id, device)
+        return cls(model, head.to(device), pad_id, device)
 
     @torch.no_grad()
     def __call__(self, question_indices, rollouts: Rollouts) -> torch.Tensor:
@@ -410,6 +375,18 @@ class SupportedReward:
         known = torch.tensor([[tuple(c) in self.responses[q] for c in row]
                               for q, row in zip(question_indices, rollouts.completions)], dtype=torch.bool)
         return torch.where(known, scores, torch.full_like(scores, self.floor))  # (P, K)
+
+
+def load_reward_model(run_dir, default_base, prompts, pad_id: int, floor: float | None, device=None, dtype=None):
+    """--reward-model RUN_DIR as a reward: the `train.py --loss reward` run's adapter and head on the base model
+    it was trained from (its config.json's `model`, else `default_base`); with `floor`, trusted only on the data's
+    responses (SupportedReward). A directory that is not such a run is a ValueError naming it."""
+    saved = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+    if saved.get("loss") != "reward" or saved.get("init_config"):
+        raise ValueError(f"--reward-model {run_dir}: not a LoRA `--loss reward` run")
+    base = Path(saved["model"]) if saved.get("model") else default_base
+    reward = RewardModelReward.load(run_dir, base, pad_id, device, dtype)
+    return reward if floor is None else SupportedReward(reward, prompts, floor)
 
 
 # -------------------------------------------------------------------------------------------- train.py's pieces
@@ -476,14 +453,18 @@ def collate_prompts(prompts: list[OnlinePrompt], pad_id: int = 0, pad_to_multipl
             "loss_mask": torch.ones(len(prompts), dtype=torch.bool)}
 
 
-def world_reward_for_prompts(questions, tokenizer, prompts: list[OnlinePrompt], floor: float) -> WorldReward:
-    """The world's exact reward indexed like `prompts` (which must all be opinion questions' prompts)."""
-    by_prompt = {tuple(tokenizer.encode_prompt([{"role": "user", "content": q.prompt}])): q for q in questions}
-    missing = [p.index for p in prompts if tuple(p.prompt_ids) not in by_prompt]
-    if missing:
-        raise ValueError(f"the world's exact reward knows only its opinion questions; prompt {missing[0]} of the "
-                         f"data is not one of them ({len(missing)} are not): give --reward-model RUN_DIR")
-    return WorldReward.from_questions([by_prompt[tuple(p.prompt_ids)] for p in prompts], tokenizer, floor)
+def training_batches(prompts: list[OnlinePrompt], reward, tokenizer, micro_batch: int, seed: int,
+                     max_new_tokens: int, estimator: str, procs):
+    """train.py's batches for --loss spl-online: (a seeded order of micro-batches of the data's distinct prompts,
+    each process drawing its share (spl/distributed.py share_batches), and what online_step_function needs:
+    (prompts, reward, pad id, stop id)). Unless estimator is "rloo", the responses the sampler can write are
+    scored once here (with_candidate_rewards)."""
+    if estimator != "rloo":
+        prompts = with_candidate_rewards(prompts, reward, max_new_tokens, tokenizer.end_of_turn_id)
+    batches = share_batches(PreferenceBatches(prompts, micro_batch, tokenizer.pad_id, seed=seed,
+                                              collate_fn=collate_prompts,
+                                              length_fn=lambda prompt: len(prompt.prompt_ids)), procs)
+    return batches, (prompts, reward, tokenizer.pad_id, tokenizer.end_of_turn_id)
 
 
 def online_step_function(model, prompts: list[OnlinePrompt], reward, alpha: float, beta: float, samples: int,
@@ -506,44 +487,9 @@ def online_step_function(model, prompts: list[OnlinePrompt], reward, alpha: floa
                                     natural=estimator == "natural", device=device, compile=compile)
         generated = float(rollouts.lengths().sum())
         metrics |= {"generation_s": generation_s, "generation_tokens_per_s": generated / max(generation_s, 1e-9)}
-        if isinstance(reward, WorldReward):
+        if hasattr(reward, "is_option"):  # the world's exact reward knows which texts are options
             metrics["option_fraction"] = float(reward.is_option(index, rollouts).float().mean())
         batch["attention_mask"] = torch.ones(metrics.pop("train_tokens"), dtype=torch.bool)
         return loss, {name: value * len(index) for name, value in metrics.items()}  # sums over the prompts
 
     return step
-
-
-def add_full_space_mass(report: dict, floor: float, log_num_texts: float, alpha: float, beta: float) -> dict:
-    """The option mass Eq. 4's optimum keeps under the world's exact reward with this floor
-    (spl.theory.full_space_option_mass, from the reference model's own option probabilities) beside the learned
-    mass, per question and on average: for alpha = beta exactly; otherwise the interval its bounds on W over at
-    most N = exp(log_num_texts) texts give (off_option_weight_bounds), the error being the distance from it."""
-    report = dict(report, reward_floor=floor)
-    errors = []
-    for row in report["questions"]:
-        ref = torch.tensor(row["reference"], dtype=torch.float64) * row["reference_option_mass"]  # (K,)
-        reward = torch.tensor(row["population"], dtype=torch.float64).log()  # (K,) r = log p
-        if alpha == beta:
-            low = high = float(full_space_option_mass(ref, reward, floor, alpha, beta))
-        else:
-            weights = off_option_weight_bounds(ref, alpha, beta, log_num_texts)  # (W low, W high)
-            high, low = (float(full_space_option_mass(ref, reward, floor, alpha, beta, w)) for w in weights)
-        row["closed_form_option_mass"] = [low, high] if low != high else low
-        learned = row["learned_option_mass"]
-        errors.append(max(low - learned, learned - high, 0.0))
-    masses = [r["closed_form_option_mass"] for r in report["questions"]]
-    report["mean_closed_form_option_mass"] = [sum(m[i] for m in masses) / len(masses) for i in (0, 1)] \
-        if alpha != beta else sum(masses) / len(masses)
-    report["mean_abs_option_mass_error"] = sum(errors) / len(errors)
-    report["max_abs_option_mass_error"] = max(errors)
-    return report
-
-
-def format_full_space_mass(report: dict) -> str:
-    """add_full_space_mass's summary line."""
-    mass = report["mean_closed_form_option_mass"]
-    mass = f"{mass:.3f}" if isinstance(mass, float) else f"between {mass[0]:.3f} and {mass[1]:.3f}"
-    return (f"full-space optimum (Eq. 4, floor {report['reward_floor']:g}): option mass {mass} (mean over questions); "
-            f"learned {report['mean_learned_option_mass']:.3f}, within {report['mean_abs_option_mass_error']:.4f} of "
-            f"it on average (max {report['max_abs_option_mass_error']:.4f})")

@@ -101,9 +101,20 @@ def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
         _refuse_unmarked(out)
 
 
+def _made_before_markers(out: Path) -> bool:
+    """A run directory from before markers existed: its config.json is a JSON object of train.py's options (it
+    names "loss", "out" and "lora_rank"; an HF model's config.json names none of them)."""
+    try:
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(saved, dict) and {"loss", "out", "lora_rank"} <= set(saved)
+
+
 def _refuse_unmarked(out: Path) -> None:
-    """--overwrite deletes a directory only if train.py made it (its marker) or it is empty."""
-    if _own_files(out) and not has_marker(out):
+    """--overwrite deletes a directory only if train.py made it (its marker, or a config.json of train.py's from
+    before markers) or it is empty."""
+    if _own_files(out) and not has_marker(out) and not _made_before_markers(out):
         raise RunError(f"{out}: not empty and not a run directory made by train.py (no {MARKER} marker); "
                        f"--overwrite deletes only those: delete it yourself or give another --out")
 

@@ -37,18 +37,20 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from models.checkpoint import save_pretrained
 from models.files import (IntegrityError, is_staging, publish_directory, verify_directory, write_file_atomic,
                           write_json_atomic)
+from models.peft import save_adapter
 from spl.files import RunError, writing
 from spl.signals import StopSignals, Stopped  # noqa: F401
 from spl.rundir import (RunLock, check_out, check_resumed_config, check_resumed_inputs, check_run_dir,  # noqa: F401
                         has_marker, prepare_run_dir)
 
-__all__ = ["RunError", "RunLock", "writing", "check_out", "check_run_dir", "check_resumed_config", "check_resumed_inputs",
-           "prepare_run_dir", "has_marker", "write_json_atomic", "rng_state",
-           "set_rng_state", "rng_state_to_json", "rng_state_from_json", "save_checkpoint", "load_checkpoint",
-           "complete_checkpoints", "checkpoint_dirs", "load_latest_checkpoint", "clean_interrupted_saves",
-           "MetricsLog", "StopSignals", "Stopped"]
+__all__ = ["RunError", "RunLock", "writing", "check_out", "check_run_dir", "check_resumed_config",
+           "check_resumed_inputs", "prepare_run_dir", "has_marker", "write_json_atomic", "rng_state", "set_rng_state",
+           "rng_state_to_json", "rng_state_from_json", "save_checkpoint", "load_checkpoint", "complete_checkpoints",
+           "checkpoint_dirs", "load_latest_checkpoint", "clean_interrupted_saves", "worth_keeping", "kept_note",
+           "check_finite_reference", "save_outputs", "MetricsLog", "StopSignals", "Stopped"]
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{6,})$")
 
@@ -235,6 +237,43 @@ def worth_keeping(out: Path) -> bool:
     adapter or model. A new run that fails or is stopped without either removes its directory (train.py)."""
     return bool(complete_checkpoints(out)) or any((out / name / "manifest.json").is_file()
                                                   for name in ("adapter", "model"))
+
+
+def save_outputs(out: Path, model, head, base_model: str, tokenizer_path, lora: bool, report: dict | None) -> None:
+    """A finished run's outputs: adapter/ in PEFT's format (plus reward_head.safetensors when there is a head) for
+    a LoRA run, else model/ in HF's format; report.json when given. Each is published atomically and goes through
+    the write path: a full disk is one line naming it and the last checkpoint, which is intact."""
+    kept = kept_note(out)
+    if lora:
+        extra = {"reward_head.safetensors": head.state_dict()} if head is not None else None
+        with writing(out / "adapter", kept):
+            save_adapter(model, out / "adapter", base_model_name_or_path=base_model, overwrite=True,
+                         extra_tensors=extra)
+        print(f"adapter: {out / 'adapter'} (PEFT format)")
+    else:
+        with writing(out / "model", kept):
+            save_pretrained(model, out / "model", tokenizer_path=tokenizer_path, overwrite=True)
+        print(f"model: {out / 'model'} (HF format)")
+    if report is not None:
+        with writing(out / "report.json", kept):
+            write_json_atomic(out / "report.json", report)
+
+
+def kept_note(out: Path) -> str:
+    """What a failed write of a run's outputs leaves: "the last checkpoint ... is intact", or "" if none."""
+    saved = complete_checkpoints(out)
+    return f"the last checkpoint {saved[-1]} is intact" if saved else ""
+
+
+def check_finite_reference(ref_chosen_logps, ref_rejected_logps) -> None:
+    """Reference log-probs [N] must be finite: a NaN would poison every step (and the cache). RunError naming how
+    many pairs and the first."""
+    finite = torch.isfinite(ref_chosen_logps) & torch.isfinite(ref_rejected_logps)  # [N]
+    if not bool(finite.all()):
+        first = int((~finite).nonzero()[0])
+        raise RunError(f"reference log-probs are NaN or infinite for {int((~finite).sum())} of {len(finite)} pairs "
+                       f"(the first: pair {first}); the model overflows on this data: check its weights and "
+                       f"config.json (rope_theta, rms_norm_eps, dtype)")
 
 
 def load_checkpoint(path: Path):

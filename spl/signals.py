@@ -18,10 +18,14 @@ import sys
 __all__ = ["Stopped", "StopSignals", "exit_quietly_on_stop"]
 
 
-def exit_quietly_on_stop(script: str) -> None:
-    """Until main() installs StopSignals: SIGINT/SIGTERM print "<script>: SIGINT: stopped while starting" and
-    exit 128 + signal at once. For the seconds a script spends importing torch (Python's own SIGINT handler
-    would print a KeyboardInterrupt traceback from inside some import)."""
+def exit_quietly_on_stop(module_name: str, script: str) -> None:
+    """When `module_name` is "__main__" (the script runs, not imported), until main() installs StopSignals:
+    SIGINT/SIGTERM print "<script>: SIGINT: stopped while starting" and exit 128 + signal at once. For the
+    seconds a script spends importing torch (Python's own SIGINT handler would print a KeyboardInterrupt
+    traceback from inside some import)."""
+    if module_name != "__main__":
+        return
+
     def handle(signum, frame):
         sys.stderr.write(f"{script}: {signal.Signals(signum).name}: stopped while starting\n")
         os._exit(128 + signum)
@@ -39,6 +43,13 @@ class Stopped(BaseException):
         self.signum, self.name = signum, signal.Signals(signum).name
         super().__init__(f"{self.name}: {what}")
 
+    def exit(self, script: str, quiet: bool = False) -> int:
+        """Print the one line, "<script>: SIGINT: <what>" (unless quiet: a torchrun process but rank 0), and
+        return the exit code, 128 + signal."""
+        if not quiet:
+            print(f"{script}: {self}", file=sys.stderr)
+        return 128 + self.signum
+
 
 class StopSignals:
     """SIGINT/SIGTERM from the moment a script starts. immediate=True (loading, the reference pass: nothing to
@@ -48,8 +59,8 @@ class StopSignals:
     default behaviour (immediate exit); checkpoints stay consistent because saves are atomic. Nested blocks
     restore the handlers they replaced."""
 
-    def __init__(self, immediate: bool = False):
-        self.immediate = immediate
+    def __init__(self, immediate: bool = False, what: str = "stopped before training began; nothing to save yet"):
+        self.immediate, self.what = immediate, what
         self.received: int | None = None
         self._previous = {}
 
@@ -60,7 +71,7 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if self.immediate:
-            raise Stopped(signum, "stopped before training began; nothing to save yet")
+            raise Stopped(signum, self.what)
         if self.received is not None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)

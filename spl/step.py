@@ -19,15 +19,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from models.lora import disable_lora, lora_modules, output_weight
 from data.batching import row_values
 from spl import losses as L
 from spl.logprobs import sequence_logprobs
-from spl.prefix import shared_prefix_logprobs
+from models.prefix import shared_prefix_hidden_states, split_shared_prefix
 
 PREFERENCE_LOSSES = ("spl", "dpo", "ipo", "cdpo", "fdpo", "rpo", "dpop")  # train.py --loss also takes sft, reward
 
@@ -54,9 +56,18 @@ class Objective:
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
+def shared_prefix_logprobs(model, batch, *, average: bool = False, compile=None):
+    """Summed (or averaged) log-probs of each row's masked-in targets, [R]: policy_logprobs with every prompt of
+    the batch computed once (models/prefix.py's packed forward, then the same fused head)."""
+    split = split_shared_prefix(batch)
+    hidden = shared_prefix_hidden_states(model, split)  # (R, Tr, D)
+    return sequence_logprobs(hidden, output_weight(model), split["continuation_targets"],
+                             split["continuation_loss_mask"], average=average, compile=compile)  # (R,)
+
+
 def policy_logprobs(model, batch, *, average: bool = False, compile=None, shared_prefix: bool = False):
     """Summed (or averaged) log-probs of each row's masked-in targets under `model`: [rows]. With shared_prefix,
-    each prompt of the batch runs once and its rows continue from its keys and values (spl/prefix.py: the same
+    each prompt of the batch runs once and its rows continue from its keys and values (models/prefix.py: the same
     values and gradients; needs the batch's response_prompt and prompt_lengths)."""
     if shared_prefix:
         return shared_prefix_logprobs(model, batch, average=average, compile=compile)  # (rows,)
@@ -136,7 +147,8 @@ def grouped_preference_step(model, batch, ref_chosen_logps, ref_rejected_logps, 
                             compile=None, shared_prefix: bool = False):
     """`preference_step` on a prompt-grouped batch (data/batching.py collate_grouped): each of the R distinct
     responses is scored once, each pair's log-ratio is a difference of two rows, and with objective.anchor > 0
-    every pair carries anchor * its prompt's option-mass anchor (spl/losses.py anchored_spl_loss):
+    every pair carries anchor * its prompt's option-mass anchor (spl/losses.py pair_anchor, the term
+    anchored_spl_loss adds, which the closed-form tests minimise):
 
         logps  = sequence log-probs of the rows                                        [R]
         loss_b = loss_fn(logps[c_b], logps[r_b], ...) + anchor * a_{q(b)}               [B]
@@ -152,8 +164,7 @@ def grouped_preference_step(model, batch, ref_chosen_logps, ref_rejected_logps, 
     metrics = {}
     if objective.anchor > 0:
         ref_rows = row_values(batch, ref_chosen_logps, ref_rejected_logps)  # (R,)
-        penalty = L.option_mass_anchor(logps, ref_rows, batch["response_prompt"])  # (P,)
-        pair_penalty = penalty[batch["response_prompt"][batch["pair_chosen"]]]  # (B,) each pair's prompt's
+        pair_penalty = L.pair_anchor(logps, ref_rows, batch["pair_chosen"], batch["response_prompt"])  # (B,)
         losses = losses + objective.anchor * pair_penalty
         metrics["anchor"] = pair_penalty.detach().sum()
     metrics = {**pair_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps), **metrics}
@@ -183,6 +194,20 @@ class RewardHead(nn.Module):
         last = attention_mask.long().sum(-1) - 1  # (rows,) index of the last real token
         h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (rows, D)
         return self.score(h_last.float()).squeeze(-1)  # (rows,)
+
+
+def load_reward_head(directory) -> RewardHead:
+    """The scalar head that `train.py --loss reward` saves beside its adapter (`reward_head.safetensors`, keys
+    `score.weight` [1, D] and `score.bias` [1]), on CPU, frozen. The one reader of that file."""
+    path = Path(directory) / "reward_head.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no reward head (train one with `train.py --loss reward`)")
+    state = load_file(str(path))
+    if set(state) != {"score.weight", "score.bias"} or state["score.weight"].dim() != 2:
+        raise ValueError(f"{path}: expected keys score.weight [1, D] and score.bias [1], got {sorted(state)}")
+    head = RewardHead(state["score.weight"].shape[-1])
+    head.load_state_dict(state)
+    return head.requires_grad_(False)
 
 
 def reward_scores(model, head: RewardHead, batch):

@@ -6,7 +6,7 @@ parameter count of the world's reference model actually loaded with load_pretrai
 import pytest
 import torch
 
-from cli import SMALL_MODEL_PARAMETERS, UsageError, checkpoint_parameters, choose_threads
+from spl.cli import SMALL_MODEL_PARAMETERS, UsageError, checkpoint_parameters, choose_threads
 from data.world import MODEL_DIR
 from models import load_pretrained
 

@@ -1,5 +1,5 @@
-"""The arithmetic reference model's SFT text (data/world_arithmetic.py `arithmetic_model_sft`) and the shipped
-model (data/world/arithmetic_model/, built by `python -m data.build_world --train-arithmetic-model`).
+"""The arithmetic reference model's SFT text (data/world/arithmetic.py `arithmetic_model_sft`) and the shipped
+model (data/world/arithmetic_model/, built by `python -m data.world.build --train-arithmetic-model`).
 
 Oracles: each record's prompt parsed with a regex written here and its answer computed with Python's own
 arithmetic (not the world's solver); the world's held-out prompts; the build's own constants and the world's
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from data.build_world import ARITHMETIC_CONFIG, ARITHMETIC_PAIRS, ARITHMETIC_SFT_PER_LEVEL
+from data.world.build import ARITHMETIC_CONFIG, ARITHMETIC_PAIRS, ARITHMETIC_SFT_PER_LEVEL
 from data.world import load_world
-from data.world_arithmetic import ARITHMETIC_MODEL_DIR, arithmetic_model_sft, sampled_arithmetic_groups
+from data.world.arithmetic import ARITHMETIC_MODEL_DIR, arithmetic_model_sft, sampled_arithmetic_groups
 
 PROMPT = re.compile(r"What is (\d+) ([+*]) (\d+)(?: \+ (\d+))?\?")
 ANSWER = re.compile(r"#### (\d+)$")

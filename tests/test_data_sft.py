@@ -81,7 +81,7 @@ def test_empty_response_is_skipped_and_counted(tokenizer, tmp_path):
 @pytest.mark.parametrize("rows, message", [
     ([{"prompt": "a", "response": "b"}, {"prompt": "a"}], ':2: missing field "response"'),
     (['{"prompt": "a", "response": '], ":1: malformed JSON"),
-    ([{"prompt": 3, "response": "b"}], ':1: field "prompt" must be a string or a list of messages, got int'),
+    ([{"prompt": 3, "response": "b"}], ':1: field "prompt" must be a string or a list of messages, got a number'),
     ([{"prompt": "a", "response": ["b"]}], ':1: field "response" must be a string, got list'),
     ([{"messages": [{"role": "user", "content": "a"}]}], ':1: "messages" must end with an assistant turn'),
 ])

@@ -1,4 +1,4 @@
-"""The embedded world (data/world.py) and its build (data/build_world.py).
+"""The embedded world (data/world/__init__.py) and its build (data/world/build.py).
 
 Oracles: hand-worked numbers derived in docstrings (the count split of the paper's intro example), exact
 rational arithmetic (fractions.Fraction) for the count rule, an independent evaluator of the arithmetic (Python's
@@ -24,7 +24,7 @@ import pytest
 import sentencepiece
 
 from data import world as W
-from data.build_world import build_world, main as build_main
+from data.world.build import build_world, main as build_main
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "data" / "world"
@@ -448,7 +448,7 @@ def test_builds_are_deterministic(built, tmp_path):
 
 
 def test_committed_world_is_a_fresh_build(tmp_path):
-    """data/world/ in the repository is exactly what `python -m data.build_world` writes with its recorded seed
+    """data/world/ in the repository is exactly what `python -m data.world.build` writes with its recorded seed
     and K, tokenizer included, so nobody trains on a stale world."""
     spec = json.loads((COMMITTED / W.FILES["spec"]).read_text(encoding="utf-8"))
     counts = spec["comparisons_per_pair"]
@@ -481,7 +481,7 @@ def test_tokenizer(world):
 
 
 def test_bad_inputs(tmp_path, built):
-    with pytest.raises(FileNotFoundError, match="build_world"):
+    with pytest.raises(FileNotFoundError, match=r"python -m data\.world\.build"):
         W.load_world(tmp_path / "nowhere")
     for bad in (dict(k=0), dict(k_other=-1), dict(k=2.5)):
         with pytest.raises(ValueError, match="must be an integer >= 1"):

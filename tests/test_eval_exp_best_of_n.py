@@ -1,4 +1,4 @@
-"""eval/exp_best_of_n.py: experiment 3 (best-of-N on the world's arithmetic, the arithmetic model) in its --quick mode.
+"""eval/experiments/best_of_n.py: experiment 3 (best-of-N on the world's arithmetic, the arithmetic model) in its --quick mode.
 
 Oracles: the saved tables recomputed from the saved per-sample rows (samples.jsonl) alone: per problem, the number
 correct and the unique-final-answer fraction with the world's own `check_answer` and a regex of the '#### N' answer
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from data.world import check_answer, load_world
-from eval import exp_best_of_n as exp
-from eval.experiment import read_csv
+from eval.experiments import best_of_n as exp
+from eval.experiments.common import read_csv
 from eval.metrics import bootstrap_interval
 
 N = exp.QUICK["num_samples"]

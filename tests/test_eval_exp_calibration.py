@@ -1,4 +1,4 @@
-"""eval/exp_calibration.py: experiment 4 (ECE, Brier, accuracy on the world's multiple choice) in --quick mode.
+"""eval/experiments/calibration.py: experiment 4 (ECE, Brier, accuracy on the world's multiple choice) in --quick mode.
 
 Oracles: the table's ECE, Brier and accuracy recomputed from the saved letter probabilities both with
 eval.metrics and with an ECE written here a second way (bin index ceil(15 conf), then per-bin sums); the
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from data.world import load_world
-from eval import exp_calibration as exp
-from eval.experiment import read_csv
+from eval.experiments import calibration as exp
+from eval.experiments.common import read_csv
 from eval.metrics import accuracy, brier_score, expected_calibration_error
 
 TABLE_COLUMNS = ["policy", "alpha", "beta", "alpha_over_beta", "split", "items", "ece", "brier", "accuracy", "expected_ece",
@@ -126,7 +126,7 @@ def test_letter_probabilities_equal_a_full_forward_by_hand(quick_run):
     renormalised; for the reference model and for the quick run's DPO adapter, on the first six items."""
     import torch
 
-    from eval.policies import load_policy
+    from eval.experiments.policies import load_policy
 
     world = load_world()
     for policy, run_dir in (("reference", None), ("DPO", quick_run["out"] / "runs" / "alpha0.1_beta0.1")):

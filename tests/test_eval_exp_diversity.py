@@ -1,4 +1,4 @@
-"""eval/exp_diversity.py: experiment 2 (diversity against quality on the world's stories) in its --quick mode.
+"""eval/experiments/diversity.py: experiment 2 (diversity against quality on the world's stories) in its --quick mode.
 
 Oracles: every number of the table recomputed here from the saved samples by independent code: validity and the
 extracted names / relations by the world's own `validate_story`, entropies with Counter and math.log, distinct-2
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from data.world import validate_story
-from eval import exp_diversity as exp
-from eval.policies import load_policy
+from eval.experiments import diversity as exp
+from eval.experiments.policies import load_policy
 
 PANELS = [f"front:{d}/{q}" for d in exp.DIVERSITY for q, _ in exp.QUALITY]
 COLUMNS = (["setting", "method", "policy", "ratio", "temperature", "top_k", "top_p", "min_p", "validity",

@@ -1,4 +1,4 @@
-"""eval/exp_representation.py: experiment 1 (learned vs closed-form opinion distributions) in its --quick mode.
+"""eval/experiments/representation.py: experiment 1 (learned vs closed-form opinion distributions) in its --quick mode.
 
 Oracles: the closed form recomputed here with numpy from the saved reference and population columns,
 pi* = pi_ref^(beta/alpha) p^(1/alpha) / Z (Prop. A.1), not through spl.theory; the table's summaries recomputed
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from data.world import load_world
-from eval import exp_representation as exp
-from eval.experiment import read_csv
+from eval.experiments import representation as exp
+from eval.experiments.common import read_csv
 
 TABLE_COLUMNS = ["policy", "alpha", "beta", "alpha_over_beta", "mean_tv_learned_vs_closed_form",
                  "max_tv_learned_vs_closed_form", "majority_learned", "majority_closed_form", "entropy_learned",

@@ -1,4 +1,4 @@
-"""eval/experiment.py: the helpers the experiment scripts share.
+"""eval/experiments/common.py: the helpers the experiment scripts share.
 
 Oracles: Python's csv and json modules reading back what was written; argparse's documented usage-error exit (2)."""
 import argparse
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from eval import experiment
+from eval.experiments import common as experiment
 
 
 def test_parse_list_defaults_values_and_usage_errors(capsys):

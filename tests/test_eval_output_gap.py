@@ -1,9 +1,9 @@
-"""eval/output_gap.py. Oracle: Cauchy-Schwarz. The logit gap of tokens a, b at a unit-RMS hidden state u
+"""eval/experiments/output_gap.py. Oracle: Cauchy-Schwarz. The logit gap of tokens a, b at a unit-RMS hidden state u
 (||u|| = sqrt(D)) is (g * (w_a - w_b)) . u, at most sqrt(D) ||g * (w_a - w_b)||, with equality exactly at
 u = sqrt(D) v / ||v||, v = g * (w_a - w_b)."""
 import torch
 
-from eval.output_gap import max_logit_gap, nearest_first_token_distribution
+from eval.experiments.output_gap import max_logit_gap, nearest_first_token_distribution
 
 
 def _layer(vocab=40, dim=8, seed=0):

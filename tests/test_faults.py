@@ -230,16 +230,17 @@ def test_real_full_file_system_new_run_and_resume(place, capsys, small_fs):
 # ---------------------------------------------------------------------------------------------- signals
 
 def signal_at(monkeypatch, name: str, signum: int, call: int = 1) -> None:
-    """Send `signum` to this process from inside train.<name> on its `call`-th call (then run it as usual):
-    the signal arrives in exactly that phase."""
-    real, calls = getattr(train, name), []
+    """Send `signum` to this process from inside train.<name> (or spl.runs.<name>) on its `call`-th call (then
+    run it as usual): the signal arrives in exactly that phase."""
+    module = train if hasattr(train, name) else runs
+    real, calls = getattr(module, name), []
 
     def wrapper(*args, **kwargs):
         calls.append(1)
         if len(calls) == call:
             os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
-    monkeypatch.setattr(train, name, wrapper)
+    monkeypatch.setattr(module, name, wrapper)
 
 
 @pytest.mark.parametrize("where, signum, call, words", [

@@ -267,7 +267,8 @@ def test_nan_weights_stop_before_the_run_directory(inputs, tmp_path, script):
     ("sample.py", ["--seed", str(2**63)], 2, "--seed must be in [0, 2^63)"),
     ("train.py", ["--threads", "1000000"], 2, "--threads must be at most"),
     ("sample.py", ["--threads", "1000000"], 2, "--threads must be at most"),
-    ("train.py", ["--lora-rank", "1000000"], 2, "--lora-rank 1000000 exceeds min(in, out) = 16 of layers.0.self_attn.k_proj"),
+    ("train.py", ["--lora-rank", "1000000"], 2,
+     "--lora-rank 1000000 exceeds min(in, out) = 16 of layers.0.self_attn.k_proj"),
     ("train.py", ["--max-length", "100000"], 2, "--max-length 100000 exceeds the model's max_position_embeddings 512"),
     ("sample.py", ["-n", str(10**12)], 2, "-n 1000000000000 samples"),
 ])

@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from spl import distributed
+import spl.config as train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
@@ -160,7 +162,7 @@ def test_shares_partition_every_global_batch(tiny_run):
     examples = [PreferenceExample([1, 5 + i], [7] * (1 + i % 3) + [2], [8, 2], 0.75, index=i) for i in range(9)]
     whole = PreferenceBatches(examples, 4, pad_id=0, seed=3)
     world = 3
-    shares = [train.share_batches(PreferenceBatches(examples, 4, pad_id=0, seed=3), train.Processes(rank, world))
+    shares = [distributed.share_batches(PreferenceBatches(examples, 4, pad_id=0, seed=3), distributed.Processes(rank, world))
               for rank in range(world)]
     for _ in range(len(whole) * 2):  # two epochs: 4 + 4 + 1 pairs each
         expected = next(whole)["pair_index"].tolist()
@@ -171,15 +173,15 @@ def test_shares_partition_every_global_batch(tiny_run):
             if not b["counts"]:
                 assert b["pair_index"].tolist() == expected[:1]  # the stand-in: the batch's first pair
             assert b["attention_mask"][:, -1].any()  # padded to its own longest row, not the batch's
-    assert train.share_batches(whole, train.Processes()) is whole  # one process: unchanged
+    assert distributed.share_batches(whole, distributed.Processes()) is whole  # one process: unchanged
 
 
 def test_batch_size_must_split_over_processes(monkeypatch, capsys):
     """--batch-size counts pairs over all processes: it must divide into processes x grad_accum micro-batches,
     checked at start-up from torchrun's WORLD_SIZE, before any process group or file."""
-    with pytest.raises(train.UsageError, match=r"multiple of --grad-accum \(2\) x 2 processes = 4"):
-        train.validate(train.TrainConfig(batch_size=6, grad_accum=2), world_size=2)
-    train.validate(train.TrainConfig(batch_size=8, grad_accum=2), world_size=2)  # 2 processes x 2 x 2
+    with pytest.raises(train_config.UsageError, match=r"multiple of --grad-accum \(2\) x 2 processes = 4"):
+        train_config.validate(train_config.TrainConfig(batch_size=6, grad_accum=2), world_size=2)
+    train_config.validate(train_config.TrainConfig(batch_size=8, grad_accum=2), world_size=2)  # 2 processes x 2 x 2
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert train.main(["--batch-size", "6", "--grad-accum", "1"]) == 2
     err = capsys.readouterr().err
@@ -225,7 +227,7 @@ def test_grouped_shares_keep_whole_prompts(tiny_run):
     examples = [PreferenceExample([1, 5 + p], [7] * (1 + r) + [2], [8, 2], 0.75, index=3 * p + r)
                 for p in range(5) for r in range(3)]
     whole = PromptGroupedBatches(examples, 3, pad_id=0, seed=1)
-    shares = [train.share_batches(PromptGroupedBatches(examples, 3, pad_id=0, seed=1), train.Processes(rank, 2))
+    shares = [distributed.share_batches(PromptGroupedBatches(examples, 3, pad_id=0, seed=1), distributed.Processes(rank, 2))
               for rank in range(2)]
     for _ in range(4):
         expected = next(whole)["pair_index"].tolist()

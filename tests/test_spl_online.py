@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from spl.online import (Candidates, RewardModelReward, Rollouts, WorldReward, exact_candidates_loss, is_outcome,
+from data.world.reward import WorldReward
+from spl.online import (Candidates, RewardModelReward, Rollouts, exact_candidates_loss, is_outcome,
                         natural_candidates_term, online_step, rloo_baselines, rloo_loss, rollout_batch,
                         sample_rollouts, sequence_logps)
 from spl.theory import full_space_option_mass, full_space_optimum, optimal_policy_from_reward, spl_objective
@@ -395,7 +396,7 @@ def test_reward_optimum_is_the_closed_form_for_the_true_reward_and_moves_with_a_
     learned-vs-optimum TV is computed from the rows themselves."""
     from data.world import DEFAULT_DIR, load_world
     from models import Tokenizer
-    from eval.opinions import add_reward_optimum
+    from data.world.report import add_reward_optimum
     from spl.online import OnlinePrompt
     from spl.theory import optimal_policy
 

@@ -117,11 +117,17 @@ def test_out_holding_the_world_or_a_reward_model_is_refused(place, capsys):
 
 
 def test_overwrite_refuses_a_directory_this_project_did_not_make(place, capsys):
+    """A directory with files but no marker is refused, an HF model's config.json included; one whose config.json
+    holds train.py's options (a run from before markers) is replaced."""
     mine = place / "mine"
     mine.mkdir()
-    (mine / "config.json").write_text('{"not": "a run"}')
+    (mine / "config.json").write_text('{"model_type": "mistral", "loss": "not an option here"}')
     (mine / "checkpoints").mkdir()
     refused(base(place) + ["--out", str(mine), "--overwrite"], place.parent, capsys, [str(mine), MARKER])
+    (mine / "config.json").write_text(json.dumps({"loss": "spl", "out": str(mine), "lora_rank": 2}))
+    assert train.main(base(place) + ["--out", str(mine), "--overwrite"]) == 0
+    assert (mine / MARKER).is_file() and not (mine / "checkpoints").exists()
+    capsys.readouterr()
 
 
 def test_overwrite_replaces_a_marked_run_and_an_empty_directory(place, capsys):

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+import spl.config as train_config
 from models.lora import TARGET_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,30 +201,30 @@ def test_presets_are_the_papers_recipes():
     """Appendix B.3 (chat): LoRA r = 16, lora_alpha = 16, dropout 0.05, lr 1e-5, 150 warmup steps, batch 8,
     5000 steps, max length 512, beta = 0.1. Appendix C.4 (math): r = 64, lora_alpha = 64, dropout 0.05,
     lr 1e-5, 150 warmup steps, batch 4, one epoch, max length 1024, beta = 0.1."""
-    chat = train.parse_args(["--preset", "paper-chat", "--alpha", "0.2"])
+    chat = train_config.parse_args(["--preset", "paper-chat", "--alpha", "0.2"])
     assert (chat.lora_rank, chat.lora_alpha, chat.lora_dropout, chat.lr, chat.warmup_steps, chat.batch_size,
             chat.steps, chat.max_length, chat.beta, chat.alpha) == (16, 16, 0.05, 1e-5, 150, 8, 5000, 512, 0.1, 0.2)
-    math_ = train.parse_args(["--preset", "paper-math"])
+    math_ = train_config.parse_args(["--preset", "paper-math"])
     assert (math_.lora_rank, math_.lora_alpha, math_.lora_dropout, math_.lr, math_.warmup_steps, math_.batch_size,
             math_.epochs, math_.steps, math_.max_length, math_.beta) == (64, 64, 0.05, 1e-5, 150, 4, 1, None, 1024, 0.1)
     # Flags given on the command line win over the preset.
-    assert train.parse_args(["--preset", "paper-chat", "--lr", "2e-5"]).lr == 2e-5
+    assert train_config.parse_args(["--preset", "paper-chat", "--lr", "2e-5"]).lr == 2e-5
 
 
 def test_own_model_without_preset_takes_the_chat_recipe():
     """--model with no --preset: every option not given comes from paper-chat (the world's defaults, lr 5e-3 for a
     2.3M-parameter model, are not a recipe for a real checkpoint); flags given win; an explicit --preset wins; the
     world keeps its own defaults."""
-    own = train.parse_args(["--model", "some/dir"])
-    chat = train.parse_args(["--preset", "paper-chat"])
-    for key in train.PRESETS["paper-chat"]:
+    own = train_config.parse_args(["--model", "some/dir"])
+    chat = train_config.parse_args(["--preset", "paper-chat"])
+    for key in train_config.PRESETS["paper-chat"]:
         assert getattr(own, key) == getattr(chat, key), key
     assert own.preset == "paper-chat" and own.lr == 1e-5
-    given = train.parse_args(["--model", "some/dir", "--lr", "1e-4", "--epochs", "2"])
+    given = train_config.parse_args(["--model", "some/dir", "--lr", "1e-4", "--epochs", "2"])
     assert (given.lr, given.epochs, given.steps, given.lora_rank) == (1e-4, 2, None, 16)
-    assert train.parse_args(["--model", "some/dir", "--preset", "paper-math"]).lora_rank == 64
-    world = train.parse_args([])
-    assert world.preset is None and world.lr == train.TrainConfig().lr == 5e-3
+    assert train_config.parse_args(["--model", "some/dir", "--preset", "paper-math"]).lora_rank == 64
+    world = train_config.parse_args([])
+    assert world.preset is None and world.lr == train_config.TrainConfig().lr == 5e-3
 
 
 def test_learning_rate_schedule():
@@ -271,17 +272,17 @@ def test_main_job_keeps_the_option_mass_and_other_runs_keep_the_papers_loss():
     """No --model/--data: the main job's measured defaults (WORLD_MAIN_JOB: the anchor on prompt-grouped
     batches); --model (the paper's recipe), --data and the other losses: the plain loss on pair batches, unless
     asked; a flag given always wins."""
-    world = train.parse_args([])
-    assert (world.anchor, world.prompts_per_batch) == (train.WORLD_MAIN_JOB["anchor"],
-                                                       train.WORLD_MAIN_JOB["prompts_per_batch"])
+    world = train_config.parse_args([])
+    assert (world.anchor, world.prompts_per_batch) == (train_config.WORLD_MAIN_JOB["anchor"],
+                                                       train_config.WORLD_MAIN_JOB["prompts_per_batch"])
     assert world.anchor > 0 and world.prompts_per_batch > 0
     assert world.lora_targets == [*TARGET_NAMES, "lm_head"]  # the output head too (README, The main job)
     for argv in (["--model", "some/dir"], ["--data", "x.jsonl"], ["--loss", "ipo"]):
-        other = train.parse_args(argv)
+        other = train_config.parse_args(argv)
         assert (other.anchor, other.prompts_per_batch) == (0.0, 0), argv
         assert "lm_head" not in other.lora_targets, argv
-    assert train.parse_args(["--anchor", "0"]).anchor == 0.0
-    asked = train.parse_args(["--model", "some/dir", "--anchor", "0.5", "--prompts-per-batch", "4"])
+    assert train_config.parse_args(["--anchor", "0"]).anchor == 0.0
+    asked = train_config.parse_args(["--model", "some/dir", "--anchor", "0.5", "--prompts-per-batch", "4"])
     assert (asked.anchor, asked.prompts_per_batch) == (0.5, 4)
 
 
@@ -289,18 +290,18 @@ def test_online_spl_on_the_world_gets_its_measured_recipe_and_a_flag_given_wins(
     """--loss spl-online with no --model/--data: WORLD_ONLINE_JOB (every question each step, K = 4, the output
     head trainable, the natural estimator); with --model it keeps the paper's recipe and TrainConfig's K; any flag
     given wins, including the estimator."""
-    online = train.parse_args(["--loss", "spl-online"])
-    for name, value in train.WORLD_ONLINE_JOB.items():
+    online = train_config.parse_args(["--loss", "spl-online"])
+    for name, value in train_config.WORLD_ONLINE_JOB.items():
         assert getattr(online, name) == value, name
     assert online.lora_targets == [*TARGET_NAMES, "lm_head"] and online.online_estimator == "natural"
     assert (online.anchor, online.prompts_per_batch) == (0.0, 0)  # the main job's offline remedies are not online's
     (tmp_path / "rm" / "adapter").mkdir(parents=True)
     (tmp_path / "rm" / "adapter" / "reward_head.safetensors").touch()  # parse_args checks only that it is there
-    own = train.parse_args(["--loss", "spl-online", "--model", "some/dir", "--reward-model", str(tmp_path / "rm")])
-    assert own.online_samples == train.TrainConfig.online_samples and "lm_head" not in own.lora_targets
-    assert own.lr == train.PRESETS[train.OWN_MODEL_PRESET]["lr"]
+    own = train_config.parse_args(["--loss", "spl-online", "--model", "some/dir", "--reward-model", str(tmp_path / "rm")])
+    assert own.online_samples == train_config.TrainConfig.online_samples and "lm_head" not in own.lora_targets
+    assert own.lr == train_config.PRESETS[train_config.OWN_MODEL_PRESET]["lr"]
     assert own.lora_dropout == 0.0  # the preset's 0.05 would make the samples come from another policy
-    asked = train.parse_args(["--loss", "spl-online", "--online-samples", "6", "--lr", "1e-3", "--steps", "7",
+    asked = train_config.parse_args(["--loss", "spl-online", "--online-samples", "6", "--lr", "1e-3", "--steps", "7",
                               "--lora-targets", "q_proj", "--online-estimator", "rloo"])
     assert (asked.online_samples, asked.lr, asked.steps, asked.lora_targets, asked.online_estimator) == \
         (6, 1e-3, 7, ["q_proj"], "rloo")

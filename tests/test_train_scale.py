@@ -5,7 +5,7 @@ same inputs and the same RNG state (dropout included), so every LoRA gradient eq
 it is really on is checked by what autograd saves (only block inputs, not every activation). bfloat16 keeps
 the frozen weights bf16 and everything trained float32: parameters, gradients, AdamW moments, checkpoints, the
 adapter; its loss equals the float32 model's up to bf16 rounding. The benchmark's analytic FLOP count
-(eval/bench_step.py docstring) equals what torch.utils.flop_counter counts in the step's matrix products.
+(eval/bench/step.py docstring) equals what torch.utils.flop_counter counts in the step's matrix products.
 """
 import json
 import subprocess
@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
+import spl.config as train_config
 from data.batching import collate
 from data.tokenization import PreferenceExample
-from eval import bench_step
+from eval.bench import step as bench_step
 from models import add_lora, load_pretrained
 from spl.step import Objective, preference_step, reference_logprobs
 
@@ -200,8 +201,8 @@ def test_bf16_lora_keeps_no_float32_copy_of_its_inputs(tiny_model):
 
 
 def test_bfloat16_full_finetune_is_refused():
-    with pytest.raises(train.UsageError, match="full fine-tune"):
-        train.validate(train.TrainConfig(dtype="bfloat16", lora_rank=0))
+    with pytest.raises(train_config.UsageError, match="full fine-tune"):
+        train_config.validate(train_config.TrainConfig(dtype="bfloat16", lora_rank=0))
 
 
 @pytest.mark.parametrize("shape", [
@@ -228,8 +229,8 @@ def test_bench_flop_count_equals_torch_flop_counter(shape):
 
 
 def test_bench_step_smoke(tmp_path):
-    """eval/bench_step.py runs scaled down on CPU and reports a consistent record."""
-    result = subprocess.run([sys.executable, str(ROOT / "eval" / "bench_step.py"), "--device", "cpu", "--scale",
+    """eval/bench/step.py runs scaled down on CPU and reports a consistent record."""
+    result = subprocess.run([sys.executable, str(ROOT / "eval" / "bench" / "step.py"), "--device", "cpu", "--scale",
                              "0.03125", "--vocab", "512", "--compile", "off", "--iters", "1", "--matmul-size", "256"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

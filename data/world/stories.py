@@ -7,7 +7,7 @@ import dataclasses
 import random
 import re
 
-from data.world_pairs import PreferenceGroup
+from data.world.pairs import PreferenceGroup
 
 
 STORY_PROMPT = "Write a short story about a {profession}."

@@ -1,8 +1,8 @@
 """Benchmark: sequence log-probs, forward + backward, naive vs torch's chunked F.linear_cross_entropy vs ours.
 
-    python eval/bench_logprobs.py                      # every method, each in its own process, then a table
-    python eval/bench_logprobs.py --method fused       # one method in this process, one JSON line
-    python eval/bench_logprobs.py --device cuda --dtype bfloat16 --batch 8 --dim 4096
+    python eval/bench/logprobs.py                      # every method, each in its own process, then a table
+    python eval/bench/logprobs.py --method fused       # one method in this process, one JSON line
+    python eval/bench/logprobs.py --device cuda --dtype bfloat16 --batch 8 --dim 4096
 
 Every method computes the same thing: per-sequence sums of the log-probabilities of the masked-in targets
 under softmax(hidden @ weight.T), then backward of sum_b g[b] * logp[b] with a fixed random g (a preference
@@ -41,8 +41,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
-from eval.measure import measure  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # run as a script from anywhere
+from eval.bench.measure import measure  # noqa: E402
 from spl.logprobs import DEFAULT_CHUNK_SIZE, naive_sequence_logprobs, sequence_logprobs  # noqa: E402
 
 MMAP_THRESHOLD = "131072"  # bytes; see the docstring

@@ -1,8 +1,8 @@
 """Experiment 4, calibration (the paper's Section 4.3, Figure 4): ECE, Brier and accuracy on multiple choice.
 
-    python eval/exp_calibration.py            # reference, DPO, SPL at alpha/beta in {2, 4, 10, 20}, beta = 0.1
-    python eval/exp_calibration.py --quick    # reference, DPO and alpha/beta = 10, a few steps (the test's run)
-    python eval/exp_calibration.py --held-out 0   # train on all 48 items' pairs, score them all
+    python eval/experiments/calibration.py            # reference, DPO, SPL at alpha/beta in {2, 4, 10, 20}, beta = 0.1
+    python eval/experiments/calibration.py --quick    # reference, DPO and alpha/beta = 10, a few steps (the test's run)
+    python eval/experiments/calibration.py --held-out 0   # train on all 48 items' pairs, score them all
 
 The world's multiple-choice items are questions about made-up towns in the paper's Appendix D prompt, with four
 lettered options. Raters hold beliefs p over the options (top belief in [0.3, 0.9]) and each item's true letter
@@ -61,9 +61,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from eval.experiment import (alpha_for, check_arguments, experiment_parser, option, parse_list, pyplot, run_name,
+from eval.experiments.common import (alpha_for, check_arguments, experiment_parser, option, parse_list, pyplot, run_name,
                              save_figure, write_csv)
 # torch, and the library modules that load it, are imported inside the functions that use them: --help and usage
 # errors then answer before torch's seconds of start-up.
@@ -157,7 +157,7 @@ def run_experiment(out: Path, ratios, beta: float, steps: int, lr: float = LR, p
 
     from data.world import counts_population, load_world
     from eval.metrics import multiple_choice_probabilities
-    from eval.policies import load_policy, train_policy
+    from eval.experiments.policies import load_policy, train_policy
     from spl.theory import optimal_policy
 
     world = load_world()
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from cli import checkpoint_parameters, choose_threads
+    from spl.cli import checkpoint_parameters, choose_threads
     from data.world import MODEL_DIR
 
     choose_threads(args.threads, checkpoint_parameters(MODEL_DIR), "cpu")

@@ -1,7 +1,7 @@
 """Experiment 2, diversity against quality (the paper's Figures 1-2) on the embedded world's stories.
 
-    python eval/exp_diversity.py            # DPO + 4 sampling sweeps against SPL at alpha/beta in {1.5, 2, 4, 11}
-    python eval/exp_diversity.py --quick    # two policies, one setting per method, a few samples (the test's run)
+    python eval/experiments/diversity.py            # DPO + 4 sampling sweeps against SPL at alpha/beta in {1.5, 2, 4, 11}
+    python eval/experiments/diversity.py --quick    # two policies, one setting per method, a few samples (the test's run)
 
 Prompts are the world's six story prompts ("Write a short story about a doctor.", ...). A well-formed answer is
 one of the templated stories (`data.world.validate_story`); the population prefers some names and relations per
@@ -54,9 +54,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from eval.experiment import (alpha_for, check_arguments, experiment_parser, first_records, option, parse_list, pyplot,
+from eval.experiments.common import (alpha_for, check_arguments, experiment_parser, first_records, option, parse_list, pyplot,
                              save_figure, write_csv, write_json, write_jsonl)
 # torch, and the library modules that load it, are imported inside the functions that use them: --help and usage
 # errors then answer before torch's seconds of start-up.
@@ -211,7 +211,7 @@ def run_experiment(out: Path, settings, steps: int, lr: float, beta: float, num_
                    progress: bool = False) -> tuple[list[dict], list[dict], dict]:
     """Train (or reuse) the policies the settings need, then measure every setting. -> (rows, samples, runs)."""
     from data.world import load_world
-    from eval.policies import load_policy, train_policy
+    from eval.experiments.policies import load_policy, train_policy
 
     world = load_world()
     data = first_records(out, world.files["story_pairs_soft"], max_pairs)
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from cli import checkpoint_parameters, choose_threads
+    from spl.cli import checkpoint_parameters, choose_threads
     from data.world import MODEL_DIR
     from models import Tokenizer
 

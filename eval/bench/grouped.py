@@ -1,7 +1,7 @@
 """Benchmark: the LoRA SPL training step on prompt-grouped batches against the pair batches, on the world's pairs.
 
-    python eval/bench_grouped.py                     # the world's opinion pairs, 8 prompts a batch, 1 thread
-    python eval/bench_grouped.py --prompts 30        # every prompt in one batch
+    python eval/bench/grouped.py                     # the world's opinion pairs, 8 prompts a batch, 1 thread
+    python eval/bench/grouped.py --prompts 30        # every prompt in one batch
 
 The world's default data (`data/world/opinion_pairs_soft.jsonl`) hold every unordered pair of each question's
 3-5 options: a question with K options has K(K-1)/2 pairs, which the pair batch (`data.batching.collate`) scores
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # run as a script from anywhere
 from data.batching import PromptGroupedBatches, collate, collate_grouped, row_values  # noqa: E402
 from data.tokenization import load_preference_data  # noqa: E402
 from models import Tokenizer, add_lora, load_pretrained  # noqa: E402
@@ -27,7 +27,7 @@ from models.lora import TARGET_NAMES  # noqa: E402
 from spl.logprobs import sequence_logprobs  # noqa: E402
 from spl.losses import anchored_spl_loss, spl_loss  # noqa: E402
 
-WORLD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "world")
+WORLD = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data", "world")
 ALPHA, BETA = 0.2, 0.1
 
 

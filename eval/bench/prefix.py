@@ -1,14 +1,14 @@
-"""Benchmark: the LoRA SPL training step with shared prefixes (spl/prefix.py) against the unshared one.
+"""Benchmark: the LoRA SPL training step with shared prefixes (models/prefix.py) against the unshared one.
 
-    python eval/bench_prefix.py                       # HH-RLHF-shaped pairs, D = 512, 4 layers, V = 32000, 1 thread
-    python eval/bench_prefix.py --group-by-length     # batches of similar lengths (less padding on the unshared side)
-    python eval/bench_prefix.py --prompt-median 40    # shorter prompts: less to share
+    python eval/bench/prefix.py                       # HH-RLHF-shaped pairs, D = 512, 4 layers, V = 32000, 1 thread
+    python eval/bench/prefix.py --group-by-length     # batches of similar lengths (less padding on the unshared side)
+    python eval/bench/prefix.py --prompt-median 40    # shorter prompts: less to share
 
 The step, the same on both sides: the policy's log-probs of every row of a batch of 8 pairs (LoRA r = 16 on all
 seven projections, the fused log-prob head), the SPL loss (Eq. 5) against reference log-probs computed beforehand,
 backward and gradient clipping (no optimizer update, so both sides see the same weights in every repeat; AdamW's
 update is the same small cost on both). Unshared: `model.hidden_states` over the [2B, T] rows prompt + response
-(each prompt computed twice). Shared: `spl.prefix.shared_prefix_logprobs` (each prompt once, each response
+(each prompt computed twice). Shared: `models.prefix.shared_prefix_logprobs` (each prompt once, each response
 continuing from its keys and values, no padding through the projections and MLPs). Both run in this process on
 the same batches, alternating which goes first in each repeat; the ratio of the medians is what to read (the
 machine may be shared).
@@ -29,14 +29,15 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # run as a script from anywhere
 from data.batching import PreferenceBatches, collate_grouped  # noqa: E402
 from data.tokenization import PreferenceExample  # noqa: E402
 from models import Mistral, MistralConfig, add_lora  # noqa: E402
 from models.lora import TARGET_NAMES, disable_lora  # noqa: E402
 from spl.logprobs import sequence_logprobs  # noqa: E402
 from spl.losses import spl_loss  # noqa: E402
-from spl.prefix import shared_prefix_logprobs, split_shared_prefix  # noqa: E402
+from models.prefix import split_shared_prefix  # noqa: E402
+from spl.step import shared_prefix_logprobs  # noqa: E402
 
 ALPHA, BETA = 0.2, 0.1
 

@@ -1,7 +1,7 @@
 """Peak memory of loading a checkpoint: `load_pretrained` against the naive way, each in a fresh process.
 
-    python eval/bench_load.py                      # ~300 MB float32 checkpoint (74M parameters)
-    python eval/bench_load.py --layers 8 --hidden 1024
+    python eval/bench/load.py                      # ~300 MB float32 checkpoint (74M parameters)
+    python eval/bench/load.py --layers 8 --hidden 1024
 
 A random model is saved once with our `save_pretrained` into a temporary directory. Each method then runs in
 its own subprocess, which imports everything and pays one-time costs first (a tiny model built), reads its
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
 METHODS = ("load_pretrained", "load_pretrained bf16", "naive")
 MB = 2**20

@@ -28,7 +28,7 @@ from data.world import DEFAULT_DIR, load_world
 from models.lora import disable_lora
 from spl.online import Rollouts
 from spl.step import policy_logprobs
-from spl.theory import optimal_policy, optimal_policy_from_reward
+from spl.theory import full_space_option_mass, off_option_weight_bounds, optimal_policy, optimal_policy_from_reward
 
 
 @torch.no_grad()
@@ -150,3 +150,62 @@ def format_reward_optimum(report: dict) -> str:
     learned, learned_most = (report[f"{k}_tv_learned_vs_reward_optimum"] for k in ("mean", "max"))
     return (f"the reward's own optimum over the options is mean TV {mean:.4f} (max {most:.4f}) from the closed "
             f"form; learned vs that optimum {learned:.4f} (max {learned_most:.4f})")
+
+
+def add_full_space_mass(report: dict, floor: float, log_num_texts: float, alpha: float, beta: float) -> dict:
+    """The option mass Eq. 4's optimum keeps under the world's exact reward with this floor
+    (spl.theory.full_space_option_mass, from the reference model's own option probabilities) beside the learned
+    mass, per question and on average: for alpha = beta exactly; otherwise the interval its bounds on W over at
+    most N = exp(log_num_texts) texts give (off_option_weight_bounds), the error being the distance from it."""
+    report = dict(report, reward_floor=floor)
+    errors = []
+    for row in report["questions"]:
+        ref = torch.tensor(row["reference"], dtype=torch.float64) * row["reference_option_mass"]  # (K,)
+        reward = torch.tensor(row["population"], dtype=torch.float64).log()  # (K,) r = log p
+        if alpha == beta:
+            low = high = float(full_space_option_mass(ref, reward, floor, alpha, beta))
+        else:
+            weights = off_option_weight_bounds(ref, alpha, beta, log_num_texts)  # (W low, W high)
+            high, low = (float(full_space_option_mass(ref, reward, floor, alpha, beta, w)) for w in weights)
+        row["closed_form_option_mass"] = [low, high] if low != high else low
+        learned = row["learned_option_mass"]
+        errors.append(max(low - learned, learned - high, 0.0))
+    masses = [r["closed_form_option_mass"] for r in report["questions"]]
+    report["mean_closed_form_option_mass"] = [sum(m[i] for m in masses) / len(masses) for i in (0, 1)] \
+        if alpha != beta else sum(masses) / len(masses)
+    report["mean_abs_option_mass_error"] = sum(errors) / len(errors)
+    report["max_abs_option_mass_error"] = max(errors)
+    return report
+
+
+def format_full_space_mass(report: dict) -> str:
+    """add_full_space_mass's summary line."""
+    mass = report["mean_closed_form_option_mass"]
+    mass = f"{mass:.3f}" if isinstance(mass, float) else f"between {mass[0]:.3f} and {mass[1]:.3f}"
+    return (f"full-space optimum (Eq. 4, floor {report['reward_floor']:g}): option mass {mass} (mean over questions); "
+            f"learned {report['mean_learned_option_mass']:.3f}, within {report['mean_abs_option_mass_error']:.4f} of "
+            f"it on average (max {report['max_abs_option_mass_error']:.4f})")
+
+
+def job_report(model, tokenizer, alpha: float, beta: float, device=None, exact_floor=None,
+               reward_model=None) -> dict:
+    """The report a world run ends with (train.py): `world_report`, and for spl-online what its target is beside
+    it: exact_floor, (floor, log N) of the world's exact reward, adds the full-space optimum's option mass;
+    reward_model, (prompts, reward), adds that reward model's own optimum."""
+    report = world_report(model, tokenizer, alpha, beta, device)
+    if exact_floor is not None:
+        report = add_full_space_mass(report, *exact_floor, alpha, beta)
+    if reward_model is not None:
+        prompts, reward = reward_model
+        report = add_reward_optimum(report, reward, prompts, tokenizer, alpha, beta)
+    return report
+
+
+def format_job_report(report: dict) -> str:
+    """job_report's table and summary lines, as train.py prints them."""
+    lines = [format_report(report)]
+    if "mean_closed_form_option_mass" in report:
+        lines.append(format_full_space_mass(report))
+    if "mean_tv_reward_optimum_vs_closed_form" in report:
+        lines.append(format_reward_optimum(report))
+    return "\n".join(lines)

@@ -1,14 +1,14 @@
 """Experiment 3, best-of-N (the paper's Figure 3, Tables 1-3, Figures 9 and 10) on the world's arithmetic.
 
-    python eval/exp_best_of_n.py            # DPO at T in {1, 1.1, 1.2}, SPL at alpha/beta in {1.1, 1.2}: Tables 1-3
-    python eval/exp_best_of_n.py --quick    # DPO at T = 1 and 1.2, SPL at 1.2; 3 problems at levels 1-3, 8 samples
-    python eval/exp_best_of_n.py --levels 1,2,3,4,5 --problems 32    # every held-out problem
-    python eval/exp_best_of_n.py --reference-only --levels 1,2,3,4,5 --problems 32 --num-samples 32  # the model
+    python eval/experiments/best_of_n.py            # DPO at T in {1, 1.1, 1.2}, SPL at alpha/beta in {1.1, 1.2}: Tables 1-3
+    python eval/experiments/best_of_n.py --quick    # DPO at T = 1 and 1.2, SPL at 1.2; 3 problems at levels 1-3, 8 samples
+    python eval/experiments/best_of_n.py --levels 1,2,3,4,5 --problems 32    # every held-out problem
+    python eval/experiments/best_of_n.py --reference-only --levels 1,2,3,4,5 --problems 32 --num-samples 32  # the model
 
 The world has five levels of arithmetic (1: a + b with one digit each ... 5: a * b with two digits each), each
 with held-out "test" problems that neither the SFT text nor the preference pairs contain, and several solution
 strategies (direct, split, round, ...). The reference is the arithmetic model (data/world/arithmetic_model,
-`python -m data.build_world --train-arithmetic-model`), not the world's model, which solves 13% of level 1.
+`python -m data.world.build --train-arithmetic-model`), not the world's model, which solves 13% of level 1.
 LoRA policies are trained by train.py on its preference pairs (`arithmetic_model_pairs_soft.jsonl`: each training
 problem's correct solutions against the model's own wrong samples, chosen_prob 0.95; `--pairs world`: the world's
 strategy pairs, where raters prefer short solutions): DPO (alpha = beta = 0.1) and SPL at global temperatures
@@ -44,9 +44,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from eval.experiment import (alpha_for, check_arguments, experiment_parser, first_records, option, parse_list, pyplot,
+from eval.experiments.common import (alpha_for, check_arguments, experiment_parser, first_records, option, parse_list, pyplot,
                              save_figure, write_csv, write_json, write_jsonl)
 # torch, and the library modules that load it, are imported inside the functions that use them: --help and usage
 # errors then answer before torch's seconds of start-up.
@@ -211,10 +211,10 @@ def run_experiment(out: Path, settings, steps: int, lr: float, beta: float, num_
     samples, runs)."""
     import torch
 
-    from data.build_world import ARITHMETIC_PAIRS
+    from data.world.build import ARITHMETIC_PAIRS
     from data.world import extract_answer, load_world
-    from data.world_arithmetic import ARITHMETIC_MODEL_DIR
-    from eval.policies import load_policy, train_policy
+    from data.world.arithmetic import ARITHMETIC_MODEL_DIR
+    from eval.experiments.policies import load_policy, train_policy
     from models.generate import sample_completions
 
     world = load_world()
@@ -351,11 +351,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from cli import checkpoint_parameters, choose_threads
-    from data.world_arithmetic import ARITHMETIC_MODEL_DIR
+    from spl.cli import checkpoint_parameters, choose_threads
+    from data.world.arithmetic import ARITHMETIC_MODEL_DIR
 
     if not (ARITHMETIC_MODEL_DIR / "config.json").is_file():
-        p.error(f"{ARITHMETIC_MODEL_DIR}: no arithmetic model; build it with `python -m data.build_world "
+        p.error(f"{ARITHMETIC_MODEL_DIR}: no arithmetic model; build it with `python -m data.world.build "
                 f"--train-arithmetic-model`")
     choose_threads(args.threads, checkpoint_parameters(ARITHMETIC_MODEL_DIR), "cpu")
     out = Path(args.out)

@@ -1,9 +1,9 @@
 """Benchmark: one LoRA SPL training step, at Mistral-7B's shape on a GPU, or against HF transformers + peft.
 
-    python eval/bench_step.py                                   # Mistral-7B shape, bf16, CUDA: tokens/s, memory, MFU
-    python eval/bench_step.py --device cpu --scale 0.0625       # the same step scaled down (CI smoke test)
-    python eval/bench_step.py --compare-hf                      # CPU: ours vs HF transformers + peft, same batch
-    python eval/bench_step.py --side ours --checkpoint DIR ...  # one side in this process, one JSON line
+    python eval/bench/step.py                                   # Mistral-7B shape, bf16, CUDA: tokens/s, memory, MFU
+    python eval/bench/step.py --device cpu --scale 0.0625       # the same step scaled down (CI smoke test)
+    python eval/bench/step.py --compare-hf                      # CPU: ours vs HF transformers + peft, same batch
+    python eval/bench/step.py --side ours --checkpoint DIR ...  # one side in this process, one JSON line
 
 The step: the policy's forward pass over 4 pairs (8 rows of prompt + response, 1024 tokens each), the SPL loss
 (Eq. 5) against reference log-probs computed beforehand (LoRA off), backward into the LoRA parameters (r = 16
@@ -25,7 +25,7 @@ MFU = model FLOPs / step time / the bf16 (or --dtype) matmul rate measured here 
 
 Memory: on CUDA, peak = torch.cuda.max_memory_allocated over the timed steps (weights included), peak extra =
 peak minus what was allocated before them (weights, optimizer state, batch). On CPU, as in
-eval/bench_logprobs.py: after a warm-up step, gc and malloc_trim(0), VmHWM is reset to VmRSS through
+eval/bench/logprobs.py: after a warm-up step, gc and malloc_trim(0), VmHWM is reset to VmRSS through
 /proc/self/clear_refs, and peak extra = VmHWM after the timed steps - that baseline.
 
 --compare-hf (the DESIGN target: faster, with at most 40% of HF's peak extra memory) writes one random
@@ -51,11 +51,11 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # run as a script from anywhere
 from models import Mistral, MistralConfig, add_lora, build_model, load_pretrained, save_pretrained  # noqa: E402
 from models.lora import TARGET_NAMES  # noqa: E402
 from spl.step import Objective, preference_step, reference_logprobs  # noqa: E402
-from eval.measure import measure  # noqa: E402
+from eval.bench.measure import measure  # noqa: E402
 
 ALPHA, BETA, CHOSEN_PROB = 0.2, 0.1, 0.75
 

@@ -1,8 +1,8 @@
-"""Write the embedded world and train its tokenizer: `python -m data.build_world --out data/world [--seed S]`;
+"""Write the embedded world and train its tokenizer: `python -m data.world.build --out data/world [--seed S]`;
 with `--train-model`, also train its reference model from scratch (`--out/model`, in HF format); with
 `--train-arithmetic-model`, the arithmetic reference model of the best-of-N experiment (`--out/arithmetic_model`).
 
-The files are data/world.py's `world_files(generate_world(seed, k, k_other))`, byte for byte, plus
+The files are data/world/__init__.py's `world_files(generate_world(seed, k, k_other))`, byte for byte, plus
 `tokenizer.model`: a sentencepiece BPE model trained on the world's SFT text with Mistral's conventions
 
     unk 0 "<unk>", bos 1 "<s>", eos 2 "</s>", no pad; byte_fallback (any UTF-8 text round-trips, a newline is
@@ -21,7 +21,6 @@ import io
 import json
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import sentencepiece
 
 from data.world import DEFAULT_DIR, FILES, generate_world, load_world, preference_records, world_files
-from data.world_arithmetic import ARITHMETIC_MODEL_DIR, arithmetic_model_sft, sampled_arithmetic_groups
+from data.world.arithmetic import ARITHMETIC_MODEL_DIR, arithmetic_model_sft, sampled_arithmetic_groups
 
 VOCAB_SIZE = 2000
 CHAT_MARKERS = ("▁[INST]", "▁[/INST]")
@@ -46,7 +45,7 @@ REFERENCE_TRAINING = ["--loss", "sft", "--lora-rank", "0", "--lr", "3e-3", "--ep
                       "--warmup-steps", "50", "--max-length", "128", "--max-prompt-length", "64", "--seed", "0"]
 
 
-# The arithmetic reference model (eval/exp_best_of_n.py): the world's model solves 13% of one-digit sums, so every
+# The arithmetic reference model (eval/experiments/best_of_n.py): the world's model solves 13% of one-digit sums, so every
 # level would be "hard". A smaller model (1.04M parameters, embeddings tied to the output head) trained on
 # arithmetic alone; its size, data and schedule were chosen by measurement (README "Rebuilding the world").
 ARITHMETIC_CONFIG = {**REFERENCE_CONFIG, "hidden_size": 128, "intermediate_size": 384, "num_attention_heads": 4,
@@ -150,20 +149,29 @@ def write_arithmetic_model_pairs(out=DEFAULT_DIR, model_dir=None, seed: int = 0)
     return path
 
 
+class TrainingFailed(RuntimeError):
+    """train.py's run for a world model ended with a non-zero exit code (it has printed why)."""
+
+    def __init__(self, code: int):
+        super().__init__(f"train.py exited {code}")
+        self.code = code
+
+
 def _train_model(out: Path, name: str, config_name: str, config: dict, data: Path, training: list[str],
                  progress: bool) -> Path:
     """train.py --init-config out/config_name (beside tokenizer.model, where --init-config looks for it) on `data`,
     installed as out/name, replacing any model there only once the new one is complete."""
-    root = Path(__file__).resolve().parents[1]
+    import train  # train.py's own entry, in this process (this builder is a script too; train imports the world)
     config_path = out / config_name
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     with tempfile.TemporaryDirectory(dir=out) as scratch:
         run = Path(scratch) / "run"
-        command = [sys.executable, str(root / "train.py"), "--init-config", str(config_path),
-                   "--data", str(data), "--out", str(run), *training]
+        argv = ["--init-config", str(config_path), "--data", str(data), "--out", str(run), *training]
         if not progress:
-            command.append("--no-progress")
-        subprocess.run(command, check=True, cwd=root)
+            argv.append("--no-progress")
+        code = train.main(argv)
+        if code != 0:
+            raise TrainingFailed(code)
         target = out / name
         if target.exists():
             shutil.rmtree(target)
@@ -172,7 +180,7 @@ def _train_model(out: Path, name: str, config_name: str, config: dict, data: Pat
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.build_world", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data.world.build", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(DEFAULT_DIR), help="directory to write (default: data/world)")
     parser.add_argument("--seed", type=int, default=0, help="the world's seed (default 0)")
     parser.add_argument("--k", type=int, default=20, help="comparisons per opinion pair in the counts and sampled "
@@ -204,15 +212,15 @@ def main(argv=None) -> int:
     if args.train_model:
         try:
             print(f"reference model: {train_reference_model(args.out)}")
-        except subprocess.CalledProcessError as error:
-            print(f"build_world: training the reference model failed (exit {error.returncode})", file=sys.stderr)
+        except TrainingFailed as error:
+            print(f"build_world: training the reference model failed (train.py exit code {error.code})", file=sys.stderr)
             return 1
     if args.train_arithmetic_model:
         try:
             print(f"arithmetic model: {train_arithmetic_model(args.out)}")
             print(f"its preference pairs: {write_arithmetic_model_pairs(args.out)}")
-        except subprocess.CalledProcessError as error:
-            print(f"build_world: training the arithmetic model failed (exit {error.returncode})", file=sys.stderr)
+        except TrainingFailed as error:
+            print(f"build_world: training the arithmetic model failed (train.py exit code {error.code})", file=sys.stderr)
             return 1
     return 0
 

@@ -1,8 +1,8 @@
 """Generation speed: `models.generate.generate` against HF transformers' `generate` on the same checkpoint.
 
-    python eval/bench_generate.py                      # N = 16 samples x 128 new tokens, the world model's shape
-    python eval/bench_generate.py --threads 1 --repeats 5   # one thread only
-    python eval/bench_generate.py --busy 1               # the same while another CPU-bound job runs
+    python eval/bench/generate.py                      # N = 16 samples x 128 new tokens, the world model's shape
+    python eval/bench/generate.py --threads 1 --repeats 5   # one thread only
+    python eval/bench/generate.py --busy 1               # the same while another CPU-bound job runs
 
 Both methods run at torch's default thread count and at one thread (--threads N: only at N). With --busy K,
 K competing processes (each a one-thread matmul loop, like another job on the machine) run during every timed
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 # torch, transformers and our models are imported inside the functions that use them: --help answers without
 # loading torch, and transformers (a benchmark-only dependency) is imported only to build the HF checkpoint.
 
@@ -89,6 +90,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: both torch's choice and one thread)")
     p.add_argument("--busy", type=int, default=0, help="competing one-thread CPU jobs during the timed runs")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both models there; times CUDA-synchronised)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both models' weights")
+    p.add_argument("--json", action="store_true", help="also print one JSON line of the medians")
     args = p.parse_args(argv)
 
     import torch
@@ -96,21 +100,29 @@ def main(argv=None) -> int:
     from models import load_pretrained
     from models.generate import generate
 
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     thread_counts = [args.threads] if args.threads else sorted({torch.get_num_threads(), 1}, reverse=True)
     n, new = args.num_samples, args.max_new_tokens
     prompt = torch.randint(3, WORLD_SHAPE["vocab_size"], (args.prompt_length,),
                            generator=torch.Generator().manual_seed(0)).tolist()
 
     with tempfile.TemporaryDirectory() as tmp:
-        hf_model = build_checkpoint(Path(tmp) / "model")
-        ours = load_pretrained(Path(tmp) / "model").eval()
+        hf_model = build_checkpoint(Path(tmp) / "model").to(device, dtype)
+        ours = load_pretrained(Path(tmp) / "model", dtype=dtype, device=device).eval()
+
+    def synchronised(function):  # CUDA runs asynchronously: a timed call ends when the device is done
+        def run():
+            function()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return run
 
     def run_ours():
         out = generate(ours, prompt, max_new_tokens=new, num_samples=n, temperature=1.0, eos_id=None,
-                       generator=torch.Generator().manual_seed(1))
+                       generator=torch.Generator(device=device).manual_seed(1))
         assert all(len(t) == new for t in out.tokens)
 
-    input_ids = torch.tensor([prompt])
+    input_ids = torch.tensor([prompt], device=device)
     attention_mask = torch.ones_like(input_ids)
 
     def run_hf():
@@ -125,11 +137,12 @@ def main(argv=None) -> int:
     with busy_machine(args.busy):
         for threads in thread_counts:
             torch.set_num_threads(threads)
-            results[threads, "ours (models.generate)"] = time_runs(run_ours, args.repeats)
-            results[threads, "HF transformers generate"] = time_runs(run_hf, args.repeats)
+            results[threads, "ours (models.generate)"] = time_runs(synchronised(run_ours), args.repeats)
+            results[threads, "HF transformers generate"] = time_runs(synchronised(run_hf), args.repeats)
 
     tokens = n * new
-    print(f"N = {n} samples x {new} new tokens, prompt {len(prompt)} tokens, torch {torch.__version__}, CPU float32, "
+    print(f"N = {n} samples x {new} new tokens, prompt {len(prompt)} tokens, torch {torch.__version__}, "
+          f"{device} {args.dtype}, "
           f"median of {args.repeats}; {args.busy} competing CPU job(s) running")
     print(f"{'threads':>7} {'method':<26} {'seconds':>9} {'tokens/s':>10} {'speed vs HF':>12}")
     for (threads, name), times in results.items():
@@ -139,6 +152,9 @@ def main(argv=None) -> int:
     if len(thread_counts) > 1:
         ours = {t: statistics.median(results[t, "ours (models.generate)"]) for t in thread_counts}
         print(f"ours: {thread_counts[0]} threads take {ours[thread_counts[0]] / ours[1]:.2f}x the time of one thread")
+    if args.json:
+        print(json.dumps({f"{name.split()[0].lower()}_tokens_per_s_{threads}_threads": tokens / statistics.median(times)
+                          for (threads, name), times in results.items()} | {"device": str(device), "dtype": args.dtype}))
     return 0
 
 

@@ -8,7 +8,7 @@ import random
 import re
 from pathlib import Path
 
-from data.world_pairs import PreferenceGroup
+from data.world.pairs import PreferenceGroup
 
 
 LEVELS = {1: "a + b, one digit each", 2: "a + b, two digits each", 3: "a * b, two digits times one",
@@ -22,9 +22,9 @@ REFERENCE_STRATEGY = {"direct": .20, "count": .50, "make_ten": .30, "split": .50
 # levels 1-4; at level 5 they cannot check a two-digit product and judge the style alone, so the preferred
 # strategy ("direct", whose one-step product is where the slips are) is sometimes the one that fails.
 SLIP_WEIGHT = {1: .05, 2: .05, 3: .05, 4: .05, 5: 1.0}
-# The arithmetic reference model (data/build_world.py --train-arithmetic-model), beside the world's model: the
+# The arithmetic reference model (data/world/build.py --train-arithmetic-model), beside the world's model: the
 # world's model hardly does arithmetic, and best-of-N needs one that solves easy problems often, hard ones rarely.
-ARITHMETIC_MODEL_DIR = Path(__file__).resolve().parent / "world" / "arithmetic_model"
+ARITHMETIC_MODEL_DIR = Path(__file__).resolve().parent / "arithmetic_model"
 _FINAL_ANSWER = re.compile(r"####\s*(-?\d[\d,]*)")
 
 
@@ -212,7 +212,7 @@ def arithmetic_groups(problems, rng: random.Random) -> list[PreferenceGroup]:
 
 
 def arithmetic_model_sft(problems, rng: random.Random, per_level: dict) -> list[dict]:
-    """SFT records for the arithmetic reference model (data/build_world.py `--train-arithmetic-model`):
+    """SFT records for the arithmetic reference model (data/world/build.py `--train-arithmetic-model`):
     per_level[level] fresh problems per level, operands drawn as for the world (with repeats) but never those of
     a held-out problem of `problems`; each solved by a strategy drawn from the reference weights, as in
     `arithmetic_sft`. The records are shuffled, so every batch mixes the levels."""

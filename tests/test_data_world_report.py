@@ -1,4 +1,4 @@
-"""eval/opinions.py: the main job's report of learned vs. closed-form distributions over opinion options.
+"""data/world/report.py: the main job's report of learned vs. closed-form distributions over opinion options.
 
 Oracles: each option's probability computed here by one full forward over prompt + option + EOS and
 normalised by hand (its sum before normalising is the option mass); the closed form from `spl.theory.optimal_policy`; the invariants that with B = 0 the
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from eval.opinions import format_report, opinion_report, option_distributions
+from data.world.report import format_report, opinion_report, option_distributions
 from models import Tokenizer, add_lora, load_pretrained
 from spl.theory import optimal_policy
 

@@ -24,7 +24,7 @@ LoRA) is the same module code the unshared forward runs.
 Backward: each row's keys are a view of its prompt's one prefix computation, so the gradients of every response
 of a prompt reach it and sum there, which is what the unshared path computes by summing over the rows'
 duplicated prefixes. Log-probs and gradients are therefore equal to the unshared path's up to floating-point
-summation order (tests/test_spl_prefix.py compares them tensor by tensor in float64).
+summation order (tests/test_models_prefix.py compares them tensor by tensor in float64).
 
 Padding: none is computed. A batch's prompt and response lengths vary independently, so any rectangular layout
 of them is far from dense (a third or more padding on HH-RLHF-shaped pairs, even with length grouping, which
@@ -37,7 +37,7 @@ What it saves: the prefix's projections, MLPs and attention run P times instead 
 once instead of twice; a group of K responses once instead of K times), nothing runs on padding, and the last
 layer computes only keys and values on the prefix (no target is predicted from a prefix position); what it
 adds: each row's copy of its prefix's keys and values in every layer (under GQA small beside the hidden
-states) and an explicit boolean mask per row. eval/bench_prefix.py measures the step.
+states) and an explicit boolean mask per row. eval/bench/prefix.py measures the step.
 LoRA dropout draws its mask per computed token, so with dropout > 0 the two paths sample different masks;
 the prefix then shares one draw across its responses (equal in distribution, not token for token).
 """
@@ -47,9 +47,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from models.lora import output_weight
 from models.mistral import apply_rope, attention_mask, rope_cos_sin
-from spl.logprobs import sequence_logprobs
 
 
 def split_shared_prefix(batch) -> dict[str, torch.Tensor]:
@@ -232,13 +230,4 @@ def shared_prefix_hidden_states(model, split):
     return hidden.new_zeros(R * Tr, hidden.shape[-1]).index_copy(0, packing.index, hidden).view(R, Tr, -1)
 
 
-def shared_prefix_logprobs(model, batch, *, average: bool = False, compile=None):
-    """Summed (or averaged) log-probs of each row's masked-in targets, [R]: spl.step.policy_logprobs with every
-    prompt of the batch computed once."""
-    split = split_shared_prefix(batch)
-    hidden = shared_prefix_hidden_states(model, split)  # (R, Tr, D)
-    return sequence_logprobs(hidden, output_weight(model), split["continuation_targets"],
-                             split["continuation_loss_mask"], average=average, compile=compile)  # (R,)
-
-
-__all__ = ["split_shared_prefix", "shared_prefix_hidden_states", "shared_prefix_logprobs"]
+__all__ = ["split_shared_prefix", "shared_prefix_hidden_states"]

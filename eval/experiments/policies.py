@@ -1,29 +1,23 @@
 """Policies for the experiments: train one with train.py on the embedded world, or load one back.
 
 Every experiment compares the reference model, DPO and SPL at several global temperatures alpha/beta. A policy
-is a train.py run directory; `train_policy` runs `python train.py` as a process (the same command a user runs;
-eval/ never imports the scripts) and reuses a finished run whose config.json matches the one train.py would
-write now, so sweeps are cheap to re-run. `load_policy` returns the world's reference model with the run's
+is a train.py run directory; `train_policy` trains it in this process through `train.main`, the entry a user's
+command line takes (the same options, the same one-line errors), and reuses a finished run whose config.json
+matches the one train.py would write now (spl.config.parse_args), so sweeps are cheap to re-run. `load_policy` returns the world's reference model with the run's
 adapter loaded (LoRA on, `disable_lora` gives the reference back).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from data.world import MODEL_DIR
 from models import Tokenizer, load_adapter, load_pretrained
+from spl.config import parse_args
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT / "train.py"
 IGNORED = ("resume", "overwrite", "progress", "inputs")  # options that do not change what a run trains (and
-# the inputs' fingerprints, which train.py records beside them)
-
-# Asked of train.py itself, so that a change of its defaults is a change of configuration.
-_PRINT_CONFIG = ("import dataclasses, json, sys, train; "
-                 "print(json.dumps(dataclasses.asdict(train.parse_args(sys.argv[1:]))))")
+# the inputs' fingerprints, which train.py records beside them in config.json)
 
 
 def train_policy(out, data, alpha: float, beta: float, loss: str = "spl", steps: int = 150,
@@ -36,7 +30,8 @@ def train_policy(out, data, alpha: float, beta: float, loss: str = "spl", steps:
         argv.append("--no-progress")
     if finished_run_matches(out, argv):
         return out
-    code = subprocess.run([sys.executable, str(TRAIN), *argv, "--overwrite"], cwd=ROOT).returncode
+    import train  # the script's own entry (imported here: train.py imports the world, which this package reads)
+    code = train.main([*argv, "--overwrite"])
     if code != 0:
         raise RuntimeError(f"train.py exited {code} for {' '.join(argv)}")
     return out
@@ -47,12 +42,8 @@ def finished_run_matches(out: Path, argv: list[str]) -> bool:
     config_path = out / "config.json"
     if not ((out / "adapter" / "adapter_model.safetensors").is_file() and config_path.is_file()):
         return False
-    printed = subprocess.run([sys.executable, "-c", _PRINT_CONFIG, *argv], cwd=ROOT, capture_output=True,
-                             text=True)
-    if printed.returncode != 0:
-        raise RuntimeError(f"train.py refused {' '.join(argv)}: {printed.stderr.strip()}")
     saved = json.loads(config_path.read_text(encoding="utf-8"))
-    wanted = json.loads(printed.stdout)
+    wanted = json.loads(json.dumps(dataclasses.asdict(parse_args(argv))))  # as config.json holds it
     return ({k: v for k, v in saved.items() if k not in IGNORED} ==
             {k: v for k, v in wanted.items() if k not in IGNORED})
 

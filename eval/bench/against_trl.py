@@ -1,9 +1,9 @@
 """Benchmark: spl's train.py against TRL's DPOTrainer, end to end, on the same checkpoint, data and settings.
 
     pip install -r requirements-bench.txt                # TRL (and protobuf, which HF needs to read the tokenizer)
-    python eval/bench_trl.py                             # D = 512, 4 layers, V = 32000; 64 pairs, 8 DPO steps of 8
-    python eval/bench_trl.py --repeats 3                 # alternating repeats, medians
-    python eval/bench_trl.py --side spl --workdir DIR    # one side in this process (what the parent runs)
+    python eval/bench/against_trl.py                             # D = 512, 4 layers, V = 32000; 64 pairs, 8 DPO steps of 8
+    python eval/bench/against_trl.py --repeats 3                 # alternating repeats, medians
+    python eval/bench/against_trl.py --side spl --workdir DIR    # one side in this process (what the parent runs)
 
 One invocation writes a random Mistral (std 0.02, GQA 8/2 heads, FFN 1792) in HF format with Mistral's real v1
 tokenizer (`tokenizer.model.v1` from the mistral_common wheel), and 64 preference pairs of English-like text whose
@@ -46,10 +46,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from eval.measure import resident_kb  # noqa: E402  (after the path line above)
+from eval.bench.measure import resident_kb  # noqa: E402  (after the path line above)
 from models.lora import TARGET_NAMES as TARGETS  # noqa: E402  all seven projections
 # torch, the TRL stack and spl's training modules are imported inside each side's function: every side runs in its
 # own process and imports only its own stack, so the resident set it measures from counts its own imports alone.

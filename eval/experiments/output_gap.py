@@ -12,7 +12,7 @@ probability off the options. `nearest_first_token_distribution` searches the sph
 distribution over the given first tokens that is nearest a target (cross-entropy), the best any such policy can
 do at that position alone.
 
-    python -m eval.output_gap            # the main job's hardest question under DPO (README, The main job)
+    python -m eval.experiments.output_gap            # the main job's hardest question under DPO (README, The main job)
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from data.world_pairs import PreferenceGroup, apportion
+from data.world.pairs import PreferenceGroup, apportion
 
 
 @dataclasses.dataclass(frozen=True)

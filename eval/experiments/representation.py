@@ -1,13 +1,13 @@
 """Experiment 1, representation: learned vs closed-form distributions over the world's opinion options.
 
-    python eval/exp_representation.py          # alpha/beta in {1, 1.1, 1.2, 1.5, 2, 4, 11} at beta 0.1; alpha = 1
-    python eval/exp_representation.py --quick  # DPO and alpha = 1 only, a few steps (the test's run)
+    python eval/experiments/representation.py          # alpha/beta in {1, 1.1, 1.2, 1.5, 2, 4, 11} at beta 0.1; alpha = 1
+    python eval/experiments/representation.py --quick  # DPO and alpha = 1 only, a few steps (the test's run)
 
 One LoRA policy per (alpha, beta) is trained by train.py on the opinion preference pairs (soft labels by default:
 one record per option pair with chosen_prob = p_i / (p_i + p_j), the exact Bradley-Terry form of the population
 p; `--pairs counts` reads opinion_pairs.jsonl, K = 20 comparisons per pair, and the closed form then uses the
 Bradley-Terry fit of those rounded counts). Each question's learned distribution over its options (sequence
-probabilities normalised over the options, `eval.opinions.option_distributions`) is set beside the closed-form
+probabilities normalised over the options, `data.world.report.option_distributions`) is set beside the closed-form
 optimum (Prop. A.1)
 
     pi*(y) ∝ pi_ref(y)^(beta/alpha) p(y)^(1/alpha)
@@ -22,7 +22,7 @@ entropy rises monotonically with alpha (an exact invariant the test checks on th
 Outputs in --out: `runs.csv` (the printed table: per run the mean / max total variation learned vs closed form,
 and, averaged over questions, the probability of the population's majority option, the entropy in nats and the
 total variation from the population, learned and closed form, and the option mass (the probability the policy
-keeps on the options at all, which the loss does not determine: see eval/opinions.py); plus rows for the
+keeps on the options at all, which the loss does not determine: see data/world/report.py); plus rows for the
 population and the reference),
 `distributions.csv` (per run, question and option: population, reference, learned, closed form), and
 `representation.png` when matplotlib is installed. Training runs live in --out/runs/ and are reused when the
@@ -31,7 +31,7 @@ configuration is unchanged.
 Training: LoRA r = 8 (lora_alpha 16) on all seven projections, 10 warmup steps then cosine decay, batch 16,
 600 steps at a peak lr of 6e-3, given explicitly so that changes to train.py's defaults do not change this
 experiment (why these: the README's Experiments section). The probability the policies keep on the options
-falls as they train: the loss fixes only ratios between options (see eval/opinions.py).
+falls as they train: the loss fixes only ratios between options (see data/world/report.py).
 """
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from eval.experiment import (alpha_for, check_arguments, experiment_parser, option, parse_list, pyplot, run_name,
+from eval.experiments.common import (alpha_for, check_arguments, experiment_parser, option, parse_list, pyplot, run_name,
                              save_figure, write_csv)
 # torch, and the library modules that load it, are imported inside the functions that use them: --help and usage
 # errors then answer before torch's seconds of start-up.
@@ -89,7 +89,7 @@ def _majority(question: dict, key: str) -> float:
 
 
 def summarise(report: dict) -> dict:
-    """One run's row of the table from `eval.opinions.opinion_report`'s output: means over questions."""
+    """One run's row of the table from `data.world.report.opinion_report`'s output: means over questions."""
     rows, alpha, beta = report["questions"], report["alpha"], report["beta"]
     return {"policy": "DPO" if math.isclose(alpha, beta) else "SPL", "alpha": alpha, "beta": beta,
             "alpha_over_beta": alpha / beta,
@@ -136,8 +136,8 @@ def run_experiment(out: Path, ratios, beta: float, steps: int, lr: float = LR, p
                    alpha_one: bool = True, progress: bool = False):
     """Train (or reuse) every run of the sweep and compare. -> (table rows, distribution rows)."""
     from data.world import load_world
-    from eval.opinions import opinion_report
-    from eval.policies import load_policy, train_policy
+    from data.world.report import opinion_report
+    from eval.experiments.policies import load_policy, train_policy
 
     world = load_world()
     data = world.files["opinion_pairs" + ("_soft" if pairs == "soft" else "")]
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from cli import checkpoint_parameters, choose_threads
+    from spl.cli import checkpoint_parameters, choose_threads
     from data.world import MODEL_DIR
 
     choose_threads(args.threads, checkpoint_parameters(MODEL_DIR), "cpu")

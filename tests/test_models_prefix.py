@@ -1,4 +1,4 @@
-"""spl/prefix.py: shared-prefix scoring equals scoring every row on its own.
+"""models/prefix.py: shared-prefix scoring equals scoring every row on its own.
 
 Oracle: the unshared path, `model.hidden_states(prompt + response)` over each whole row followed by the naive
 `log_softmax(hidden @ lm_head.T)` gathered at the targets (spl.logprobs.naive_sequence_logprobs), in float64 so
@@ -12,7 +12,8 @@ import torch
 
 from models import add_lora
 from spl.logprobs import naive_sequence_logprobs
-from spl.prefix import shared_prefix_hidden_states, shared_prefix_logprobs, split_shared_prefix
+from models.prefix import shared_prefix_hidden_states, split_shared_prefix
+from spl.step import shared_prefix_logprobs
 
 TOL = dict(rtol=1e-9, atol=1e-10)  # float64; observed differences ~1e-14
 
@@ -52,7 +53,7 @@ def mixed_batch(seed=0):
 
 
 def shared_logprobs(model, batch):
-    """spl.prefix's shared hidden states through the same naive float64 head as the oracle (the fused head of
+    """models.prefix's shared hidden states through the same naive float64 head as the oracle (the fused head of
     `shared_prefix_logprobs` works in float32; it is compared at float32 tolerance below)."""
     split = split_shared_prefix(batch)
     hidden = shared_prefix_hidden_states(model, split)  # (R, Tr, D): every prompt computed once
@@ -198,9 +199,9 @@ def test_bad_batches_are_refused():
 
 
 def test_bench_prefix_smoke(capsys):
-    """eval/bench_prefix.py end to end on a tiny model: both sides' first loss agree (B = 0, the same batch), and
+    """eval/bench/prefix.py end to end on a tiny model: both sides' first loss agree (B = 0, the same batch), and
     the shared side computes fewer positions."""
-    from eval import bench_prefix
+    from eval.bench import prefix as bench_prefix
 
     bench_prefix.main(["--dim", "64", "--layers", "1", "--vocab", "200", "--pairs", "2", "--batches", "1",
                        "--repeats", "1", "--prompt-median", "20", "--response-median", "6"])

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import random
 
-from data.world_pairs import PreferenceGroup, apportion
+from data.world.pairs import PreferenceGroup, apportion
 
 
 MCQ_HEADER = ("Please answer the following multiple choice question. "
