@@ -40,6 +40,7 @@ from spl.cli import SEED_LIMIT, ArgumentParser, UsageError, check_fits, check_th
 from data.world import MODEL_DIR as DEFAULT_MODEL
 from models import CheckpointError, ConfigError, Tokenizer, load_adapter, load_pretrained
 from models.chat_format import FORMATS as CHAT_FORMATS
+from models.fields import lone_surrogate
 from models.generate import Completion, sample_completions, user_prompt_ids
 from models.tokenizer import check_vocabulary, describe_format
 from spl.runs import StopSignals, Stopped
@@ -79,6 +80,8 @@ def read_prompts(path) -> list[str]:
         if not isinstance(record["prompt"], str) or not record["prompt"].strip():
             raise PromptError(f'{path}:{number}: field "prompt" must be a non-empty string, '
                               f'got {record["prompt"]!r:.60}')
+        if lone_surrogate(record["prompt"]):  # "\ud800" in JSON: no tokenizer can encode it
+            raise PromptError(f'{path}:{number}: field "prompt" {lone_surrogate(record["prompt"])}')
         prompts.append(record["prompt"])
     if not prompts:
         raise PromptError(f"{path}: no prompts")

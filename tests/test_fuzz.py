@@ -329,3 +329,11 @@ def test_lone_surrogates_and_long_integers_in_records_are_one_line(inputs, tmp_p
         data.write_text(raw + "\n")
         with pytest.raises(DataError, match=rf"^{str(data)}:1: .*{words}"):
             load_preference_data(data, tokenizer, 40, 24)
+
+
+def test_a_prompt_with_a_lone_surrogate_is_one_line(inputs, tmp_path, script):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"prompt": "a\\ud800b"}\n')
+    code, out, err = script("sample.py", ["--model", inputs / "model", "--prompts", prompts])
+    assert code == 1 and err.strip() == f'sample.py: error: {prompts}:2: field "prompt" holds a lone surrogate ' \
+                                        f'(\\ud800 at character 1), not text' and out == "", err
