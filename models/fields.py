@@ -60,10 +60,12 @@ def read_json_object(path, error=ValueError, what: str = "a JSON object") -> dic
     return value
 
 
-def _get(obj: dict, key: str, default):
-    if key in obj and obj[key] is not None:
-        return obj[key]
-    return default
+def _lookup(obj: dict, key: str, source, error, default):
+    """obj[key], or `default` when it is absent or null; error naming the key when it is required (MISSING)."""
+    value = obj[key] if key in obj and obj[key] is not None else default
+    if value is MISSING:
+        raise error(f'{source}: missing key "{key}"')
+    return value
 
 
 def integer(obj: dict, key: str, source, error=ValueError, *, default=MISSING, low: int | None = None,
@@ -72,9 +74,7 @@ def integer(obj: dict, key: str, source, error=ValueError, *, default=MISSING, l
     required); None when null and `nullable`."""
     if nullable and key in obj and obj[key] is None:
         return None
-    value = _get(obj, key, default)
-    if value is MISSING:
-        raise error(f'{source}: missing key "{key}"')
+    value = _lookup(obj, key, source, error, default)
     if value is default:
         return value
     if not isinstance(value, int) or isinstance(value, bool):
@@ -89,9 +89,7 @@ def number(obj: dict, key: str, source, error=ValueError, *, default=MISSING, lo
            high: float | None = None, low_open: bool = False):
     """obj[key] as a finite float (an int or a float in the file, not a bool) in [low, high] ((low, high] with
     low_open); `default` when absent or null."""
-    value = _get(obj, key, default)
-    if value is MISSING:
-        raise error(f'{source}: missing key "{key}"')
+    value = _lookup(obj, key, source, error, default)
     if value is default:
         return value
     if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -109,29 +107,21 @@ def number(obj: dict, key: str, source, error=ValueError, *, default=MISSING, lo
 
 def boolean(obj: dict, key: str, source, error=ValueError, *, default=MISSING) -> bool:
     """obj[key] as a JSON true/false (a string "false" would be truthy); `default` when absent or null."""
-    value = _get(obj, key, default)
-    if value is MISSING:
-        raise error(f'{source}: missing key "{key}"')
-    if not isinstance(value, bool):
-        raise error(f"{source}: {key} must be true or false, got {show(value)}")
-    return value
+    return _of_type(obj, key, source, error, default, bool, "true or false")
 
 
 def string(obj: dict, key: str, source, error=ValueError, *, default=MISSING):
-    value = _get(obj, key, default)
-    if value is MISSING:
-        raise error(f'{source}: missing key "{key}"')
-    if value is not default and not isinstance(value, str):
-        raise error(f"{source}: {key} must be a string, got {show(value)}")
-    return value
+    return _of_type(obj, key, source, error, default, str, "a string")
 
 
 def mapping(obj: dict, key: str, source, error=ValueError, *, default=MISSING) -> dict:
-    value = _get(obj, key, default)
-    if value is MISSING:
-        raise error(f'{source}: missing key "{key}"')
-    if value is not default and not isinstance(value, dict):
-        raise error(f"{source}: {key} must be an object, got {show(value)}")
+    return _of_type(obj, key, source, error, default, dict, "an object")
+
+
+def _of_type(obj: dict, key: str, source, error, default, kind: type, words: str):
+    value = _lookup(obj, key, source, error, default)
+    if value is not default and not isinstance(value, kind):
+        raise error(f"{source}: {key} must be {words}, got {show(value)}")
     return value
 
 

@@ -171,10 +171,8 @@ def check_resumed_config(out: Path, config: dict, may_change=()) -> None:
     differ = [name for name in current if name in saved and name not in may_change and saved[name] != current[name]]
     if differ:
         name = differ[0]
-        others = f" (and {len(differ) - 1} more: {', '.join(_flag(n) for n in differ[1:])})" if differ[1:] else ""
-        raise RunError(f"{path}: {_flag(name)} was {json.dumps(saved[name])} when the run started, "
-                       f"{json.dumps(current[name])} now{others}; --resume continues the same run: give the same "
-                       f"value, or start a new run in another --out")
+        _refuse(path, f"{_flag(name)} was {json.dumps(saved[name])} when the run started, {json.dumps(current[name])} "
+                      f"now", [_flag(n) for n in differ[1:]], "give the same value")
 
 
 def check_resumed_inputs(out: Path, inputs: dict | None, say=print) -> None:
@@ -194,10 +192,16 @@ def check_resumed_inputs(out: Path, inputs: dict | None, say=print) -> None:
     changed = [name for name in INPUT_NAMES if name in inputs and saved.get(name) != inputs[name]]
     if changed:
         name = changed[0]
-        also = f" (and {', '.join(INPUT_NAMES[n] for n in changed[1:])})" if changed[1:] else ""
-        raise RunError(f"{path}: {INPUT_NAMES[name]} changed since the run started{also} (fingerprint "
-                       f"{str(saved.get(name))[:12]} then, {str(inputs[name])[:12]} now); --resume continues the "
-                       f"same run: restore them, or start a new run in another --out")
+        _refuse(path, f"{INPUT_NAMES[name]} changed since the run started (fingerprint {str(saved.get(name))[:12]} "
+                      f"then, {str(inputs[name])[:12]} now)", [INPUT_NAMES[n] for n in changed[1:]], "restore them")
+
+
+def _refuse(path: Path, first: str, others: list[str], fix: str) -> None:
+    """RunError("<path>: <first> (and N more: a, b); --resume continues the same run: <fix>, or start a new run in
+    another --out"): what differs from the run being resumed, the first in full and the others by name."""
+    more = f" (and {len(others)} more: {', '.join(others)})" if others else ""
+    raise RunError(f"{path}: {first}{more}; --resume continues the same run: {fix}, or start a new run in another "
+                   f"--out")
 
 
 def _flag(name: str) -> str:
