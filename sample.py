@@ -29,6 +29,9 @@ probability of the text, comparable across settings.
 """
 from __future__ import annotations
 
+from spl.signals import exit_quietly_on_stop
+exit_quietly_on_stop(__name__, "sample.py")  # before torch's import (seconds): a stop signal is one line from here on
+
 import argparse
 import json
 import math
@@ -38,16 +41,18 @@ from pathlib import Path
 
 import torch
 
-from spl.cli import ArgumentParser, UsageError, choose_threads, resolve_device
+from spl.cli import SEED_LIMIT, ArgumentParser, UsageError, check_fits, check_threads, choose_threads, resolve_device
 from data.tokenization import ContextError, check_context
 from data.world import MODEL_DIR as DEFAULT_MODEL
 from models import CheckpointError, ConfigError, load_adapter, load_pretrained
 from models.chat_format import FORMATS as CHAT_FORMATS, ChatFormatError
 from data.preferences import parse_prompt
+from models.fields import lone_surrogate
 from models.generate import Completion, sample_completions, user_prompt_ids
 from models.gguf import resolve_model
 from models.peft import adapter_base_model
 from models.tokenizer import check_vocabulary, describe_format, load_tokenizer
+from spl.runs import StopSignals, Stopped
 
 
 class PromptError(ValueError):
@@ -97,10 +102,15 @@ def conversation_or_text(value, where: str) -> str | list[dict]:
     if isinstance(value, str):
         if not value.strip():
             fail('field "prompt" must be a non-empty string or a list of messages')
+        if lone_surrogate(value):  # "\ud800" in JSON: no tokenizer can encode it
+            fail(f'field "prompt" {lone_surrogate(value)}')
         return value
     if not isinstance(value, list) or not value:
         fail(f'field "prompt" must be a non-empty string or a list of messages, got {value!r:.60}')
     messages = parse_prompt(value, "prompt", fail)
+    for message in messages:
+        if lone_surrogate(message["content"]):
+            fail(f'field "prompt" {lone_surrogate(message["content"])}')
     if messages[-1]["role"] != "user":
         fail(f'field "prompt": the last message must be the user\'s turn, got role {messages[-1]["role"]!r}')
     return messages
@@ -139,7 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "string or a list of chat messages)")
     p.add_argument("--system", help="a system message put before every prompt that has none")
     p.add_argument("-n", "--num-samples", type=int, default=1, help="completions per prompt (default 1)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 (or below 1e-5) is greedy (default 1)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--min-p", type=float, help="p_base of min-p sampling")
@@ -164,13 +174,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         (args.min_p is None or 0 <= args.min_p <= 1, f"--min-p must be in [0, 1], got {args.min_p}"),
         (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
         (args.threads >= 0, f"--threads must be >= 0 (0: automatic), got {args.threads}"),
+        (0 <= args.seed < SEED_LIMIT, f"--seed must be in [0, 2^63), got {args.seed}"),
         (args.prompt is None or args.prompt.strip() != "", "--prompt is empty"),
         (not (args.no_chat and args.system is not None), "--system needs the chat format: leave out --no-chat"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    check_threads(args.threads)
     return args
+
+
+def sampling_bytes(config, num_samples: int, length: int, dtype: str) -> int:
+    """Memory one prompt's sampling holds: the KV cache of N rows of `length` tokens (2 x layers x N x length x
+    kv heads x head_dim elements) and the float32 logits of N rows (a few copies while filtering)."""
+    element = 2 if dtype == "bfloat16" else 4
+    cache = 2 * config.num_hidden_layers * num_samples * length * config.num_key_value_heads * config.head_dim
+    return cache * element + 4 * num_samples * config.vocab_size * 4
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,22 +212,28 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         load_adapter(model, args.adapter)
         model.to(device).eval()
+    max_prompt = 0
     for number, text in enumerate(prompts, start=1):  # train.py's rule for --max-length (data/tokenization.py)
         where = "--prompt" if args.prompt is not None else f"{args.prompts}: prompt {number}"
         try:
             length = len(user_prompt_ids(tokenizer, text, not args.no_chat))
         except ChatFormatError as error:  # a conversation this chat format refuses
             raise PromptError(f"{where}: chat format {tokenizer.chat_format}: {error}") from None
+        max_prompt = max(max_prompt, length)
         check_context(length + args.max_new_tokens, model.config.max_position_embeddings,
                       f"{where}: {length} tokens + --max-new-tokens {args.max_new_tokens} =", model_dir)
+    check_fits(sampling_bytes(model.config, args.num_samples, max_prompt + args.max_new_tokens, args.dtype),
+               f"-n {args.num_samples} samples of up to {max_prompt + args.max_new_tokens} tokens (their KV cache "
+               f"and logits)", device)
     print(describe_format(tokenizer), file=sys.stderr)  # once every input is checked; stdout holds the completions
     generator = torch.Generator(device=device).manual_seed(args.seed)
     completions = sample_completions(model, tokenizer, prompts, args.num_samples, args.max_new_tokens,
                                      args.temperature, args.top_k, args.top_p, args.min_p, chat=not args.no_chat,
                                      generator=generator)
     if args.json:
-        for c in completions:
-            print(json.dumps(asdict(c), ensure_ascii=False))
+        for c in completions:  # JSON has no NaN: a non-finite log-prob (an overflowing model) is null
+            record = asdict(c) | {"logprob": c.logprob if math.isfinite(c.logprob) else None}
+            print(json.dumps(record, ensure_ascii=False, allow_nan=False))
     else:
         print_readable(completions)
     return 0
@@ -215,7 +241,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     try:
-        return run(parse_args(argv))
+        with StopSignals(immediate=True, what="stopped"):  # SIGINT/SIGTERM: one line, exit 128 + signal
+            return run(parse_args(argv))
+    except Stopped as stop:
+        return stop.exit("sample.py")
     except SystemExit as exit:  # argparse's own errors (usage printed): return the code instead of exiting
         return int(exit.code or 0)
     except (UsageError, ContextError) as error:

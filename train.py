@@ -26,6 +26,9 @@ micro-batch); how the processes share the work, exactly, is spl/distributed.py's
 """
 from __future__ import annotations
 
+from spl.signals import exit_quietly_on_stop
+exit_quietly_on_stop(__name__, "train.py")  # before torch's import (seconds): a stop signal is one line from here on
+
 import dataclasses
 import math
 import signal
@@ -46,16 +49,16 @@ from data.tokenization import ContextError, check_context, load_preference_data
 from data.world import DEFAULT_DIR as WORLD_DIR, FILES as WORLD_FILES, MODEL_DIR as WORLD_MODEL, load_world
 from data.world.report import format_job_report, job_report, world_report
 from data.world.reward import exact_reward_floor, world_reward_for_prompts
-from models import (CheckpointError, ConfigError, MistralConfig, add_lora, build_model, load_pretrained,
-                    save_pretrained)
+from data.reference_cache import file_sha256, reference_identity
+from models import CheckpointError, ConfigError, MistralConfig, add_lora, build_model, load_pretrained
 from models.gguf import resolve_model
-from models.peft import save_adapter
 from models.tokenizer import check_vocabulary, describe_format, load_tokenizer
 from spl import evaluation, online, runs
-from spl.cli import UsageError, choose_threads, resolve_device
+from spl.cli import UsageError, check_fits, choose_threads, resolve_device
 from spl.console import ConsoleLog
 from spl.plot import TensorBoardLog, draw_curves
-from spl.config import RESUME_MAY_CHANGE, TrainConfig, describe, describe_recipe, is_world_run, parse_args
+from spl.config import (RESUME_MAY_CHANGE, TrainConfig, describe, describe_recipe, is_world_run, parse_args,
+                        validate_for_model)
 from spl.distributed import (Processes, check_run_directory, prepare_run_directory, resume, run_directory_lock,
                              save_checkpoint, share_batches, shard_frozen_weights, start_processes, sum_across,
                              sum_gradients_)
@@ -78,7 +81,10 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, f
 
 def main(argv=None) -> int:
     try:
-        return train(parse_args(argv))
+        with runs.StopSignals(immediate=True):  # SIGINT/SIGTERM in any phase: one line, exit 128 + signal
+            return train(parse_args(argv))
+    except runs.Stopped as stop:
+        return stop.exit("train.py", quiet=not Processes.from_environment().main)
     except (UsageError, ContextError, DataError, CheckpointError, ConfigError, runs.RunError) as error:
         # Every process meets these alike (same inputs; run-directory checks are rank 0's, broadcast): one line.
         if Processes.from_environment().main:
@@ -90,6 +96,7 @@ def train(c: TrainConfig) -> int:
     """One training run, in this process: join torchrun's process group when launched by it, hold the run
     directory's lock, run, and leave. Returns the exit code (0: done; 128 + signal: stopped and saved)."""
     procs = Processes.from_environment()
+    runs.check_out(c.out, c.resume, c.overwrite, c.inputs_read(WORLD_MODEL, WORLD_DIR))  # before anything is touched
     if procs.distributed and c.device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device {c.device}: under torchrun every process takes cuda:LOCAL_RANK; "
                          f"give --device auto, cuda or cpu")
@@ -138,17 +145,19 @@ def run(c: TrainConfig, procs: Processes, device, console: ConsoleLog) -> int:
                                                                        model.config.vocab_size, say)
     total_steps = c.steps or epochs_to_steps(examples, c.epochs, c.prompts_per_batch or c.batch_size,
                                              c.prompts_per_batch > 0)
-    prepare_run_directory(out, dataclasses.asdict(c), c.resume, c.overwrite, procs)  # every input read and checked
+    inputs = {"data": summary.sha256, "tokenizer": file_sha256(tokenizer_path),  # recorded; --resume compares
+              "model": reference_identity(model_dir, c.init_config, c.seed, c.dtype, c.average_logprobs)}
+    prepare_run_directory(out, dataclasses.asdict(c), c.resume, c.overwrite, procs, inputs, say)  # inputs checked
     console.keep_in(out / "train.log")
     num_parameters = model.num_parameters()  # the model's own, before LoRA adds its branches
     trainable, head = trainable_parameters(model, c, procs, device)
     reference = held_out_reference = None  # (ref_chosen_logps [N], ref_rejected_logps [N]), preference losses
     if c.loss in PREFERENCE_LOSSES:  # the model as loaded, LoRA off, before any update; cached (spl/reference.py)
-        reference = reference_log_probs(model, examples, summary.sha256, model_dir, tokenizer, tokenizer_path,
-                                        out / "cache", c, procs, device, compile)
+        reference = reference_log_probs(model, examples, inputs["data"], inputs, tokenizer, out / "cache", c, procs,
+                                        device, compile)
         if held_out:  # its own key, its own cache
-            held_out_reference = reference_log_probs(model, held_out, held_out_sha256, model_dir, tokenizer,
-                                                     tokenizer_path, out / "cache", c, procs, device, compile)
+            held_out_reference = reference_log_probs(model, held_out, held_out_sha256, inputs, tokenizer,
+                                                     out / "cache", c, procs, device, compile)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=c.lr, betas=(0.9, 0.999), weight_decay=c.weight_decay)
     if c.loss == "spl-online":  # the data's distinct prompts, the reward, and a seeded order of prompt batches
         prompts = online.distinct_prompts(examples)
@@ -167,9 +176,11 @@ def run(c: TrainConfig, procs: Processes, device, console: ConsoleLog) -> int:
             held_out, tokenizer.pad_id, c, procs), procs, device)
     code = loop(setup, c, procs, device, out, say, reports=is_world_run(c) and (procs.main or c.fsdp),
                 tokenizer=tokenizer)
-    if code == 0:
-        write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out, c, procs, device,
-                      is_world_run(c) and (procs.main or c.fsdp), reference[:2] if c.loss == "spl-online" else None)
+    with runs.StopSignals() as signals:  # a signal while the outputs are written waits for them (never a cut write)
+        if code == 0:
+            write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out, c, procs, device,
+                          is_world_run(c) and (procs.main or c.fsdp), reference[:2] if c.loss == "spl-online" else None)
+    signals.check("came while the outputs were written; they were finished first")
     return code
 
 
@@ -180,7 +191,7 @@ def loop(s: Setup, c: TrainConfig, procs: Processes, device, out: Path, say, rep
     def save(step):
         return save_checkpoint(out, step, s.trainable, s.optimizer, s.batches, c.keep_checkpoints, procs)
 
-    log = runs.MetricsLog(out / "metrics.jsonl", resume_step=s.start_step if c.resume else None, enabled=procs.main)
+    log = runs.MetricsLog(out / "metrics.jsonl", s.start_step if c.resume else None, procs.main, say=say)
     log = TensorBoardLog(log, out / "tensorboard") if c.tensorboard and procs.main else log  # spl/plot.py
     s.model.train()
     last_saved = None
@@ -220,10 +231,10 @@ def loop(s: Setup, c: TrainConfig, procs: Processes, device, out: Path, say, rep
             if sum_across(procs, [float(signals.received is not None)], device)[0] > 0:  # all stop together
                 if last_saved is None or not last_saved.name.endswith(f"{step + 1:06d}"):
                     last_saved = save(step + 1)
-                say(f"\n{signals.name or 'a stop signal to another process'}: saved {last_saved}; continue with "
-                    f"the same command plus --resume")
-                log.close()
-                return 128 + (signals.received or signal.SIGTERM)
+                progress.close()
+                log.close()  # another process's signal stops this one too, as SIGTERM
+                raise runs.Stopped(signals.received or signal.SIGTERM, f"saved {last_saved}; continue with the same "
+                                   f"command plus --resume")
         progress.close()
     evaluate(s, s.total_steps, log, say)
     log.close()
@@ -242,9 +253,10 @@ def load_model(c: TrainConfig, device):
     block, so no GPU ever holds the whole model."""
     load_device = torch.device("cpu") if c.fsdp else device
     if c.init_config:
-        model_dir = None
-        model = build_model(MistralConfig.from_json(c.init_config), dtype=DTYPES[c.dtype], device=load_device,
-                            seed=c.seed)
+        model_dir, config = None, MistralConfig.from_json(c.init_config)
+        check_fits(16 * config.num_parameters(), f"--init-config {c.init_config}: a full fine-tune (4 float32s a "
+                   f"parameter: weight, gradient, AdamW's two moments)", load_device)
+        model = build_model(config, dtype=DTYPES[c.dtype], device=load_device, seed=c.seed)
     else:
         model_dir = resolve_model(c.model) if c.model else WORLD_MODEL  # a directory, a .gguf file or smollm2
         model = load_pretrained(model_dir, dtype=DTYPES[c.dtype], device=load_device)
@@ -253,6 +265,7 @@ def load_model(c: TrainConfig, device):
     check_vocabulary(tokenizer, model.config.vocab_size, model_dir or c.init_config)  # a tokenizer of another model
     check_context(c.max_length, model.config.max_position_embeddings, "--max-length", model_dir or c.init_config)
     choose_threads(c.threads, model.num_parameters(), device)  # 0: one thread for a small model on CPU
+    validate_for_model(c, model)  # the LoRA rank the model bounds, refused before any work
     return model, tokenizer, model_dir, tokenizer_path
 
 
@@ -396,17 +409,8 @@ def write_outputs(model, head, tokenizer, tokenizer_path, model_dir, out: Path, 
                             reward_model=online_reward if c.loss == "spl-online" and not exact else None)
     if not procs.main:
         return
-    if c.lora_rank:
-        extra = {"reward_head.safetensors": head.state_dict()} if head is not None else None
-        save_adapter(model, out / "adapter", base_model_name_or_path=str(model_dir or c.init_config), overwrite=True,
-                     extra_tensors=extra)
-        print(f"adapter: {out / 'adapter'} (PEFT format)")
-    else:
-        final = out / "model"
-        save_pretrained(model, final, tokenizer_path=tokenizer_path, overwrite=True)
-        print(f"model: {final} (HF format)")
+    runs.save_outputs(out, model, head, str(model_dir or c.init_config), tokenizer_path, bool(c.lora_rank), report)
     if report is not None:
-        runs.write_json_atomic(out / "report.json", report)
         print(format_job_report(report))
     if c.plot and (picture := draw_curves(out)) is not None:  # when matplotlib is installed
         print(f"curves: {picture}")

@@ -29,12 +29,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 
 from data.sources import DataError, read_sources
 from models.chat_format import ChatFormatError, normalize_messages
+from models.fields import lone_surrogate, show
 
 COLUMNS = ("prompt", "chosen", "rejected", "chosen_prob")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -175,8 +175,9 @@ def parse_record(value, columns: dict, path: str, line: int, where: str = "line"
     if columns["chosen_prob"] in value:
         chosen_prob = value[columns["chosen_prob"]]
         if isinstance(chosen_prob, bool) or not isinstance(chosen_prob, (int, float)) \
-                or not (math.isfinite(chosen_prob) and 0.0 <= chosen_prob <= 1.0):
-            fail(f'field "{columns["chosen_prob"]}" must be a number in [0, 1], got {json.dumps(chosen_prob)}')
+                or not (chosen_prob in (0, 1) or (isinstance(chosen_prob, float) and 0.0 <= chosen_prob <= 1.0)):
+            fail(f'field "{columns["chosen_prob"]}" must be a number in [0, 1], got {show(chosen_prob)}')
+    check_text([m["content"] for m in prompt] + [chosen, rejected], fail)
 
     if not any(message["content"].strip() for message in prompt if message["role"] == "user"):
         raise UnusablePair("empty prompt")
@@ -187,6 +188,12 @@ def parse_record(value, columns: dict, path: str, line: int, where: str = "line"
     if chosen == rejected:
         raise UnusablePair("chosen and rejected responses are identical")
     return PreferenceRecord(prompt, chosen, rejected, float(chosen_prob), line)
+
+
+def check_text(texts, fail) -> None:
+    """Every string must be text that can be written out (models/fields.py lone_surrogate)."""
+    for problem in filter(None, map(lone_surrogate, texts)):
+        fail(problem)
 
 
 def split_hh_transcripts(chosen: str, rejected: str) -> tuple[list[dict], str, str]:

@@ -17,7 +17,7 @@ import os
 import torch
 
 from data.batching import PreferenceBatches, pad_rows
-from data.preferences import DataError, DataSummary, _messages, parse_prompt
+from data.preferences import DataError, DataSummary, _messages, check_text, parse_prompt
 from data.sources import _read_json_values
 from data.tokenization import check_lengths, truncate_pair
 
@@ -39,6 +39,7 @@ def _record(value, columns: dict, path: str, line: int) -> tuple[list[dict], str
         messages = _messages(value["messages"], "messages", fail)
         if not messages or messages[-1]["role"] != "assistant":
             fail('"messages" must end with an assistant turn (the response to train on)')
+        check_text([m["content"] for m in messages], fail)
         return messages[:-1], messages[-1]["content"]
     for key in (columns["prompt"], columns["response"]):
         if key not in value:
@@ -47,6 +48,7 @@ def _record(value, columns: dict, path: str, line: int) -> tuple[list[dict], str
     response = value[columns["response"]]
     if not isinstance(response, str):
         fail(f'field "{columns["response"]}" must be a string, got {type(response).__name__}')
+    check_text([m["content"] for m in prompt] + [response], fail)
     return prompt, response
 
 

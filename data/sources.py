@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import io
 import hashlib
 import importlib
 import json
@@ -203,10 +204,7 @@ def _read_json_values(path: str) -> tuple[list[tuple[int, object]], str]:
         raise DataError(path, None, "is a directory, expected a .jsonl or .json file") from None
     sha256 = hashlib.sha256(raw).hexdigest()
     if path.endswith(".gz"):
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
-            raise DataError(path, None, f"not a valid gzip file ({error or type(error).__name__})") from None
+        raw = _gunzip(raw, path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -222,6 +220,20 @@ def _read_json_values(path: str) -> tuple[list[tuple[int, object]], str]:
     return values, sha256
 
 
+def _gunzip(raw: bytes, path: str) -> bytes:
+    """A .gz file's bytes, at most 1 GiB (or $SPL_MAX_DECOMPRESSED_BYTES): 300 KB can expand to gigabytes."""
+    limit = int(os.environ.get("SPL_MAX_DECOMPRESSED_BYTES", 1 << 30))
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as file:
+            data = file.read(limit + 1)
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        raise DataError(path, None, f"not a valid gzip file ({error or type(error).__name__})") from None
+    if len(data) > limit:
+        raise DataError(path, None, f"decompresses to more than {limit} bytes (the limit; a larger file: set "
+                                    f"SPL_MAX_DECOMPRESSED_BYTES, or decompress it and give the .jsonl)")
+    return data
+
+
 def _json_lines(text: str, path: str) -> list[tuple[int, object]]:
     values = []
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold \u2028
@@ -234,8 +246,9 @@ def _json_lines(text: str, path: str) -> list[tuple[int, object]]:
             if number == 1 and _is_one_json_object(text):
                 problem = "the file is one JSON object; expected JSON Lines (one object per line) or a JSON array"
             raise DataError(path, number, problem) from None
-        except RecursionError:  # a line made to break the parser: [[[[...]]]] a million deep
-            raise DataError(path, number, "malformed JSON: nested too deeply to parse") from None
+        except (RecursionError, ValueError) as error:  # [[[[...]]]] a million deep; an int of over 4300 digits
+            raise DataError(path, number, "malformed JSON: " + ("nested too deeply to parse" if isinstance(
+                error, RecursionError) else str(error).splitlines()[0][:80])) from None
     return values
 
 
@@ -269,9 +282,10 @@ def _json_array(text: str, path: str) -> list[tuple[int, object]]:
             except json.JSONDecodeError as error:
                 raise DataError(path, error.lineno, f"malformed JSON in array element {len(values)}: "
                                                     f"{error.msg} (column {error.colno})") from None
-            except RecursionError:
-                raise DataError(path, start_line, f"malformed JSON: array element {len(values)} is nested too "
-                                                  f"deeply to parse") from None
+            except (RecursionError, ValueError) as error:  # too deep; an integer literal of over 4300 digits
+                raise DataError(path, start_line, f"malformed JSON: array element {len(values)} " + (
+                    "is nested too deeply to parse" if isinstance(error, RecursionError) else
+                    f"holds {str(error).splitlines()[0][:80]}")) from None
             values.append((start_line, value))
             position = _JSON_WHITESPACE.match(text, position).end()
             if text.startswith(",", position):

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from models.fields import mapping, read_json_object, show
 from models.files import IntegrityError, publish_directory, verify_directory
 from models.mistral import ConfigError, Mistral, MistralConfig
 
@@ -79,20 +80,25 @@ def ours_to_hf(name: str) -> str | None:
     return _translate(name, _TO_HF)
 
 
-def _weight_files(path: Path) -> list[Path]:
+def _weight_files(path: Path) -> tuple[list[Path], dict | None]:
+    """(the weight files, the index's {HF name: file name} or None for a single file)."""
     single, index = path / SINGLE_FILE, path / INDEX_FILE
     if single.is_file():
-        return [single]
+        return [single], None
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as error:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({error})") from None
+        def invalid(message: str):  # "<index>: not a valid safetensors index (<what the reader found>)"
+            return CheckpointError(f"{index}: not a valid safetensors index ({message.removeprefix(f'{index}: ')})")
+        weight_map = mapping(read_json_object(index, invalid), "weight_map", index, invalid)
+        for name, file_name in weight_map.items():
+            if not isinstance(file_name, str) or not file_name or Path(file_name).name != file_name or \
+                    file_name in (".", ".."):  # a shard outside the directory is not this checkpoint's
+                raise CheckpointError(f"{index}: weight_map[{show(name)}] must be a file name in {path}, got "
+                                      f"{show(file_name)}")
         files = [path / name for name in sorted(set(weight_map.values()))]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
-        return files
+        return files, weight_map
     found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
     hint = f" (found {', '.join(found)}: only safetensors is read; convert them first)" if found else ""
     raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
@@ -142,7 +148,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Mist
         verify_directory(path, required=False, hash_limit=HASH_LIMIT)
     except IntegrityError as error:
         raise CheckpointError(str(error)) from None
-    files = _weight_files(path)
+    files, weight_map = _weight_files(path)
     _check_layer_count(path, config, files)
     with torch.device("meta"):
         model = Mistral(config)
@@ -156,6 +162,10 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Mist
         try:
             with safe_open(str(file), framework="pt", device=device_str) as f:
                 for hf_name in f.keys():
+                    if weight_map is not None and weight_map.get(hf_name) != file.name:
+                        # in two shards, or in a shard the index does not name for it: which one is meant?
+                        raise CheckpointError(f"{path / INDEX_FILE}: {hf_name} is in {file.name}, but the index "
+                                              f"puts it in {weight_map.get(hf_name) or 'no shard'}")
                     name = hf_to_ours(hf_name)
                     if name is None or name not in expected:
                         if config.tie_word_embeddings and name == "lm_head.weight":
@@ -170,6 +180,9 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Mist
                                          f"{hf_name}: {tensor.dtype} in {file.name}, not floating point")
                         misshaped_names.add(name)  # reported as mis-shaped, not also as missing
                         continue
+                    if not bool(torch.isfinite(tensor).all()):  # one pass, while the tensor is at hand
+                        raise CheckpointError(f"{file}: {hf_name} holds NaN or infinite values; the weights are "
+                                              f"damaged (or overflowed when saved)")
                     state[name] = tensor.to(dtype) if dtype is not None else tensor
         except SafetensorError as error:  # cut short, not safetensors at all, or a header made to break readers
             raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from None

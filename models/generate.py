@@ -53,9 +53,15 @@ def logits_to_probs(logits, temperature: float = 1.0, top_k: int | None = None, 
     return logits.softmax(-1)
 
 
+# Below this temperature sampling is greedy: logits / T overflows float32 for T ~ 1e-38 (a NaN distribution),
+# and long before that the tempered distribution is the argmax up to ties (logit gaps of 1e-4 become 10 nats).
+GREEDY_BELOW = 1e-5
+
+
 def sample_token(logits, temperature: float = 1.0, top_k=None, top_p=None, min_p=None, generator=None):
-    """One token per row of `logits` [B, V]: argmax at temperature 0, else a draw from `logits_to_probs`."""
-    if temperature == 0:
+    """One token per row of `logits` [B, V]: argmax at temperature 0 (or below GREEDY_BELOW), else a draw from
+    `logits_to_probs`."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     probs = logits_to_probs(logits, temperature, top_k, top_p, min_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

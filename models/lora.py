@@ -194,6 +194,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, ta
     check_head_dropout(targets, dropout, "add_lora: target", "dropout")
     if lora_modules(model):
         raise ValueError("add_lora: the model already has LoRA layers (merge_lora or load a fresh model first)")
+    bound, layer = max_rank(model, targets)
+    if bound and rank > bound:
+        raise ValueError(f"add_lora: rank {rank} exceeds min(in, out) = {bound} of {layer}")
     chosen = [(name, module) for name, module in model.named_modules()
               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
     if not chosen:
@@ -209,6 +212,15 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, ta
         lora = LoRALinear(module.weight, rank, alpha, dropout).train(module.training)  # keep train/eval mode
         setattr(parent, child_name, lora)
     return model
+
+
+def max_rank(model: nn.Module, targets) -> tuple[int, str]:
+    """(the largest useful LoRA rank for `targets`, the layer that bounds it): B A has rank at most
+    min(in, out) of each target, so a larger rank adds parameters and memory but no capacity."""
+    targets = resolve_targets(targets)
+    bounds = [(min(module.weight.shape), name) for name, module in model.named_modules()
+              if name.rsplit(".", 1)[-1] in targets and hasattr(module, "weight") and module.weight.dim() == 2]
+    return min(bounds) if bounds else (0, "")
 
 
 @contextlib.contextmanager

@@ -28,6 +28,16 @@ class ConfigError(ValueError):
     """A config.json this implementation cannot build faithfully; the message names the file and the key."""
 
 
+def _eos_token_id(hf: dict, source: str):
+    """eos_token_id as the file has it: an id, null, or (HF allows it) a non-empty list of ids."""
+    from models.fields import MAX_DIMENSION, integer
+    value = hf.get("eos_token_id", 2)
+    for index, item in enumerate(value if isinstance(value, list) and value else [value]):
+        integer({"eos_token_id": item}, "eos_token_id", source if index == 0 else f"{source}: item {index} of",
+                ConfigError, low=0, high=MAX_DIMENSION, nullable=not isinstance(value, list))
+    return value
+
+
 @dataclass
 class MistralConfig:
     # Architecture fields have no defaults: they come from the checkpoint's config.json (from_hf_dict).
@@ -70,56 +80,72 @@ class MistralConfig:
         files) and `rope_parameters.rope_theta` (newer); `head_dim` may be absent or differ from
         hidden_size / num_attention_heads; `sliding_window` may be null. Anything that would change the
         architecture in a way this implementation does not build (biases, RoPE scaling, another activation)
-        is refused rather than silently ignored."""
+        is refused rather than silently ignored. Every field is read by models/fields.py's checked reader:
+        its type (`sliding_window: true` is not a window of one token), range and finiteness."""
+        from models.fields import MAX_DIMENSION, boolean, integer, mapping, number, show, string
+
         def fail(message):
             raise ConfigError(f"{source}: {message}")
 
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            fail(f"model_type {model_type!r} is not supported; this implementation builds {SUPPORTED_MODEL_TYPES}")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if key not in hf:
-                fail(f'missing key "{key}"')
-        if hf.get("hidden_act", "silu") != "silu":
+            fail(f"model_type {model_type!r:.60} is not supported; this implementation builds {SUPPORTED_MODEL_TYPES}")
+        size = dict(source=source, error=ConfigError, low=1, high=MAX_DIMENSION)
+        dims = {key: integer(hf, key, **size) for key in ("vocab_size", "hidden_size", "intermediate_size",
+                                                          "num_hidden_layers", "num_attention_heads")}
+        if string(hf, "hidden_act", source, ConfigError, default="silu") != "silu":
             fail(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
         for key in ("attention_bias", "mlp_bias"):
-            if hf.get(key):
+            if boolean(hf, key, source, ConfigError, default=False):
                 fail(f"{key}: true is not supported")
-        rope_parameters = hf.get("rope_parameters") or {}
+        rope_parameters = mapping(hf, "rope_parameters", source, ConfigError, default={})
         rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
         if hf.get("rope_scaling") or rope_type != "default":
-            fail(f"RoPE scaling ({hf.get('rope_scaling') or rope_type!r}) is not supported")
-        rope_theta = rope_parameters.get("rope_theta", hf.get("rope_theta", 10000.0))
-        heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        if model_type == "mistral":
-            sliding_window = hf.get("sliding_window", 4096)  # HF's MistralConfig default when the key is absent
-        else:
-            sliding_window = None
+            fail(f"RoPE scaling ({show(hf.get('rope_scaling') or rope_type)}) is not supported")
+        rope_theta = number(rope_parameters, "rope_theta", f"{source}: rope_parameters", ConfigError,
+                            default=None, low=0, low_open=True)
+        if rope_theta is None:
+            rope_theta = number(hf, "rope_theta", source, ConfigError, default=10000.0, low=0, low_open=True)
+        heads = dims["num_attention_heads"]
+        head_dim = integer(hf, "head_dim", **size, default=None) or dims["hidden_size"] // heads
+        sliding_window = None
+        if model_type == "mistral":  # HF's MistralConfig default is 4096 when the key is absent; null: none
+            sliding_window = hf.get("sliding_window", 4096)
+            if sliding_window is not None and (not isinstance(sliding_window, int) or isinstance(sliding_window, bool)
+                                               or not 0 < sliding_window <= 1 << 31):
+                fail(f"sliding_window must be null or a positive integer, got {show(sliding_window)}")
+        token_id = dict(source=source, error=ConfigError, low=0, high=MAX_DIMENSION, nullable=True)
         try:
             return cls(
-                vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
-                num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
-                head_dim=head_dim, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(rope_theta),
-                sliding_window=sliding_window, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 32768)), model_type=model_type,
-                bos_token_id=hf.get("bos_token_id", 1), eos_token_id=hf.get("eos_token_id", 2))
+                vocab_size=dims["vocab_size"], hidden_size=dims["hidden_size"],
+                intermediate_size=dims["intermediate_size"], num_hidden_layers=dims["num_hidden_layers"],
+                num_attention_heads=heads,
+                num_key_value_heads=integer(hf, "num_key_value_heads", **size, default=None) or heads,
+                head_dim=head_dim, rms_norm_eps=number(hf, "rms_norm_eps", source, ConfigError, default=1e-6,
+                                                       low=0, high=1, low_open=True),
+                rope_theta=rope_theta, sliding_window=sliding_window,
+                tie_word_embeddings=boolean(hf, "tie_word_embeddings", source, ConfigError, default=False),
+                max_position_embeddings=integer(hf, "max_position_embeddings", source, ConfigError, default=32768,
+                                                low=1, high=1 << 31),
+                model_type=model_type, bos_token_id=integer(hf, "bos_token_id", **token_id, default=1),
+                eos_token_id=_eos_token_id(hf, source))
         except ConfigError as error:
             fail(str(error))
 
     @classmethod
     def from_json(cls, path) -> "MistralConfig":
-        path = Path(path)
-        try:
-            hf = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:  # Recursion: [[[[...]]]]
-            raise ConfigError(f"{path}: not valid JSON ({error})") from None
-        if not isinstance(hf, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_hf_dict(hf, source=str(path))
+        from models.fields import read_json_object
+        return cls.from_hf_dict(read_json_object(path, ConfigError), source=str(path))
+
+    def num_parameters(self) -> int:
+        """The parameter count of Mistral(self), from the config alone (no module built; a config claiming huge
+        sizes is measured before anything is allocated): per layer q, k, v, o (D x nh*hd, D x nkv*hd twice,
+        nh*hd x D), the SwiGLU MLP (3 x D x I) and two norms (2D); plus the embedding (V x D), the final norm
+        (D) and the output head (V x D) unless tied."""
+        D, I, V, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        attention = D * self.num_attention_heads * hd * 2 + D * self.num_key_value_heads * hd * 2
+        layer = attention + 3 * D * I + 2 * D
+        return self.num_hidden_layers * layer + V * D + D + (0 if self.tie_word_embeddings else V * D)
 
     def to_hf_dict(self) -> dict:
         """The config.json that HF transformers reads back into the same architecture."""

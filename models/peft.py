@@ -14,6 +14,7 @@ never ignored. An adapter written by PEFT has no manifest and loads unverified.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch.nn as nn
@@ -21,9 +22,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from models.checkpoint import ours_to_hf
+from models.fields import MAX_DIMENSION, number, read_json_object, show
 from models.files import IntegrityError, publish_directory, verify_directory
 from models.lora import (TARGET_NAMES, AdapterError, add_lora, load_lora_state_dict, lora_modules, lora_state_dict,
-                         resolve_targets)
+                         max_rank, resolve_targets)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -86,17 +88,12 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | Non
 
 
 def _adapter_config_json(directory) -> tuple[Path, dict]:
-    """(path, the JSON object) of a directory's adapter_config.json; AdapterError in one line if it is not one."""
+    """(path, the JSON object) of a directory's adapter_config.json, read by the checked reader (models/fields.py);
+    AdapterError in one line if it is not one."""
     path = Path(directory) / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AdapterError(f"{path}: no such file (is {directory} a PEFT adapter directory?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
-        raise AdapterError(f"{path}: not valid JSON ({type(error).__name__}: {error})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
-    return path, config
+    if not path.is_file():
+        raise AdapterError(f"{path}: no such file (is {directory} a PEFT adapter directory?)")
+    return path, read_json_object(path, AdapterError)
 
 
 def _read_adapter_config(directory: Path) -> tuple[int, float, float, tuple[str, ...]]:
@@ -116,11 +113,15 @@ def _read_adapter_config(directory: Path) -> tuple[int, float, float, tuple[str,
         if value not in (None, False, "none", [], {}):
             raise AdapterError(f"{path}: {key}={value!r} is not supported by this LoRA")
     rank, alpha = config["r"], config["lora_alpha"]
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise AdapterError(f"{path}: r must be a positive integer, got {rank!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-        raise AdapterError(f"{path}: lora_alpha must be a positive number, got {alpha!r}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 < rank <= MAX_DIMENSION:
+        raise AdapterError(f"{path}: r must be a positive integer, got {show(rank)}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < math.inf:
+        raise AdapterError(f"{path}: lora_alpha must be a positive number, got {show(alpha)}")
     target_modules = config["target_modules"]
+    if not isinstance(target_modules, (str, list)) or \
+            (isinstance(target_modules, list) and not all(isinstance(t, str) for t in target_modules)):
+        raise AdapterError(f"{path}: target_modules must be a list of names or 'all-linear', got "
+                           f"{show(target_modules)}")
     if isinstance(target_modules, str) and target_modules != "all-linear":
         raise AdapterError(f"{path}: target_modules {target_modules!r} is a regular expression; only a list of "
                            f"names from {list(TARGET_NAMES)} or 'all-linear' is supported")
@@ -128,8 +129,8 @@ def _read_adapter_config(directory: Path) -> tuple[int, float, float, tuple[str,
         targets = resolve_targets(target_modules)
     except ValueError as error:
         raise AdapterError(f"{path}: target_modules: {error}") from None
-    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
-    return rank, alpha, dropout, targets
+    dropout = number(config, "lora_dropout", path, AdapterError, default=0.0, low=0.0, high=0.999999)
+    return rank, alpha, float(dropout), targets
 
 
 def adapter_base_model(directory) -> Path:
@@ -162,6 +163,10 @@ def load_adapter(model: nn.Module, directory):
         found = sorted(p.name for p in directory.glob("adapter_model.*"))
         hint = f" (found {', '.join(found)}: only safetensors is read)" if found else ""
         raise AdapterError(f"{directory}: missing {ADAPTER_WEIGHTS}{hint}")
+    bound, layer = max_rank(model, targets)
+    if bound and rank > bound:
+        raise AdapterError(f"{directory / ADAPTER_CONFIG}: r {rank} exceeds min(in, out) = {bound} of {layer}: "
+                           f"an adapter for another model?")
     if lora_modules(model):
         have_rank, have_alpha, _, have_targets = _adapter_settings(model)
         if (have_rank, have_alpha, have_targets) != (rank, alpha, targets):

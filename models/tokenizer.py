@@ -24,8 +24,8 @@ part of `vocab_size` and `special_id`, never produced by `encode` (a literal "<|
 """
 from __future__ import annotations
 
-import json
 import os
+import re
 from pathlib import Path
 
 import sentencepiece
@@ -128,8 +128,8 @@ class Tokenizer(TokenizerBase):
             reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             raise _checkpoint_error(f"{path}: not a sentencepiece model ({reason})") from None
         if self.sp.bos_id() < 0 or self.sp.eos_id() < 0:
-            raise ValueError(f"{path}: sentencepiece model has no BOS or EOS id (bos={self.sp.bos_id()}, "
-                             f"eos={self.sp.eos_id()}); the chat format needs both")
+            raise _checkpoint_error(f"{path}: sentencepiece model has no BOS or EOS id (bos={self.sp.bos_id()}, "
+                                    f"eos={self.sp.eos_id()}); the chat format needs both")
         self.control_pieces = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())
                                if self.sp.IsControl(i)}
         config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
@@ -216,23 +216,18 @@ def _checkpoint_error(message: str):
 def read_config(config_path: str) -> dict:
     if not os.path.isfile(config_path):
         return {}
-    try:
-        with open(config_path, encoding="utf-8") as file:
-            config = json.load(file)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise _checkpoint_error(f"{config_path}: not a readable JSON file ({error})") from None
-    if not isinstance(config, dict):
-        raise _checkpoint_error(f"{config_path}: expected a JSON object")
-    return config
+    from models.fields import read_json_object
+    return read_json_object(config_path, _checkpoint_error)
 
 
 def _added_tokens(config: dict, config_path: str, num_pieces: int) -> dict[str, int]:
     """`added_tokens_decoder` {"32000": {"content": "<|im_end|>", ...}} -> {"<|im_end|>": 32000} for ids above
     the sentencepiece model (those below name its own pieces, <unk> <s> </s>)."""
+    from models.fields import mapping
     added = {}
-    for key, token in (config.get("added_tokens_decoder") or {}).items():
+    for key, token in mapping(config, "added_tokens_decoder", config_path, _checkpoint_error, default={}).items():
         content = token.get("content") if isinstance(token, dict) else None
-        if not (isinstance(key, str) and key.isdigit() and isinstance(content, str)):
+        if not (re.fullmatch(r"[0-9]{1,9}", key) and isinstance(content, str)):
             raise _checkpoint_error(f"{config_path}: added_tokens_decoder entry {key!r} is not "
                                     f'"id": {{"content": str, ...}}')
         if int(key) >= num_pieces:
@@ -248,8 +243,8 @@ def _template(config: dict, config_path: str) -> tuple[str | None, str]:
         template = named.get("default")
     jinja = os.path.join(os.path.dirname(config_path), "chat_template.jinja")
     if template is None and os.path.isfile(jinja):
-        with open(jinja, encoding="utf-8") as file:
-            return file.read(), jinja
+        from models.fields import read_text
+        return read_text(jinja, _checkpoint_error), jinja
     if template is not None and not isinstance(template, str):
         raise _checkpoint_error(f"{config_path}: chat_template must be a string")
     return template, config_path

@@ -7,6 +7,7 @@ code for bad usage); bad files and checkpoints are the library's errors and exit
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -14,6 +15,8 @@ from models.checkpoint import resolve_device as _resolve_device
 from models.mistral import Mistral, MistralConfig
 
 SMALL_MODEL_PARAMETERS = 10_000_000  # below this, --threads 0 means one thread on CPU
+THREADS_PER_CORE = 4  # --threads above cores x this is a typo, not a setting (each thread is a stack and a barrier)
+SEED_LIMIT = 1 << 63  # torch.manual_seed takes [-2^63, 2^64), numpy [0, 2^32) per word: one range for all, >= 0
 
 
 class UsageError(ValueError):
@@ -43,13 +46,44 @@ def choose_threads(requested: int, num_parameters: int, device) -> int:
     are too small to gain from intra-op threads, and each op's thread barrier stalls whenever another process
     holds a core: on two busy cores the world's main job took 210 s with two threads and 56 s with one, and
     sample.py's 8 samples x 16 prompts over 500 s with torch's default against 11 s with one (issue 16)."""
-    if requested < 0:
-        raise UsageError(f"--threads must be >= 0 (0: automatic), got {requested}")
+    check_threads(requested)
     if requested:
         torch.set_num_threads(requested)
     elif torch.device(device).type == "cpu" and num_parameters < SMALL_MODEL_PARAMETERS:
         torch.set_num_threads(1)
     return torch.get_num_threads()
+
+
+def check_threads(requested: int) -> None:
+    """--threads in [0, cores x THREADS_PER_CORE]: a larger count is refused before any work (libgomp would
+    create the threads, or fail in its own words)."""
+    limit = (os.cpu_count() or 1) * THREADS_PER_CORE
+    if requested < 0:
+        raise UsageError(f"--threads must be >= 0 (0: automatic), got {requested}")
+    if requested > limit:
+        raise UsageError(f"--threads must be at most {limit} ({THREADS_PER_CORE} per core; this machine has "
+                         f"{os.cpu_count()} cores), got {requested}")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < SEED_LIMIT:
+        raise UsageError(f"--seed must be in [0, 2^63), got {seed}")
+
+
+def machine_memory(device) -> int:
+    """Bytes of memory on `device`: the GPU's, or this machine's physical memory for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(needed_bytes: int, what: str, device) -> None:
+    """Refuse, before allocating it, an estimate of memory larger than the device has."""
+    have = machine_memory(device)
+    if needed_bytes > have:
+        raise UsageError(f"{what} needs about {needed_bytes / 2**30:.1f} GiB, more than the "
+                         f"{have / 2**30:.1f} GiB of {torch.device(device).type} memory here")
 
 
 def checkpoint_parameters(model_dir) -> int:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from data.tokenization import check_lengths
 from models.chat_format import FORMATS as CHAT_FORMATS
-from models.lora import HEAD_TARGET, TARGET_NAMES, check_head_dropout, resolve_targets
-from spl.cli import ArgumentParser, UsageError
+from models.lora import HEAD_TARGET, TARGET_NAMES, check_head_dropout, max_rank, resolve_targets
+from spl.cli import ArgumentParser, UsageError, check_seed, check_threads
 from spl.evaluation import check_evaluation_options
 from spl.losses import FDPO_DIVERGENCES, check_label_smoothing
 from spl.online import ESTIMATORS as ONLINE_ESTIMATORS
@@ -150,6 +150,12 @@ class TrainConfig:
         """--shared-prefix unless --fsdp: FSDP gathers a block's shards in the block's own forward, which
         models/prefix.py's per-module calls bypass."""
         return self.shared_prefix and not self.fsdp
+
+    def inputs_read(self, world_model, world_dir) -> dict:
+        """{flag: path} of what the run reads, which its --out must stay apart from (spl/rundir.py check_out);
+        the embedded world's model and folder (its data) stand for --model and --data not given."""
+        return {"--model": self.model or (None if self.init_config else world_model), "--data": self.data or world_dir,
+                "--init-config": self.init_config, "--reward-model": self.reward_model}
 
 
 def is_world_run(options) -> bool:
@@ -369,11 +375,21 @@ def validate(c: TrainConfig, world_size: int = 1) -> None:
         lengths_ok = False
     if not lengths_ok:
         fail(f"need 2 <= --max-prompt-length ({c.max_prompt_length}) < --max-length ({c.max_length})")
-    if c.threads < 0:
-        fail(f"--threads must be >= 0 (0: automatic), got {c.threads}")
+    check_threads(c.threads)  # spl/cli.py's rules, sample.py's too
+    check_seed(c.seed)
     if c.save_every < 0 or c.eval_every < 0 or c.log_every <= 0 or c.keep_checkpoints <= 0:
         fail("--save-every and --eval-every must be >= 0, --log-every and --keep-checkpoints > 0")
     validate_combinations(c, world_size)
+
+
+def validate_for_model(c: TrainConfig, model) -> None:
+    """The options the loaded model bounds, refused before any work: a LoRA rank above min(in, out) of a target
+    (B A cannot have it: memory for nothing). (--max-length against the model's positions is
+    data/tokenization.check_context's, the rule sample.py shares.)"""
+    bound, layer = max_rank(model, c.lora_targets)
+    if c.lora_rank > bound:
+        raise UsageError(f"--lora-rank {c.lora_rank} exceeds min(in, out) = {bound} of {layer}, the largest rank a "
+                         f"LoRA update of it can have")
 
 
 def validate_combinations(c: TrainConfig, world_size: int) -> None:

@@ -172,11 +172,14 @@ def shared_reference_logps(path, key, compute, procs: Processes, device):
     """Reference log-probs ([N] chosen, [N] rejected, on `device`), computed once for all processes. Rank 0 runs
     data.reference_cache.reference_logps (the path its tests cover: load and verify, or compute and save) and
     sends a hit to the others; on a miss every process scores its share (compute() returns its pairs' values and
-    zeros elsewhere) and an all-reduce joins the shares. With one process this is reference_logps itself."""
+    zeros elsewhere) and an all-reduce joins the shares. With one process this is reference_logps itself.
+    Computed values that are not finite stop every process in one line before the cache is written; a cache that
+    cannot be written (a full disk) is one line too (spl/files.py)."""
     def computed_by_all():  # [2, N]: every process's share, joined
         both = torch.stack(compute()).float().to(device)
         if procs.distributed:
             dist.all_reduce(both)
+        runs.check_finite_reference(both[0], both[1])
         return both
 
     if not procs.main:
@@ -193,7 +196,8 @@ def shared_reference_logps(path, key, compute, procs: Processes, device):
         broadcast_from_main(procs, True)
         return tuple(computed_by_all())
 
-    both = torch.stack(reference_logps(path, key, on_miss, log=print)).to(device)  # [2, N]
+    with runs.writing(path):
+        both = torch.stack(reference_logps(path, key, on_miss, log=print)).to(device)  # [2, N]
     if not missed:
         broadcast_from_main(procs, False)
         if procs.distributed:
@@ -266,14 +270,13 @@ def check_run_directory(out: Path, config: dict, resume: bool, overwrite: bool, 
     on_main(procs, check, runs.RunError)
 
 
-def prepare_run_directory(out: Path, config: dict, resume: bool, overwrite: bool, procs: Processes):
-    """Rank 0 creates the run directory (emptied with --overwrite, kept with --resume) and, for a new run, writes
-    `config` as its config.json."""
-    def prepare():
-        runs.prepare_run_dir(out, resume, overwrite)
-        if not resume:
-            runs.write_json_atomic(out / "config.json", config)
-    on_main(procs, prepare, runs.RunError)
+def prepare_run_directory(out: Path, config: dict, resume: bool, overwrite: bool, procs: Processes,
+                          inputs: dict | None = None, say=print) -> dict | None:
+    """Rank 0 creates the run directory (a marked one emptied with --overwrite) with its marker and, for a new run,
+    `config` as its config.json with the inputs' fingerprints; for --resume it checks that the inputs are the
+    run's (spl/rundir.py). Every process raises alike. Returns `inputs`."""
+    on_main(procs, lambda: runs.prepare_run_dir(out, resume, overwrite, config, inputs, say), runs.RunError)
+    return inputs
 
 
 @contextlib.contextmanager
@@ -286,6 +289,12 @@ def run_directory_lock(out: Path, procs: Processes):
         print(lock.took_over)
     try:
         yield
+    except BaseException as error:  # a new run stopped before a checkpoint or its outputs leaves nothing behind
+        begun = runs.has_marker(out)  # prepare_run_dir had written it: more than the lock's own directory
+        if lock is not None and not runs.worth_keeping(out) and lock.abandon() and begun and \
+                isinstance(error, runs.RunError):
+            raise runs.RunError(f"{error}; removed {out}, which this run had only begun") from None
+        raise
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)
@@ -322,7 +331,11 @@ def resume(out: Path, trainable: dict, optimizer, batches, total_steps: int, pro
     else:
         say(f"{checkpoint}: written by {len(rng_states)} process(es), resumed by {procs.world_size}: the "
             f"data position is global and carries over; dropout noise starts from fresh seeds")
-    batches.load_state_dict(state["data"])
+    try:
+        batches.load_state_dict(state["data"])
+    except (ValueError, TypeError, KeyError) as error:  # the data shrank, or the position was edited
+        raise runs.RunError(f"{checkpoint}: its data position does not fit this data ({error}); resume with the "
+                            f"data the run started with, or start a new run") from None
     say(f"resumed from {checkpoint} at step {state['step']}")
     return state["step"]
 

@@ -44,7 +44,6 @@ score, and a floor for any other text); `RewardModelReward` wraps a reward model
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -382,8 +381,9 @@ def load_reward_model(run_dir, default_base, prompts, pad_id: int, floor: float 
     """--reward-model RUN_DIR as a reward: the `train.py --loss reward` run's adapter and head on the base model
     it was trained from (its config.json's `model`, else `default_base`); with `floor`, trusted only on the data's
     responses (SupportedReward). A directory that is not such a run is a ValueError naming it."""
-    saved = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
-    if saved.get("loss") != "reward" or saved.get("init_config"):
+    from models.fields import read_json_object
+    saved = read_json_object(Path(run_dir) / "config.json", ValueError)  # one line for a file that is no config
+    if saved.get("loss") != "reward" or saved.get("init_config") or not isinstance(saved.get("model") or "", str):
         raise ValueError(f"--reward-model {run_dir}: not a LoRA `--loss reward` run")
     base = resolve_model(saved["model"]) if saved.get("model") else default_base  # as train.py resolved it
     reward = RewardModelReward.load(run_dir, base, pad_id, device, dtype)

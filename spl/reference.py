@@ -18,20 +18,21 @@ import torch
 from tqdm import tqdm
 
 from data.batching import PreferenceBatches
-from data.reference_cache import ReferenceCacheKey, cache_path, file_sha256, reference_identity
+from data.reference_cache import ReferenceCacheKey, cache_path
 from spl.distributed import Processes, share_batches, shared_reference_logps
 from spl.step import reference_logprobs
 
 
-def reference_log_probs(model, examples, dataset_sha256: str, model_dir, tokenizer, tokenizer_path, cache_dir: Path,
-                        c, procs: Processes, device, compile):
+def reference_log_probs(model, examples, dataset_sha256: str, inputs: dict, tokenizer, cache_dir: Path, c,
+                        procs: Processes, device, compile):
     """(ref_chosen_logps [N], ref_rejected_logps [N]) on `device` for `examples` (PreferenceExamples numbered
-    0..N-1), from the cache under `cache_dir` or computed once. c: the run's TrainConfig (lengths, dtype, seed,
-    batch size, the objective's length normalisation)."""
+    0..N-1), from the cache under `cache_dir` or computed once. inputs: the run's fingerprints of the reference
+    model ("model": data/reference_cache.py reference_identity) and the tokenizer file ("tokenizer": its sha256),
+    computed once by train.py and recorded in config.json. c: the run's TrainConfig (lengths, dtype, seed, batch
+    size, the objective's length normalisation)."""
     key = ReferenceCacheKey.build(  # what the reference log-probs depend on: another key, another cache
         examples, dataset_sha256=dataset_sha256, max_length=c.max_length, max_prompt_length=c.max_prompt_length,
-        reference_model=reference_identity(model_dir, c.init_config, c.seed, c.dtype, c.average_logprobs),
-        chat_format=tokenizer.chat_format, tokenizer_sha256=file_sha256(tokenizer_path))
+        reference_model=inputs["model"], chat_format=tokenizer.chat_format, tokenizer_sha256=inputs["tokenizer"])
 
     def compute():
         model.eval()

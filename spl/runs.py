@@ -24,16 +24,12 @@ continues bit for bit as the uninterrupted run would have.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import random
 import re
 import shutil
 import signal
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,167 +37,22 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from models.files import IntegrityError, is_staging, publish_directory, verify_directory, write_json_atomic
+from models.checkpoint import save_pretrained
+from models.files import (IntegrityError, is_staging, publish_directory, verify_directory, write_file_atomic,
+                          write_json_atomic)
+from models.peft import save_adapter
+from spl.files import RunError, writing
+from spl.signals import StopSignals, Stopped  # noqa: F401
+from spl.rundir import (RunLock, check_out, check_resumed_config, check_resumed_inputs, check_run_dir,  # noqa: F401
+                        has_marker, prepare_run_dir)
 
-__all__ = ["RunError", "RunLock", "check_run_dir", "check_resumed_config", "prepare_run_dir", "write_json_atomic", "rng_state",
-           "set_rng_state", "rng_state_to_json", "rng_state_from_json", "save_checkpoint", "load_checkpoint",
-           "complete_checkpoints", "checkpoint_dirs", "load_latest_checkpoint", "clean_interrupted_saves",
-           "MetricsLog", "StopSignals"]
+__all__ = ["RunError", "RunLock", "writing", "check_out", "check_run_dir", "check_resumed_config",
+           "check_resumed_inputs", "prepare_run_dir", "has_marker", "write_json_atomic", "rng_state", "set_rng_state",
+           "rng_state_to_json", "rng_state_from_json", "save_checkpoint", "load_checkpoint", "complete_checkpoints",
+           "checkpoint_dirs", "load_latest_checkpoint", "clean_interrupted_saves", "worth_keeping", "kept_note",
+           "check_finite_reference", "save_outputs", "MetricsLog", "StopSignals", "Stopped"]
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{6,})$")
-LOCK_NAME = ".lock"
-
-
-class RunError(ValueError):
-    """A run directory that cannot be used as asked; the message names it and says what to do."""
-
-
-# ------------------------------------------------------------------------------------------------ the lock
-
-class RunLock:
-    """`with RunLock(out):` holds out/.lock for the block; a second process asking for it gets RunError naming
-    the holder ("in use by process 1234 on host since ..."), whatever its flags (--resume, --overwrite).
-
-    The lock is flock(2) on out/.lock, which the kernel drops when the holder exits in any way, SIGKILL included:
-    a lock left by a dead process never blocks. The file names its holder (JSON: pid, host, started); finding
-    that text when taking the lock means its writer died holding it, and `took_over` names that process (the
-    caller prints it). On release the file is unlinked (while still locked; a process that opened the old file
-    in the meantime sees that it is no longer the one at out/.lock and opens the new one), and `out` itself is
-    removed if this lock created it and nothing else was written (a run refused for bad input leaves nothing).
-    Under torchrun only rank 0 takes it."""
-
-    def __init__(self, out):
-        self.out = Path(out)
-        self.path = self.out / LOCK_NAME
-        self.fd = None
-        self.created = False
-        self.took_over: str | None = None
-
-    def __enter__(self):
-        if self.out.exists() and not self.out.is_dir():
-            raise RunError(f"{self.out}: exists and is not a directory; give another --out")
-        self.created = not self.out.exists()
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            while self.fd is None:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = _read_holder(fd)
-                    os.close(fd)
-                    raise RunError(f"{self.out}: in use by {holder}; wait for it to finish or stop it "
-                                   f"(one process per run directory)") from None
-                try:
-                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-                except FileNotFoundError:
-                    same = False
-                if not same:  # its holder unlinked it between our open and our flock: open the new one
-                    os.close(fd)
-                    continue
-                self.fd = fd
-        except OSError as error:
-            self._remove_created()
-            raise RunError(f"{self.path}: cannot take the run directory's lock ({error.strerror})") from None
-        stale = _read_holder(self.fd, default=None)
-        if stale is not None:
-            self.took_over = f"{self.path}: took over the lock of {stale}, which no longer runs"
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps(holder).encode(), 0)
-        os.fsync(self.fd)
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            os.close(self.fd)
-            self.fd = None
-        self._remove_created()
-        return False
-
-    def _remove_created(self):
-        """rmdir `out` if this lock created it and it is empty again (rmdir refuses a non-empty directory)."""
-        if self.created:
-            try:
-                os.rmdir(self.out)
-            except OSError:
-                pass
-
-
-def _read_holder(fd, default="another process"):
-    """The holder a lock file names, as "process 1234 on host (since ...)", or `default` if it names none."""
-    text = ""
-    try:
-        text = os.pread(fd, 4096, 0).decode("utf-8", errors="replace")
-        holder = json.loads(text)
-        return f"process {int(holder['pid'])} on {holder['host']} (since {holder['started']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return default if not text.strip() else f"a process ({text.strip()[:80]!r})"
-
-
-def _own_files(out: Path) -> list[Path]:
-    return [p for p in out.iterdir() if p.name != LOCK_NAME]
-
-
-def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse, before any work, a run directory that cannot be used as asked. Writes nothing. (Its own lock file,
-    held by this process, does not make it non-empty.)"""
-    if resume and overwrite:
-        raise RunError("--resume and --overwrite contradict each other: pick one")
-    if out.exists() and not out.is_dir():
-        raise RunError(f"{out}: exists and is not a directory; give another --out")
-    if resume and not (out / "config.json").is_file():
-        raise RunError(f"{out}: nothing to resume (no config.json); drop --resume to start a new run")
-    if not resume and not overwrite and out.is_dir() and _own_files(out):
-        raise RunError(f"{out}: already exists and is not empty; pass --resume to continue it or "
-                       f"--overwrite to replace it")
-
-
-def check_resumed_config(out: Path, config: dict, may_change=()) -> None:
-    """--resume continues the run that out/config.json describes: every option of `config` (the new command
-    line, resolved) must equal the saved one, except those named in `may_change`. A difference is a RunError in
-    one line naming the first differing option, both values and how many others differ; so is a config.json
-    that cannot be read or that holds an option `config` does not know. Options missing from the saved file
-    (added to train.py after the run started) are not compared. Writes nothing."""
-    path = out / "config.json"
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise RunError(f"{path}: unreadable ({type(error).__name__}); it records the options the run started "
-                       f"with, which --resume compares with this command line") from None
-    if not isinstance(saved, dict):
-        raise RunError(f"{path}: not a JSON object of training options")
-    current = json.loads(json.dumps(config))  # as it would be saved: tuples as lists
-    unknown = sorted(set(saved) - set(current))
-    if unknown:
-        raise RunError(f"{path}: option {unknown[0]!r} is not one of this train.py's (written by another version?)")
-    differ = [name for name in current if name in saved and name not in may_change and saved[name] != current[name]]
-    if differ:
-        name = differ[0]
-        others = f" (and {len(differ) - 1} more: {', '.join(_flag(n) for n in differ[1:])})" if differ[1:] else ""
-        raise RunError(f"{path}: {_flag(name)} was {json.dumps(saved[name])} when the run started, "
-                       f"{json.dumps(current[name])} now{others}; --resume continues the same run: give the same "
-                       f"value, or start a new run in another --out")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Create `out` (emptying it first with --overwrite, the lock file kept), or accept it for --resume."""
-    check_run_dir(out, resume, overwrite)
-    if resume:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for path in _own_files(out):
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 # ------------------------------------------------------------------------------------------------ RNG state
@@ -341,7 +192,9 @@ def save_checkpoint(out: Path, step: int, trainable: dict, optimizer, state: dic
     per_rank = rng["per_rank"] if "per_rank" in rng else [rng]
     optimizer_tensors, optimizer_meta = _optimizer_to_files(optimizer.state_dict())
     rng_tensors, rng_meta = _rng_to_files(per_rank)
-    try:
+    previous = [p for p in complete_checkpoints(out) if p != final]
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    with writing(final, kept, failed="checkpoint not saved"):  # a full disk: one line; the staging directory is removed
         with publish_directory(final, overwrite=True) as staging:  # overwrite: a step redone after a resume
             save_file({name: t.detach().cpu().contiguous() for name, t in trainable.items()},
                       str(staging / "trainable.safetensors"))
@@ -351,11 +204,6 @@ def save_checkpoint(out: Path, step: int, trainable: dict, optimizer, state: dic
             (staging / "rng.json").write_text(json.dumps(rng_meta) + "\n", encoding="utf-8")
             (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n",
                                                 encoding="utf-8")
-    except OSError as error:
-        previous = [p for p in complete_checkpoints(out) if p != final]
-        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        reason = error.strerror or (errno.errorcode.get(error.errno) if error.errno else None) or str(error)
-        raise RunError(f"{final}: checkpoint not saved ({reason}); {kept}") from None
     for old in complete_checkpoints(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -382,6 +230,50 @@ def _read_tensors(path: Path) -> dict:
 
 def _read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def worth_keeping(out: Path) -> bool:
+    """Whether a run directory holds what a user would want back: a complete checkpoint, or its finished
+    adapter or model. A new run that fails or is stopped without either removes its directory (train.py)."""
+    return bool(complete_checkpoints(out)) or any((out / name / "manifest.json").is_file()
+                                                  for name in ("adapter", "model"))
+
+
+def save_outputs(out: Path, model, head, base_model: str, tokenizer_path, lora: bool, report: dict | None) -> None:
+    """A finished run's outputs: adapter/ in PEFT's format (plus reward_head.safetensors when there is a head) for
+    a LoRA run, else model/ in HF's format; report.json when given. Each is published atomically and goes through
+    the write path: a full disk is one line naming it and the last checkpoint, which is intact."""
+    kept = kept_note(out)
+    if lora:
+        extra = {"reward_head.safetensors": head.state_dict()} if head is not None else None
+        with writing(out / "adapter", kept):
+            save_adapter(model, out / "adapter", base_model_name_or_path=base_model, overwrite=True,
+                         extra_tensors=extra)
+        print(f"adapter: {out / 'adapter'} (PEFT format)")
+    else:
+        with writing(out / "model", kept):
+            save_pretrained(model, out / "model", tokenizer_path=tokenizer_path, overwrite=True)
+        print(f"model: {out / 'model'} (HF format)")
+    if report is not None:
+        with writing(out / "report.json", kept):
+            write_json_atomic(out / "report.json", report)
+
+
+def kept_note(out: Path) -> str:
+    """What a failed write of a run's outputs leaves: "the last checkpoint ... is intact", or "" if none."""
+    saved = complete_checkpoints(out)
+    return f"the last checkpoint {saved[-1]} is intact" if saved else ""
+
+
+def check_finite_reference(ref_chosen_logps, ref_rejected_logps) -> None:
+    """Reference log-probs [N] must be finite: a NaN would poison every step (and the cache). RunError naming how
+    many pairs and the first."""
+    finite = torch.isfinite(ref_chosen_logps) & torch.isfinite(ref_rejected_logps)  # [N]
+    if not bool(finite.all()):
+        first = int((~finite).nonzero()[0])
+        raise RunError(f"reference log-probs are NaN or infinite for {int((~finite).sum())} of {len(finite)} pairs "
+                       f"(the first: pair {first}); the model overflows on this data: check its weights and "
+                       f"config.json (rope_theta, rms_norm_eps, dtype)")
 
 
 def load_checkpoint(path: Path):
@@ -441,55 +333,50 @@ def clean_interrupted_saves(out: Path) -> None:
 
 class MetricsLog:
     """metrics.jsonl, one object per logged step. On resume, lines past the checkpoint's step are dropped so the
-    log reads as one uninterrupted run."""
+    log reads as one uninterrupted run; so is a last line cut short by a kill mid-write (with a word to `say`).
+    Every write goes through spl/files.py's path: a full disk is one RunError line."""
 
-    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True):
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True, say=print):
         self.path, self.enabled = path, enabled
         if not enabled:
             return
-        if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        self.file = open(path, "a", encoding="utf-8")
+        with writing(path):
+            if resume_step is not None and path.exists():
+                kept = _logged_lines(path, resume_step, say)
+                write_file_atomic(path, "".join(line + "\n" for line in kept))
+            self.file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            with writing(self.path):
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # what the last flush could not write was already reported by write()
+                pass
 
 
-# ------------------------------------------------------------------------------------------------ stop signals
-
-class StopSignals:
-    """SIGINT/SIGTERM set a flag the loop checks after each optimizer step (then it saves and exits cleanly).
-    A second signal while the flag is set falls back to the default behaviour (immediate exit); checkpoints
-    stay consistent because saves are atomic."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.received).name if self.received else ""
+def _logged_lines(path: Path, resume_step: int, say) -> list[str]:
+    """The lines of metrics.jsonl up to `resume_step`. A last line that is not a JSON object is a write cut
+    short (a kill, a full disk): dropped, with a word. A bad line before the last is damage: RunError."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = [line for line in text.split("\n") if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            step = record.get("step", 0) if isinstance(record, dict) else None
+        except (ValueError, RecursionError):
+            step = None
+        if not isinstance(step, int) or isinstance(step, bool):
+            if number == len(lines):
+                say(f"{path}:{number}: last line cut short (a write interrupted); dropped it")
+                continue
+            raise RunError(f"{path}:{number}: not a metrics record; the log is damaged: move it aside to resume")
+        if step <= resume_step:
+            kept.append(line)
+    return kept

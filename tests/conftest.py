@@ -137,3 +137,51 @@ def tiny_run(tmp_path_factory):
     data = root / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return {"model": model_dir, "data": data, "root": root}
+
+
+@pytest.fixture
+def script(monkeypatch, capsys):
+    """Factory: `script(name, argv, cwd=None)` -> (exit code, stdout, stderr): train.py's or sample.py's main(argv)
+    run in this process as a user's process would run it, without the seconds a new process spends importing
+    torch. An exception escaping main() is printed to stderr as the process would print it (a traceback), so a
+    test's "no traceback" still sees it. The process-wide state a script sets is restored afterwards: torch's
+    thread count and RNG, numpy's and Python's RNGs, the SIGINT/SIGTERM handlers, the working directory and the
+    environment (a leak would change the tests that run after)."""
+    import os
+    import random
+    import signal
+    import sys
+    import traceback
+
+    import numpy as np
+
+    saved = (torch.get_num_threads(), torch.get_rng_state(), np.random.get_state(), random.getstate(),
+             {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}, dict(os.environ))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # as the subprocess cases ran: not under torchrun
+        monkeypatch.delenv(name, raising=False)
+
+    def run(name: str, argv: list[str], cwd=None):
+        module = __import__(name.removesuffix(".py"))
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            code = module.main([str(a) for a in argv])
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # what the process would have printed before exiting 1
+            traceback.print_exc(file=sys.stderr)
+            code = 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield run
+    threads, rng, np_rng, py_rng, handlers, environ = saved
+    torch.set_num_threads(threads)
+    torch.set_rng_state(rng)
+    np.random.set_state(np_rng)
+    random.setstate(py_rng)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    os.environ.clear()
+    os.environ.update(environ)

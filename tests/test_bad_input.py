@@ -1,4 +1,5 @@
-"""Bad input, end to end: train.py and sample.py run as a user runs them (a subprocess), one case per kind.
+"""Bad input, end to end: train.py and sample.py as a user runs them, one case per kind: each case through the
+script's main(argv) in this process (the exit code it returns, what it prints), and a few as real processes.
 
 Every case must end the same way: a non-zero exit, one line on stderr that starts with the script's name,
 names what was wrong (the option, the field, the file; `path:line` where a line applies), no traceback, and
@@ -6,8 +7,9 @@ nothing written (for train.py: no run directory; for sample.py: no file anywhere
 does by mistake (mistypes, truncates, mixes up files) and what a file made to break a reader does (a header
 that claims exabytes, JSON nested a million deep, a manifest pointing outside its directory).
 
-Oracle: the contract itself, checked on the process's exit status, its stderr and the file system; each case
-names the words its line must contain, so a message that says nothing useful fails.
+Oracle: the contract itself, checked on the exit status, stderr and the file system; each case names the words
+its line must contain, so a message that says nothing useful fails. The real processes also check that main(argv)
+in-process returns and prints exactly what the process does.
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import shutil
 import struct
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,6 +39,11 @@ class Case:
 def _jsonl(tmp, name, rows, raw=None):
     path = tmp / name
     path.write_bytes(raw if raw is not None else "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return str(path)
+
+
+def _folder(path):
+    path.mkdir()
     return str(path)
 
 
@@ -125,7 +131,9 @@ TRAIN_CASES = [
          lambda i, t: [f"{t / 'd.jsonl'}:1:", "UTF-8"]),
     Case("data-empty-file", "train.py", lambda i, t: ["--data", _jsonl(t, "d.jsonl", [], raw=b"")],
          lambda i, t: [f"{t / 'd.jsonl'}:", "empty"]),
-    Case("data-is-a-directory", "train.py", lambda i, t: ["--data", str(t)], lambda i, t: [f"{t}:", "directory"]),
+    # a folder of its own: --out (tmp/run) inside --data would be refused first (tests/test_spl_rundir.py)
+    Case("data-is-a-directory", "train.py", lambda i, t: ["--data", _folder(t / "folder")],
+         lambda i, t: [f"{t / 'folder'}:", "directory"]),
     Case("data-no-such-file", "train.py", lambda i, t: ["--data", str(t / "nope.jsonl")], lambda i, t: [f"{t / 'nope.jsonl'}:", "no such file"]),
     Case("data-array-of-numbers", "train.py", lambda i, t: ["--data", _jsonl(t, "d.json", [], raw=b"[1, 2, 3]")],
          lambda i, t: [f"{t / 'd.json'}:1:", "object"]),
@@ -262,49 +270,66 @@ def listing(root: Path) -> dict:
     return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*")}
 
 
-def run_case(case: Case, inputs: dict, tmp: Path) -> dict:
-    """Build the case's files under `tmp`, run its script there, and return what the test checks."""
-    work = tmp / "work"
-    work.mkdir()
+def case_argv(case: Case, inputs: dict, tmp: Path) -> list[str]:
+    """Build the case's files under `tmp` and return its command line (the base arguments, then the case's)."""
     argv = base_argv(case.script, inputs, tmp)
     extra = case.argv(inputs, tmp)
     if "--prompts" in extra:  # one prompt source at a time
         del argv[argv.index("--prompt"):argv.index("--prompt") + 2]
-    argv += extra
-    before = listing(tmp)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(name, None)
-    result = subprocess.run([sys.executable, str(ROOT / case.script), *argv], cwd=work, env=env,
-                            capture_output=True, text=True, timeout=300)
-    return {"result": result, "before": before, "after": listing(tmp)}
+    return argv + extra
 
 
-@pytest.fixture(scope="module")
-def outcomes(inputs, request, tmp_path_factory):
-    """Every selected case run at once, a few processes at a time (each spends seconds importing torch; the
-    cases are independent): {case id: run_case(...)}. Each test case below then checks its own outcome."""
-    selected = [item.callspec.params["case"] for item in request.session.items
-                if getattr(item, "originalname", None) == "test_bad_input_is_one_line_without_traceback"]
-    tmps = {case.id: tmp_path_factory.mktemp(case.id) for case in selected}
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        futures = {case.id: pool.submit(run_case, case, inputs, tmps[case.id]) for case in selected}
-        return {name: future.result() | {"tmp": tmps[name]} for name, future in futures.items()}
-
-
-@pytest.mark.parametrize("case", TRAIN_CASES + SAMPLE_CASES, ids=lambda case: case.id)
-def test_bad_input_is_one_line_without_traceback(case, inputs, outcomes):
-    outcome = outcomes[case.id]
-    result, tmp = outcome["result"], outcome["tmp"]
-    err = result.stderr.strip()
-    assert result.returncode != 0, result.stdout[-2000:]
-    assert "Traceback" not in result.stderr and len(err.splitlines()) == 1, result.stderr[-3000:]
+def check_outcome(case: Case, inputs: dict, tmp: Path, code: int, stdout: str, stderr: str, before: dict) -> None:
+    """The contract: a non-zero exit, one line on stderr starting with the script's name and naming what the case
+    names, no traceback, no run directory, and every file under `tmp` as it was (nothing written or removed)."""
+    err = stderr.strip()
+    assert code != 0, stdout[-2000:]
+    assert "Traceback" not in stderr and len(err.splitlines()) == 1, stderr[-3000:]
     assert err.startswith(f"{case.script}: error: "), err
     expected = case.expect(inputs, tmp) if callable(case.expect) else case.expect
     for words in [expected] if isinstance(expected, str) else expected:
         assert words in err, err
     assert not (tmp / "run").exists()
-    assert outcome["after"] == outcome["before"]  # nothing written, nothing removed (sample.py and train.py alike)
+    assert listing(tmp) == before  # nothing written, nothing removed (sample.py and train.py alike)
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES + SAMPLE_CASES, ids=lambda case: case.id)
+def test_bad_input_is_one_line_without_traceback(case, inputs, tmp_path, script):
+    """Each case through the script's main(argv) in this process (tests/conftest.py `script`), from a working
+    directory of its own: what a process would print and return, without starting one per case."""
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = case_argv(case, inputs, tmp_path)
+    before = listing(tmp_path)
+    code, stdout, stderr = script(case.script, argv, cwd=work)
+    check_outcome(case, inputs, tmp_path, code, stdout, stderr, before)
+
+
+PROCESS_CASES = ["data-missing-rejected", "steps-not-a-number", "model-weights-truncated", "sample-adapter-missing",
+                 "sample-num-samples-zero"]
+
+
+@pytest.mark.parametrize("case_id", PROCESS_CASES)
+def test_a_few_cases_as_real_processes(case_id, inputs, tmp_path, tmp_path_factory, script):
+    """The same contract from a real process (`python train.py ...` as a user runs it, one per script and per
+    exit code: 1 for bad files, 2 for a bad command line), and the process's exit code and line equal what
+    main(argv) returns and prints in this process for the same case."""
+    case = next(c for c in TRAIN_CASES + SAMPLE_CASES if c.id == case_id)
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = case_argv(case, inputs, tmp_path)
+    before = listing(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    result = subprocess.run([sys.executable, str(ROOT / case.script), *argv], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=300)
+    check_outcome(case, inputs, tmp_path, result.returncode, result.stdout, result.stderr, before)
+    other = tmp_path_factory.mktemp(case_id)  # the same case in this process, in a directory of its own
+    (other / "work").mkdir()
+    code, _, stderr = script(case.script, case_argv(case, inputs, other), cwd=other / "work")
+    assert code == result.returncode == (2 if case_id in ("steps-not-a-number", "sample-num-samples-zero") else 1)
+    assert stderr.strip().replace(str(other), "TMP") == result.stderr.strip().replace(str(tmp_path), "TMP")
 
 
 def test_the_sweep_covers_at_least_thirty_kinds():

@@ -248,7 +248,8 @@ def test_overwrite_keeps_the_lock_file(tmp_path):
     out.mkdir()
     (out / "old.txt").write_text("old")
     (out / "checkpoints").mkdir()
+    (out / ".spl-run").write_text("{}")  # a run directory train.py made: --overwrite may empty it
     with runs.RunLock(out):
         runs.prepare_run_dir(out, resume=False, overwrite=True)
-        assert os.listdir(out) == [".lock"]
+        assert sorted(os.listdir(out)) == [".lock", ".spl-run"]  # the old files gone, a fresh marker
         runs.check_run_dir(out, resume=False, overwrite=False)  # its own lock does not make it "not empty"

@@ -16,7 +16,8 @@ from data.world import MODEL_DIR
 from models import Tokenizer, load_adapter, load_pretrained
 from spl.config import parse_args
 
-IGNORED = ("resume", "overwrite", "progress")  # options that do not change what a run trains
+IGNORED = ("resume", "overwrite", "progress", "inputs")  # options that do not change what a run trains (and
+# the inputs' fingerprints, which train.py records beside them in config.json)
 
 
 def train_policy(out, data, alpha: float, beta: float, loss: str = "spl", steps: int = 150,
