@@ -16,13 +16,11 @@ line, atomic checkpoints every --save-every steps; last write_outputs (adapter o
 The run directory's files are spl/runs.py's, the torchrun glue spl/distributed.py's. `main(argv)` and
 `train(config)` are the in-process entries the experiments and the world builder call.
 
-At scale, with no change to the code:
+At scale, with no change to the code (--batch-size stays the pairs per step, all processes together; how they share
+the work, exactly, is spl/distributed.py's docstring):
 
     torchrun --nproc_per_node 8 train.py --model DIR --data prefs.jsonl --dtype bfloat16 --grad-checkpointing
     torchrun --nproc_per_node 8 train.py ... --fsdp      # frozen weights sharded across the GPUs (FSDP2)
-
---batch-size is the number of pairs per optimizer step, all processes together (processes x grad_accum x
-micro-batch); how the processes share the work, exactly, is spl/distributed.py's docstring.
 """
 from __future__ import annotations
 
@@ -127,11 +125,12 @@ class Setup:
     total_steps: int
     start_step: int
     evaluate: object = None  # () -> {eval_<metric>: mean over the held-out pairs}, when there is an eval set
+    console: object = None  # spl/console.py ConsoleLog: what is printed, kept in OUT/train.log once training starts
 
 
 def run(c: TrainConfig, procs: Processes, device, console: ConsoleLog) -> int:
     """The whole run, phase by phase; each phase is a function below, in the order it runs. What it prints is
-    kept in OUT/train.log once the run directory exists (spl/console.py)."""
+    kept in OUT/train.log once training starts (spl/console.py): a refused run changes no file of its directory."""
     say = print if procs.main else (lambda *args, **kwargs: None)  # only rank 0 prints
     out = Path(c.out)
     check_run_directory(out, dataclasses.asdict(c), c.resume, c.overwrite, RESUME_MAY_CHANGE, procs)
@@ -148,7 +147,6 @@ def run(c: TrainConfig, procs: Processes, device, console: ConsoleLog) -> int:
     inputs = {"data": summary.sha256, "tokenizer": file_sha256(tokenizer_path),  # recorded; --resume compares
               "model": reference_identity(model_dir, c.init_config, c.seed, c.dtype, c.average_logprobs)}
     prepare_run_directory(out, dataclasses.asdict(c), c.resume, c.overwrite, procs, inputs, say)  # inputs checked
-    console.keep_in(out / "train.log")
     num_parameters = model.num_parameters()  # the model's own, before LoRA adds its branches
     trainable, head = trainable_parameters(model, c, procs, device)
     reference = held_out_reference = None  # (ref_chosen_logps [N], ref_rejected_logps [N]), preference losses
@@ -169,7 +167,7 @@ def run(c: TrainConfig, procs: Processes, device, console: ConsoleLog) -> int:
     say(describe(c, num_parameters, trainable, len(examples), total_steps, procs.world_size, device))
     start_step = resume(out, trainable, optimizer, batches, total_steps, procs, say) if c.resume else 0
     setup = Setup(model, trainable, optimizer, batches, step_function(c, model, head, reference, compile),
-                  total_steps, start_step)
+                  total_steps, start_step, console=console)
     if held_out:  # each evaluation: the training loss over a fresh seeded order of the held-out pairs
         held_out_loss = step_function(c, model, head, held_out_reference, compile)
         setup.evaluate = lambda: evaluation.evaluate(model, held_out_loss, training_batches(
@@ -193,6 +191,7 @@ def loop(s: Setup, c: TrainConfig, procs: Processes, device, out: Path, say, rep
 
     log = runs.MetricsLog(out / "metrics.jsonl", s.start_step if c.resume else None, procs.main, say=say)
     log = TensorBoardLog(log, out / "tensorboard") if c.tensorboard and procs.main else log  # spl/plot.py
+    s.console.keep_in(out / "train.log")  # every check passed: from here on the run's console is kept
     s.model.train()
     last_saved = None
     with runs.StopSignals() as signals:

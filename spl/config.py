@@ -155,7 +155,7 @@ class TrainConfig:
         """{flag: path} of what the run reads, which its --out must stay apart from (spl/rundir.py check_out);
         the embedded world's model and folder (its data) stand for --model and --data not given."""
         return {"--model": self.model or (None if self.init_config else world_model), "--data": self.data or world_dir,
-                "--init-config": self.init_config, "--reward-model": self.reward_model}
+                "--eval-data": self.eval_data, "--init-config": self.init_config, "--reward-model": self.reward_model}
 
 
 def is_world_run(options) -> bool:

@@ -3,8 +3,10 @@
 What train.py prints (the chat format, the data summary, the recipe, warnings, eval lines, the world's report,
 errors met mid-run) is what a user reads to know what a run did, and it scrolls away. ConsoleLog copies every
 write to stdout and stderr into a log while passing it through unchanged. The run directory exists only once every
-input is read and checked (a refused run leaves none), so the lines printed before are buffered and written to
-train.log when `keep_in` is called; a resumed run appends to it. Progress-bar redraws (writes holding a carriage
+input is read and checked (a refused run leaves none), and a refused --resume changes none of its files, so the
+lines printed before training starts are buffered and written to train.log when `keep_in` is called (train.py's
+loop, once every check has passed); a resumed run appends to it. A log that cannot be written (a full disk)
+stops being kept, with one line at the end, and never interrupts the run: the run's own writes say what failed. Progress-bar redraws (writes holding a carriage
 return, which is how tqdm redraws its line) are shown but not kept.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ class ConsoleLog:
     sys.stderr are copied to the log from the start of the block (buffered until keep_in) to its end."""
 
     def __init__(self, enabled: bool = True):
-        self.enabled, self.buffer, self.file = enabled, [], None
+        self.enabled, self.buffer, self.file, self.failed, self.path = enabled, [], None, None, None
 
     def __enter__(self):
         if self.enabled:
@@ -41,25 +43,40 @@ class ConsoleLog:
         return self
 
     def _keep(self, text: str) -> None:
-        if "\r" in text:  # a progress bar redrawing its line
+        if "\r" in text or self.failed:  # a progress bar redrawing its line; a log that can no longer be written
             return
         if self.file is None:
             self.buffer.append(text)
         else:
+            self._write(text)
+
+    def _write(self, text: str) -> None:
+        try:
             self.file.write(text)
             self.file.flush()
+        except OSError as error:
+            self.failed = f"{self.path}: not kept from here on ({error.strerror or error})"
 
     def keep_in(self, path: Path) -> None:
         """From now on write to `path` (appending), starting with what was printed so far."""
-        if self.enabled and self.file is None:
-            self.file = open(path, "a", encoding="utf-8")
-            self.file.write("".join(self.buffer))
-            self.file.flush()
+        if self.enabled and self.file is None and not self.failed:
+            self.path = path
+            try:
+                self.file = open(path, "a", encoding="utf-8")
+            except OSError as error:
+                self.failed = f"{path}: not kept ({error.strerror or error})"
+                return
+            self._write("".join(self.buffer))
             self.buffer = []
 
     def __exit__(self, *exc):
         if self.enabled:
             sys.stdout, sys.stderr = self.saved
             if self.file is not None:
-                self.file.close()
+                try:
+                    self.file.close()
+                except OSError:
+                    pass
+            if self.failed:
+                print(f"train.py: {self.failed}", file=sys.stderr)
         return False

@@ -71,14 +71,15 @@ def check_out(out: str, resume: bool, overwrite: bool, inputs: dict) -> None:
     if where == Path.home().resolve():
         raise RunError(f"--out {out}: is your home directory; a run directory must be a directory of its own "
                        f"(e.g. --out runs/NAME)")
-    for flag, value in inputs.items():
-        if value is None or not str(value):
-            continue
-        read = Path(value).resolve()
-        if where == read or where in read.parents or (read.is_dir() and read in where.parents):
-            relation = "is" if where == read else "holds" if where in read.parents else "is inside"
-            raise RunError(f"--out {out}: {relation} {flag} {value}; a run directory must be apart from what the "
-                           f"run reads: give another --out")
+    for flag, values in inputs.items():
+        for value in values if isinstance(values, (list, tuple)) else [values]:  # --data may name several
+            if value is None or not str(value):
+                continue
+            read = Path(value).resolve()
+            if where == read or where in read.parents or (read.is_dir() and read in where.parents):
+                relation = "is" if where == read else "holds" if where in read.parents else "is inside"
+                raise RunError(f"--out {out}: {relation} {flag} {value}; a run directory must be apart from what "
+                               f"the run reads: give another --out")
     if path.exists() and not path.is_dir():
         raise RunError(f"{out}: exists and is not a directory; give another --out")
     if overwrite and not resume and path.is_dir():

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from safetensors import SafetensorError
 
+import spl.reference
 import train
 from spl import runs
 from tests.test_spl_rundir import base, tree
@@ -230,9 +231,9 @@ def test_real_full_file_system_new_run_and_resume(place, capsys, small_fs):
 # ---------------------------------------------------------------------------------------------- signals
 
 def signal_at(monkeypatch, name: str, signum: int, call: int = 1) -> None:
-    """Send `signum` to this process from inside train.<name> (or spl.runs.<name>) on its `call`-th call (then
-    run it as usual): the signal arrives in exactly that phase."""
-    module = train if hasattr(train, name) else runs
+    """Send `signum` to this process from inside train.<name> (or spl.runs.<name>, spl.reference.<name>) on its
+    `call`-th call (then run it as usual): the signal arrives in exactly that phase."""
+    module = next(m for m in (train, runs, spl.reference) if hasattr(m, name))
     real, calls = getattr(module, name), []
 
     def wrapper(*args, **kwargs):
