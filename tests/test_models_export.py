@@ -10,9 +10,12 @@ the file system for the refusals (nothing replaced that this project did not wri
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+import sample
 import train
 from models import load_adapter, load_pretrained
 from models.export import main as export_main
@@ -45,7 +48,21 @@ def _hf_ids(directory):
                                          return_dict=False)
 
 
-def _same_chat_format(base, exported):
+def _sample_line(model, capsys) -> tuple[str, list[int]]:
+    """sample.py's start-up line naming the tokenizer and chat format, and a greedy completion's token ids."""
+    assert sample.main(["--model", str(model), "--prompt", CONVERSATION[0]["content"], "--max-new-tokens", "6",
+                        "--temperature", "0", "--threads", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    line = next(line for line in (captured.out + captured.err).splitlines() if line.startswith("tokenizer: "))
+    return line, json.loads(captured.out.splitlines()[0])["token_ids"]
+
+
+def _same_chat_format(base, exported, capsys=None):
+    if capsys is not None:  # sample.py prints the same format for both, and stops where the format's turn ends
+        (base_line, _), (line, tokens) = _sample_line(base, capsys), _sample_line(exported, capsys)
+        assert line == base_line and "chat format: chatml" in line
+        end = load_tokenizer(exported)[0].end_of_turn_id
+        assert end not in tokens[:-1] and len(tokens) <= 6
     ours_base, _ = load_tokenizer(base)
     ours, path = load_tokenizer(exported)
     assert path.name == "tokenizer.json" and (exported / "chat_template.jinja").is_file()
@@ -54,9 +71,9 @@ def _same_chat_format(base, exported):
     assert _hf_ids(exported) == _hf_ids(base) == ours.encode_prompt(CONVERSATION)
 
 
-def test_full_fine_tune_keeps_the_chat_format(trained):
+def test_full_fine_tune_keeps_the_chat_format(trained, capsys):
     base, _, full = trained
-    _same_chat_format(base, full / "model")
+    _same_chat_format(base, full / "model", capsys)
 
 
 def test_merged_adapter_keeps_the_chat_format_and_computes_the_adapted_model(trained, tmp_path, capsys):
@@ -66,7 +83,7 @@ def test_merged_adapter_keeps_the_chat_format_and_computes_the_adapted_model(tra
     out = tmp_path / "merged"
     assert export_main(["--adapter", str(lora / "adapter"), "--out", str(out)]) == 0  # base from adapter_config
     assert "merged model:" in capsys.readouterr().out
-    _same_chat_format(base, out)
+    _same_chat_format(base, out, capsys)
     tokens = torch.tensor([load_tokenizer(base)[0].encode_prompt(CONVERSATION)])
     adapted = load_adapter(load_pretrained(base), lora / "adapter").eval()
     merged = load_pretrained(out).eval()
