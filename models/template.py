@@ -11,10 +11,12 @@ format's, token for token (but for the BOS that a tokenizer whose post-processor
 template's text, as `tokenizer(text)` does). The first difference stops the run in one line that names the probe,
 the token position and the text on each side.
 
-Sentencepiece checkpoints are not checked here: transformers' sentencepiece tokenizers add a word-boundary space
-to each text segment in ways that depend on the tokenizer class (legacy or not), so token equality there is
-tested per checkpoint family in tests/ against apply_chat_template instead. An explicit --chat-format is the
-user's choice and is not checked.
+Over sentencepiece the comparison is of the text, whitespace aside: transformers' sentencepiece tokenizers put a
+word-boundary space before each text segment in ways that depend on the tokenizer class (legacy or not), so token
+equality there is tested per checkpoint family in tests/ against apply_chat_template, while this start-up check
+catches what the markers cannot (a default system prompt, a date, words the format does not write). A probe the
+template itself refuses (raise_exception: a template without a system role, say) is not compared. An explicit
+--chat-format is the user's choice and is not checked.
 """
 from __future__ import annotations
 
@@ -29,6 +31,19 @@ PROBES = {  # name -> conversation ending with a user turn; contents with digits
 }
 
 
+class TemplateRefused(Exception):
+    """The template's own raise_exception: it does not take this conversation."""
+
+
+def _names(tokenizer) -> dict[str, int]:
+    """Every token the tokenizer knows by name: BPE special and added tokens, sentencepiece control pieces and
+    tokenizer_config.json's added tokens."""
+    names = {}
+    for field in ("special", "added", "control_pieces", "added_tokens"):
+        names.update(getattr(tokenizer, field, None) or {})
+    return names
+
+
 def render(template: str, messages: list[dict], bos_token: str, eos_token: str,
            add_generation_prompt: bool = True) -> str:
     """The template's text for `messages`, rendered as transformers' apply_chat_template renders it."""
@@ -40,7 +55,7 @@ def render(template: str, messages: list[dict], bos_token: str, eos_token: str,
     import json
 
     def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
+        raise TemplateRefused(message)
 
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=["jinja2.ext.loopcontrols"])
@@ -49,6 +64,8 @@ def render(template: str, messages: list[dict], bos_token: str, eos_token: str,
     try:
         return environment.from_string(template).render(messages=messages, bos_token=bos_token,
                                                         eos_token=eos_token, add_generation_prompt=add_generation_prompt)
+    except TemplateRefused:
+        raise
     except jinja2.exceptions.TemplateError as error:
         raise ChatFormatError(f"the chat_template does not render ({error})") from None
 
@@ -56,7 +73,7 @@ def render(template: str, messages: list[dict], bos_token: str, eos_token: str,
 def text_ids(tokenizer, text: str) -> list[int]:
     """`text` as transformers tokenises a rendered template: every special or added token by name, the text
     between them by the tokenizer (tokenizer.encode adds no BOS: byte-level BPE has no dummy prefix either)."""
-    names = {**getattr(tokenizer, "added", {}), **tokenizer.special}
+    names = _names(tokenizer)
     ids, start = [], 0
     while start < len(text):
         found = [(text.find(name, start), -len(name), name) for name in names if text.find(name, start) >= 0]
@@ -69,20 +86,47 @@ def text_ids(tokenizer, text: str) -> list[int]:
 
 
 def _shown(tokenizer, ids: list[int]) -> str:
-    """ids as text, special tokens by name."""
-    by_id = {i: name for name, i in {**getattr(tokenizer, "added", {}), **tokenizer.special}.items()}
-    return "".join(by_id.get(i) or tokenizer.decode([i]) for i in ids)
+    """ids as text, named tokens by name (runs of the others decoded together, so multi-byte text stays whole)."""
+    by_id = {i: name for name, i in _names(tokenizer).items()}
+    text, run = [], []
+    for i in [*ids, None]:
+        if i is None or i in by_id:
+            text.append(tokenizer.decode(run) if run else "")
+            run = []
+            text.append(by_id.get(i, ""))
+        else:
+            run.append(i)
+    return "".join(text)
+
+
+def _squeezed(text: str) -> str:
+    return "".join(text.split())
 
 
 def check_template(tokenizer, template: str, where: str) -> None:
-    """Raise ChatFormatError unless the tokenizer's chat format gives the template's ids on every probe."""
-    by_id = {i: name for name, i in tokenizer.special.items()}
+    """Raise ChatFormatError unless the tokenizer's chat format agrees with the template on every probe it takes:
+    token for token over a byte-level BPE, the text whitespace aside over sentencepiece."""
+    by_id = {i: name for name, i in _names(tokenizer).items()}
     bos, eos = by_id.get(tokenizer.bos_id, ""), by_id.get(tokenizer.eos_id, "")
     for probe, messages in PROBES.items():
-        expected = text_ids(tokenizer, render(template, messages, bos, eos))
+        try:
+            text = render(template, messages, bos, eos)
+        except TemplateRefused:
+            continue
         ours = tokenizer.format.encode_prompt(messages)
-        if tokenizer.adds_bos and ours[:1] == [tokenizer.bos_id] and expected[:1] != ours[:1]:
+        if tokenizer.adds_bos and ours[:1] == [tokenizer.bos_id] and not text.startswith(bos):
             ours = ours[1:]  # the BOS a tokenizer adds itself (its post-processor), not the template's to write
+        if tokenizer.dummy_prefix:  # sentencepiece: the texts, whitespace aside
+            theirs, mine = _squeezed(text), _squeezed(_shown(tokenizer, ours))
+            if theirs != mine:
+                n = next((i for i, (a, b) in enumerate(zip(theirs, mine)) if a != b), min(len(theirs), len(mine)))
+                raise ChatFormatError(
+                    f"{where}: the built-in {tokenizer.chat_format} format differs from this chat_template on "
+                    f"{probe}, at character {n} (whitespace aside): the template writes {theirs[n:n + 24]!r}, the "
+                    f"format {mine[n:n + 24]!r} (after {theirs[max(0, n - 24):n]!r}); pass --chat-format NAME to "
+                    f"use a built-in format anyway")
+            continue
+        expected = text_ids(tokenizer, text)
         if ours == expected:
             continue
         n = next((i for i, (a, b) in enumerate(zip(ours, expected)) if a != b), min(len(ours), len(expected)))

@@ -79,7 +79,7 @@ class TokenizerBase:
         except ChatFormatError as error:
             raise _checkpoint_error(f"{self.path}: {error}") from None
         self.chat_format = name
-        if self.chat_template is not None and not self.dummy_prefix and self.format_origin.startswith("chat_template"):
+        if self.chat_template is not None and self.format_origin.startswith("chat_template"):
             from models.template import check_template  # here: models/template.py imports chat_format only
 
             where = os.path.join(os.path.dirname(os.path.abspath(self.path)), self.format_origin.split(" in ")[-1])

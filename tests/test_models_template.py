@@ -56,3 +56,25 @@ def test_a_template_the_format_does_not_reproduce_is_refused_in_one_line(tmp_pat
     assert "the template gives 'Today is Mon" in line and "the format 'Which pet" in line
     assert "(after '<|im_start|>user\\n')" in line and "--chat-format" in line
     assert BPETokenizer(directory / "tokenizer.json", "chatml").chat_format == "chatml"  # the user's choice stands
+
+
+@pytest.mark.parametrize("name", ["zephyr", "llama-2", "chatml"])
+def test_sentencepiece_templates_pass_and_a_changed_one_is_refused(tmp_path, name):
+    """Over sentencepiece the check compares text, whitespace aside: the real Zephyr, Llama-2 and ChatML templates
+    (the fixtures the format tests use against apply_chat_template) pass; the same template writing a date line
+    into every user turn is refused in one line naming where the texts part."""
+    from models.tokenizer import Tokenizer
+    from test_train_formats import CHECKPOINTS, make_checkpoint
+
+    tokenizer_model, template, added, vocab_size, _ = CHECKPOINTS[name]
+    directory = make_checkpoint(tmp_path / name, tokenizer_model, template, added, vocab_size)
+    assert Tokenizer(directory / "tokenizer.model").chat_format == name  # loading ran the check: it passed
+    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    changed = config["chat_template"].replace("message['content']", "'Today is Monday. ' + message['content']")
+    assert changed != config["chat_template"]
+    (directory / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": changed}), encoding="utf-8")
+    with pytest.raises(CheckpointError) as refused:
+        Tokenizer(directory / "tokenizer.model")
+    line = str(refused.value)
+    assert "\n" not in line and f"the built-in {name} format differs from this chat_template on " in line
+    assert "(whitespace aside): the template writes 'TodayisMonday." in line and "--chat-format" in line
