@@ -28,6 +28,7 @@ FSDP's modules are imported inside `shard_frozen_weights`: they take seconds to 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 from dataclasses import dataclass
@@ -243,6 +244,15 @@ def start_processes(procs: Processes, device):
     else:
         dist.init_process_group("gloo", rank=procs.rank, world_size=procs.world_size)
     return device
+
+
+def stop_processes(procs: Processes) -> None:
+    """Leave torchrun's process group (nothing with one process). Garbage is collected first: FSDP2's module state
+    keeps reference cycles that can hold a collective's work object, and gloo aborts the process ("terminate
+    called without an active exception") when such an object is only destroyed during interpreter shutdown."""
+    if procs.distributed:
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def on_main(procs: Processes, action, error_type):
