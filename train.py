@@ -58,8 +58,8 @@ from spl.plot import TensorBoardLog, draw_curves
 from spl.config import (RESUME_MAY_CHANGE, TrainConfig, describe, describe_recipe, is_world_run, parse_args,
                         validate_for_model)
 from spl.distributed import (Processes, check_run_directory, prepare_run_directory, resume, run_directory_lock,
-                             save_checkpoint, share_batches, shard_frozen_weights, start_processes, stop_processes, sum_across,
-                             sum_gradients_)
+                             save_checkpoint, share_batches, shard_frozen_weights, start_processes, stop_processes,
+                             sum_across, sum_gradients_)
 from spl.reference import reference_log_probs
 from spl.step import (PREFERENCE_LOSSES, Objective, RewardHead, grouped_preference_step, preference_step,
                       reward_step, sft_step)
