@@ -117,21 +117,16 @@ def check_template(tokenizer, template: str, where: str) -> None:
         if tokenizer.adds_bos and ours[:1] == [tokenizer.bos_id] and not text.startswith(bos):
             ours = ours[1:]  # the BOS a tokenizer adds itself (its post-processor), not the template's to write
         if tokenizer.dummy_prefix:  # sentencepiece: the texts, whitespace aside
-            theirs, mine = _squeezed(text), _squeezed(_shown(tokenizer, ours))
-            if theirs != mine:
-                n = next((i for i, (a, b) in enumerate(zip(theirs, mine)) if a != b), min(len(theirs), len(mine)))
-                raise ChatFormatError(
-                    f"{where}: the built-in {tokenizer.chat_format} format differs from this chat_template on "
-                    f"{probe}, at character {n} (whitespace aside): the template writes {theirs[n:n + 24]!r}, the "
-                    f"format {mine[n:n + 24]!r} (after {theirs[max(0, n - 24):n]!r}); pass --chat-format NAME to "
-                    f"use a built-in format anyway")
+            theirs, mine, width, unit = _squeezed(text), _squeezed(_shown(tokenizer, ours)), 24, "character"
+            show = str
+        else:  # byte-level BPE: token for token
+            theirs, mine, width, unit = text_ids(tokenizer, text), ours, 6, "token"
+            show = lambda ids: _shown(tokenizer, ids)  # noqa: E731
+        if theirs == mine:
             continue
-        expected = text_ids(tokenizer, text)
-        if ours == expected:
-            continue
-        n = next((i for i, (a, b) in enumerate(zip(ours, expected)) if a != b), min(len(ours), len(expected)))
+        n = next((i for i, (a, b) in enumerate(zip(theirs, mine)) if a != b), min(len(theirs), len(mine)))
         raise ChatFormatError(
             f"{where}: the built-in {tokenizer.chat_format} format differs from this chat_template on {probe}, at "
-            f"token {n}: the template gives {_shown(tokenizer, expected[n:n + 6])!r}, the format "
-            f"{_shown(tokenizer, ours[n:n + 6])!r} (after {_shown(tokenizer, expected[max(0, n - 6):n])!r}); pass "
-            f"--chat-format NAME to use a built-in format anyway")
+            f"{unit} {n}{' (whitespace aside)' if tokenizer.dummy_prefix else ''}: the template gives "
+            f"{show(theirs[n:n + width])!r}, the format {show(mine[n:n + width])!r} (after "
+            f"{show(theirs[max(0, n - width):n])!r}); pass --chat-format NAME to use a built-in format anyway")

@@ -77,4 +77,4 @@ def test_sentencepiece_templates_pass_and_a_changed_one_is_refused(tmp_path, nam
         Tokenizer(directory / "tokenizer.model")
     line = str(refused.value)
     assert "\n" not in line and f"the built-in {name} format differs from this chat_template on " in line
-    assert "(whitespace aside): the template writes 'TodayisMonday." in line and "--chat-format" in line
+    assert "(whitespace aside): the template gives 'TodayisMonday." in line and "--chat-format" in line
