@@ -412,3 +412,30 @@ def test_load_tokenizer_order_and_missing_files(tmp_path):
         load_tokenizer(tmp_path / "empty")
     with pytest.raises(CheckpointError, match=r"tekken.json: 131072 tokens, more than the vocab_size 32768"):
         check_vocabulary(tekken, 32768, directory)
+
+
+def test_default_system_template_data_path_equals_apply_chat_template(tmp_path, tmp_path_factory):
+    """Issue 26: on a checkpoint whose template adds a default system prompt (SmolLM2's ChatML), the training ids
+    of records in every layout (standard, conversational, UltraFeedback-binarized, HH-RLHF) equal transformers'
+    apply_chat_template of the conversation each record means: the prompt with the generation prompt, and the
+    whole conversation up to what the template writes after the reply's end of turn."""
+    from data.tokenization import load_preference_data
+
+    kind, template, eos, bos, _, after_turn, add_special_tokens = TEMPLATE_CASES["smollm2"]
+    ours, hf = hf_pair(tmp_path_factory.getbasetemp(), kind, template, eos, bos)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record, *_ in DATA_RECORDS), encoding="utf-8")
+    examples, summary = load_preference_data(path, ours, 4096, 2048, vocab_size=ours.vocab_size)
+    assert summary.num_kept == len(DATA_RECORDS)
+    tail = hf.encode(after_turn, add_special_tokens=False)
+
+    def ids(messages, **kwargs):
+        text = hf.apply_chat_template(messages, tokenize=False, **kwargs)
+        return hf.encode(text, add_special_tokens=add_special_tokens)
+    without_system = [messages for _, messages, *_ in DATA_RECORDS if messages[0]["role"] != "system"]
+    assert without_system and all("You are a helpful AI assistant named SmolLM" in hf.apply_chat_template(
+        messages, tokenize=False) for messages in without_system)  # the default system prompt is exercised
+    for example, (_, messages, chosen, rejected) in zip(examples, DATA_RECORDS):
+        assert example.prompt_ids == ids(messages, add_generation_prompt=True)
+        for reply, reply_ids in ((chosen, example.chosen_ids), (rejected, example.rejected_ids)):
+            assert example.prompt_ids + reply_ids + tail == ids(messages + [{"role": "assistant", "content": reply}])
