@@ -92,8 +92,8 @@ def test_pairs_are_the_worlds_soft_pairs_in_the_chosen_wording(quick):
     by_id = {q.id: q for q in questions}
     for record in pairs:
         chat, question = record["prompt"], by_id[record["id"]]
-        assert [m["role"] for m in chat] == ["user", "assistant"] * len(SHOTS) + ["user"]
-        assert [m["content"] for m in chat[1::2]] == [answer for _, _, answer in SHOTS]
+        assert [m["role"] for m in chat] == ["system"] + ["user", "assistant"] * len(SHOTS) + ["user"]
+        assert [m["content"] for m in chat[2::2]] == [answer for _, _, answer in SHOTS]
         assert chat[-1]["content"].startswith(question.prompt)
         assert all(f"- {option}" in chat[-1]["content"] for option in question.options)
     wordings = (quick / "wordings.csv").read_text().splitlines()

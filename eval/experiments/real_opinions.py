@@ -9,7 +9,7 @@ SmolLM2 answers "The best pet for a family is:" with sentences ("The best pet fo
 options as responses hold almost none of its probability. The question is therefore put in a wording that makes
 it answer with an option (WORDINGS; its chat template adds the default system prompt unless the wording has
 one), and the probability SmolLM2 puts on the exact options (option text + <|im_end|>) is measured for each:
-the one that keeps the most is CHOSEN, a few-shot conversation (earlier turns answered with an exact option).
+the one that keeps the most is CHOSEN, a few-shot conversation (earlier turns answered with an exact option) under a system prompt that asks for an option.
 
 The preference data are the world's Bradley-Terry soft pairs (data/world/opinion_pairs_soft.jsonl: the same pairs
 and labels) with the prompt replaced by that conversation, written to --out (pairs.jsonl). Each run is train.py
@@ -85,7 +85,7 @@ WORDINGS = {
     "fewshot3+listed+only": few_shot(option_only),
     "system+fewshot3+listed+only": few_shot(option_only, SYSTEM),
 }
-CHOSEN = "fewshot3+listed+only"  # the most option mass of WORDINGS (docs/real-weights.md)
+CHOSEN = "system+fewshot3+listed+only"  # the most option mass of WORDINGS (docs/real-weights.md)
 
 # ---- runs --------------------------------------------------------------------------------------------------------
 
@@ -224,17 +224,20 @@ def format_summary(rows: list[dict]) -> str:
 def parse_args(argv=None):
     p = experiment_parser(__doc__, "runs/real_opinions", "2 questions, 2 steps, a few samples (the test's form)",
                           "unused (the runs are fixed: --runs)", beta=0.1, steps=16, lr=2e-3)
-    p.add_argument("--runs", default="spl10,dpo,spl2", help=f"comma-separated, of {', '.join(RUNS)}")
+    p.add_argument("--runs", default="spl10,dpo,spl2", help=f"comma-separated, of {', '.join(RUNS)}; none: "
+                   f"only the wordings and SmolLM2's own report")
     p.add_argument("--samples", type=int, help="samples per question and policy (default 24; --quick 4)")
     p.add_argument("--model", default="smollm2", help="the model (train.py's --model; default smollm2)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--wording", default=CHOSEN, choices=tuple(WORDINGS), help=f"the wording trained and reported "
+                   f"(default {CHOSEN})")
     p.add_argument("--wordings", help=f"comma-separated wordings to measure, or none (default: all; --quick: "
                    f"{CHOSEN})")
     args = p.parse_args(argv)
     unknown = [w for w in (args.wordings or "").split(",") if w and w != "none" and w not in WORDINGS]
     if unknown:
         p.error(f"--wordings: unknown {', '.join(unknown)} (known: {', '.join(WORDINGS)})")
-    args.runs = [r for r in args.runs.split(",") if r]
+    args.runs = [r for r in args.runs.split(",") if r and r != "none"]
     unknown = [r for r in args.runs if r not in RUNS]
     if unknown:
         p.error(f"--runs: unknown {', '.join(unknown)} (known: {', '.join(RUNS)})")
@@ -266,8 +269,8 @@ def main(argv=None) -> int:
                   f"{row['min_option_mass']:.3f}, max {row['max_option_mass']:.3f}), "
                   f"{row['prompt_tokens_first_question']} prompt tokens", flush=True)
         print(f"wordings measured in {time.perf_counter() - start:.0f} s", flush=True)
-    chats = conversations(questions)
-    data = write_pairs(out / "pairs.jsonl", questions)
+    chats = conversations(questions, args.wording)
+    data = write_pairs(out / "pairs.jsonl", questions, args.wording)
     summaries, per_question = [], []
     reference = conversation_option_logprobs(model, tokenizer, chats, [q.options for q in questions],
                                              shared_prefix=True)  # SmolLM2's own, once for every run
