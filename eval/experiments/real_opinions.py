@@ -223,10 +223,10 @@ def format_summary(rows: list[dict]) -> str:
 
 def parse_args(argv=None):
     p = experiment_parser(__doc__, "runs/real_opinions", "2 questions, 2 steps, a few samples (the test's form)",
-                          "unused (the runs are fixed: --runs)", beta=0.1, steps=16, lr=2e-3)
+                          "unused (the runs are fixed: --runs)", beta=0.1, steps=16, lr=1e-3)
     p.add_argument("--runs", default="spl10,dpo,spl2", help=f"comma-separated, of {', '.join(RUNS)}; none: "
                    f"only the wordings and SmolLM2's own report")
-    p.add_argument("--samples", type=int, help="samples per question and policy (default 24; --quick 4)")
+    p.add_argument("--samples", type=int, help="samples per question and policy (default 20; --quick 4)")
     p.add_argument("--model", default="smollm2", help="the model (train.py's --model; default smollm2)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--wording", default=CHOSEN, choices=tuple(WORDINGS), help=f"the wording trained and reported "
@@ -254,7 +254,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     questions = opinion_questions()[:2] if args.quick else opinion_questions()
     steps = args.steps or (2 if args.quick else 16)
-    num_samples = args.samples or (4 if args.quick else 24)
+    num_samples = args.samples or (4 if args.quick else 20)
     model_dir = resolve_model(args.model)
     model = load_pretrained(model_dir).eval()
     tokenizer, _ = load_tokenizer(model_dir)
