@@ -31,24 +31,42 @@ from spl.step import policy_logprobs
 from spl.theory import full_space_option_mass, off_option_weight_bounds, optimal_policy, optimal_policy_from_reward
 
 
-@torch.no_grad()
 def option_logprobs(model, tokenizer, questions, device=None, batch_size: int = 64) -> list[torch.Tensor]:
     """Per question, log pi(y_i | x) of each option y_i (+ EOS) after the chat prompt (float64 [K])."""
-    examples = []
-    for q in questions:
-        prompt_ids = tokenizer.encode_prompt([{"role": "user", "content": q.prompt}])
+    return conversation_option_logprobs(model, tokenizer, [[{"role": "user", "content": q.prompt}] for q in questions],
+                                        [q.options for q in questions], device, batch_size)
+
+
+@torch.no_grad()
+def conversation_option_logprobs(model, tokenizer, conversations, options, device=None, batch_size: int = 64,
+                                 shared_prefix: bool = False) -> list[torch.Tensor]:
+    """Per conversation (chat messages ending with a user turn), log pi(y_i | x) of each of its options y_i (+ the
+    end of turn) after the chat prompt the tokenizer renders (float64 [K]). shared_prefix: each prompt runs once
+    and its options continue from it (models/prefix.py; the same values up to float rounding), which is what
+    makes long few-shot prompts affordable; a batch then holds whole conversations, about batch_size rows."""
+    examples, prompt_of = [], []  # prompt_of: the conversation of each row
+    for number, (messages, texts) in enumerate(zip(conversations, options)):
+        prompt_ids = tokenizer.encode_prompt(messages)
         examples += [SequenceExample(prompt_ids, tokenizer.encode_response(option), len(examples))
-                     for option in q.options]
+                     for option in texts]
+        prompt_of += [number] * len(texts)
     was_training = model.training
     model.eval()
-    logps = []
-    for start in range(0, len(examples), batch_size):
-        batch = collate_sequences(examples[start:start + batch_size], tokenizer.pad_id)
+    logps, start = [], 0
+    while start < len(examples):
+        end = min(start + batch_size, len(examples))
+        while shared_prefix and end < len(examples) and prompt_of[end] == prompt_of[end - 1]:
+            end += 1  # whole conversations only
+        batch = collate_sequences(examples[start:end], tokenizer.pad_id)
+        if shared_prefix:  # the fields models/prefix.py reads: each row's prompt (0..P-1 in the batch), its length
+            batch["response_prompt"] = torch.tensor(prompt_of[start:end]) - prompt_of[start]
+            batch["prompt_lengths"] = torch.tensor([len(e.prompt_ids) for e in examples[start:end]])
         batch = {k: v.to(device) for k, v in batch.items()}
-        logps.append(policy_logprobs(model, batch, compile=False).double().cpu())  # (rows,)
+        logps.append(policy_logprobs(model, batch, compile=False, shared_prefix=shared_prefix).double().cpu())
+        start = end
     model.train(was_training)
     logps = torch.cat(logps)
-    return list(logps.split([len(q.options) for q in questions]))
+    return list(logps.split([len(texts) for texts in options]))
 
 
 def option_distributions(model, tokenizer, questions, device=None, batch_size: int = 64) -> list[torch.Tensor]:
@@ -60,13 +78,21 @@ def total_variation(p, q) -> float:
     return 0.5 * float((p - q).abs().sum())
 
 
-def opinion_report(model, tokenizer, questions, alpha: float, beta: float, device=None) -> dict:
+def opinion_report(model, tokenizer, questions, alpha: float, beta: float, device=None, conversations=None,
+                   reference=None) -> dict:
     """The report.json of the main job: per question its options, population, reference, learned, closed_form
     and their total-variation distance; plus the mean over questions. Needs a LoRA model (the reference is the
-    same model with its adapters off)."""
-    learned = option_logprobs(model, tokenizer, questions, device)
-    with disable_lora(model):
-        reference = option_logprobs(model, tokenizer, questions, device)
+    same model with its adapters off). conversations: the chat each question is asked in (default: its prompt as
+    the one user turn), scored with each prompt computed once (eval/experiments/real_opinions.py's few-shot);
+    reference: the reference's option log-probs if already computed (conversation_option_logprobs)."""
+    options = [q.options for q in questions]
+    shared = conversations is not None
+    conversations = conversations or [[{"role": "user", "content": q.prompt}] for q in questions]
+    learned = conversation_option_logprobs(model, tokenizer, conversations, options, device, shared_prefix=shared)
+    if reference is None:
+        with disable_lora(model):
+            reference = conversation_option_logprobs(model, tokenizer, conversations, options, device,
+                                                     shared_prefix=shared)
     rows = []
     for q, ref_logps, logps in zip(questions, reference, learned):
         population = torch.tensor(q.population, dtype=torch.float64)

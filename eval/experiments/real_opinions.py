@@ -1,0 +1,300 @@
+"""SPL on a real model: the world's 30 opinion questions asked to SmolLM2-135M-Instruct, trained with the main job's
+recipe (DPO and SPL), then compared with the closed-form optimum over the options and sampled.
+
+    python -m eval.experiments.real_opinions                     # wordings, pairs, the three runs, the table
+    python -m eval.experiments.real_opinions --runs dpo          # one run (dpo, spl2, spl10; comma-separated)
+    python -m eval.experiments.real_opinions --quick             # 2 questions, 2 steps, a few samples (the test)
+
+SmolLM2 answers "The best pet for a family is:" with sentences ("The best pet for a family is a dog."), so the
+options as responses hold almost none of its probability. The question is therefore put in a wording that makes
+it answer with an option (WORDINGS; its chat template adds the default system prompt unless the wording has
+one), and the probability SmolLM2 puts on the exact options (option text + <|im_end|>) is measured for each:
+the one that keeps the most is CHOSEN, a few-shot conversation (earlier turns answered with an exact option) under a system prompt that asks for an option.
+
+The preference data are the world's Bradley-Terry soft pairs (data/world/opinion_pairs_soft.jsonl: the same pairs
+and labels) with the prompt replaced by that conversation, written to --out (pairs.jsonl). Each run is train.py
+with --model smollm2 and the main job's recipe (spl/config.py WORLD_MAIN_JOB: anchor 0.1, whole prompts per batch,
+LoRA on the seven projections and the tied lm_head), fewer steps at a larger step size so that a run fits the
+2-core machine. The report is the main job's (data/world/report.py opinion_report) with SmolLM2 as the reference:
+per question the population, SmolLM2's distribution over the options, the learned one, the closed form
+pi* ∝ pi_ref^(beta/alpha) p^(1/alpha) (Prop. A.1) and the option masses. Then each policy is sampled (and SmolLM2
+itself): the share of samples that are exactly an option, and their frequencies against the closed form.
+sample.py reads one user turn per prompt, not a conversation, so the few-shot prompts are sampled here with
+models.generate (the same function sample.py calls).
+
+The coefficients: the issue asks for DPO and SPL "at alpha/beta in {2, 10} (alpha = 1)": SPL alpha = 1 with
+beta = 0.5 and 0.1; DPO is SPL with alpha = beta, at beta = 0.1.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from data.world import DEFAULT_DIR
+from data.world.opinions import opinion_questions
+from data.world.report import conversation_option_logprobs, opinion_report, total_variation
+from eval.experiments.common import experiment_parser, write_csv, write_json, write_jsonl
+from eval.experiments.policies import train_policy
+from models import load_adapter, load_pretrained, load_tokenizer
+from models.generate import generate
+from models.lora import HEAD_TARGET, TARGET_NAMES
+from spl.theory import optimal_policy
+
+# ---- wordings --------------------------------------------------------------------------------------------------
+
+SYSTEM = ("You answer multiple-choice questions. Reply with exactly one of the given options, copied word for "
+          "word, and nothing else.")
+# Few-shot turns: questions that are not the world's, each answered with one of its options exactly.
+SHOTS = (("The best color for a car is:", ("Red", "Blue", "Black", "White"), "Blue"),
+         ("The best fruit for a snack is:", ("An apple", "A banana", "Grapes"), "Grapes"),
+         ("The best way to get to work is:", ("Walking", "Cycling", "Driving", "Taking the bus"), "Cycling"))
+
+
+def listed(prompt: str, options) -> str:
+    return prompt + "\n\nOptions:\n" + "\n".join(f"- {option}" for option in options)
+
+
+def option_only(prompt: str, options) -> str:
+    return listed(prompt, options) + "\n\nAnswer with the option only, exactly as written."
+
+
+def few_shot(user, system: str | None = None):
+    """A wording whose conversation first answers SHOTS, each with its exact option, in `user`'s wording."""
+    def conversation(prompt, options):
+        messages = [{"role": "system", "content": system}] if system else []
+        for shot_prompt, shot_options, answer in SHOTS:
+            messages += [{"role": "user", "content": user(shot_prompt, shot_options)},
+                         {"role": "assistant", "content": answer}]
+        return messages + [{"role": "user", "content": user(prompt, options)}]
+    return conversation
+
+
+# name -> (prompt, options) -> chat messages ending with the question's user turn. Without a system message
+# SmolLM2's template adds its default one ("You are a helpful AI assistant named SmolLM, ...").
+WORDINGS = {
+    "plain": lambda prompt, options: [{"role": "user", "content": prompt}],
+    "listed": lambda prompt, options: [{"role": "user", "content": listed(prompt, options)}],
+    "listed+only": lambda prompt, options: [{"role": "user", "content": option_only(prompt, options)}],
+    "system+listed+only": lambda prompt, options: [{"role": "system", "content": SYSTEM},
+                                                   {"role": "user", "content": option_only(prompt, options)}],
+    "fewshot3+listed": few_shot(listed),
+    "fewshot3+listed+only": few_shot(option_only),
+    "system+fewshot3+listed+only": few_shot(option_only, SYSTEM),
+}
+CHOSEN = "system+fewshot3+listed+only"  # the most option mass of WORDINGS (docs/real-weights.md)
+
+# ---- runs --------------------------------------------------------------------------------------------------------
+
+# name -> (loss, alpha, beta): DPO is SPL at alpha = beta; SPL at alpha/beta 2 and 10 with alpha = 1 (the issue).
+RUNS = {"dpo": ("dpo", 0.1, 0.1), "spl2": ("spl", 1.0, 0.5), "spl10": ("spl", 1.0, 0.1)}
+# The main job's recipe (spl/config.py WORLD_MAIN_JOB) on SmolLM2: --model would otherwise take paper-chat's values.
+RECIPE = ("--anchor", "0.1", "--prompts-per-batch", "15", "--lora-targets", ",".join([*TARGET_NAMES, HEAD_TARGET]),
+          "--lora-rank", "16", "--lora-alpha", "32", "--lora-dropout", "0", "--max-length", "512",
+          "--max-prompt-length", "448")
+SOFT_PAIRS = DEFAULT_DIR / "opinion_pairs_soft.jsonl"
+
+
+def conversations(questions, wording: str = CHOSEN) -> list[list[dict]]:
+    return [WORDINGS[wording](q.prompt, q.options) for q in questions]
+
+
+def wording_masses(model, tokenizer, questions, names=tuple(WORDINGS)) -> list[dict]:
+    """Per wording, SmolLM2's probability on the exact options (sum over a question's options of
+    pi(option + <|im_end|> | prompt)): mean, min and max over the questions, and the prompt's length."""
+    rows = []
+    for name in names:
+        chats = conversations(questions, name)
+        logps = conversation_option_logprobs(model, tokenizer, chats, [q.options for q in questions],
+                                             shared_prefix=True)
+        mass = torch.stack([lp.logsumexp(0).exp() for lp in logps])  # (Q,)
+        rows.append({"wording": name, "mean_option_mass": float(mass.mean()), "min_option_mass": float(mass.min()),
+                     "max_option_mass": float(mass.max()),
+                     "prompt_tokens_first_question": len(tokenizer.encode_prompt(chats[0]))})
+    return rows
+
+
+def write_pairs(path: Path, questions, wording: str = CHOSEN) -> Path:
+    """The world's soft pairs of `questions`, in order, each prompt replaced by its conversation in `wording`."""
+    chats = {q.id: chat for q, chat in zip(questions, conversations(questions, wording))}
+    records = []
+    for line in SOFT_PAIRS.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record["id"] in chats:
+            records.append({**record, "prompt": chats[record["id"]]})
+    return write_jsonl(path, records)
+
+
+# ---- samples -----------------------------------------------------------------------------------------------------
+
+def sample_options(model, tokenizer, questions, chats, num_samples: int, seed: int = 0,
+                   max_new_tokens: int = 16) -> tuple[list[dict], list[list[str]]]:
+    """Per question, num_samples completions at temperature 1: how many are exactly an option (the text then
+    <|im_end|>) and each option's count. max_new_tokens bounds the rest: an option ends well within it."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, texts = [], []
+    for q, chat in zip(questions, chats):
+        out = generate(model, tokenizer.encode_prompt(chat), max_new_tokens, num_samples, temperature=1.0,
+                       eos_id=tokenizer.end_of_turn_id, generator=generator)
+        counts = [0] * len(q.options)
+        decoded = []
+        for tokens in out.tokens:
+            text = tokenizer.decode(tokens)
+            decoded.append(text)
+            if tokens and tokens[-1] == tokenizer.end_of_turn_id and text in q.options:
+                counts[q.options.index(text)] += 1
+        rows.append({"counts": counts, "samples": num_samples})
+        texts.append(decoded)
+    return rows, texts
+
+
+def sample_summary(report: dict, rows: list[dict], closed_form_key: str = "closed_form") -> dict:
+    """The share of samples that are an option, and the option samples' frequencies against the closed form: the
+    total variation of the pooled (question, option) frequencies from the closed form given the same per-question
+    counts (the mean of each question's TV weighted by its option samples), beside the same figure for as many
+    draws from the closed form itself (its sampling noise; 200 simulations)."""
+    generator = torch.Generator().manual_seed(1)
+    total = sum(r["samples"] for r in rows)
+    hits = sum(sum(r["counts"]) for r in rows)
+    tv, noise = 0.0, 0.0
+    for q, r in zip(report["questions"], rows):
+        n = sum(r["counts"])
+        if n == 0:
+            continue
+        target = torch.tensor(q[closed_form_key], dtype=torch.float64)
+        tv += n * total_variation(torch.tensor(r["counts"], dtype=torch.float64) / n, target)
+        draws = torch.multinomial(target.expand(200, -1), n, replacement=True, generator=generator)  # (200, n)
+        freq = torch.nn.functional.one_hot(draws, len(target)).double().mean(1)  # (200, K)
+        noise += n * float(0.5 * (freq - target).abs().sum(-1).mean())
+    return {"samples": total, "option_samples": hits, "option_share": hits / total,
+            "tv_samples_vs_closed_form": tv / max(hits, 1), "tv_noise_floor": noise / max(hits, 1)}
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
+
+def evaluate(model, tokenizer, questions, chats, loss: str, alpha: float, beta: float, num_samples: int,
+             reference=None) -> dict:
+    """The main job's report for the LoRA model (reference: adapters off, or `reference`, SmolLM2's option
+    log-probs computed once for every run) plus its samples' summary."""
+    report_alpha = beta if loss == "dpo" else alpha  # DPO's optimum is SPL's at alpha = beta (train.py's rule)
+    report = opinion_report(model, tokenizer, questions, report_alpha, beta, conversations=chats,
+                            reference=reference)
+    rows, texts = sample_options(model, tokenizer, questions, chats, num_samples)
+    report["sampling"] = sample_summary(report, rows)
+    for q, row, decoded in zip(report["questions"], rows, texts):
+        q["sample_counts"], q["sample_texts"] = row["counts"], decoded[:4]
+    return report
+
+
+def question_rows(run: str, report: dict) -> list[dict]:
+    """One CSV row per (question, option)."""
+    return [{"run": run, "question": q["prompt"], "option": option, "population": q["population"][i],
+             "reference": q["reference"][i], "learned": q["learned"][i], "closed_form": q["closed_form"][i],
+             "sample_count": q["sample_counts"][i], "tv_learned_vs_closed_form": q["tv_learned_vs_closed_form"],
+             "reference_option_mass": q["reference_option_mass"], "learned_option_mass": q["learned_option_mass"]}
+            for q in report["questions"] for i, option in enumerate(q["options"])]
+
+
+def summary_row(run: str, report: dict, seconds: float, steps: int) -> dict:
+    s = report["sampling"]
+    return {"run": run, "alpha": report["alpha"], "beta": report["beta"], "steps": steps,
+            "train_seconds": round(seconds, 1), "mean_tv_learned_vs_closed_form": report["mean_tv_learned_vs_closed_form"],
+            "max_tv_learned_vs_closed_form": report["max_tv_learned_vs_closed_form"],
+            "reference_option_mass": report["mean_reference_option_mass"],
+            "learned_option_mass": report["mean_learned_option_mass"],
+            "mass_ratio": report["mean_learned_option_mass"] / report["mean_reference_option_mass"],
+            "sample_option_share": s["option_share"], "option_samples": s["option_samples"],
+            "tv_samples_vs_closed_form": s["tv_samples_vs_closed_form"], "tv_noise_floor": s["tv_noise_floor"]}
+
+
+def format_summary(rows: list[dict]) -> str:
+    lines = [f"{'run':6s} {'alpha':>5s} {'beta':>5s} {'steps':>5s} {'train s':>7s} {'TV':>6s} {'mass ref':>8s} "
+             f"{'mass':>6s} {'ratio':>5s} {'share':>6s} {'n opt':>5s} {'TV smp':>6s} {'noise':>6s}"]
+    for r in rows:
+        lines.append(f"{r['run']:6s} {r['alpha']:5g} {r['beta']:5g} {r['steps']:5d} {r['train_seconds']:7.0f} "
+                     f"{r['mean_tv_learned_vs_closed_form']:6.3f} {r['reference_option_mass']:8.3f} "
+                     f"{r['learned_option_mass']:6.3f} {r['mass_ratio']:5.2f} {r['sample_option_share']:6.3f} "
+                     f"{r['option_samples']:5d} {r['tv_samples_vs_closed_form']:6.3f} {r['tv_noise_floor']:6.3f}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = experiment_parser(__doc__, "runs/real_opinions", "2 questions, 2 steps, a few samples (the test's form)",
+                          "unused (the runs are fixed: --runs)", beta=0.1, steps=16, lr=1e-3)
+    p.add_argument("--runs", default="spl10,dpo,spl2", help=f"comma-separated, of {', '.join(RUNS)}; none: "
+                   f"only the wordings and SmolLM2's own report")
+    p.add_argument("--samples", type=int, help="samples per question and policy (default 20; --quick 4)")
+    p.add_argument("--model", default="smollm2", help="the model (train.py's --model; default smollm2)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--wording", default=CHOSEN, choices=tuple(WORDINGS), help=f"the wording trained and reported "
+                   f"(default {CHOSEN})")
+    p.add_argument("--wordings", help=f"comma-separated wordings to measure, or none (default: all; --quick: "
+                   f"{CHOSEN})")
+    args = p.parse_args(argv)
+    unknown = [w for w in (args.wordings or "").split(",") if w and w != "none" and w not in WORDINGS]
+    if unknown:
+        p.error(f"--wordings: unknown {', '.join(unknown)} (known: {', '.join(WORDINGS)})")
+    args.runs = [r for r in args.runs.split(",") if r and r != "none"]
+    unknown = [r for r in args.runs if r not in RUNS]
+    if unknown:
+        p.error(f"--runs: unknown {', '.join(unknown)} (known: {', '.join(RUNS)})")
+    return args
+
+
+def main(argv=None) -> int:
+    from models.gguf import resolve_model
+
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    questions = opinion_questions()[:2] if args.quick else opinion_questions()
+    steps = args.steps or (2 if args.quick else 16)
+    num_samples = args.samples or (4 if args.quick else 20)
+    model_dir = resolve_model(args.model)
+    model = load_pretrained(model_dir).eval()
+    tokenizer, _ = load_tokenizer(model_dir)
+    names = [w for w in (args.wordings or (CHOSEN if args.quick else ",".join(WORDINGS))).split(",")
+             if w and w != "none"]
+    if names:
+        start = time.perf_counter()
+        masses = wording_masses(model, tokenizer, questions, names)
+        write_csv(out / "wordings.csv", masses)
+        for row in masses:
+            print(f"{row['wording']:30s} option mass mean {row['mean_option_mass']:.3f} (min "
+                  f"{row['min_option_mass']:.3f}, max {row['max_option_mass']:.3f}), "
+                  f"{row['prompt_tokens_first_question']} prompt tokens", flush=True)
+        print(f"wordings measured in {time.perf_counter() - start:.0f} s", flush=True)
+    chats = conversations(questions, args.wording)
+    data = write_pairs(out / "pairs.jsonl", questions, args.wording)
+    summaries, per_question = [], []
+    reference = conversation_option_logprobs(model, tokenizer, chats, [q.options for q in questions],
+                                             shared_prefix=True)  # SmolLM2's own, once for every run
+    write_json(out / "reference.json", {q.prompt: lp.tolist() for q, lp in zip(questions, reference)})
+    rows, texts = sample_options(model, tokenizer, questions, chats, num_samples)  # SmolLM2's own, before training
+    write_json(out / "reference_samples.json", [{"question": q.prompt, "options": list(q.options), **r,
+                                                  "texts": t[:8]} for q, r, t in zip(questions, rows, texts)])
+    for run in args.runs:
+        loss, alpha, beta = RUNS[run]
+        extra = [*RECIPE, "--model", args.model, "--lr", args.lr, "--warmup-steps", 1 if args.quick else 2,
+                 "--dtype", args.dtype, "--batch-size", 170, "--threads", args.threads]
+        start = time.perf_counter()
+        run_dir = train_policy(out / run, data, alpha, beta, loss, steps, extra=tuple(extra), progress=args.progress)
+        seconds = time.perf_counter() - start
+        policy = load_adapter(load_pretrained(model_dir), run_dir / "adapter").eval()
+        report = evaluate(policy, tokenizer, questions, chats, loss, alpha, beta, num_samples, reference)
+        write_json(run_dir / "real_report.json", report)
+        summaries.append(summary_row(run, report, seconds, steps))
+        per_question += question_rows(run, report)
+        write_csv(out / "summary.csv", summaries)
+        write_csv(out / "questions.csv", per_question)
+        print(format_summary(summaries), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
