@@ -213,14 +213,16 @@ def main(argv=None) -> int:
         try:
             print(f"reference model: {train_reference_model(args.out)}")
         except TrainingFailed as error:
-            print(f"build_world: training the reference model failed (train.py exit code {error.code})", file=sys.stderr)
+            print(f"build_world: training the reference model failed (train.py exit code {error.code})",
+                  file=sys.stderr)
             return 1
     if args.train_arithmetic_model:
         try:
             print(f"arithmetic model: {train_arithmetic_model(args.out)}")
             print(f"its preference pairs: {write_arithmetic_model_pairs(args.out)}")
         except TrainingFailed as error:
-            print(f"build_world: training the arithmetic model failed (train.py exit code {error.code})", file=sys.stderr)
+            print(f"build_world: training the arithmetic model failed (train.py exit code {error.code})",
+                  file=sys.stderr)
             return 1
     return 0
 

@@ -15,11 +15,12 @@ import argparse
 import os
 import statistics
 import sys
+from pathlib import Path
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 from data.batching import PromptGroupedBatches, collate, collate_grouped, row_values  # noqa: E402
 from data.tokenization import load_preference_data  # noqa: E402
 from models import Tokenizer, add_lora, load_pretrained  # noqa: E402
@@ -27,7 +28,7 @@ from models.lora import TARGET_NAMES  # noqa: E402
 from spl.logprobs import sequence_logprobs  # noqa: E402
 from spl.losses import anchored_spl_loss, spl_loss  # noqa: E402
 
-WORLD = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data", "world")
+WORLD = str(Path(__file__).resolve().parents[2] / "data" / "world")
 ALPHA, BETA = 0.2, 0.1
 
 

@@ -37,11 +37,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 from eval.bench.measure import measure  # noqa: E402
 from spl.logprobs import DEFAULT_CHUNK_SIZE, naive_sequence_logprobs, sequence_logprobs  # noqa: E402
 

@@ -21,15 +21,15 @@ pairs of similar row length). Printed: the token positions each side runs throug
 (the unshared rows with their padding; the shared side packs real tokens only), and the step times.
 """
 import argparse
-import os
 import statistics
 import sys
+from pathlib import Path
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 from data.batching import PreferenceBatches, collate_grouped  # noqa: E402
 from data.tokenization import PreferenceExample  # noqa: E402
 from models import Mistral, MistralConfig, add_lora  # noqa: E402

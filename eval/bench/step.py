@@ -44,6 +44,7 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -51,7 +52,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 from models import Mistral, MistralConfig, add_lora, build_model, load_pretrained, save_pretrained  # noqa: E402
 from models.lora import TARGET_NAMES  # noqa: E402
 from spl.step import Objective, preference_step, reference_logprobs  # noqa: E402
