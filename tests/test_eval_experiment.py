@@ -78,3 +78,22 @@ def test_first_records(tmp_path):
     path = experiment.first_records(out, source, 3)
     assert path == out / "pairs_soft_first3.jsonl"
     assert path.read_text(encoding="utf-8").splitlines() == ['{"i": 0}', '{"i": 1}', '{"i": 2}']
+
+
+def test_main_job_options_give_the_main_jobs_recipe_with_data_and_model():
+    """Invariant: a run given --data (and --model) plus `main_job_options` trains with the options the embedded
+    world's main job takes by itself (spl/config.py WORLD_MAIN_JOB over TrainConfig's defaults); only what the
+    caller chooses (model, data, steps) and the preset's bookkeeping differ. Without the pinned options, --model
+    would take the paper-chat preset's dropout 0.05 and lr 1e-5."""
+    import dataclasses
+
+    from eval.experiments.policies import main_job_options
+    from spl.config import parse_args
+    world = dataclasses.asdict(parse_args(["--steps", "7"]))
+    caller = {"model", "data", "steps", "batch_size", "preset", "from_preset"}
+    for argv in (["--data", "p.jsonl", *main_job_options()],
+                 ["--data", "p.jsonl", "--model", "m", *main_job_options(model=True)]):
+        run = dataclasses.asdict(parse_args([*argv, "--steps", "7"]))
+        assert {k: v for k, v in run.items() if k not in caller} == {k: v for k, v in world.items() if k not in caller}
+    bare = parse_args(["--data", "p.jsonl", "--model", "m"])
+    assert (bare.lora_dropout, bare.lr) == (0.05, 1e-5)  # what the pinning prevents

@@ -14,10 +14,32 @@ from pathlib import Path
 
 from data.world import MODEL_DIR
 from models import Tokenizer, load_adapter, load_pretrained
-from spl.config import parse_args
+from spl.config import OWN_MODEL_PRESET, PRESETS, WORLD_MAIN_JOB, parse_args
 
 IGNORED = ("resume", "overwrite", "progress", "inputs")  # options that do not change what a run trains (and
 # the inputs' fingerprints, which train.py records beside them in config.json)
+
+
+def main_job_options(model: bool = False) -> tuple[str, ...]:
+    """The main job's recipe (spl/config.py WORLD_MAIN_JOB: the option-mass anchor, whole prompts per batch, LoRA on
+    the seven projections and the output head) as train.py options, for runs that give --data (which, unlike the
+    embedded world's default run, do not take that recipe by themselves). With --model (`model=True`) the options
+    a preset would otherwise fill are pinned to the world's defaults too, so a run does not silently take the
+    paper-chat preset's LoRA dropout 0.05, step size, warm-up and lengths; --steps stays the caller's."""
+    extra = ["--anchor", str(WORLD_MAIN_JOB["anchor"]), "--prompts-per-batch", str(WORLD_MAIN_JOB["prompts_per_batch"]),
+             "--lora-targets", ",".join(WORLD_MAIN_JOB["lora_targets"])]
+    if model:
+        defaults = parse_args([])
+        for name in PRESETS[OWN_MODEL_PRESET]:
+            if name not in ("steps", "epochs", "batch_size", "beta"):  # the caller's, or replaced by the recipe
+                extra += ["--" + name.replace("_", "-"), str(getattr(defaults, name))]
+    return tuple(extra)
+
+
+def recipe_line(argv) -> str:
+    """One line naming the recipe a policy was trained with (the experiments print it and write it beside their
+    results)."""
+    return "train.py " + " ".join(map(str, argv))
 
 
 def train_policy(out, data, alpha: float, beta: float, loss: str = "spl", steps: int = 150,
