@@ -12,17 +12,18 @@ import json
 from pathlib import Path
 
 
-def experiment_parser(doc: str, out: str, quick_help: str, ratios_help: str, beta: float, steps: int, lr: float,
+def experiment_parser(doc: str, out: str, quick_help: str, ratios_help: str, beta: float, steps: int, lr,
                       steps_help: str = "training steps per policy") -> argparse.ArgumentParser:
     """The options every experiment takes, in one place: --out, --quick, --ratios, --beta, --steps, --lr,
-    --threads, --progress. Each experiment adds its own after these."""
+    --threads, --progress. Each experiment adds its own after these. lr None: train.py's own default (not passed)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--out", default=out, help="output directory")
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--ratios", help=ratios_help)
     p.add_argument("--beta", type=float, default=beta)
     p.add_argument("--steps", type=int, help=f"{steps_help} (default {steps})")
-    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})" if lr is not None
+                   else "peak learning rate (default: train.py's, the main job's)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (default 0: as train.py, one for the world's small model on CPU)")
     p.add_argument("--progress", action="store_true", help="train.py's progress bars")
@@ -120,3 +121,18 @@ def save_figure(plt, figure, path: Path, dpi: int = 110) -> Path:
     figure.savefig(path, dpi=dpi)
     plt.close(figure)
     return path
+
+
+def source_commit() -> str:
+    """The git commit the code runs on, with "+dirty" when tracked files differ from it ("unknown" outside a git
+    checkout): written beside an experiment's results so that every figure names the code that made it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
