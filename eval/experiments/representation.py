@@ -61,7 +61,7 @@ DATASETS = ("bradley-terry/soft", "bradley-terry/sampled", "consensus/soft", "si
             "polarised/sampled")
 TRAINED = ("bradley-terry/soft", "bradley-terry/sampled", "consensus/soft", "polarised/soft", "polarised/sampled")
 SAMPLED_K = 20  # hard labels per pair in a generated sampled file, as the world's own (world.json)
-QUICK = dict(trained=("polarised/soft",), ratios=(1.0, 10.0), exact_ratios=(1.0, 2.0, 10.0), steps=8)
+QUICK = dict(trained=("polarised/soft",), ratios=(1.0, 10.0), exact_ratios=(1.0, 10.0), steps=4)
 FOCUS = "opinion-00"  # 0.55 / 0.20 / 0.15 / 0.10, the paper's own example and the issue's audit
 
 
@@ -124,13 +124,13 @@ def loss_minimiser(ref_logps, chosen, rejected, label, alpha: float, beta: float
     distribution pi [K] (float64), or None when the infimum is not attained (win graph not strongly connected).
 
     L(l) = sum_n -q_n log σ(z_n) - (1 - q_n) log σ(-z_n),   z = alpha D l - beta D rho,   D [N, K] with +1 at the
-    chosen and -1 at the rejected option. Gradient alpha D^T (σ(z) - q), Hessian alpha^2 D^T diag(σ(1 - σ)) D:
-    positive semi-definite with null space 1 (a connected comparison graph), so Newton's step solves
-    (H + 1 1^T / K) d = -g, which keeps d ⟂ 1 since g ⟂ 1; a backtracking line search on the loss itself
-    (spl.losses.spl_loss) makes each step a descent. Stops when max |g| < tol."""
+    chosen and -1 at the rejected option (spl.losses.spl_loss summed; the tests check its autograd gradient
+    vanishes at the result). Gradient alpha D^T (σ(z) - q), Hessian alpha^2 D^T diag(σ(1 - σ)) D: positive
+    semi-definite with null space 1 (a connected comparison graph), so Newton's step solves (H + 1 1^T / K) d = -g,
+    which keeps d ⟂ 1 since g ⟂ 1; an Armijo backtracking line search makes each step a descent. Stops when
+    max |g| < tol."""
     import torch
-
-    from spl.losses import spl_loss
+    import torch.nn.functional as F
 
     k = len(ref_logps)
     if not strongly_connected(win_matrix(k, chosen, rejected, label)):
@@ -139,24 +139,26 @@ def loss_minimiser(ref_logps, chosen, rejected, label, alpha: float, beta: float
     d = torch.zeros(len(chosen), k, dtype=torch.float64)  # [N, K]
     d[torch.arange(len(chosen)), chosen] = 1.0
     d[torch.arange(len(chosen)), rejected] = -1.0
+    offset = beta * (d @ rho)  # [N]
+    gauge = torch.ones(k, k, dtype=torch.float64) / k
 
-    def loss(l):  # [K] -> scalar, the loss training minimises
-        return float(spl_loss(l[chosen], l[rejected], rho[chosen], rho[rejected], alpha, beta, label)[0].sum())
+    def loss(z):  # [N] -> the summed loss (spl.losses._preference_loss)
+        return float(-(label * F.logsigmoid(z) + (1 - label) * F.logsigmoid(-z)).sum())
 
     logps = rho * (beta / alpha)  # every z = 0
-    current = loss(logps)
+    z = alpha * (d @ logps) - offset  # [N]
+    current = loss(z)
     for _ in range(max_steps):
-        sig = torch.sigmoid(alpha * (d @ logps) - beta * (d @ rho))  # [N]
+        sig = torch.sigmoid(z)  # [N]
         grad = alpha * d.T @ (sig - label)  # [K]
         if float(grad.abs().max()) < tol:
             break
-        hessian = alpha ** 2 * d.T @ (d * (sig * (1 - sig))[:, None]) + torch.ones(k, k, dtype=torch.float64) / k
-        step = -torch.linalg.solve(hessian, grad)  # [K]
-        size = 1.0
-        while size > 1e-12 and loss(logps + size * step) > current + 1e-4 * size * float(grad @ step):
+        step = -torch.linalg.solve(alpha ** 2 * d.T @ (d * (sig * (1 - sig))[:, None]) + gauge, grad)  # [K]
+        dz, slope, size = alpha * (d @ step), float(grad @ step), 1.0
+        while size > 1e-12 and loss(z + size * dz) > current + 1e-4 * size * slope:
             size /= 2  # Armijo backtracking
-        logps = logps + size * step
-        current = loss(logps)
+        logps, z = logps + size * step, z + size * dz
+        current = loss(z)
     return torch.softmax(logps, 0)
 
 
@@ -270,7 +272,7 @@ def train_options(lr=None) -> tuple:
     when one is given; otherwise train.py's default, the main job's)."""
     from eval.experiments.policies import main_job_options
 
-    return (*(("--lr", lr) if lr is not None else ()), *main_job_options())
+    return (*(("--lr", lr) if lr is not None else ()), *main_job_options(), "--no-plot")  # no per-run curves.png
 
 
 def run_experiment(out: Path, datasets, trained, ratios, exact_ratios, beta: float, steps: int, lr=None,
