@@ -1,60 +1,42 @@
-"""Experiment 4, calibration (the paper's Section 4.3, Figure 4): ECE, Brier and accuracy on multiple choice.
+"""Experiment 4, calibration (Section 4.3, Figure 4): ECE, Brier and accuracy on multiple choice, held-out items first.
 
-    python eval/experiments/calibration.py            # reference, DPO, SPL at alpha/beta in {2, 4, 10, 20}, beta = 0.1
-    python eval/experiments/calibration.py --quick    # reference, DPO and alpha/beta = 10, a few steps (the test's run)
-    python eval/experiments/calibration.py --held-out 0   # train on all 48 items' pairs, score them all
+    python -m eval.experiments.calibration          # 96 items, 48 held out; DPO and SPL at alpha/beta 2, 10; 3 seeds
+    python -m eval.experiments.calibration --quick  # 16 items, 8 held out, one seed, DPO and alpha = 1, a few steps
 
-The world's multiple-choice items are questions about made-up towns in the paper's Appendix D prompt, with four
-lettered options. Raters hold beliefs p over the options (top belief in [0.3, 0.9]) and each item's true letter
-was drawn from p, so a policy equal to p is calibrated by construction. The SFT text answered with p^(1/2)
-normalised, ten answers per item, and the 2.34M reference model learned that only weakly: its letter
-probabilities are 0.19 in total variation from p^(1/2) on average and its expected accuracy is 0.33 against the
-raters' 0.62, so it is a weak prior whose confidence roughly matches its accuracy. LoRA policies are trained by
-train.py on the items' preference pairs (`mcq_pairs_soft.jsonl` by default: chosen_prob = p_i / (p_i + p_j),
-Eq. 2; `--pairs counts` reads mcq_pairs.jsonl, 4 comparisons per pair, and the closed form then uses the
-Bradley-Terry fit of those rounded counts). Their optimum over the letters (Prop. A.1) is
+The paper scores its base model (Mistral-7B after SFT) and the DPO and SPL policies trained from it on chat
+preferences with MMLU and TruthfulQA, items none of them was trained on. The analogue here, in three steps:
 
-    pi* ∝ pi_ref^(beta/alpha) p^(1/alpha):
+  1. items: 96 multiple-choice questions of the world's kind about towns the world never named
+     (data/world/calibration_items.py); raters hold beliefs p over the four letters and the true letter was drawn
+     from p, so p is calibrated by construction;
+  2. the base: the world's reference model fine-tuned (LoRA SFT, merged) on every item's answers, ten per item with
+     letters ∝ p^(1/2) as the world's own SFT text (hedging writers): the base knows every item, weakly;
+  3. the policies: DPO and SPL trained from the base with the main job's recipe (eval.experiments.policies:
+     anchor, whole prompts, LoRA on the output head) on the soft-label pairs of the first 48 items only, three
+     training seeds each; the other 48 are held out.
 
-DPO (alpha = beta = 0.1) raises p to the 10th power and is overconfident; alpha = 1 (alpha/beta = 10) gives p
-times a mild prior pi_ref^0.1, calibrated (Cor. 3.1); alpha/beta = 20 gives about p^(1/2), underconfident. So
-calibration should improve with the global temperature up to alpha = 1 and not beyond. The argmax of p^c is the
-argmax of p for any c > 0, so, up to the prior, accuracy should not move.
+Every policy and the base are scored on each split by the letters' probabilities after Appendix D's prompt
+(eval.metrics.multiple_choice_probabilities), in expectation over the true letter y ~ p (Brier and accuracy in
+closed form, ECE by Monte-Carlo over label draws):
 
-Two splits. The policies train on the pairs of the first 32 items only ("trained": how the learned distribution
-over the letters relates to the raters' beliefs it was trained on, where the closed form applies); the last 16
-(`--held-out`, the items having been drawn at random when the world was built) have no pairs in training
-("held-out": whether the change in confidence carries over to questions the preference data never asked, as in
-the paper, where the policies are trained on chat preferences and scored on MMLU and TruthfulQA; here the
-reference model has seen those items only in its SFT text). The probabilities are Appendix D's: the model's
-next-token probabilities of the letters A-D after the prompt (as a user turn in the chat format), normalised
-over the four (`eval.metrics.multiple_choice_probabilities`).
+    E[Brier(q)] = 1 - 2 p.q + |q|^2,   E[acc] = p[argmax q],   overconfidence = mean max q - E[acc]
 
-Metrics per policy, against the items' drawn true letters: ECE (15 equal-width bins on top-label confidence),
-Brier (summed over classes, in [0, 2]) and accuracy (`eval.metrics`). With 32 and 16 items one draw of the
-labels is noisy (even the raters' own beliefs p, calibrated by construction, score a high ECE on it), so the
-table also gives the same metrics in expectation over labels drawn from p (noise-free for Brier and accuracy, Monte-Carlo
-over label draws for ECE) and the mean confidence (the mean top-label probability) minus the expected accuracy:
-positive is overconfident. Even in expectation ECE is biased upwards with so few items in 15 bins, the more so
-the more the confidences spread over bins: p's own score (a row of the table) is the floor for a sharp
-calibrated predictor here, while a predictor whose confidences all sit near one value (like the
-reference) can score lower.
+with a 95% percentile bootstrap over the split's items (each resample draws the items with replacement and a fresh
+label for each; the seeds' mean is taken inside, and a policy's difference from the base uses the same resamples,
+so it is paired). On the trained items the closed form pi ∝ base^(beta/alpha) p^(1/alpha) (Prop. A.1) says what
+each policy should reach (its TV is the convergence check). Held out, nothing predicts the policy; the diagnostics
+say what training did to items it never saw: the confidence shift, the sharpening exponent gamma (the least-squares
+slope of the policy's centred letter log-probs on the base's, pooled over the split's items: a policy that is the
+base at temperature 1/gamma has exactly gamma; the closed form on trained items has about beta/alpha + 2/alpha),
+the share R^2 of the policy's centred log-probs that a sharpened base explains, and the items whose top letter moved.
 
-    E_y~p[Brier(q, y)] = 1 - 2 p.q + |q|^2,      E_y~p[acc] = p[argmax q]
-
-Outputs in --out: `calibration.csv` (the printed tables, a row per policy and split), `probabilities.csv` (per
-policy and item: its split, the letter probabilities, the raters' beliefs and the true letter) and
-`calibration.png` when matplotlib is installed. Training runs live in --out/runs/ and are reused when the
-configuration is unchanged.
-
-Training: LoRA r = 8 (lora_alpha 16) on all seven projections, 10 warmup steps then cosine decay, batch 16,
-300 steps at a peak lr of 3e-3, given explicitly so that changes to train.py's defaults do not change this
-experiment (why these: the README's Experiments section).
+Outputs in --out: calibration.csv (per policy and split: metrics, intervals, diagnostics), seeds.csv (per seed),
+probabilities.csv (per policy, seed and item), calibration.png (with matplotlib), run.json (commit, recipes).
 """
 from __future__ import annotations
 
-import json
 import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -64,227 +46,319 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
 from eval.experiments.common import (alpha_for, check_arguments, experiment_parser, option, parse_list, pyplot, run_name,
-                             save_figure, write_csv)
-# torch, and the library modules that load it, are imported inside the functions that use them: --help and usage
-# errors then answer before torch's seconds of start-up.
+                                     save_figure, source_commit, write_csv, write_json, write_jsonl)
+# torch, and the library modules that load it, are imported inside the functions that use them.
 
-RATIOS = (1.0, 2.0, 4.0, 10.0, 20.0)  # alpha / beta; 1 is DPO
+RATIOS = (1.0, 2.0, 10.0)  # alpha / beta: DPO, global temperature 2, alpha = 1
 BETA = 0.1
-STEPS = 300
-LR = 3e-3
-TRAIN_ARGS = ("--lora-rank", 8, "--lora-alpha", 16, "--warmup-steps", 10, "--batch-size", 16, "--log-every", 50)
-QUICK = dict(ratios=(1.0, 10.0), steps=14)
+STEPS = 200  # the main job's
+N_ITEMS, HELD_OUT = 96, 48
+SEEDS = (0, 1, 2)
+BASE_STEPS = 150  # LoRA SFT of the base: 5 epochs of the 960 answers at batch 32
 LETTERS = "ABCD"
 N_BINS = 15
 LABEL_DRAWS = 2000  # label draws from p for the expected ECE
-HELD_OUT = 16  # the last items (ids mcq-32 .. mcq-47) get no preference pairs in training
+RESAMPLES = 1000  # bootstrap resamples of the items
+MAX_PROMPT = 96  # the items' prompts run to 68 tokens with the new towns, past train.py's 64: nothing is cut
+QUICK = dict(ratios=(1.0, 10.0), steps=4, n_items=16, held_out=8, seeds=(0,), base_steps=6, draws=200, resamples=200)
 
 
-# ---- the math: pure functions over [N, C] probabilities ---------------------------------------------------------
+# ---- the math: pure functions over [N, C] probabilities and beliefs -------------------------------------------
 
-def expected_brier(probs: np.ndarray, beliefs: np.ndarray) -> float:
-    """Mean over items of E_{y ~ p}[sum_c (q_c - [c = y])^2] = 1 - 2 p.q + |q|^2 (q = probs, p = beliefs)."""
-    return float((1.0 - 2.0 * (beliefs * probs).sum(1) + (probs ** 2).sum(1)).mean())
-
-
-def expected_accuracy(probs: np.ndarray, beliefs: np.ndarray) -> float:
-    """Mean over items of P_{y ~ p}(y = argmax q) = p[argmax q] (the first argmax on ties, as eval.metrics)."""
-    return float(beliefs[np.arange(len(probs)), probs.argmax(1)].mean())
+def expected_brier_each(probs: np.ndarray, beliefs: np.ndarray) -> np.ndarray:
+    """Per item E_{y ~ p}[sum_c (q_c - [c = y])^2] = 1 - 2 p.q + |q|^2  ([..., N])."""
+    return 1.0 - 2.0 * (beliefs * probs).sum(-1) + (probs ** 2).sum(-1)
 
 
-def expected_ece(probs: np.ndarray, beliefs: np.ndarray, draws: int, seed: int = 0, n_bins: int = N_BINS) -> float:
-    """Monte-Carlo mean of ECE(probs, y) over `draws` label vectors y_n ~ p_n (independent per item)."""
-    from eval.metrics import expected_calibration_error
+def expected_accuracy_each(probs: np.ndarray, beliefs: np.ndarray) -> np.ndarray:
+    """Per item P_{y ~ p}(y = argmax q) = p[argmax q] (the first argmax on ties, as eval.metrics) ([..., N])."""
+    return np.take_along_axis(beliefs, probs.argmax(-1)[..., None], -1)[..., 0]
 
+
+def bin_index(confidence: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
+    """Bin b - 1 of confidence in ((b - 1) / n_bins, b / n_bins], as eval.metrics.expected_calibration_error."""
+    return np.searchsorted(np.arange(n_bins + 1) / n_bins, confidence, side="left") - 1
+
+
+def ece_rows(confidence: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
+    """ECE of each row of [R, N] confidences and 0/1 correctness: (1/N) sum_b |sum_{i in b} (correct_i - conf_i)|,
+    which is sum_b |B_b| / N |acc(B_b) - conf(B_b)| (eval.metrics) for R label draws or resamples at once."""
+    rows, n = confidence.shape
+    flat = (np.arange(rows)[:, None] * n_bins + bin_index(confidence, n_bins)).ravel()  # [R * N]
+    sums = np.bincount(flat, weights=(correct - confidence).ravel(), minlength=rows * n_bins)  # [R * n_bins]
+    return np.abs(sums.reshape(rows, n_bins)).sum(1) / n
+
+
+def draw_labels(beliefs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One letter per row of beliefs [..., C] by inverse CDF ([...] integers)."""
+    u = rng.random(beliefs.shape[:-1] + (1,))
+    return np.minimum((u > beliefs.cumsum(-1)).sum(-1), beliefs.shape[-1] - 1)
+
+
+def expected_ece(probs: np.ndarray, beliefs: np.ndarray, draws: int, seed: int = 0) -> float:
+    """Monte-Carlo mean of ECE(probs, y) over `draws` label vectors y_n ~ p_n."""
+    labels = draw_labels(np.broadcast_to(beliefs, (draws,) + beliefs.shape), np.random.default_rng(seed))  # [D, N]
+    confidence = np.broadcast_to(probs.max(1), labels.shape)
+    return float(ece_rows(confidence, (labels == probs.argmax(1)).astype(np.float64)).mean())
+
+
+def bootstrap(probs: np.ndarray, base: np.ndarray, beliefs: np.ndarray, resamples: int, seed: int = 0) -> dict:
+    """95% percentile intervals over items for one policy's seed-mean ECE, expected Brier and expected accuracy,
+    and for their differences from the base on the same resamples. probs [S, N, C] (S seeds), base [N, C].
+    Each resample draws N items with replacement and one fresh label per drawn item."""
     rng = np.random.default_rng(seed)
-    cumulative = beliefs.cumsum(1)  # (N, C)
-    total = 0.0
-    for _ in range(draws):
-        u = rng.random((len(beliefs), 1))  # (N, 1)
-        labels = np.minimum((u > cumulative).sum(1), beliefs.shape[1] - 1)  # (N,) inverse-CDF draw
-        total += expected_calibration_error(probs, labels, n_bins)
-    return total / draws
+    n = beliefs.shape[0]
+    picks = rng.integers(0, n, size=(resamples, n))  # [R, N]
+    labels = draw_labels(beliefs[picks], rng)  # [R, N]
+
+    def per_resample(q):  # [N, C] -> {metric: [R]}
+        top = q.argmax(1)[picks]  # [R, N]
+        return {"ece": ece_rows(q.max(1)[picks], (top == labels).astype(np.float64)),
+                "brier": expected_brier_each(q, beliefs)[picks].mean(1),
+                "accuracy": expected_accuracy_each(q, beliefs)[picks].mean(1)}
+
+    policy = [per_resample(q) for q in probs]
+    reference = per_resample(base)
+    out = {}
+    for metric in ("ece", "brier", "accuracy"):
+        values = np.mean([p[metric] for p in policy], axis=0)  # [R] seed mean
+        out[f"{metric}_low"], out[f"{metric}_high"] = np.quantile(values, [0.025, 0.975])
+        diff = values - reference[metric]
+        out[f"{metric}_diff_low"], out[f"{metric}_diff_high"] = np.quantile(diff, [0.025, 0.975])
+    return {key: float(value) for key, value in out.items()}
 
 
-def policy_row(name: str, alpha, beta, split: str, probs: np.ndarray, labels: np.ndarray, beliefs: np.ndarray,
-               closed_form: np.ndarray | None, draws: int) -> dict:
-    """One row of the table: the paper's metrics on the drawn labels, their expectations over y ~ p, confidence,
-    on the items of one split ("trained" or "held-out")."""
-    from eval.metrics import accuracy, brier_score, expected_calibration_error
+def centred_log(probs: np.ndarray) -> np.ndarray:
+    """log q minus its mean over the letters: what is left of a distribution after its normalisation ([..., C])."""
+    logs = np.log(probs)
+    return logs - logs.mean(-1, keepdims=True)
 
-    confidence = float(probs.max(1).mean())
-    tv = float(0.5 * np.abs(probs - closed_form).sum(1).mean()) if closed_form is not None else ""
-    return {"policy": name, "alpha": alpha, "beta": beta,
-            "alpha_over_beta": alpha / beta if alpha != "" else "", "split": split, "items": len(probs),
-            "ece": expected_calibration_error(probs, labels, N_BINS), "brier": brier_score(probs, labels),
-            "accuracy": accuracy(probs, labels),
-            "expected_ece": expected_ece(probs, beliefs, draws), "expected_brier": expected_brier(probs, beliefs),
-            "expected_accuracy": expected_accuracy(probs, beliefs), "mean_confidence": confidence,
-            "overconfidence": confidence - expected_accuracy(probs, beliefs),
-            "tv_vs_closed_form": tv}
+
+def sharpening(probs: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+    """(gamma, R^2): the least-squares fit c(log q) ≈ gamma c(log base) pooled over items [N, C], and the share of
+    sum |c(log q)|^2 it explains. q = base^gamma / Z gives (gamma, 1): a global temperature 1/gamma."""
+    x, y = centred_log(base), centred_log(probs)
+    gamma = float((x * y).sum() / (x * x).sum())
+    return gamma, float(1.0 - ((y - gamma * x) ** 2).sum() / (y * y).sum())
 
 
 # ---- running it ------------------------------------------------------------------------------------------------
 
-def split_items(items, held_out: int) -> dict:
-    """{"trained": the first len(items) - held_out items, "held-out": the last held_out} (the items were drawn at
-    random when the world was built, so the last ones are a random subset); no "held-out" key when it is 0."""
-    if not 0 <= held_out < len(items):
-        raise ValueError(f"split_items: held_out must be in 0..{len(items) - 1}, got {held_out}")
-    splits = {"trained": list(items[:len(items) - held_out])}
-    if held_out:
-        splits["held-out"] = list(items[len(items) - held_out:])
-    return splits
+def make_items(out: Path, n_items: int, held_out: int, seed: int = 0):
+    """(items, trained items, the SFT file, the trained items' soft pair file), files written into out/data/."""
+    from data.world import mcq_groups, mcq_sft, preference_records
+    from data.world.calibration_items import calibration_items
+
+    items = calibration_items(random.Random(f"{seed}:calibration-items"), n_items)
+    trained = items[:n_items - held_out]  # the items come in a random order: the last ones are a random subset
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    sft = write_jsonl(out / "data" / "calibration_sft.jsonl", mcq_sft(items))
+    pairs = write_jsonl(out / "data" / "calibration_pairs_soft.jsonl", preference_records(mcq_groups(trained), "soft"))
+    return items, trained, sft, pairs
 
 
-def training_pairs(out: Path, source: Path, item_ids) -> Path:
-    """The records of `source` whose "id" is one of item_ids, copied into out (the whole file if that is all)."""
-    wanted = set(item_ids)
-    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line)["id"] in wanted]
-    if len(kept) == len(lines):
-        return source
-    path = out / f"{source.stem}_{len(item_ids)}items.jsonl"
-    path.write_text("".join(kept), encoding="utf-8")
-    return path
+def base_options(seed: int = 0) -> tuple:
+    """The base's SFT: LoRA on the seven projections and the output head, batches of 32 answers, lr 3e-3 (the
+    world's own reference was trained at it)."""
+    from spl.config import WORLD_MAIN_JOB
+
+    return ("--batch-size", 32, "--lr", 3e-3, "--max-prompt-length", MAX_PROMPT, "--lora-targets",
+            ",".join(WORLD_MAIN_JOB["lora_targets"]), "--seed", seed, "--no-plot")
 
 
-def run_experiment(out: Path, ratios, beta: float, steps: int, lr: float = LR, pairs: str = "soft",
-                   draws: int = LABEL_DRAWS, held_out: int = HELD_OUT, progress: bool = False):
-    """Train on the pairs of the trained split's items; score the population, the reference and every trained
-    policy on each split. -> (table rows, probability rows)."""
-    import torch
+def policy_options(base: Path, seed: int) -> tuple:
+    """The main job's recipe on the base (main_job_options(model=True): no preset's values slip in), the whole
+    prompts kept, the seed."""
+    from eval.experiments.policies import main_job_options
 
-    from data.world import counts_population, load_world
+    return (*main_job_options(model=True), "--model", base, "--max-prompt-length", MAX_PROMPT, "--seed", seed,
+            "--no-plot")
+
+
+def build_base(out: Path, sft: Path, steps: int, progress: bool = False) -> Path:
+    """Train (or reuse) the SFT adapter and merge it into the world's reference: out/base, an HF-format model."""
+    from data.world import MODEL_DIR
+    from eval.experiments.policies import train_policy
+    from models.export import export
+
+    run = train_policy(out / "runs" / "base_sft", sft, 1.0, 0.0, loss="sft", steps=steps, extra=base_options(),
+                       progress=progress)
+    return export(run / "adapter", out / "base", model=MODEL_DIR, overwrite=True)
+
+
+def letter_probs(model_dir, run_dir, prompts) -> np.ndarray:
+    from eval.experiments.policies import load_policy
     from eval.metrics import multiple_choice_probabilities
-    from eval.experiments.policies import load_policy, train_policy
-    from spl.theory import optimal_policy
 
-    world = load_world()
-    items = list(world.mcq)
+    model, tokenizer = load_policy(run_dir, model_dir=model_dir)
+    return multiple_choice_probabilities(model, tokenizer, prompts).double().numpy()  # [N, 4]
+
+
+def run_experiment(out: Path, ratios, beta: float, steps: int, n_items: int, held_out: int, seeds, base_steps: int,
+                   progress: bool = False):
+    """-> (items, trained mask [N], {name: (alpha, probs [S, N, 4])}) with the base under "base" (S = 1)."""
+    from eval.experiments.policies import train_policy
+
+    items, trained, sft, pairs = make_items(out, n_items, held_out)
     prompts = [item.prompt for item in items]
-    labels = np.array([LETTERS.index(item.correct) for item in items])  # (N,)
-    beliefs = np.array([item.population for item in items], dtype=np.float64)  # (N, 4)
-    splits = split_items(items, held_out)
-    split_of = {item.id: name for name, members in splits.items() for item in members}
-    in_split = {name: np.array([split_of[item.id] == name for item in items]) for name in splits}  # (N,) masks
-    data = training_pairs(out, world.files["mcq_pairs" + ("_soft" if pairs == "soft" else "")],
-                          [item.id for item in splits["trained"]])
-    # What the training file encodes: p itself, or for the counts file (K comparisons per pair, each split rounded
-    # to 1/K) the Bradley-Terry fit of those counts. Only the closed form uses it; the labels stay drawn from p.
-    k = world.comparisons_per_pair["mcq"]
-    encoded = beliefs if pairs == "soft" else np.array([counts_population(item.population, k) for item in items])
-
-    model, tokenizer = load_policy()
-    reference = multiple_choice_probabilities(model, tokenizer, prompts).double().numpy()  # (N, 4)
-    scored = [("population", "", "", beliefs, None), ("reference", "", "", reference, None)]
+    started = time.perf_counter()
+    base = build_base(out, sft, base_steps, progress)
+    scored = {"base": ("", letter_probs(base, None, prompts)[None])}
+    print(f"  base: SFT {base_steps} steps, merged into {base} ({time.perf_counter() - started:.0f} s)", flush=True)
     for ratio in ratios:
         alpha = alpha_for(ratio, beta)
-        started = time.perf_counter()
-        run_dir = train_policy(out / "runs" / run_name(alpha, beta), data, alpha, beta, steps=steps,
-                               extra=TRAIN_ARGS + ("--lr", lr), progress=progress)
-        model, tokenizer = load_policy(run_dir)
-        probs = multiple_choice_probabilities(model, tokenizer, prompts).double().numpy()  # (N, 4)
-        closed_form = optimal_policy(torch.from_numpy(reference), torch.from_numpy(encoded), alpha, beta).numpy()
-        tv = 0.5 * np.abs(probs - closed_form)[in_split["trained"]].sum(1).mean()
-        print(f"  alpha = {alpha:g}, beta = {beta:g}: mean TV from the closed form over the trained items' letters "
-              f"{tv:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
-        scored.append(("DPO" if math.isclose(alpha, beta) else "SPL", alpha, beta, probs, closed_form))
+        per_seed = []
+        for seed in seeds:
+            started = time.perf_counter()
+            run_dir = train_policy(out / "runs" / f"seed{seed}" / run_name(alpha, beta), pairs, alpha, beta,
+                                   steps=steps, extra=policy_options(base, seed), progress=progress)
+            per_seed.append(letter_probs(base, run_dir, prompts))
+            print(f"  alpha = {alpha:g}, seed {seed} ({time.perf_counter() - started:.0f} s)", flush=True)
+        scored["DPO" if math.isclose(ratio, 1.0) else f"SPL a/b={ratio:g}"] = (alpha, np.stack(per_seed))
+    mask = np.array([i < len(trained) for i in range(len(items))])
+    return items, mask, scored
 
-    table, probabilities = [], []
-    for split, members in in_split.items():
-        for name, alpha, beta_, probs, closed_form in scored:
-            table.append(policy_row(name, alpha, beta_, split, probs[members], labels[members], beliefs[members],
-                                    None if closed_form is None else closed_form[members], draws))
-    for name, alpha, beta_, probs, closed_form in scored:
-        for item, label, row, belief in zip(items, labels, probs, beliefs):
-            probabilities.append({"policy": name, "alpha": alpha, "beta": beta_, "item": item.id,
-                                  "split": split_of[item.id], "label": int(label),
-                                  **{f"p_{letter}": float(x) for letter, x in zip(LETTERS, row)},
-                                  **{f"belief_{letter}": float(x) for letter, x in zip(LETTERS, belief)}})
-    return table, probabilities
+
+def summarise(items, mask, scored, beta: float, draws: int, resamples: int) -> tuple[list, list]:
+    """(calibration rows per policy and split, per-seed rows)."""
+    import torch
+
+    from spl.theory import optimal_policy
+
+    beliefs_all = np.array([item.population for item in items])  # [N, 4]
+    base_all = scored["base"][1][0]
+    table, seeds_table = [], []
+    for split, members in (("held-out", ~mask), ("trained", mask)):
+        beliefs, base = beliefs_all[members], base_all[members]
+        for name, (alpha, probs_all) in [("p (raters)", ("", beliefs_all[None]))] + list(scored.items()):
+            probs = probs_all[:, members]  # [S, N, 4]
+            seeds = [dict(ece=expected_ece(q, beliefs, draws), brier=float(expected_brier_each(q, beliefs).mean()),
+                          accuracy=float(expected_accuracy_each(q, beliefs).mean()), confidence=float(q.max(1).mean()),
+                          sharpening=sharpening(q, base)) for q in probs]
+            closed = "" if alpha == "" else optimal_policy(torch.from_numpy(base), torch.from_numpy(beliefs),
+                                                           alpha, beta).numpy()
+            row = {"policy": name, "alpha": alpha, "alpha_over_beta": alpha / beta if alpha != "" else "",
+                   "split": split, "items": int(members.sum()), "seeds": len(probs),
+                   **{key: float(np.mean([s[key] for s in seeds])) for key in ("ece", "brier", "accuracy",
+                                                                                "confidence")}}
+            row["overconfidence"] = row["confidence"] - row["accuracy"]
+            row.update(bootstrap(probs, base, beliefs, resamples))
+            row["confidence_shift"] = row["confidence"] - float(base.max(1).mean())
+            row["sharpening"] = float(np.mean([s["sharpening"][0] for s in seeds]))
+            row["sharpening_r2"] = float(np.mean([s["sharpening"][1] for s in seeds]))
+            row["sharpening_closed_form"] = "" if alpha == "" else sharpening(closed, base)[0]
+            row["top_moved"] = float(np.mean([(q.argmax(1) != base.argmax(1)).mean() for q in probs]))
+            row["tv_closed_form"] = "" if alpha == "" or split == "held-out" else float(
+                np.mean([0.5 * np.abs(q - closed).sum(1).mean() for q in probs]))
+            table.append(row)
+            for seed, (s, q) in enumerate(zip(seeds, probs)):
+                seeds_table.append({"policy": name, "alpha": alpha, "split": split, "seed": seed, "ece": s["ece"],
+                                    "brier": s["brier"], "accuracy": s["accuracy"], "confidence": s["confidence"],
+                                    "sharpening": s["sharpening"][0]})
+    return table, seeds_table
 
 
 def format_table(table) -> str:
     lines, split = [], None
-    for row in table:
-        if row["split"] != split:
-            split = row["split"]
-            lines += ([""] if lines else []) + [f"{split} items ({row['items']}):",
-                      f"{'policy':<10} {'a/b':>5}  {'ECE':>6} {'Brier':>6} {'acc':>6}  {'E[ECE]':>6} {'E[Brier]':>8} "
-                      f"{'E[acc]':>6}  {'conf':>6} {'overconf':>8}  {'TV closed form':>14}"]
-        ratio = f"{row['alpha_over_beta']:g}" if row["alpha_over_beta"] != "" else ""
-        tv = f"{row['tv_vs_closed_form']:.4f}" if row["tv_vs_closed_form"] != "" else ""
-        lines.append(f"{row['policy']:<10} {ratio:>5}  {row['ece']:>6.3f} {row['brier']:>6.3f} "
-                     f"{row['accuracy']:>6.3f}  {row['expected_ece']:>6.3f} {row['expected_brier']:>8.3f} "
-                     f"{row['expected_accuracy']:>6.3f}  {row['mean_confidence']:>6.3f} "
-                     f"{row['overconfidence']:>+8.3f}  {tv:>14}")
+    for r in table:
+        if r["split"] != split:
+            split = r["split"]
+            lines += ([""] if lines else []) + [
+                f"{split} items ({r['items']}); expected over labels from p, [95% bootstrap over items], seed mean:",
+                f"{'policy':<12} {'E[ECE]':>6} {'[interval]':>15} {'vs base':>17}  {'E[Brier]':>8} {'vs base':>17}  "
+                f"{'E[acc]':>6}  {'conf':>5} {'shift':>6}  {'gamma':>6} {'R^2':>5} {'closed':>6}  {'moved':>5} {'TV cf':>6}"]
+        gamma_cf = f"{r['sharpening_closed_form']:.2f}" if r["sharpening_closed_form"] != "" else ""
+        tv = f"{r['tv_closed_form']:.3f}" if r["tv_closed_form"] != "" else ""
+        lines.append(f"{r['policy']:<12} {r['ece']:>6.3f} [{r['ece_low']:.3f}, {r['ece_high']:.3f}] "
+                     f"[{r['ece_diff_low']:+.3f}, {r['ece_diff_high']:+.3f}]  {r['brier']:>8.3f} "
+                     f"[{r['brier_diff_low']:+.3f}, {r['brier_diff_high']:+.3f}]  {r['accuracy']:>6.3f}  "
+                     f"{r['confidence']:>5.3f} {r['confidence_shift']:>+6.3f}  {r['sharpening']:>6.2f} "
+                     f"{r['sharpening_r2']:>5.2f} {gamma_cf:>6}  {r['top_moved']:>5.2f} {tv:>6}")
     return "\n".join(lines)
 
 
 def plot(path: Path, table) -> bool:
-    """Expected ECE, Brier and accuracy against alpha/beta (Figure 4's panels), a line per split; the reference
-    as a horizontal line in its split's colour."""
+    """Expected ECE, Brier and accuracy against alpha/beta per split with their bootstrap intervals; the base and
+    the raters' p as horizontal lines."""
     plt = pyplot()
     if plt is None:
         return False
     figure, axes = plt.subplots(1, 3, figsize=(13, 4))
     for axis, key, label in zip(axes, ("ece", "brier", "accuracy"), ("ECE", "Brier score", "accuracy")):
-        for index, split in enumerate(dict.fromkeys(row["split"] for row in table)):
-            rows = [row for row in table if row["split"] == split]
-            runs = [row for row in rows if row["alpha"] != ""]
-            reference = next(row for row in rows if row["policy"] == "reference")
-            axis.plot([row["alpha_over_beta"] for row in runs], [row[f"expected_{key}"] for row in runs], "o-",
-                      color=f"C{index}", label=f"policies, {split} items")
-            axis.axhline(reference[f"expected_{key}"], linestyle="-.", color=f"C{index}",
-                         label=f"reference, {split} items")
+        for index, split in enumerate(("held-out", "trained")):
+            rows = [r for r in table if r["split"] == split]
+            runs = [r for r in rows if r["alpha"] != ""]
+            x = [r["alpha_over_beta"] for r in runs]
+            y = [r[key] for r in runs]
+            errors = [[v - r[f"{key}_low"] for v, r in zip(y, runs)], [r[f"{key}_high"] - v for v, r in zip(y, runs)]]
+            axis.errorbar(x, y, yerr=errors, fmt="o-", color=f"C{index}", capsize=3, label=f"policies, {split}")
+            base = next(r for r in rows if r["policy"] == "base")
+            axis.axhline(base[key], linestyle="-.", color=f"C{index}", label=f"base, {split}")
+            axis.axhspan(base[f"{key}_low"], base[f"{key}_high"], color=f"C{index}", alpha=0.1)
         axis.set_xscale("log")
         axis.set_xlabel("alpha / beta (1 = DPO)")
         axis.set_ylabel(f"{label} (expected over labels from p)")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     save_figure(plt, figure, path, dpi=120)
     return True
 
 
 def main(argv=None) -> int:
-    p = experiment_parser(__doc__, "runs/exp_calibration", "DPO and alpha/beta = 10 only, %d steps" % QUICK["steps"],
-                          "comma-separated alpha/beta values, 1 = DPO (default %s)"
-                   % ",".join(f"{r:g}" for r in RATIOS),
-                          BETA, STEPS, LR, "training steps per run")
-    p.add_argument("--pairs", choices=("soft", "counts"), default="soft",
-                   help="mcq_pairs_soft.jsonl (exact soft labels) or mcq_pairs.jsonl (4 counts per pair)")
-    p.add_argument("--label-draws", type=int, help=f"label draws for the expected ECE (default {LABEL_DRAWS}; "
-                                                   f"--quick 200)")
-    p.add_argument("--held-out", type=int, default=HELD_OUT,
-                   help=f"items (the last ones) left out of training, scored apart (default {HELD_OUT}; 0: none)")
+    p = experiment_parser(__doc__, "runs/exp_calibration", "16 items, one seed, DPO and alpha = 1, a few steps",
+                          "comma-separated alpha/beta values, 1 = DPO (default %s)" % ",".join(f"{r:g}" for r in RATIOS),
+                          BETA, STEPS, None, "training steps per policy")
+    p.add_argument("--items", type=int, help=f"items generated (default {N_ITEMS})")
+    p.add_argument("--held-out", type=int, help=f"of them held out of preference training (default {HELD_OUT})")
+    p.add_argument("--seeds", help="comma-separated training seeds (default %s)" % ",".join(map(str, SEEDS)))
+    p.add_argument("--base-steps", type=int, help=f"SFT steps of the base (default {BASE_STEPS})")
+    p.add_argument("--label-draws", type=int, help=f"label draws for the expected ECE (default {LABEL_DRAWS})")
+    p.add_argument("--resamples", type=int, help=f"bootstrap resamples (default {RESAMPLES})")
     args = p.parse_args(argv)
-    ratios = parse_list(p, "--ratios", args.ratios, QUICK["ratios"] if args.quick else RATIOS)
-    steps = option(args.steps, QUICK if args.quick else {}, "steps", STEPS)
-    draws = args.label_draws if args.label_draws is not None else (200 if args.quick else LABEL_DRAWS)
+    quick = QUICK if args.quick else {}
+    ratios = parse_list(p, "--ratios", args.ratios, quick.get("ratios", RATIOS))
+    seeds = parse_list(p, "--seeds", args.seeds, quick.get("seeds", SEEDS), int)
+    steps, base_steps = option(args.steps, quick, "steps", STEPS), option(args.base_steps, quick, "base_steps", BASE_STEPS)
+    n_items, held_out = option(args.items, quick, "n_items", N_ITEMS), option(args.held_out, quick, "held_out", HELD_OUT)
+    draws = option(args.label_draws, quick, "draws", LABEL_DRAWS)
+    resamples = option(args.resamples, quick, "resamples", RESAMPLES)
     check_arguments(p, [(all(r >= 1 for r in ratios), f"--ratios: alpha/beta must be >= 1 (1 is DPO), got {ratios}"),
-                        (args.beta > 0 and args.lr > 0, f"--beta and --lr must be > 0, got {args.beta}, {args.lr}"),
-                        (steps > 0 and draws > 0, f"--steps and --label-draws must be > 0, got {steps}, {draws}"),
-                        (0 <= args.held_out <= 40, f"--held-out must be in 0..40, got {args.held_out}")])
+                        (args.beta > 0, f"--beta must be > 0, got {args.beta}"),
+                        (args.lr is None, "--lr: the policies take the main job's; not an option here"),
+                        (min(steps, base_steps, draws, resamples) > 0,
+                         "--steps, --base-steps, --label-draws and --resamples must be > 0"),
+                        (2 <= n_items <= 128, f"--items must be in 2..128, got {n_items}"),
+                        (1 <= held_out < n_items, f"--held-out must be in 1..{n_items - 1}, got {held_out}")])
 
-    import torch
-
-    from spl.cli import checkpoint_parameters, choose_threads
     from data.world import MODEL_DIR
+    from eval.experiments.policies import recipe_line
+    from spl.cli import checkpoint_parameters, choose_threads
 
     choose_threads(args.threads, checkpoint_parameters(MODEL_DIR), "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"experiment 4, calibration: reference, then alpha/beta in {', '.join(f'{r:g}' for r in ratios)} at "
-          f"beta = {args.beta:g} (1 = DPO); {steps} steps each, {args.pairs} pairs of {48 - args.held_out} items, "
-          f"{args.held_out} held out")
-    table, probabilities = run_experiment(out, ratios, args.beta, steps, args.lr, args.pairs, draws, args.held_out,
-                                          args.progress)
+    commit = source_commit()
+    base_line = recipe_line(["--data", "SFT", "--loss", "sft", "--steps", base_steps, *base_options()])
+    policy_line = recipe_line(["--data", "PAIRS", "--loss", "spl", "--alpha", "ALPHA", "--beta", args.beta, "--steps",
+                               steps, *policy_options(out / "base", "SEED")])
+    print(f"experiment 4, calibration: commit {commit}\nbase: {base_line}\npolicies: {policy_line}\n{n_items} items, "
+          f"{held_out} held out; alpha/beta {', '.join(f'{r:g}' for r in ratios)}; seeds {seeds}")
+    items, mask, scored = run_experiment(out, ratios, args.beta, steps, n_items, held_out, seeds, base_steps,
+                                         args.progress)
+    table, seeds_table = summarise(items, mask, scored, args.beta, draws, resamples)
     print("\n" + format_table(table))
-    print("\nECE, Brier, acc: against each item's drawn true letter; E[...]: in expectation over letters drawn from "
-          "the raters' beliefs p; conf: mean top-letter probability; overconf = conf - E[acc]")
-    write_csv(out / "calibration.csv", table)
-    write_csv(out / "probabilities.csv", probabilities)
-    written = [out / "calibration.csv", out / "probabilities.csv"]
+    print("\nvs base: the paired difference from the base; shift: confidence minus the base's; gamma: the sharpening "
+          "exponent on the base (R^2 its fit; closed: the closed form's); moved: items whose top letter moved; "
+          "TV cf: from the closed form")
+    probabilities = [{"policy": name, "alpha": alpha, "seed": seed, "item": item.id, "trained": bool(trained),
+                      **{f"p_{x}": float(v) for x, v in zip(LETTERS, row)},
+                      **{f"belief_{x}": float(v) for x, v in zip(LETTERS, item.population)}}
+                     for name, (alpha, probs) in scored.items() for seed, per_item in enumerate(probs)
+                     for item, trained, row in zip(items, mask, per_item)]
+    written = [write_csv(out / "calibration.csv", table), write_csv(out / "seeds.csv", seeds_table),
+               write_csv(out / "probabilities.csv", probabilities),
+               write_json(out / "run.json", {"commit": commit, "base_recipe": base_line, "policy_recipe": policy_line,
+                                             "command": "python -m eval.experiments.calibration "
+                                             + " ".join(argv if argv is not None else sys.argv[1:])})]
     if plot(out / "calibration.png", table):
         written.append(out / "calibration.png")
     print("\nwrote " + ", ".join(map(str, written)))
