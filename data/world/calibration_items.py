@@ -38,6 +38,12 @@ def draw_beliefs(rng: random.Random, options: int = len(LETTERS)) -> list[float]
     return beliefs
 
 
+def hedged(beliefs) -> tuple[float, ...]:
+    """What the SFT text answers with: p^(1/2) normalised."""
+    roots = [math.sqrt(b) for b in beliefs]
+    return tuple(r / sum(roots) for r in roots)
+
+
 def calibration_items(rng: random.Random, n_items: int = 96) -> list[MultipleChoiceItem]:
     """n_items distinct (topic, town) questions in a random order, ids cal-00, cal-01, ..."""
     if not (isinstance(n_items, int) and 1 <= n_items <= MAX_ITEMS):
@@ -47,11 +53,9 @@ def calibration_items(rng: random.Random, n_items: int = 96) -> list[MultipleCho
     for index, (topic, town) in enumerate(questions):
         template, values = MCQ_TOPICS[topic]
         options = tuple(rng.sample(values, len(LETTERS)))
-        beliefs = draw_beliefs(rng)
-        hedged = [math.sqrt(b) for b in beliefs]
-        reference = tuple(h / sum(hedged) for h in hedged)
-        correct = LETTERS[rng.choices(range(len(LETTERS)), beliefs)[0]]
-        question = template.format(town=town)
-        items.append(MultipleChoiceItem(f"cal-{index:02d}", question, options, correct, tuple(beliefs), reference,
-                                        mcq_prompt(question, options)))
+        beliefs, question = draw_beliefs(rng), template.format(town=town)
+        items.append(MultipleChoiceItem(
+            id=f"cal-{index:02d}", question=question, options=options,
+            correct=LETTERS[rng.choices(range(len(LETTERS)), beliefs)[0]], population=tuple(beliefs),
+            reference=hedged(beliefs), prompt=mcq_prompt(question, options)))
     return items

@@ -109,13 +109,14 @@ def ranking_records(questions, structure: str, mode: str, k: int = 1, rng: rando
         matrix = pairwise_shares(group_rankings(q.population, structure), len(q.options))
         for i, j in itertools.combinations(range(len(q.options)), 2):
             prob = matrix[i][j] / (matrix[i][j] + matrix[j][i])
-            first, second = q.options[i], q.options[j]
             if mode == "soft":
-                chosen, rejected = (first, second) if prob >= 0.5 else (second, first)
-                records.append({"id": q.id, "prompt": q.prompt, "chosen": chosen, "rejected": rejected,
-                                "chosen_prob": max(prob, 1.0 - prob)})
-                continue
-            for _ in range(k):
-                chosen, rejected = (first, second) if rng.random() < prob else (second, first)
-                records.append({"id": q.id, "prompt": q.prompt, "chosen": chosen, "rejected": rejected})
+                order = (i, j) if prob >= 0.5 else (j, i)
+                records.append(_record(q, *order) | {"chosen_prob": max(prob, 1.0 - prob)})
+            else:
+                records += [_record(q, *((i, j) if rng.random() < prob else (j, i))) for _ in range(k)]
     return records
+
+
+def _record(question, winner: int, loser: int) -> dict:
+    return {"id": question.id, "prompt": question.prompt, "chosen": question.options[winner],
+            "rejected": question.options[loser]}

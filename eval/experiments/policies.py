@@ -16,8 +16,9 @@ from data.world import MODEL_DIR
 from models import Tokenizer, load_adapter, load_pretrained
 from spl.config import OWN_MODEL_PRESET, PRESETS, WORLD_MAIN_JOB, parse_args
 
-IGNORED = ("resume", "overwrite", "progress", "inputs")  # options that do not change what a run trains (and
-# the inputs' fingerprints, which train.py records beside them in config.json)
+IGNORED = ("resume", "overwrite", "progress", "inputs", "detected_chat_format")  # options that do not change what
+# a run trains, and what train.py records beside them in config.json (the inputs' fingerprints, the chat format it
+# detected), which parse_args cannot know: without them no finished run ever matched and every sweep retrained
 
 
 def main_job_options(model: bool = False) -> tuple[str, ...]:
