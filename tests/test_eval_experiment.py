@@ -97,3 +97,22 @@ def test_main_job_options_give_the_main_jobs_recipe_with_data_and_model():
         assert {k: v for k, v in run.items() if k not in caller} == {k: v for k, v in world.items() if k not in caller}
     bare = parse_args(["--data", "p.jsonl", "--model", "m"])
     assert (bare.lora_dropout, bare.lr) == (0.05, 1e-5)  # what the pinning prevents
+
+
+def test_a_finished_run_as_train_py_writes_it_is_reused(tmp_path):
+    """Invariant: config.json as train.py writes it (the parsed options plus what it records beside them: the chat
+    format it detected, the inputs' fingerprints) matches the same argv, so train_policy reuses the run; any
+    option that changes what is trained does not."""
+    import dataclasses
+
+    from eval.experiments.policies import finished_run_matches
+    from spl.config import parse_args
+    argv = ["--data", "p.jsonl", "--alpha", "0.2", "--steps", "7", "--out", str(tmp_path)]
+    saved = dataclasses.asdict(parse_args(argv)) | {"detected_chat_format": "mistral-v1",
+                                                   "inputs": {"data": "sha256:0"}}
+    (tmp_path / "config.json").write_text(json.dumps(saved), encoding="utf-8")
+    (tmp_path / "adapter").mkdir()
+    assert not finished_run_matches(tmp_path, argv)  # no adapter written: not finished
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    assert finished_run_matches(tmp_path, argv)
+    assert not finished_run_matches(tmp_path, [*argv[:3], "0.3", *argv[4:]])
