@@ -77,6 +77,18 @@ def test_bootstrap_of_the_base_against_itself_is_zero_and_orders_its_bounds():
     assert one["brier_high"] == pytest.approx(one["brier_low"], rel=1e-12)
 
 
+def test_world_items_split_in_half_and_only_the_trained_half_has_pairs(tmp_path):
+    """Oracle: the world's own pair file filtered by hand to the first 24 items, C(4, 2) = 6 soft pairs each."""
+    world = load_world()
+    items, trained, sft, pairs = exp.make_items(tmp_path, "world", 24)
+    assert items == list(world.mcq) and trained == list(world.mcq[:24]) and sft is None
+    ids = {item.id for item in trained}
+    source = world.files["mcq_pairs_soft"].read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in pairs.read_text(encoding="utf-8").splitlines()] == [
+        json.loads(line) for line in source if json.loads(line)["id"] in ids]
+    assert len(ids) * 6 == len(pairs.read_text(encoding="utf-8").splitlines())
+
+
 # ---- the --quick run -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -100,10 +112,11 @@ def test_quick_run_tables_and_provenance(quick_run):
     policies = ["p (raters)", "base", "DPO", "SPL a/b=10"]
     assert set(quick_run["table"]) == {(p, s) for p in policies for s in ("held-out", "trained")}
     assert int(quick_run["table"]["DPO", "held-out"]["items"]) == quick["held_out"]
+    n_items = int(quick["items"])
     assert "--anchor 0.1 --prompts-per-batch 15" in quick_run["run"]["policy_recipe"]
     assert "--model" in quick_run["run"]["policy_recipe"] and "--loss sft" in quick_run["run"]["base_recipe"]
-    items = calibration_items(random.Random("0:calibration-items"), quick["n_items"])
-    trained_ids = {item.id for item in items[:quick["n_items"] - quick["held_out"]]}
+    items = calibration_items(random.Random("0:calibration-items"), n_items)
+    trained_ids = {item.id for item in items[:n_items - quick["held_out"]]}
     lines = (quick_run["out"] / "data" / "calibration_pairs_soft.jsonl").read_text(encoding="utf-8").splitlines()
     assert {json.loads(line)["id"] for line in lines} == trained_ids and len(lines) == 6 * len(trained_ids)
     for row in quick_run["probs"]:
@@ -134,7 +147,8 @@ def test_quick_run_metrics_recomputed_from_probabilities(quick_run):
 def test_bad_arguments_fail_at_start(capsys):
     for argv, message in ((["--ratios", "0.5"], "alpha/beta must be >= 1"),
                           (["--held-out", "96", "--items", "96"], "--held-out must be in 1..95"),
-                          (["--items", "200"], "--items must be in 2..128"),
+                          (["--items", "200"], "--items must be world or a number in 2..128"),
+                          (["--items", "many"], "--items must be world or a number in 2..128"),
                           (["--lr", "0.1"], "--lr: the policies take the main job's"),
                           (["--label-draws", "0"], "must be > 0")):
         with pytest.raises(SystemExit) as error:

@@ -1,19 +1,21 @@
 """Experiment 4, calibration (Section 4.3, Figure 4): ECE, Brier and accuracy on multiple choice, held-out items first.
 
-    python -m eval.experiments.calibration          # 96 items, 48 held out; DPO and SPL at alpha/beta 2, 10; 3 seeds
-    python -m eval.experiments.calibration --quick  # 16 items, 8 held out, one seed, DPO and alpha = 1, a few steps
+    python -m eval.experiments.calibration               # the world's 48 items, 24 held out; DPO, SPL 2, 10; 3 seeds
+    python -m eval.experiments.calibration --items 96    # 96 new items and a base fine-tuned on them (see below)
+    python -m eval.experiments.calibration --quick       # 16 new items, 8 held out, one seed, DPO and alpha = 1
 
-The paper scores its base model (Mistral-7B after SFT) and the DPO and SPL policies trained from it on chat
-preferences with MMLU and TruthfulQA, items none of them was trained on. The analogue here, in three steps:
+The paper scores its base model (Mistral-7B after SFT) and the DPO and SPL policies trained from it with MMLU and
+TruthfulQA, items none of them was trained on. The analogue here: multiple-choice items whose raters hold beliefs p
+over the four letters, the true letter drawn from p (so p is calibrated by construction), a base model that knows
+the items only through SFT text answering with p^(1/2) (hedging writers), and DPO and SPL trained from that base with
+the main job's recipe (eval.experiments.policies: anchor, whole prompts, LoRA on the output head) on the soft-label
+pairs of the first items only, over three training seeds; the last items are held out of preference training.
 
-  1. items: 96 multiple-choice questions of the world's kind about towns the world never named
-     (data/world/calibration_items.py); raters hold beliefs p over the four letters and the true letter was drawn
-     from p, so p is calibrated by construction;
-  2. the base: the world's reference model fine-tuned (LoRA SFT, merged) on every item's answers, ten per item with
-     letters ∝ p^(1/2) as the world's own SFT text (hedging writers): the base knows every item, weakly;
-  3. the policies: DPO and SPL trained from the base with the main job's recipe (eval.experiments.policies:
-     anchor, whole prompts, LoRA on the output head) on the soft-label pairs of the first 48 items only, three
-     training seeds each; the other 48 are held out.
+  --items world (default): the world's 48 items and its reference model (data/world/mcq.py, trained on them);
+  --items N: N new items of the same law about towns the world never named (data/world/calibration_items.py) and a
+     base made here, the world's reference after LoRA SFT on their answers, merged. Measured 2026-12-07: at 400 steps
+     of 32 answers the base had not begun to learn them (docs/claims-representation-calibration.md), so the
+     default stays the world's own items.
 
 Every policy and the base are scored on each split by the letters' probabilities after Appendix D's prompt
 (eval.metrics.multiple_choice_probabilities), in expectation over the true letter y ~ p (Brier and accuracy in
@@ -27,8 +29,8 @@ so it is paired). On the trained items the closed form pi ∝ base^(beta/alpha) 
 each policy should reach (its TV is the convergence check). Held out, nothing predicts the policy; the diagnostics
 say what training did to items it never saw: the confidence shift, the sharpening exponent gamma (the least-squares
 slope of the policy's centred letter log-probs on the base's, pooled over the split's items: a policy that is the
-base at temperature 1/gamma has exactly gamma; the closed form on trained items has about beta/alpha + 2/alpha),
-the share R^2 of the policy's centred log-probs that a sharpened base explains, and the items whose top letter moved.
+base at temperature 1/gamma has exactly gamma), the share R^2 of the policy's centred log-probs that a sharpened
+base explains, and the share of items whose top letter moved.
 
 Outputs in --out: calibration.csv (per policy and split: metrics, intervals, diagnostics), seeds.csv (per seed),
 probabilities.csv (per policy, seed and item), calibration.png (with matplotlib), run.json (commit, recipes).
@@ -52,7 +54,7 @@ from eval.experiments.common import (alpha_for, check_arguments, experiment_pars
 RATIOS = (1.0, 2.0, 10.0)  # alpha / beta: DPO, global temperature 2, alpha = 1
 BETA = 0.1
 STEPS = 200  # the main job's
-N_ITEMS, HELD_OUT = 96, 48
+HELD_OUT = {"world": 24}  # half; generated items: half of --items
 SEEDS = (0, 1, 2)
 BASE_STEPS = 400  # LoRA SFT of the base: 13 epochs of the 960 answers at batch 32
 LETTERS = "ABCD"
@@ -60,7 +62,7 @@ N_BINS = 15
 LABEL_DRAWS = 2000  # label draws from p for the expected ECE
 RESAMPLES = 1000  # bootstrap resamples of the items
 MAX_PROMPT = 96  # the items' prompts run to 68 tokens with the new towns, past train.py's 64: nothing is cut
-QUICK = dict(ratios=(1.0, 10.0), steps=4, n_items=16, held_out=8, seeds=(0,), base_steps=6, draws=200, resamples=200)
+QUICK = dict(ratios=(1.0, 10.0), steps=4, items="16", held_out=8, seeds=(0,), base_steps=6, draws=200, resamples=200)
 
 
 # ---- the math: pure functions over [N, C] probabilities and beliefs -------------------------------------------
@@ -144,15 +146,19 @@ def sharpening(probs: np.ndarray, base: np.ndarray) -> tuple[float, float]:
 
 # ---- running it ------------------------------------------------------------------------------------------------
 
-def make_items(out: Path, n_items: int, held_out: int, seed: int = 0):
-    """(items, trained items, the SFT file, the trained items' soft pair file), files written into out/data/."""
-    from data.world import mcq_groups, mcq_sft, preference_records
+def make_items(out: Path, source: str, held_out: int, seed: int = 0):
+    """(items, trained items, the SFT file or None, the trained items' soft pair file), written into out/data/:
+    the world's 48 items (source "world") or int(source) new ones."""
+    from data.world import load_world, mcq_groups, mcq_sft, preference_records
     from data.world.calibration_items import calibration_items
 
-    items = calibration_items(random.Random(f"{seed}:calibration-items"), n_items)
-    trained = items[:n_items - held_out]  # the items come in a random order: the last ones are a random subset
+    if source == "world":
+        items = list(load_world().mcq)
+    else:
+        items = calibration_items(random.Random(f"{seed}:calibration-items"), int(source))
+    trained = items[:len(items) - held_out]  # the items come in a random order: the last ones are a random subset
     (out / "data").mkdir(parents=True, exist_ok=True)
-    sft = write_jsonl(out / "data" / "calibration_sft.jsonl", mcq_sft(items))
+    sft = None if source == "world" else write_jsonl(out / "data" / "calibration_sft.jsonl", mcq_sft(items))
     pairs = write_jsonl(out / "data" / "calibration_pairs_soft.jsonl", preference_records(mcq_groups(trained), "soft"))
     return items, trained, sft, pairs
 
@@ -166,11 +172,13 @@ def base_options(seed: int = 0) -> tuple:
             ",".join(WORLD_MAIN_JOB["lora_targets"]), "--seed", seed, "--no-plot")
 
 
-def policy_options(base: Path, seed: int) -> tuple:
-    """The main job's recipe on the base (main_job_options(model=True): no preset's values slip in), the whole
-    prompts kept, the seed."""
+def policy_options(base, seed) -> tuple:
+    """The main job's recipe, the seed; on a base of our own (base not None) main_job_options(model=True), so no
+    preset's values slip in, and the longer prompts kept whole."""
     from eval.experiments.policies import main_job_options
 
+    if base is None:
+        return (*main_job_options(), "--seed", seed, "--no-plot")
     return (*main_job_options(model=True), "--model", base, "--max-prompt-length", MAX_PROMPT, "--seed", seed,
             "--no-plot")
 
@@ -194,17 +202,19 @@ def letter_probs(model_dir, run_dir, prompts) -> np.ndarray:
     return multiple_choice_probabilities(model, tokenizer, prompts).double().numpy()  # [N, 4]
 
 
-def run_experiment(out: Path, ratios, beta: float, steps: int, n_items: int, held_out: int, seeds, base_steps: int,
+def run_experiment(out: Path, ratios, beta: float, steps: int, source: str, held_out: int, seeds, base_steps: int,
                    progress: bool = False):
     """-> (items, trained mask [N], {name: (alpha, probs [S, N, 4])}) with the base under "base" (S = 1)."""
+    from data.world import MODEL_DIR
     from eval.experiments.policies import train_policy
 
-    items, trained, sft, pairs = make_items(out, n_items, held_out)
+    items, trained, sft, pairs = make_items(out, source, held_out)
     prompts = [item.prompt for item in items]
     started = time.perf_counter()
-    base = build_base(out, sft, base_steps, progress)
-    scored = {"base": ("", letter_probs(base, None, prompts)[None])}
-    print(f"  base: SFT {base_steps} steps, merged into {base} ({time.perf_counter() - started:.0f} s)", flush=True)
+    base = None if sft is None else build_base(out, sft, base_steps, progress)
+    scored = {"base": ("", letter_probs(base or MODEL_DIR, None, prompts)[None])}
+    if base is not None:
+        print(f"  base: SFT {base_steps} steps, merged into {base} ({time.perf_counter() - started:.0f} s)", flush=True)
     for ratio in ratios:
         alpha = alpha_for(ratio, beta)
         per_seed = []
@@ -212,7 +222,7 @@ def run_experiment(out: Path, ratios, beta: float, steps: int, n_items: int, hel
             started = time.perf_counter()
             run_dir = train_policy(out / "runs" / f"seed{seed}" / run_name(alpha, beta), pairs, alpha, beta,
                                    steps=steps, extra=policy_options(base, seed), progress=progress)
-            per_seed.append(letter_probs(base, run_dir, prompts))
+            per_seed.append(letter_probs(base or MODEL_DIR, run_dir, prompts))
             print(f"  alpha = {alpha:g}, seed {seed} ({time.perf_counter() - started:.0f} s)", flush=True)
         scored["DPO" if math.isclose(ratio, 1.0) else f"SPL a/b={ratio:g}"] = (alpha, np.stack(per_seed))
     mask = np.array([i < len(trained) for i in range(len(items))])
@@ -307,10 +317,11 @@ def main(argv=None) -> int:
     p = experiment_parser(__doc__, "runs/exp_calibration", "16 items, one seed, DPO and alpha = 1, a few steps",
                           "comma-separated alpha/beta values, 1 = DPO (default %s)" % ",".join(f"{r:g}" for r in RATIOS),
                           BETA, STEPS, None, "training steps per policy")
-    p.add_argument("--items", type=int, help=f"items generated (default {N_ITEMS})")
-    p.add_argument("--held-out", type=int, help=f"of them held out of preference training (default {HELD_OUT})")
+    p.add_argument("--items", help="world (default): the world's 48 items and reference; N: N new items (2..128) and "
+                   "a base fine-tuned on them")
+    p.add_argument("--held-out", type=int, help="items held out of preference training (default half)")
     p.add_argument("--seeds", help="comma-separated training seeds (default %s)" % ",".join(map(str, SEEDS)))
-    p.add_argument("--base-steps", type=int, help=f"SFT steps of the base (default {BASE_STEPS})")
+    p.add_argument("--base-steps", type=int, help=f"SFT steps of a base on new items (default {BASE_STEPS})")
     p.add_argument("--label-draws", type=int, help=f"label draws for the expected ECE (default {LABEL_DRAWS})")
     p.add_argument("--resamples", type=int, help=f"bootstrap resamples (default {RESAMPLES})")
     args = p.parse_args(argv)
@@ -318,7 +329,9 @@ def main(argv=None) -> int:
     ratios = parse_list(p, "--ratios", args.ratios, quick.get("ratios", RATIOS))
     seeds = parse_list(p, "--seeds", args.seeds, quick.get("seeds", SEEDS), int)
     steps, base_steps = option(args.steps, quick, "steps", STEPS), option(args.base_steps, quick, "base_steps", BASE_STEPS)
-    n_items, held_out = option(args.items, quick, "n_items", N_ITEMS), option(args.held_out, quick, "held_out", HELD_OUT)
+    source = option(args.items, quick, "items", "world")
+    n_items = 48 if source == "world" else int(source) if source.isdigit() else -1
+    held_out = option(args.held_out, quick, "held_out", n_items // 2)
     draws = option(args.label_draws, quick, "draws", LABEL_DRAWS)
     resamples = option(args.resamples, quick, "resamples", RESAMPLES)
     check_arguments(p, [(all(r >= 1 for r in ratios), f"--ratios: alpha/beta must be >= 1 (1 is DPO), got {ratios}"),
@@ -326,7 +339,7 @@ def main(argv=None) -> int:
                         (args.lr is None, "--lr: the policies take the main job's; not an option here"),
                         (min(steps, base_steps, draws, resamples) > 0,
                          "--steps, --base-steps, --label-draws and --resamples must be > 0"),
-                        (2 <= n_items <= 128, f"--items must be in 2..128, got {n_items}"),
+                        (2 <= n_items <= 128, f"--items must be world or a number in 2..128, got {source}"),
                         (1 <= held_out < n_items, f"--held-out must be in 1..{n_items - 1}, got {held_out}")])
 
     from data.world import MODEL_DIR
@@ -337,12 +350,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     commit = source_commit()
-    base_line = recipe_line(["--data", "SFT", "--loss", "sft", "--steps", base_steps, *base_options()])
+    base_line = ("the world's reference model" if source == "world" else
+                 recipe_line(["--data", "SFT", "--loss", "sft", "--steps", base_steps, *base_options()]))
     policy_line = recipe_line(["--data", "PAIRS", "--loss", "spl", "--alpha", "ALPHA", "--beta", args.beta, "--steps",
-                               steps, *policy_options(out / "base", "SEED")])
-    print(f"experiment 4, calibration: commit {commit}\nbase: {base_line}\npolicies: {policy_line}\n{n_items} items, "
-          f"{held_out} held out; alpha/beta {', '.join(f'{r:g}' for r in ratios)}; seeds {seeds}")
-    items, mask, scored = run_experiment(out, ratios, args.beta, steps, n_items, held_out, seeds, base_steps,
+                               steps, *policy_options(None if source == "world" else out / "base", "SEED")])
+    print(f"experiment 4, calibration: commit {commit}\nbase: {base_line}\npolicies: {policy_line}\n{n_items} items "
+          f"({source}), {held_out} held out; alpha/beta {', '.join(f'{r:g}' for r in ratios)}; seeds {seeds}")
+    items, mask, scored = run_experiment(out, ratios, args.beta, steps, source, held_out, seeds, base_steps,
                                          args.progress)
     table, seeds_table = summarise(items, mask, scored, args.beta, draws, resamples)
     print("\n" + format_table(table))
