@@ -63,6 +63,8 @@ def test_expected_metrics_and_sharpening_against_closed_forms():
     sharper = probs ** 2.5 / (probs ** 2.5).sum(1, keepdims=True)
     gamma, r2 = exp.sharpening(sharper, probs)
     assert gamma == pytest.approx(2.5, rel=1e-12) and r2 == pytest.approx(1.0, abs=1e-12)
+    habit = probs * np.array([1.0, 3.0, 1.0, 1.0])  # one letter raised by the same factor on every item
+    assert exp.common_shift(habit / habit.sum(1, keepdims=True), probs) == pytest.approx(1.0, rel=1e-12)
 
 
 def test_bootstrap_of_the_base_against_itself_is_zero_and_orders_its_bounds():
@@ -138,6 +140,7 @@ def test_quick_run_metrics_recomputed_from_probabilities(quick_run):
         assert float(row["confidence_shift"]) == pytest.approx(probs.max(1).mean() - base[in_split].max(1).mean(),
                                                                rel=1e-9, abs=1e-12)
         assert float(row["sharpening"]) == pytest.approx(exp.sharpening(probs, base[in_split])[0], rel=1e-9)
+        assert float(row["common_shift"]) == pytest.approx(exp.common_shift(probs, base[in_split]), rel=1e-9, abs=1e-12)
         assert float(row["ece_low"]) <= float(row["ece_high"])
         if policy == "base":
             assert float(row["sharpening"]) == pytest.approx(1.0) and float(row["ece_diff_low"]) == 0.0

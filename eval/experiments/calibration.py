@@ -30,7 +30,8 @@ each policy should reach (its TV is the convergence check). Held out, nothing pr
 say what training did to items it never saw: the confidence shift, the sharpening exponent gamma (the least-squares
 slope of the policy's centred letter log-probs on the base's, pooled over the split's items: a policy that is the
 base at temperature 1/gamma has exactly gamma), the share R^2 of the policy's centred log-probs that a sharpened
-base explains, and the share of items whose top letter moved.
+base explains, the share of items whose top letter moved, and the share of the change common to every item (a
+letter habit carried from the trained items).
 
 Outputs in --out: calibration.csv (per policy and split: metrics, intervals, diagnostics), seeds.csv (per seed),
 probabilities.csv (per policy, seed and item), calibration.png (with matplotlib), run.json (commit, recipes).
@@ -128,6 +129,13 @@ def bootstrap(probs: np.ndarray, base: np.ndarray, beliefs: np.ndarray, resample
         diff = values - reference[metric]
         out[f"{metric}_diff_low"], out[f"{metric}_diff_high"] = np.quantile(diff, [0.025, 0.975])
     return {key: float(value) for key, value in out.items()}
+
+
+def common_shift(probs: np.ndarray, base: np.ndarray) -> float:
+    """The share of the change d_n = c(log q_n) - c(log base_n) that is the same on every item:
+    N |mean_n d_n|^2 / sum_n |d_n|^2 in [0, 1] (1: one letter habit added everywhere; 0: nothing common)."""
+    d = centred_log(probs) - centred_log(base)  # [N, C]
+    return float(len(d) * (d.mean(0) ** 2).sum() / max((d ** 2).sum(), 1e-300))
 
 
 def centred_log(probs: np.ndarray) -> np.ndarray:
@@ -258,6 +266,8 @@ def summarise(items, mask, scored, beta: float, draws: int, resamples: int) -> t
             row["sharpening_r2"] = float(np.mean([s["sharpening"][1] for s in seeds]))
             row["sharpening_closed_form"] = "" if alpha == "" else sharpening(closed, base)[0]
             row["top_moved"] = float(np.mean([(q.argmax(1) != base.argmax(1)).mean() for q in probs]))
+            row["common_shift"] = float(np.mean([common_shift(q, base) for q in probs]))
+            row["mean_letters"] = "/".join(f"{x:.3f}" for x in probs.mean((0, 1)))
             row["tv_closed_form"] = "" if alpha == "" or split == "held-out" else float(
                 np.mean([0.5 * np.abs(q - closed).sum(1).mean() for q in probs]))
             table.append(row)
@@ -276,14 +286,16 @@ def format_table(table) -> str:
             lines += ([""] if lines else []) + [
                 f"{split} items ({r['items']}); expected over labels from p, [95% bootstrap over items], seed mean:",
                 f"{'policy':<12} {'E[ECE]':>6} {'[interval]':>15} {'vs base':>17}  {'E[Brier]':>8} {'vs base':>17}  "
-                f"{'E[acc]':>6}  {'conf':>5} {'shift':>6}  {'gamma':>6} {'R^2':>5} {'closed':>6}  {'moved':>5} {'TV cf':>6}"]
+                f"{'E[acc]':>6}  {'conf':>5} {'shift':>6}  {'gamma':>6} {'R^2':>5} {'closed':>6}  {'moved':>5} {'common':>6} "
+                f"{'TV cf':>6}"]
         gamma_cf = f"{r['sharpening_closed_form']:.2f}" if r["sharpening_closed_form"] != "" else ""
         tv = f"{r['tv_closed_form']:.3f}" if r["tv_closed_form"] != "" else ""
         lines.append(f"{r['policy']:<12} {r['ece']:>6.3f} [{r['ece_low']:.3f}, {r['ece_high']:.3f}] "
                      f"[{r['ece_diff_low']:+.3f}, {r['ece_diff_high']:+.3f}]  {r['brier']:>8.3f} "
                      f"[{r['brier_diff_low']:+.3f}, {r['brier_diff_high']:+.3f}]  {r['accuracy']:>6.3f}  "
                      f"{r['confidence']:>5.3f} {r['confidence_shift']:>+6.3f}  {r['sharpening']:>6.2f} "
-                     f"{r['sharpening_r2']:>5.2f} {gamma_cf:>6}  {r['top_moved']:>5.2f} {tv:>6}")
+                     f"{r['sharpening_r2']:>5.2f} {gamma_cf:>6}  {r['top_moved']:>5.2f} {r['common_shift']:>6.2f} "
+                     f"{tv:>6}")
     return "\n".join(lines)
 
 
@@ -362,7 +374,7 @@ def main(argv=None) -> int:
     print("\n" + format_table(table))
     print("\nvs base: the paired difference from the base; shift: confidence minus the base's; gamma: the sharpening "
           "exponent on the base (R^2 its fit; closed: the closed form's); moved: items whose top letter moved; "
-          "TV cf: from the closed form")
+          "common: the share of the change common to every item (a letter habit); TV cf: from the closed form")
     probabilities = [{"policy": name, "alpha": alpha, "seed": seed, "item": item.id, "trained": bool(trained),
                       **{f"p_{x}": float(v) for x, v in zip(LETTERS, row)},
                       **{f"belief_{x}": float(v) for x, v in zip(LETTERS, item.population)}}
