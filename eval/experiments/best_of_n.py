@@ -32,6 +32,7 @@ matching.csv, strategies.csv, screen.csv, experiment.json (recipe, commit, secon
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import subprocess
 import sys
@@ -49,7 +50,7 @@ SPL_RATIOS = (2.0, 4.0, 10.0)  # alpha / beta
 STEPS = 100
 SEEDS = (0, 1)
 LEVELS = {"hard": 5, "medium": 4, "easy": 2}  # sampled in this order: the hard level is the claim
-PROBLEMS = {"hard": 32, "medium": 8, "easy": 8}  # the brief's 64/32/32 did not fit the shared machine
+PROBLEMS = {"hard": 16, "medium": 4, "easy": 4}  # the brief's 64/32/32 did not fit the shared machine (docs)
 SCREEN = (1 / 512, 1 / 16)  # the hard level's reference success window
 MAX_DRAWS = 4000  # fresh draws tried per level before giving up
 NUM_SAMPLES, REFERENCE_SAMPLES = 128, 32
@@ -139,8 +140,7 @@ def pairs_file(out: Path, world, levels, max_pairs: int | None) -> Path:
     from eval.experiments.common import write_jsonl
     from eval.experiments.strategy_mix import world_groups
 
-    groups = [g for g in world_groups(world) if int(g.id.split("-")[1][1:]) in levels]
-    records = preference_records(groups, "soft")
+    records = preference_records([g for g in world_groups(world) if g_level(g) in levels], "soft")
     return write_jsonl(out / "strategy_pairs.jsonl", records[:max_pairs] if max_pairs else records)
 
 
@@ -152,20 +152,32 @@ def recipe(steps: int, seed: int) -> tuple:
     return ("--model", str(ARITHMETIC_MODEL_DIR), *main_job_options(model=True), "--seed", str(seed))
 
 
-def gate(world, run: str, alpha: float, levels, label: str, seed: int) -> list[dict]:
-    """The gate's rows of one trained policy (per level: strategy mixes over the training candidates)."""
+def trained_groups(world, data: Path) -> list:
+    """The world's strategy groups whose pairs are in the training file `data`."""
+    from eval.experiments.strategy_mix import world_groups
+
+    ids = {json.loads(line)["id"] for line in data.read_text(encoding="utf-8").splitlines()}
+    return [g for g in world_groups(world) if g.id in ids]
+
+
+def gate(world, groups, run: str, alpha: float, label: str, seed: int) -> list[dict]:
+    """The gate's rows of one trained policy (per level: strategy mixes over its training candidates)."""
     from data.world.arithmetic import ARITHMETIC_MODEL_DIR
     from eval.experiments import strategy_mix as sm
     from eval.experiments.policies import load_policy
     from models.lora import disable_lora
 
-    groups = [g for g in sm.world_groups(world) if int(g.id.split("-")[1][1:]) in levels]
     model, tokenizer = load_policy(run, model_dir=ARITHMETIC_MODEL_DIR)
-    policy = [sm.candidate_logps(model, tokenizer, g) for g in groups]
+    policy = sm.candidate_logps(model, tokenizer, groups)
     with disable_lora(model):
-        reference = [sm.candidate_logps(model, tokenizer, g) for g in groups]
+        reference = sm.candidate_logps(model, tokenizer, groups)
     rows = sm.gate_rows(world.arithmetic, groups, policy, reference, alpha, BETA)
-    return [{"seed": seed, **r} for r in sm.gate_summary(rows, label, sorted(levels))]
+    return [{"seed": seed, **r} for r in sm.gate_summary(rows, label, sorted({g_level(g) for g in groups}))]
+
+
+def g_level(group) -> int:
+    """A world arithmetic group's level, from its id 'arith-L5-train-003'."""
+    return int(group.id.split("-")[1][1:])
 
 
 # ---- sampling ---------------------------------------------------------------------------------------------------
@@ -224,7 +236,7 @@ def train_all(out: Path, world, data: Path, settings, seeds, steps: int, progres
     from eval.experiments.policies import recipe_line, train_policy
 
     runs, gates = {}, []
-    levels = set(LEVELS.values())
+    groups = trained_groups(world, data)
     for seed in seeds:
         for setting in settings:
             if setting.method == "reference" or (setting.policy, seed) in runs:
@@ -233,7 +245,7 @@ def train_all(out: Path, world, data: Path, settings, seeds, steps: int, progres
             run = train_policy(out / "runs" / f"seed{seed}" / setting.policy, data, alpha, BETA, loss=setting.method,
                                steps=steps, extra=recipe(steps, seed), progress=progress)
             runs[setting.policy, seed] = str(run)
-            rows = gate(world, str(run), alpha, levels, setting.policy, seed)
+            rows = gate(world, groups, str(run), alpha, setting.policy, seed)
             gates += rows
             print(f"  trained {setting.policy} seed {seed} (alpha {alpha:g}, beta {BETA:g}, "
                   f"{time.perf_counter() - started:.0f} s); gate by level: " + "; ".join(
@@ -251,13 +263,19 @@ def sample_all(out: Path, problems, settings, seeds, runs, n: int, n_reference: 
 
     from data.world.arithmetic import ARITHMETIC_MODEL_DIR
     from eval.experiments.policies import load_policy
+    from models.lora import merge_lora
 
+    models = {}  # (policy, seed) -> (model, tokenizer): each policy loaded once, its LoRA merged for speed
     for name, level in LEVELS.items():
         started = time.perf_counter()
         at_level = [p for p in problems if p.level == level]
         for setting in settings:
             for seed in ([0] if setting.method == "reference" else seeds):
-                model, tokenizer = load_policy(runs.get((setting.policy, seed)), model_dir=ARITHMETIC_MODEL_DIR)
+                if (setting.policy, seed) not in models:
+                    run = runs.get((setting.policy, seed))
+                    model, tokenizer = load_policy(run, model_dir=ARITHMETIC_MODEL_DIR)
+                    models[setting.policy, seed] = (merge_lora(model) if run else model), tokenizer
+                model, tokenizer = models[setting.policy, seed]
                 generator = torch.Generator().manual_seed(1000 * seed + level)
                 count = n_reference if setting.method == "reference" else n
                 for problem in at_level:

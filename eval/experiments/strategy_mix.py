@@ -59,15 +59,19 @@ def candidate_labels(problem, group) -> list[str]:
 
 
 @torch.no_grad()
-def candidate_logps(model, tokenizer, group) -> torch.Tensor:
-    """log pi(y_i | x) of the group's candidates [K] float64, each text followed by the end-of-turn token, as
-    train.py scores a response."""
+def candidate_logps(model, tokenizer, groups) -> list[torch.Tensor]:
+    """log pi(y_i | x) of every group's candidates (one [K] float64 tensor per group), each text followed by the
+    end-of-turn token as train.py scores a response; one batched teacher-forced pass over all of them."""
     from eval.metrics import sequence_nll
     from models.generate import user_prompt_ids
 
-    prompt = user_prompt_ids(tokenizer, group.prompt, chat=True)
-    texts = [tokenizer.encode_response(text) for text in group.candidates]
-    return -sequence_nll(model, prompt, texts)
+    prompts, texts, sizes = [], [], []
+    for group in groups:
+        prompt = user_prompt_ids(tokenizer, group.prompt, chat=True)
+        prompts += [prompt] * len(group.candidates)
+        texts += [tokenizer.encode_response(text) for text in group.candidates]
+        sizes.append(len(group.candidates))
+    return list(torch.split(-sequence_nll(model, prompts, texts), sizes))
 
 
 def closed_form(ref_logps, p, alpha: float, beta: float) -> torch.Tensor:
