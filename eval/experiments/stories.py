@@ -20,12 +20,9 @@ import math
 import random
 from collections import Counter
 
+from eval.experiments.fronts import mean
+
 ABERRATION_MARGIN = math.log(0.95 / 0.05)  # r(story) - r(its corrupted copy) in the world's pairs (Eq. 2)
-
-
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
 
 
 def ngram_counts(text: str) -> Counter:
