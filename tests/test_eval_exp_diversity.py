@@ -12,6 +12,7 @@ filters as invariants of the saved tokens under the policy that sampled them, re
 import csv
 import json
 import math
+import shutil
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -23,6 +24,7 @@ from vendi_score import vendi
 from data.world import load_world, validate_story
 from eval.experiments import diversity as exp
 from eval.experiments import fronts, stories
+from eval.embeddings import load_minilm
 from eval.experiments.policies import load_policy
 from eval.metrics import vendi_score
 
@@ -37,9 +39,18 @@ def read_csv(path):
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def encoder():
+    """all-MiniLM-L6-v2 loaded once for the module (eval/embeddings.py, tested against HF in its own test file):
+    the experiment's embedder in the quick run and here."""
+    return load_minilm()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, encoder):
     out = tmp_path_factory.mktemp("exp_diversity")
-    assert exp.main(["--quick", "--out", str(out)]) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(exp, "sentence_embedder", lambda: encoder.encode)
+        assert exp.main(["--quick", "--out", str(out)]) == 0
     columns, rows = read_csv(out / "diversity.csv")
     _, summary = read_csv(out / "summary.csv")
     _, closed = read_csv(out / "closed_form.csv")
@@ -119,6 +130,46 @@ def test_metrics_recomputed_from_samples(quick_run):
         if all(s["text"].split() for s in samples):
             expected = np.mean([vendi.score([s["text"] for s in g], kernel) for g in groups])
             assert float(row["vendi_ngram"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_embedding_columns_by_unbatched_encoding(quick_run, encoder):
+    """Each text embedded alone (no padding, no batch); per input Vendi by vendi-score's score_X and Eq. 44,
+    mean over all ordered pairs of 1 - cos, in numpy."""
+    n = exp.QUICK["num_samples"]
+    assert quick_run["experiment"]["embeddings"] == "all-MiniLM-L6-v2"
+    for label in ("dpo-2 T=2", "spl-2 T=1"):
+        vendis, distances = [], []
+        for group in inputs_of(quick_run["samples"][label], n):
+            x = np.stack([encoder.encode([s["text"]])[0].double().numpy() for s in group])  # (N, 384)
+            unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+            vendis.append(float(vendi.score_X(x)))
+            distances.append(np.mean(1.0 - unit @ unit.T))
+        row = quick_run["rows"][label]
+        assert float(row["vendi_embed"]) == pytest.approx(np.mean(vendis), rel=1e-4)
+        assert float(row["embed_distance"]) == pytest.approx(np.mean(distances), rel=1e-4, abs=1e-6)
+
+
+def test_rescore_embeddings_reproduces_the_columns(quick_run, encoder, tmp_path, capsys):
+    """A copy of the run with its embedding columns blanked, rescored from samples.jsonl: the same values as the
+    run computed while sampling (the same texts in the same batches), in diversity.csv and summary.csv."""
+    copy = tmp_path / "run"
+    shutil.copytree(quick_run["out"], copy, ignore=shutil.ignore_patterns("runs"))
+    columns, rows = read_csv(copy / "diversity.csv")
+    with open(copy / "diversity.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows([r | {"vendi_embed": "nan", "embed_distance": "nan"} for r in rows])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(exp, "sentence_embedder", lambda: encoder.encode)
+        assert exp.main(["--rescore-embeddings", "--out", str(copy)]) == 0
+    for name in ("diversity.csv", "summary.csv"):
+        _, before = read_csv(quick_run["out"] / name)
+        _, after = read_csv(copy / name)
+        for old, new in zip(before, after, strict=True):
+            for key in ("vendi_embed", "embed_distance", "reward", "name_entropy"):
+                assert float(new[key]) == pytest.approx(float(old[key]), rel=1e-12), (name, key)
+    assert exp.main(["--rescore-embeddings", "--out", str(tmp_path / "none")]) == 1
+    assert "not a finished run" in capsys.readouterr().err
 
 
 def test_closed_forms_by_full_forward(quick_run):
