@@ -12,6 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+def pytest_configure(config):
+    """Under pytest-xdist (the README's test command runs `-n auto`: one worker per core), each worker computes on
+    one intra-op thread: two workers of two threads each on a 2-core machine would oversubscribe it, and ATen's
+    idle OpenMP threads spin (see `one_thread`). Scripts the tests start as processes choose their own threads."""
+    import os
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the test. ATen's CPU kernels (log_sigmoid among them) parallelise even a

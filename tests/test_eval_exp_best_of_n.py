@@ -1,180 +1,271 @@
-"""eval/experiments/best_of_n.py: experiment 3 (best-of-N on the world's arithmetic, the arithmetic model) in its --quick mode.
+"""eval/experiments/best_of_n.py (best-of-N as a mechanism test), its statistics, strategy mixes and sampler.
 
-Oracles: the saved tables recomputed from the saved per-sample rows (samples.jsonl) alone: per problem, the number
-correct and the unique-final-answer fraction with the world's own `check_answer` and a regex of the '#### N' answer
-written here; pass@k with the binomial definition 1 - C(n - c, k) / C(n, k) (math.comb, exact integers), not the
-product form of eval.metrics; the intervals as `eval.metrics.bootstrap_interval` (tested on its own in
-tests/test_eval_bootstrap.py) of those recomputed per-problem values; Figure 9's samples-to-match by a brute-force
-scan; and the invariants of the estimator: pass@1 is the mean fraction correct c / n, pass@k never decreases in k,
-pass@n is the fraction of problems with at least one correct sample.
+Oracles:
+- pass@k: brute force over every k-subset of n samples (the estimator's definition: the chance that k drawn
+  without replacement hold a correct one), and its expectation over c ~ Binomial(n, p), which is 1 - (1 - p)^k
+  exactly (Chen et al. 2021), summed here with exact fractions.
+- the two-way bootstrap: an explicit loop over resamples with the same random draws (the definition written out),
+  S = 1 equal to `eval.metrics.bootstrap_interval`, and invariants (a constant table has a zero-width interval at
+  the constant, a shift moves the interval by the shift, a negated table negates and swaps it).
+- the gate's closed form: the minimiser of the expected soft-label SPL loss over all candidate pairs (Eq. 5 with
+  chosen_prob p_i / (p_i + p_j)), found numerically by L-BFGS over free log-probs; and a policy placed at the
+  anchored optimum passes the gate with TV 0.
+- strategy labels: the world's own solver (`solve`, `slipped_solution`) writes each strategy's texts.
+- the sampler: frequencies of whole sampled texts against their teacher-forced probabilities (`sequence_nll`).
+- the quick run: counts recomputed from samples.jsonl with an answer parsed here from the prompt's expression.
 """
+import itertools
 import json
 import math
+import random
 import re
-from collections import defaultdict
 from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 
-from data.world import check_answer, load_world
 from eval.experiments import best_of_n as exp
+from eval.experiments import best_of_n_stats as stats
+from eval.experiments import strategy_mix as sm
 from eval.experiments.common import read_csv
-from eval.metrics import bootstrap_interval
+from eval.metrics import bootstrap_interval, pass_at_k
 
-N = exp.QUICK["num_samples"]
-KS = [1, 2, 4, 8]
-SHOWN_KS = [1, 4]  # the paper's rows (1, 4, 16, 64, 128) up to n = 8
-LEVEL_COLUMNS = (["setting", "method", "ratio", "temperature", "level", "problems"]
-                 + [f"pass@{k}{end}" for k in KS for end in ("", "_low", "_high")] + ["unique_fraction", "answered"])
-PROBLEM_COLUMNS = ["setting", "problem", "level", "n", "correct", "unique_fraction", "answered"]
-ANSWER = re.compile(r"####\s*(-?\d[\d,]*)")  # the spec: the number after the last "####", commas allowed
+
+# ---- pass@k ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,c,k", [(7, 0, 3), (7, 2, 1), (7, 2, 3), (7, 5, 3), (6, 1, 6), (8, 3, 4)])
+def test_pass_at_k_is_the_fraction_of_k_subsets_holding_a_correct_sample(n, c, k):
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    brute = Fraction(sum(any(samples[i] for i in s) for s in subsets), len(subsets))
+    assert pass_at_k(n, c, k) == pytest.approx(float(brute), abs=1e-12)
+
+
+def test_pass_at_k_is_unbiased_for_one_minus_one_minus_p_to_the_k():
+    n, p = 10, Fraction(3, 10)
+    for k in (1, 2, 5, 10):
+        expected = sum(math.comb(n, c) * p ** c * (1 - p) ** (n - c) * Fraction(pass_at_k(n, c, k))
+                       for c in range(n + 1))
+        assert float(expected) == pytest.approx(float(1 - (1 - p) ** k), abs=1e-12)
+
+
+def test_pass_table_shape_and_ks():
+    table = stats.pass_table([[(4, 1), (4, 0)], [(4, 4), (4, 2)]], [1, 2, 4])
+    assert table.shape == (3, 2, 2)
+    np.testing.assert_allclose(table[0], [[0.25, 0.0], [1.0, 0.5]], atol=1e-12)
+    np.testing.assert_allclose(table[2], [[1.0, 0.0], [1.0, 1.0]], atol=1e-12)
+    assert stats.ks_up_to(128) == [1, 2, 4, 8, 16, 32, 64, 128] and stats.ks_up_to(5) == [1, 2, 4]
+
+
+# ---- the two-way bootstrap ----------------------------------------------------------------------------------------
+
+def loop_interval(x, level, resamples, seed):
+    """The two-way bootstrap written out: per resample, S seed rows and P problem columns with replacement."""
+    seeds, problems = x.shape
+    rng = np.random.default_rng(seed)
+    problem_picks = rng.integers(0, problems, size=(resamples, problems))
+    seed_picks = rng.integers(0, seeds, size=(resamples, seeds)) if seeds > 1 else np.zeros((resamples, 1), int)
+    means = [np.mean([[x[s, p] for p in problem_picks[r]] for s in seed_picks[r]]) for r in range(resamples)]
+    return np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+
+
+def test_two_way_bootstrap_matches_its_definition_and_the_one_seed_case():
+    x = np.random.default_rng(3).random((3, 7))
+    low, high = stats.seed_problem_interval(x, 0.9, 300, seed=5)
+    np.testing.assert_allclose([low, high], loop_interval(x, 0.9, 300, 5), atol=1e-12)
+    one = np.random.default_rng(4).random((2, 1, 9))  # two settings, one seed
+    np.testing.assert_allclose(stats.seed_problem_interval(one, 0.95, 500, 1),
+                               bootstrap_interval(one[:, 0], 0.95, 500, 1), atol=1e-12)
+
+
+def test_two_way_bootstrap_invariants():
+    x = np.random.default_rng(6).random((2, 11))
+    low, high = stats.seed_problem_interval(x, seed=2)
+    assert low <= x.mean() <= high
+    shifted = stats.seed_problem_interval(x + 0.25, seed=2)
+    np.testing.assert_allclose(shifted, (low + 0.25, high + 0.25), atol=1e-12)
+    negated = stats.seed_problem_interval(-x, seed=2)
+    np.testing.assert_allclose(negated, (-high, -low), atol=1e-12)
+    constant = stats.seed_problem_interval(np.full((2, 5), 0.3), seed=2)
+    np.testing.assert_allclose(constant, (0.3, 0.3), atol=1e-12)
+    with pytest.raises(ValueError, match="S, P >= 1"):
+        stats.seed_problem_interval(np.zeros((2, 0)))
+
+
+def test_differences_are_paired():
+    """SPL one more correct sample than DPO on every (seed, problem) cell, while the cells themselves vary from 0 to
+    7 of 8: the paired pass@1 difference is 1/8 in every resample (interval [1/8, 1/8]), however wide each
+    setting's own interval is."""
+    counts = [[0, 1, 3, 7], [2, 0, 6, 5]]
+    rows = [{"setting": label, "seed": s, "problem": f"p{i}", "level": 5, "n": 8, "correct": c + extra}
+            for label, extra in (("dpo T=1", 0), ("spl a/b=2", 1)) for s in (0, 1) for i, c in enumerate(counts[s])]
+    diff = stats.difference_rows(rows, "dpo T=1", ["spl a/b=2"], [1])[0]
+    assert (diff["difference"], diff["low"], diff["high"]) == pytest.approx((1 / 8, 1 / 8, 1 / 8), abs=1e-12)
+    assert diff["excludes_zero"]
+    own = {r["setting"]: r for r in stats.level_rows(rows, ["dpo T=1", "spl a/b=2"], [1])}
+    assert own["dpo T=1"]["pass@1_high"] - own["dpo T=1"]["pass@1_low"] > 0.2
+
+
+# ---- strategies and the gate -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world():
+    from data.world import load_world
+
+    return load_world()
+
+
+def test_strategy_of_reads_the_worlds_own_solutions(world):
+    from data.world.arithmetic import slipped_solution, solve
+
+    rng = random.Random(0)
+    for problem in [p for p in world.arithmetic if p.split == "test"][::7]:
+        for name in problem.solutions:
+            assert sm.strategy_of(problem, solve(problem, name)) == name
+            if name != "count":
+                assert sm.strategy_of(problem, slipped_solution(problem, name, rng)) == name
+        assert sm.strategy_of(problem, "I do not know. #### 3") == sm.OTHER
+
+
+def test_world_groups_are_the_worlds_strategy_pairs(world):
+    from data.world.pairs import preference_records
+
+    records = preference_records(sm.world_groups(world), "soft")
+    lines = world.files["arithmetic_pairs_soft"].read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == json.loads(json.dumps(records))
+
+
+def test_closed_form_is_the_minimiser_of_the_expected_spl_loss():
+    ref_logps = torch.tensor([-1.0, -2.5, -0.7, -4.0], dtype=torch.float64)
+    p = torch.tensor([0.45, 0.25, 0.15, 0.15], dtype=torch.float64)
+    pairs = list(itertools.combinations(range(4), 2))
+    i, j = (torch.tensor(x) for x in zip(*pairs))
+    for alpha, beta in ((0.1, 0.1), (0.2, 0.1), (1.0, 0.1)):
+        logits = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([logits], max_iter=100, tolerance_grad=1e-12, tolerance_change=1e-14,
+                                      line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            logps = torch.log_softmax(logits, -1)
+            z = alpha * (logps[i] - logps[j]) - beta * (ref_logps[i] - ref_logps[j])  # Eq. 5, written out here
+            q = p[i] / (p[i] + p[j])  # Bradley-Terry soft label
+            loss = -(q * torch.nn.functional.logsigmoid(z) + (1 - q) * torch.nn.functional.logsigmoid(-z)).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        found = torch.softmax(logits.detach(), -1)
+        torch.testing.assert_close(sm.closed_form(ref_logps, p, alpha, beta), found, atol=1e-6, rtol=0)
+    dpo = torch.softmax(ref_logps, -1) * p ** 10
+    torch.testing.assert_close(sm.closed_form(ref_logps, p, 0.1, 0.1), dpo / dpo.sum(), atol=1e-12, rtol=0)
+
+
+def test_gate_rows_at_the_anchored_optimum_and_at_the_reference(world):
+    from spl.theory import anchored_optimum
+
+    groups = sm.world_groups(world)[-6:]  # level 5: direct, split, round where it applies, the slipped direct
+    rng = torch.Generator().manual_seed(0)
+    refs = [-torch.rand(len(g.candidates), generator=rng, dtype=torch.float64) * 20 for g in groups]
+    at_optimum = [anchored_optimum(r, torch.tensor(g.population, dtype=torch.float64), 0.2, exp.BETA)
+                  for r, g in zip(refs, groups)]
+    rows = sm.gate_rows(world.arithmetic, groups, at_optimum, refs, 0.2, exp.BETA)
+    assert all(r["tv"] < 1e-9 and abs(r["log_mass_ratio"]) < 1e-9 for r in rows)
+    assert sm.gate_summary(rows, "spl-2", [5])[0]["gate_met"]
+    rows = sm.gate_rows(world.arithmetic, groups, refs, refs, 0.2, exp.BETA)
+    for r, ref, g in zip(rows, refs, groups):
+        target = sm.closed_form(ref, g.population, 0.2, exp.BETA)
+        assert r["tv"] == pytest.approx(0.5 * float((torch.softmax(ref, -1) - target).abs().sum()), abs=1e-12)
+        assert sum(v for k, v in r.items() if k.startswith("closed_")) == pytest.approx(1.0, abs=1e-12)
+        assert r["policy_direct"] == pytest.approx(r["reference_direct"], abs=1e-12)
+
+
+# ---- the sampler ----------------------------------------------------------------------------------------------------
+
+def test_gumbel_max_sample_draws_the_tempered_softmax():
+    from eval.experiments.sampler import gumbel_max_sample
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).expand(40000, -1)
+    draws = gumbel_max_sample(logits, 1.3, torch.Generator().manual_seed(0))
+    frequency = torch.bincount(draws, minlength=5).double() / len(draws)
+    q = torch.softmax(logits[0].double() / 1.3, -1)
+    assert torch.all((frequency - q).abs() <= 5 * torch.sqrt(q * (1 - q) / len(draws)))
+
+
+def test_sample_texts_frequencies_match_teacher_forced_probabilities():
+    from data.world.arithmetic import ARITHMETIC_MODEL_DIR
+    from eval.experiments.policies import load_policy
+    from eval.experiments.sampler import sample_texts
+    from eval.metrics import sequence_nll
+    from models.generate import user_prompt_ids
+
+    model, tokenizer = load_policy(None, model_dir=ARITHMETIC_MODEL_DIR)
+    n, prompt = 300, "What is 3 + 2?"  # every solution of it ends within 48 tokens, so no text is cut short
+    texts = sample_texts(model, tokenizer, prompt, n, 48, 1.0, torch.Generator().manual_seed(0))
+    common = sorted(set(texts), key=texts.count, reverse=True)[:3]
+    probs = torch.exp(-sequence_nll(model, user_prompt_ids(tokenizer, prompt),
+                                    [tokenizer.encode_response(t) for t in common]))
+    for text, q in zip(common, probs.tolist()):
+        assert abs(texts.count(text) / n - q) <= 5 * math.sqrt(q * (1 - q) / n) + 1 / n, text
+
+
+# ---- the quick run ----------------------------------------------------------------------------------------------
+
+ANSWER = re.compile(r"####\s*(-?\d[\d,]*)")
+
+
+def answer_of(prompt: str) -> int:
+    """The value of 'What is a * b + c?' parsed here (only +, * and integers)."""
+    terms = re.fullmatch(r"What is ([\d +*]+)\?", prompt).group(1).split(" + ")
+    return sum(math.prod(int(f) for f in term.split(" * ")) for term in terms)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("exp_best_of_n")
     assert exp.main(["--quick", "--out", str(out)]) == 0
-    level_columns, levels = read_csv(out / "pass_at_k.csv")
-    problem_columns, problems = read_csv(out / "problems.csv")
-    samples = defaultdict(list)  # (setting, problem id) -> samples
-    for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines():
-        sample = json.loads(line)
-        samples[sample["setting"], sample["problem"]].append(sample)
-    experiment = json.loads((out / "experiment.json").read_text(encoding="utf-8"))
-    return {"out": out, "level_columns": level_columns, "levels": levels, "problem_columns": problem_columns,
-            "problems": problems, "samples": samples, "experiment": experiment,
-            "differences": read_csv(out / "differences.csv")[1], "matching": read_csv(out / "matching.csv")[1]}
+    return out
 
 
-def binomial_pass_at_k(n: int, c: int, k: int) -> Fraction:
-    return 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+def test_quick_run_counts_tables_and_screen(quick_run, world):
+    from data.world.arithmetic import expression, model_sft_operands
+    from data.world.build import ARITHMETIC_SFT_PER_LEVEL
 
-
-def counts_from_samples(quick_run) -> dict:
-    """(setting, level) -> [(problem id, n, c)] sorted by problem, from samples.jsonl and the world alone."""
-    world = {p.id: p for p in load_world().arithmetic}
-    counts = defaultdict(list)
-    for (setting, problem), samples in sorted(quick_run["samples"].items()):
-        correct = sum(check_answer(world[problem], s["text"]) for s in samples)
-        counts[setting, world[problem].level].append((problem, len(samples), correct))
-    return counts
-
-
-def values(counts, ks) -> np.ndarray:
-    """[K, P] per-problem pass@k, exact rationals rounded once."""
-    return np.array([[float(binomial_pass_at_k(n, c, k)) for _, n, c in counts] for k in ks])
-
-
-def test_outputs_and_table_structure(quick_run):
-    assert quick_run["level_columns"] == LEVEL_COLUMNS and quick_run["problem_columns"] == PROBLEM_COLUMNS
-    settings = list(dict.fromkeys(r["setting"] for r in quick_run["levels"]))
-    assert settings == ["reference T=1", "dpo T=1", "dpo T=1.2", "spl a/b=1.2"]
-    for setting in settings:
-        rows = [r for r in quick_run["levels"] if r["setting"] == setting]
-        assert [int(r["level"]) for r in rows] == list(exp.QUICK["levels"]) == [1, 2, 3]
-        assert all(int(r["problems"]) == exp.QUICK["problems"] for r in rows)
-    world = {p.id: p for p in load_world().arithmetic}
-    for row in quick_run["problems"]:
-        problem = world[row["problem"]]
-        assert problem.split == "test" and problem.level == int(row["level"])  # held out from SFT and preferences
-        assert int(row["n"]) == N == len(quick_run["samples"][row["setting"], row["problem"]])
-    experiment = quick_run["experiment"]
-    assert experiment["ks"] == KS and set(experiment["runs"]) == {"dpo", "spl-1.2"}
-    assert experiment["levels"] == [1, 2, 3] and experiment["problems_per_level"] == exp.QUICK["problems"]
-    assert experiment["model"].endswith("arithmetic_model") and experiment["pairs"] == "model"
-
-
-def test_problem_counts_recomputed_from_samples(quick_run):
-    world = {p.id: p for p in load_world().arithmetic}
-    for row in quick_run["problems"]:
-        samples = quick_run["samples"][row["setting"], row["problem"]]
-        answers = []
-        for s in samples:
-            found = ANSWER.findall(s["text"])
-            answers.append(int(found[-1].replace(",", "")) if found else None)
-        assert [s["answer"] for s in samples] == answers
-        assert int(row["correct"]) == sum(check_answer(world[row["problem"]], s["text"]) for s in samples)
-        assert int(row["correct"]) == sum(a == world[row["problem"]].answer for a in answers)
-        assert float(row["unique_fraction"]) == pytest.approx(len(set(answers)) / len(answers), abs=1e-12)
-        assert float(row["answered"]) == pytest.approx(sum(a is not None for a in answers) / len(answers), abs=1e-12)
-
-
-def test_table_recomputed_from_the_per_sample_rows(quick_run):
-    """pass@k and its interval per (setting, level) from samples.jsonl alone: the exact binomial estimator per
-    problem, averaged; the bootstrap of those values with the experiment's seed (+ level) and settings."""
-    counts = counts_from_samples(quick_run)
-    seed, interval = quick_run["experiment"]["seed"], quick_run["experiment"]["interval"]
-    for row in quick_run["levels"]:
-        at_level = counts[row["setting"], int(row["level"])]
-        per_problem = values(at_level, KS)  # (K, P)
-        low, high = bootstrap_interval(per_problem, interval["level"], interval["resamples"],
-                                       seed=seed + int(row["level"]))
-        saved = [float(row[f"pass@{k}"]) for k in KS]
-        for i, k in enumerate(KS):
-            expected = sum(binomial_pass_at_k(n, c, k) for _, n, c in at_level) / len(at_level)
-            assert saved[i] == pytest.approx(float(expected), abs=1e-12)
-            assert float(row[f"pass@{k}_low"]) == pytest.approx(low[i], abs=1e-12)
-            assert float(row[f"pass@{k}_high"]) == pytest.approx(high[i], abs=1e-12)
-            assert low[i] - 1e-12 <= per_problem[i].mean() <= high[i] + 1e-12
-        assert saved[0] == pytest.approx(sum(c / n for _, n, c in at_level) / len(at_level), abs=1e-12)
-        assert all(a <= b + 1e-12 for a, b in zip(saved, saved[1:]))  # more samples never hurt
-        assert saved[-1] == pytest.approx(sum(c > 0 for _, _, c in at_level) / len(at_level), abs=1e-12)  # k = n
-        assert 0 <= float(row["unique_fraction"]) <= 1 and 0 <= float(row["answered"]) <= 1
-
-
-def test_differences_and_samples_to_match_recomputed(quick_run):
-    """differences.csv: setting minus DPO T = 1 on the same problems, paired bootstrap; matching.csv: the first N
-    at which a setting's mean pass@N reaches DPO T = 1's pass@n0, found by scanning N = 1..n."""
-    counts = counts_from_samples(quick_run)
-    seed, interval = quick_run["experiment"]["seed"], quick_run["experiment"]["interval"]
-    assert {(r["setting"], r["baseline"]) for r in quick_run["differences"]} == \
-        {("dpo T=1.2", "dpo T=1"), ("spl a/b=1.2", "dpo T=1")}
-    for row in quick_run["differences"]:
-        level, k = int(row["level"]), int(row["k"])
-        theirs, base = counts[row["setting"], level], counts[row["baseline"], level]
-        assert [p for p, _, _ in theirs] == [p for p, _, _ in base]  # the same problems
-        difference = values(theirs, [k])[0] - values(base, [k])[0]
-        low, high = bootstrap_interval(difference, interval["level"], interval["resamples"], seed=seed + level)
-        assert float(row["difference"]) == pytest.approx(difference.mean(), abs=1e-12)
-        assert (float(row["low"]), float(row["high"])) == pytest.approx((low, high), abs=1e-12)
-    assert {int(r["k"]) for r in quick_run["differences"]} == set(SHOWN_KS)
-    for row in quick_run["matching"]:
-        level, n0 = int(row["level"]), int(row["baseline_samples"])
-        target = values(counts[row["baseline"], level], [n0])[0].mean()
-        curve = [values(counts[row["setting"], level], [k])[0].mean() for k in range(1, N + 1)]
-        needed = next((k for k in range(1, N + 1) if curve[k - 1] >= target - 1e-12), "")
-        assert float(row["baseline_pass"]) == pytest.approx(target, abs=1e-12)
-        assert row["samples_needed"] == str(needed)
-
-
-def test_samples_to_match_by_hand():
-    """curve = best-of-1..4 accuracy: 0.1, 0.3, 0.3, 0.5; 0.3 is first reached at N = 2, 0.5 at 4, 0.6 never."""
-    curve = [0.1, 0.3, 0.3, 0.5]
-    assert [exp.samples_to_match(curve, t) for t in (0.0, 0.1, 0.3, 0.31, 0.5, 0.6)] == [1, 1, 2, 4, 4, None]
-
-
-def test_ks_and_held_out_problems():
-    assert exp.ks_up_to(128) == [1, 2, 4, 8, 16, 32, 64, 128]
-    assert exp.ks_up_to(100) == [1, 2, 4, 8, 16, 32, 64] and exp.ks_up_to(1) == [1]
-    with pytest.raises(ValueError, match="ks_up_to"):
-        exp.ks_up_to(0)
-    world = load_world()
-    problems = exp.held_out_problems(world, (5, 1, 2), 3)
-    assert [p.level for p in problems] == [1, 1, 1, 2, 2, 2, 5, 5, 5]
-    assert all(p.split == "test" for p in problems) and len({p.id for p in problems}) == 9
+    _, problems = read_csv(quick_run / "problems.csv")
+    samples = [json.loads(line) for line in (quick_run / "samples.jsonl").read_text().splitlines()]
+    for row in problems:
+        texts = [s["text"] for s in samples if (s["setting"], str(s["seed"]), s["problem"])
+                 == (row["setting"], row["seed"], row["problem"])]
+        right = sum(int(m[-1].replace(",", "")) == answer_of(row["prompt"]) if (m := ANSWER.findall(t)) else False
+                    for t in texts)
+        assert (int(row["n"]), int(row["correct"])) == (len(texts), right)
+    _, table = read_csv(quick_run / "pass_at_k.csv")
+    for row in table:
+        at = [r for r in problems if r["setting"] == row["setting"] and r["level"] == row["level"]]
+        value = sum(Fraction(1) - Fraction(math.comb(int(r["n"]) - int(r["correct"]), 4), math.comb(int(r["n"]), 4))
+                    for r in at) / len(at)
+        assert float(row["pass@4"]) == pytest.approx(float(value), abs=1e-12)
+    assert {r["setting"] for r in table} == {"reference T=1", "dpo T=1", "dpo T=1.2", "spl a/b=2"}
+    assert {r["seeds"] for r in table if r["setting"] != "reference T=1"} == {"2"}
+    _, screen = read_csv(quick_run / "screen.csv")
+    low, high = exp.SCREEN
+    assert all(low <= float(r["success"]) <= high for r in screen if r["level_name"] == "hard" and r["kept"] == "True")
+    taken = {(p.level, tuple(p.operands)) for p in world.arithmetic}
+    taken |= set(model_sft_operands(world.arithmetic, random.Random(f"{world.seed}:arithmetic-model-sft"),
+                                    ARITHMETIC_SFT_PER_LEVEL))
+    taken_prompts = {f"What is {expression(level, operands)}?" for level, operands in taken}
+    assert not {r["prompt"] for r in problems} & taken_prompts
+    _, gate = read_csv(quick_run / "gate.csv")
+    assert {(r["policy"], r["seed"]) for r in gate} == {(p, s) for p in ("dpo", "spl-2") for s in ("0", "1")}
+    assert all((float(r["tv"]) <= sm.GATE_TV) == (r["gate_met"] == "True") for r in gate)
+    experiment = json.loads((quick_run / "experiment.json").read_text())
+    assert "--anchor" in experiment["recipe"] and "--model" in experiment["recipe"]
 
 
 def test_bad_arguments_fail_at_start(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        exp.main(["--ratios", "0.5", "--out", str(tmp_path)])
-    assert "alpha/beta > 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        exp.main(["--problems", "33", "--out", str(tmp_path)])
-    assert "--problems" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        exp.main(["--levels", "1,6", "--out", str(tmp_path)])
-    assert "--levels" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        exp.main(["--anchor", "-1", "--out", str(tmp_path)])
-    assert "--anchor must be >= 0" in capsys.readouterr().err
+    for argv, message in ((["--ratios", "1"], "alpha/beta > 1"), (["--temperatures", "1.2"], "hold 1"),
+                          (["--problems", "1,2"], "three counts"), (["--beta", "0.2"], "beta = 0.1")):
+        with pytest.raises(SystemExit) as stopped:
+            exp.main([*argv, "--out", str(tmp_path)])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err

@@ -216,16 +216,27 @@ def arithmetic_model_sft(problems, rng: random.Random, per_level: dict) -> list[
     per_level[level] fresh problems per level, operands drawn as for the world (with repeats) but never those of
     a held-out problem of `problems`; each solved by a strategy drawn from the reference weights, as in
     `arithmetic_sft`. The records are shuffled, so every batch mixes the levels."""
-    held_out = {(p.level, tuple(p.operands)) for p in problems if p.split == "test"}
-    drawn = []
-    for level in LEVELS:
-        while len([p for p in drawn if p.level == level]) < per_level.get(level, 0):
-            operands = draw_operands(level, rng)
-            if (level, operands) not in held_out:
-                drawn.append(make_problem(level, operands, "sft", len(drawn)))
+    drawn = [make_problem(level, operands, "sft", index)
+             for index, (level, operands) in enumerate(model_sft_operands(problems, rng, per_level))]
     records = arithmetic_sft(drawn, rng)
     rng.shuffle(records)
     return records
+
+
+def model_sft_operands(problems, rng: random.Random, per_level: dict) -> list[tuple[int, tuple[int, ...]]]:
+    """(level, operands) of the arithmetic model's SFT problems, in order: the draws of `arithmetic_model_sft`
+    (which takes nothing else from rng before its strategies), so the best-of-N experiment can keep its fresh
+    problems clear of everything the model was trained on without building 23,000 solutions."""
+    held_out = {(p.level, tuple(p.operands)) for p in problems if p.split == "test"}
+    drawn = []
+    for level in LEVELS:
+        count = 0
+        while count < per_level.get(level, 0):
+            operands = draw_operands(level, rng)
+            if (level, operands) not in held_out:
+                drawn.append((level, operands))
+                count += 1
+    return drawn
 
 
 def sampled_arithmetic_groups(problems, samples: dict, incorrect_weight: float = SLIP_WEIGHT[1]) -> list:
