@@ -59,7 +59,8 @@ def summed_loss(logps, rho, arrays, alpha, beta):
     return spl_loss(logps[chosen], logps[rejected], rho[chosen], rho[rejected], alpha, beta, label)[0].sum()
 
 
-@pytest.mark.parametrize("structure,labels", [("polarised", "soft"), ("single-peaked", "soft"), ("polarised", "sampled")])
+@pytest.mark.parametrize("structure,labels", [("polarised", "soft"), ("single-peaked", "soft"),
+                                              ("polarised", "sampled")])
 def test_minimiser_on_ranking_populations_is_stationary_minimal_and_the_mm_fit(structure, labels):
     questions = [WORLD.opinions[0], WORLD.opinions[15]]  # four and five options
     records = ranking_records(questions, structure, labels, 20, random.Random(1))

@@ -48,8 +48,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from eval.experiments.common import (alpha_for, check_arguments, experiment_parser, option, parse_list, pyplot, run_name,
-                                     save_figure, source_commit, write_csv, write_json, write_jsonl)
+from eval.experiments.common import (alpha_for, check_arguments, experiment_parser, git_commit, option, parse_list,
+                                     pyplot, run_name, save_figure, write_csv, write_json, write_jsonl)
 # torch, and the library modules that load it, are imported inside the functions that use them.
 
 RATIOS = (1.0, 2.0, 10.0)  # alpha / beta: DPO, global temperature 2, alpha = 1
@@ -286,7 +286,8 @@ def format_table(table) -> str:
             lines += ([""] if lines else []) + [
                 f"{split} items ({r['items']}); expected over labels from p, [95% bootstrap over items], seed mean:",
                 f"{'policy':<12} {'E[ECE]':>6} {'[interval]':>15} {'vs base':>17}  {'E[Brier]':>8} {'vs base':>17}  "
-                f"{'E[acc]':>6}  {'conf':>5} {'shift':>6}  {'gamma':>6} {'R^2':>5} {'closed':>6}  {'moved':>5} {'common':>6} "
+                f"{'E[acc]':>6}  {'conf':>5} {'shift':>6}  {'gamma':>6} {'R^2':>5} {'closed':>6}  {'moved':>5} "
+                f"{'common':>6} "
                 f"{'TV cf':>6}"]
         gamma_cf = f"{r['sharpening_closed_form']:.2f}" if r["sharpening_closed_form"] != "" else ""
         tv = f"{r['tv_closed_form']:.3f}" if r["tv_closed_form"] != "" else ""
@@ -327,7 +328,8 @@ def plot(path: Path, table) -> bool:
 
 def main(argv=None) -> int:
     p = experiment_parser(__doc__, "runs/exp_calibration", "16 items, one seed, DPO and alpha = 1, a few steps",
-                          "comma-separated alpha/beta values, 1 = DPO (default %s)" % ",".join(f"{r:g}" for r in RATIOS),
+                          "comma-separated alpha/beta values, 1 = DPO (default %s)"
+                          % ",".join(f"{r:g}" for r in RATIOS),
                           BETA, STEPS, None, "training steps per policy")
     p.add_argument("--items", help="world (default): the world's 48 items and reference; N: N new items (2..128) and "
                    "a base fine-tuned on them")
@@ -340,7 +342,8 @@ def main(argv=None) -> int:
     quick = QUICK if args.quick else {}
     ratios = parse_list(p, "--ratios", args.ratios, quick.get("ratios", RATIOS))
     seeds = parse_list(p, "--seeds", args.seeds, quick.get("seeds", SEEDS), int)
-    steps, base_steps = option(args.steps, quick, "steps", STEPS), option(args.base_steps, quick, "base_steps", BASE_STEPS)
+    steps = option(args.steps, quick, "steps", STEPS)
+    base_steps = option(args.base_steps, quick, "base_steps", BASE_STEPS)
     source = option(args.items, quick, "items", "world")
     n_items = 48 if source == "world" else int(source) if source.isdigit() else -1
     held_out = option(args.held_out, quick, "held_out", n_items // 2)
@@ -361,7 +364,7 @@ def main(argv=None) -> int:
     choose_threads(args.threads, checkpoint_parameters(MODEL_DIR), "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    commit = source_commit()
+    commit = git_commit()
     base_line = ("the world's reference model" if source == "world" else
                  recipe_line(["--data", "SFT", "--loss", "sft", "--steps", base_steps, *base_options()]))
     policy_line = recipe_line(["--data", "PAIRS", "--loss", "spl", "--alpha", "ALPHA", "--beta", args.beta, "--steps",

@@ -123,7 +123,7 @@ def save_figure(plt, figure, path: Path, dpi: int = 110) -> Path:
     return path
 
 
-def source_commit() -> str:
+def git_commit() -> str:
     """The git commit the code runs on, with "+dirty" when tracked files differ from it ("unknown" outside a git
     checkout): written beside an experiment's results so that every figure names the code that made it."""
     import subprocess

@@ -49,15 +49,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from eval.experiments.common import (alpha_for, check_arguments, option, parse_list, pyplot, save_figure, write_csv,
-                                     write_json, write_jsonl)
+from eval.experiments.common import (alpha_for, check_arguments, git_commit, option, parse_list, pyplot, save_figure,
+                                     write_csv, write_json, write_jsonl)
 from eval.experiments.fronts import T_975, dominated, mark_fronts, mean, summarise
 from eval.experiments.stories import closed_form_groups, closed_form_report, group_logprobs, story_metrics
 # torch, and the library modules that load it, are imported inside the functions that use them: --help and usage
@@ -238,18 +237,6 @@ def prompt_records(out: Path, source: Path, prompts) -> Path:
     path = out / f"{source.stem}_{len(prompts)}prompts.jsonl"
     path.write_text("".join(lines), encoding="utf-8")
     return path
-
-
-def git_commit() -> str:
-    """The repository's HEAD commit, "+dirty" when tracked files differ from it ("unknown" outside git)."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def cell(row, key: str, digits: int = 3) -> str:

@@ -1,7 +1,7 @@
 """Experiment 1, representation (Props. 3.1, 3.2, Cor. 3.1): where the theory holds, where it breaks, and by how much.
 
-    python -m eval.experiments.representation          # six data sets, the exact minimiser at five alpha/beta, three trained at two
-    python -m eval.experiments.representation --quick  # the polarised population, DPO and alpha = 1, a few steps (the test's run)
+    python -m eval.experiments.representation          # six data sets' exact minimisers; three trained, two ratios
+    python -m eval.experiments.representation --quick  # the polarised population, DPO and alpha = 1, a few steps
 
 The propositions predict, for raters whose preferences are Bradley-Terry / Plackett-Luce in their top-choice shares
 p_best, the optimum over a prompt's options (Prop. A.1; 3.1 is alpha = beta, 3.2 alpha > beta, Cor. 3.1 alpha = 1)
@@ -47,8 +47,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from eval.experiments.common import (alpha_for, check_arguments, experiment_parser, option, parse_list, pyplot, run_name,
-                                     save_figure, source_commit, write_csv, write_json)
+from eval.experiments.common import (alpha_for, check_arguments, experiment_parser, git_commit, option, parse_list,
+                                     pyplot, run_name, save_figure, write_csv, write_json)
 # torch, and the library modules that load it, are imported inside the functions that use them: --help and usage
 # errors then answer before torch's seconds of start-up.
 
@@ -282,7 +282,6 @@ def run_experiment(out: Path, datasets, trained, ratios, exact_ratios, beta: flo
     from data.world import load_world
     from data.world.report import option_logprobs
     from eval.experiments.policies import load_policy, train_policy
-    from models.lora import disable_lora
 
     world = load_world()
     questions = list(world.opinions)
@@ -328,7 +327,7 @@ def distribution_rows(rows, learned, alpha: float, beta: float) -> list[dict]:
 
 
 def format_tables(exact_table, trained_table) -> str:
-    lines = ["exact minimiser of the loss vs the prediction pi_ref^(beta/alpha) p_best^(1/alpha) (means over questions):",
+    lines = ["exact minimiser of the loss vs the prediction pi_ref^(beta/alpha) p_best^(1/alpha) (question means):",
              f"{'data set':<22} {'a/b':>4}  {'TV(exact, pred)':>16}  {'TV from p_best':>15}  {'p(majority fav.)':>16}"
              f"  {'minority top':>12}  {'BT':>6}  {'no min':>6}",
              f"{'':<22} {'':>4}  {'mean':>7} {'max':>8}  {'exact':>7} {'pred':>7}  {'pred':>7} {'exact':>8}"
@@ -409,11 +408,13 @@ def main(argv=None) -> int:
     steps = option(args.steps, quick, "steps", STEPS)
     check_arguments(p, [(all(r >= 1 for r in ratios + exact_ratios),
                          f"--ratios, --exact-ratios: alpha/beta must be >= 1 (1 is DPO), got {ratios + exact_ratios}"),
-                        (args.beta > 0 and (args.lr is None or args.lr > 0), f"--beta and --lr must be > 0, got {args.beta}, {args.lr}"),
+                        (args.beta > 0 and (args.lr is None or args.lr > 0),
+                         f"--beta and --lr must be > 0, got {args.beta}, {args.lr}"),
                         (steps > 0, f"--steps must be > 0, got {steps}"),
                         (all(d in DATASETS for d in datasets + trained),
                          f"--datasets, --trained: each must be one of {', '.join(DATASETS)}"),
-                        (all(d in datasets for d in trained), "--trained: every trained data set must be in --datasets")])
+                        (all(d in datasets for d in trained),
+                         "--trained: every trained data set must be in --datasets")])
 
     from data.world import MODEL_DIR
     from eval.experiments.policies import recipe_line
@@ -422,7 +423,7 @@ def main(argv=None) -> int:
     choose_threads(args.threads, checkpoint_parameters(MODEL_DIR), "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    commit = source_commit()
+    commit = git_commit()
     line = recipe_line(["--data", "FILE", "--loss", "spl", "--alpha", "ALPHA", "--beta", args.beta, "--steps", steps,
                         *train_options(args.lr)])
     print(f"experiment 1, representation: commit {commit}\nrecipe: {line}\nexact minimiser at alpha/beta "
@@ -434,9 +435,9 @@ def main(argv=None) -> int:
     written = [write_csv(out / "exact.csv", exact_table), write_csv(out / "distributions.csv", distributions)]
     if trained_table:
         written.append(write_csv(out / "trained.csv", trained_table))
-    written.append(write_json(out / "run.json", {"commit": commit, "recipe": line, "reference_option_mass": reference_mass,
-                                                 "command": "python -m eval.experiments.representation "
-                                                 + " ".join(argv if argv is not None else sys.argv[1:])}))
+    command = "python -m eval.experiments.representation " + " ".join(argv if argv is not None else sys.argv[1:])
+    written.append(write_json(out / "run.json", {"commit": commit, "recipe": line, "command": command,
+                                                 "reference_option_mass": reference_mass}))
     if plot(out / "representation.png", exact_table, distributions):
         written.append(out / "representation.png")
     print("\nwrote " + ", ".join(map(str, written)))
