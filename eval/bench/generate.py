@@ -3,6 +3,7 @@
     python eval/bench/generate.py                      # N = 16 samples x 128 new tokens, the world model's shape
     python eval/bench/generate.py --threads 1 --repeats 5   # one thread only
     python eval/bench/generate.py --busy 1               # the same while another CPU-bound job runs
+    python eval/bench/generate.py --model smollm2 --threads 1   # the real SmolLM2-135M-Instruct, a chat prompt
 
 Both methods run at torch's default thread count and at one thread (--threads N: only at N). With --busy K,
 K competing processes (each a one-thread matmul loop, like another job on the machine) run during every timed
@@ -15,6 +16,11 @@ same files. Both sample N completions of one prompt at temperature 1 with no fil
 eos_id=None; HF: min_new_tokens = max_new_tokens, so EOS cannot end a row early), so both produce exactly
 N x max_new_tokens tokens. Each method runs once to warm up, then `--repeats` times; the table gives the median
 wall time, tokens/s (N x max_new_tokens / time) and the speed ratio against HF. CPU, float32.
+
+With --model (a directory, a .gguf file or smollm2, as sample.py takes it: models/gguf.py resolve_model), both
+load that checkpoint instead (HF through AutoModelForCausalLM on the same directory), and the prompt is a user turn
+in the checkpoint's chat format ("Write a short story about a lighthouse keeper.", encoded by our tokenizer, as
+sample.py encodes it); the same no-EOS rule holds, so both still produce exactly N x max_new_tokens tokens.
 
 What differs between the two: ours prefills the prompt once and repeats its KV cache N times, and decodes into a
 preallocated cache; HF expands the prompt to N rows (num_return_sequences) and grows a DynamicCache.
@@ -52,6 +58,23 @@ def build_checkpoint(directory: Path, seed: int = 0):
     model = transformers.MistralForCausalLM(config).float().eval()
     model.save_pretrained(directory)
     return model
+
+
+def load_real(name, dtype, device):
+    """(HF model, our model, prompt ids) for a real checkpoint: the directory resolve_model gives sample.py, read
+    by both; the prompt a user turn in its chat format."""
+    import transformers
+
+    from models import load_pretrained
+    from models.gguf import resolve_model
+    from models.tokenizer import load_tokenizer
+
+    directory = resolve_model(name)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+    ours = load_pretrained(directory, dtype=dtype, device=device).eval()
+    tokenizer, _ = load_tokenizer(directory)
+    prompt = tokenizer.encode_prompt([{"role": "user", "content": "Write a short story about a lighthouse keeper."}])
+    return hf_model, ours, prompt
 
 
 def time_runs(function, repeats: int) -> list[float]:
@@ -92,6 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--busy", type=int, default=0, help="competing one-thread CPU jobs during the timed runs")
     p.add_argument("--device", default="cpu", help="cpu or cuda (both models there; times CUDA-synchronised)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both models' weights")
+    p.add_argument("--model", help="a real checkpoint (directory, .gguf file or smollm2) instead of the random one")
     p.add_argument("--json", action="store_true", help="also print one JSON line of the medians")
     args = p.parse_args(argv)
 
@@ -103,12 +127,14 @@ def main(argv=None) -> int:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     thread_counts = [args.threads] if args.threads else sorted({torch.get_num_threads(), 1}, reverse=True)
     n, new = args.num_samples, args.max_new_tokens
-    prompt = torch.randint(3, WORLD_SHAPE["vocab_size"], (args.prompt_length,),
-                           generator=torch.Generator().manual_seed(0)).tolist()
-
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_model = build_checkpoint(Path(tmp) / "model").to(device, dtype)
-        ours = load_pretrained(Path(tmp) / "model", dtype=dtype, device=device).eval()
+    if args.model:
+        hf_model, ours, prompt = load_real(args.model, dtype, device)
+    else:
+        prompt = torch.randint(3, WORLD_SHAPE["vocab_size"], (args.prompt_length,),
+                               generator=torch.Generator().manual_seed(0)).tolist()
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_model = build_checkpoint(Path(tmp) / "model").to(device, dtype)
+            ours = load_pretrained(Path(tmp) / "model", dtype=dtype, device=device).eval()
 
     def synchronised(function):  # CUDA runs asynchronously: a timed call ends when the device is done
         def run():
@@ -141,7 +167,8 @@ def main(argv=None) -> int:
             results[threads, "HF transformers generate"] = time_runs(synchronised(run_hf), args.repeats)
 
     tokens = n * new
-    print(f"N = {n} samples x {new} new tokens, prompt {len(prompt)} tokens, torch {torch.__version__}, "
+    print(f"{args.model or 'random world-shape Mistral'}: "
+          f"N = {n} samples x {new} new tokens, prompt {len(prompt)} tokens, torch {torch.__version__}, "
           f"{device} {args.dtype}, "
           f"median of {args.repeats}; {args.busy} competing CPU job(s) running")
     print(f"{'threads':>7} {'method':<26} {'seconds':>9} {'tokens/s':>10} {'speed vs HF':>12}")

@@ -234,6 +234,41 @@ def device_name(device) -> str:
     return f"CPU, {torch.get_num_threads()} threads"
 
 
+# Where a step's time goes: torch.profiler's self CPU time per operator, put into the groups below (matched on the
+# operator's name; the first group that matches wins). "matmul" is the GEMMs (the model FLOPs); everything else is
+# the rest of the step the issue asks about.
+PROFILE_GROUPS = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::matmul")),
+    ("attention", ("scaled_dot_product", "_flash_attention", "_efficient_attention")),
+    ("casts and copies", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous",
+                          "aten::cat", "aten::index_select", "aten::index_copy", "aten::gather", "aten::scatter")),
+    ("optimizer", ("Optimizer.step", "aten::_foreach", "aten::addcdiv", "aten::addcmul", "aten::lerp",
+                   "aten::sqrt", "aten::norm", "aten::linalg_vector_norm", "aten::_fused_adam")),
+    ("allocation", ("aten::empty", "aten::zeros", "aten::zero_", "aten::fill_", "aten::new_", "aten::resize_")),
+    ("elementwise", ("aten::",)),
+)
+
+
+def profile_step(step, rows: int = 25) -> dict:
+    """One step under torch.profiler (after the timed steps): the top `rows` operators by self CPU time, printed,
+    and {group: share of the step's self CPU time} by PROFILE_GROUPS."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    groups = dict.fromkeys([name for name, _ in PROFILE_GROUPS] + ["other"], 0.0)
+    for event in events:
+        group = next((name for name, keys in PROFILE_GROUPS if any(event.key.startswith(k) or k in event.key
+                                                                     for k in keys)), "other")
+        groups[group] += event.self_cpu_time_total
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
+    shares = {name: seconds / total for name, seconds in groups.items()}
+    print("  self CPU time by group: " + ", ".join(f"{name} {100 * share:.1f}%" for name, share in shares.items()))
+    return shares
+
+
 def run_side(args, shape: Shape) -> dict:
     """One side in this process -> its JSON record."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -250,6 +285,8 @@ def run_side(args, shape: Shape) -> dict:
     if args.matmul_size:
         rate = matmul_rate(device, dtype, args.matmul_size)
         record |= {"matmul_tflops_per_s": rate / 1e12, "mfu": record["achieved_tflops_per_s"] * 1e12 / rate}
+    if args.profile:
+        record["profile"] = profile_step(step, args.profile)
     return record
 
 
@@ -314,6 +351,8 @@ def main(argv=None):
                         help="--compare-hf: keep glibc's default heap (see the docstring) instead of a fixed "
                              "mmap threshold")
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="after timing, profile one more step: its top ROWS operators and time by group")
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="n of the n x n x n matmul that measures the peak rate (default 8192 on CUDA, 2048 on "
                              "CPU; 0: skip MFU)")
