@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.bf16 import attention
+
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
 
 
@@ -229,10 +231,11 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cos, sin)  # (B, nh, T, hd), (B, nkv, T, hd), (B, nkv, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_index, start_pos, k, v)  # (B, nkv, start_pos + T, hd)
+        # models/bf16.py: SDPA itself, or in float32 for bf16 on a CPU without bf16 units (4x faster there)
         if mask is None:  # full causal attention over a fresh sequence: let SDPA pick its fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            y = attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hd)
+            y = attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
