@@ -4,6 +4,7 @@
     python eval/bench/against_trl.py                             # D = 512, 4 layers, V = 32000; 64 pairs, 8 DPO steps of 8
     python eval/bench/against_trl.py --repeats 3                 # alternating repeats, medians
     python eval/bench/against_trl.py --side spl --workdir DIR    # one side in this process (what the parent runs)
+    python eval/bench/against_trl.py --model smollm2 --pairs 4 --steps 2 --batch-size 2 --repeats 2   # the real model
 
 One invocation writes a random Mistral (std 0.02, GQA 8/2 heads, FFN 1792) in HF format with Mistral's real v1
 tokenizer (`tokenizer.model.v1` from the mistral_common wheel), and 64 preference pairs of English-like text whose
@@ -30,9 +31,17 @@ process's threads) is printed too: on a machine shared with other jobs, a proces
 its wall time, differently in every run, while its CPU time barely moves, so the CPU-time ratio is the steadier
 estimate of what the wall-time ratio is on an idle machine.
 
+--model runs both sides on a real checkpoint instead (what train.py's --model takes: a directory, a .gguf file, or
+`smollm2`, SmolLM2-135M-Instruct converted from its GGUF file by models/gguf.py): spl reads it with its own
+tokenizer and chat format (models/), TRL with transformers' AutoModelForCausalLM and AutoTokenizer on the same
+directory, the prompt rendered by the checkpoint's chat template (apply_chat_template, its default system prompt
+included) and the response followed by the tokenizer's EOS, <|im_end|> for SmolLM2 (TRL's conversational path would
+also train on the "\n" the template writes after it, a token spl's pairs do not have).
+
 At step 0 the LoRA B matrices are zero on both sides, so the two compute the same function of the same tokens:
-the first step's figures must agree whenever the tokens agree, which is checked pair by pair (TRL tokenises prompt + response as one string, spl each segment
-on its own; with ASCII text and sentencepiece's whitespace split they coincide).
+the first step's figures must agree whenever the tokens agree, which is checked pair by pair (TRL tokenises
+prompt + response as one string, spl each segment on its own; with ASCII text they coincide), and the loss and both
+mean log-probs are compared: the largest relative difference is printed against 1e-5.
 """
 import argparse
 import json
@@ -215,6 +224,17 @@ def StepTimes():
     return _StepTimes()
 
 
+def render_chat_rows(rows: list[dict], tokenizer) -> list[dict]:
+    """TRL's text rows for a real checkpoint, from {"chat": user turn, "chosen", "rejected"}: the prompt is the
+    checkpoint's chat template's generation prompt (HF's apply_chat_template, `tokenizer` an HF tokenizer) and each
+    response its plain text; TRL appends the tokenizer's EOS to it, which for a ChatML model such as SmolLM2-Instruct
+    is <|im_end|>, the end of the assistant's turn (TRL's conversational path would also keep the template's "\n"
+    after <|im_end|>, a token spl's pairs do not train on)."""
+    return [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": row["chat"]}],
+                                                     add_generation_prompt=True, tokenize=False),
+             "chosen": row["chosen"], "rejected": row["rejected"]} for row in rows]
+
+
 def run_trl(workdir: Path, args, precompute: bool) -> dict:
     import torch
     torch.set_num_threads(1)
@@ -227,14 +247,8 @@ def run_trl(workdir: Path, args, precompute: bool) -> dict:
     start = time.perf_counter()
     rows = [json.loads(line) for line in (workdir / "trl_pairs.jsonl").read_text().splitlines()]
     if args.model:
-        # The checkpoint's own tokenizer and chat template. The prompt is the template's generation prompt as text
-        # and each response its plain text: TRL appends the tokenizer's EOS to it, which for a ChatML model such as
-        # SmolLM2-Instruct is <|im_end|>, the end of the assistant's turn (TRL's conversational path would also
-        # keep the template's "\n" after <|im_end|>, a token spl's pairs do not train on).
         tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "model")
-        rows = [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": row["chat"]}],
-                                                         add_generation_prompt=True, tokenize=False),
-                 "chosen": row["chosen"], "rejected": row["rejected"]} for row in rows]
+        rows = render_chat_rows(rows, tokenizer)
     else:
         tokenizer = transformers.LlamaTokenizer.from_pretrained(workdir / "model", add_bos_token=True,
                                                                 add_eos_token=False)
