@@ -225,6 +225,7 @@ def matmul_rates(device, dtype, n: int, iters: int = 10) -> dict:
     a = torch.randn(n, n, generator=generator).to(device, dtype)
     b = torch.randn(n, n, generator=generator).to(device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time  # see run_side on CPU time
     rates = {}
     for name, product in LAYOUTS.items():
         for _ in range(2):
@@ -232,10 +233,10 @@ def matmul_rates(device, dtype, n: int, iters: int = 10) -> dict:
         sync()
         times = []
         for _ in range(iters):
-            start = time.perf_counter()
+            start = clock()
             product(a, b)
             sync()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
         rates[name] = 2 * n ** 3 / statistics.median(times)
     return rates
 
@@ -287,13 +288,25 @@ def run_side(args, shape: Shape) -> dict:
     make = ours_step if args.side == "ours" else hf_step
     compile = {"auto": None, "on": True, "off": False}[args.compile]
     step = make(shape, dtype, device, args.checkpoint, args.grad_checkpointing, compile)
-    result = measure(step, device, args.iters)
+    cpu_times = []
+
+    def timed_step():  # the step's CPU time beside measure's wall time
+        start = time.process_time()
+        out = step()
+        cpu_times.append(time.process_time() - start)
+        return out
+    result = measure(timed_step, device, args.iters)
+    # On CPU the rates are per CPU second: a one-thread process on a machine shared with other jobs waits for a core
+    # for part of its wall time, differently in every run, while its CPU time (and so the ratio of the step to the
+    # matmul rate, both measured that way) barely moves. On CUDA, wall time (synchronised).
+    result["cpu_time_ms"] = 1000 * statistics.median(cpu_times[1:])  # the timed steps, not the warm-up
+    seconds = result["time_ms" if device.type == "cuda" else "cpu_time_ms"] / 1000
     tokens = 2 * shape.pairs * shape.seq
     flops = step_flops(shape)["total"]
     record = {"side": args.side, "device": device_name(device), "dtype": args.dtype, **asdict(shape),
               "grad_checkpointing": args.grad_checkpointing, "tokens": tokens, **result,
-              "tokens_per_s": tokens / (result["time_ms"] / 1000), "model_tflops": flops / 1e12,
-              "achieved_tflops_per_s": flops / (result["time_ms"] / 1000) / 1e12}
+              "tokens_per_s": tokens / seconds, "model_tflops": flops / 1e12,
+              "achieved_tflops_per_s": flops / seconds / 1e12}
     if args.matmul_size:
         rates = matmul_rates(device, dtype, args.matmul_size, iters=3 if device.type == "cpu" else 10)
         rate = max(rates.values())
@@ -308,7 +321,8 @@ def print_record(r: dict) -> None:
     print(f"{r['side']}: one LoRA SPL step, D={r['dim']} L={r['layers']} F={r['ffn']} H={r['heads']}/{r['kv_heads']} "
           f"V={r['vocab']} r={r['rank']}, {r['pairs']} pairs x {r['seq']} tokens, {r['dtype']}"
           f"{', grad checkpointing' if r['grad_checkpointing'] else ''}, on {r['device']}, torch {torch.__version__}")
-    print(f"  step {r['time_ms']:.1f} ms (median), {r['tokens_per_s']:.0f} tokens/s, peak memory "
+    print(f"  step {r['time_ms']:.1f} ms (median; CPU time {r['cpu_time_ms']:.1f} ms), {r['tokens_per_s']:.0f} "
+          f"tokens/s{' per CPU second' if r['device'].startswith('CPU') else ''}, peak memory "
           f"{r['peak_mb'] / 1024:.2f} GiB (extra over weights and state {r['peak_extra_mb'] / 1024:.2f} GiB)")
     if "mfu" in r:
         print(f"  {r['model_tflops']:.4g} TFLOP/step -> {r['achieved_tflops_per_s']:.4g} TFLOP/s; measured "
