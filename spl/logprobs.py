@@ -26,8 +26,8 @@ numerators exp(z - max z) (one exp per logit), is the only vocabulary-sized allo
 The pure per-chunk math after each GEMM is torch.compiled (two fused kernels, the token dimension dynamic,
 so varying lengths do not recompile); `compile=False` or the environment variable SPL_NO_COMPILE=1 gives the
 eager path, and it is used automatically, with one warning, where compilation is unavailable. bfloat16
-inputs: the projection runs in the input dtype (its GEMM accumulates in float32), everything after it in
-float32; outputs are float32.
+inputs: the projection runs in the input dtype (its GEMM accumulates in float32), or on a float32 copy of the weight
+on a CPU without bf16 matrix units (models/bf16.py), everything after it in float32; outputs are float32.
 """
 import os
 import warnings
