@@ -74,9 +74,9 @@ def sample_from_probs(probs, generator=None):
     """One draw per row of probs [B, V], by inverting its CDF with one uniform per row (`invert_cdf`).
 
     torch.multinomial draws one exponential variate per vocabulary entry (argmax p / q, q ~ Exp(1)): at one thread,
-    V = 49152 and 16 rows it took ~120 ms of a ~230 ms SmolLM2 decoding step, as long as the model's matrix
-    products (HF's `generate` pays the same). One uniform per row and a cumulative sum cost ~1 ms. The draws follow
-    the same distribution; for a given generator they are other draws than multinomial's."""
+    V = 49152 and 16 rows, SmolLM2's 16 x 128 tokens took 29.6 CPU-s with it and 24.7 with this (eval/bench/
+    generate.py, docs/speed.md; HF's `generate` pays the same). One uniform per row and a cumulative sum cost ~1 ms
+    a step. The draws follow the same distribution; for a given generator they are other draws than multinomial's."""
     uniforms = torch.rand(probs.shape[0], generator=generator, device=probs.device, dtype=torch.float64)  # (B,)
     return invert_cdf(probs, uniforms)
 

@@ -25,7 +25,7 @@ sample.py encodes it); the same no-EOS rule holds, so both still produce exactly
 What differs between the two: ours prefills the prompt once and repeats its KV cache N times, and decodes into a
 preallocated cache; HF expands the prompt to N rows (num_return_sequences) and grows a DynamicCache. Ours draws
 each token by inverting the CDF (one uniform per row), HF with torch.multinomial (one exponential per vocabulary
-entry: at V = 49152 as long as the decoding step's matrix products, at one thread).
+entry: at V = 49152 and one thread, 16% of our decoding time before we changed it, docs/speed.md).
 Timings on a shared machine vary with its load; compare ratios from the same run.
 """
 from __future__ import annotations
