@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.bf16 import frozen_linear
 from models.checkpoint import CheckpointError, raise_key_problems
 
 TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -81,7 +82,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         if self.disabled:
-            return F.linear(x, self.weight)  # (..., out), base dtype
+            return frozen_linear(x, self.weight)  # (..., out), base dtype
         if x.dtype == self.lora_A.weight.dtype:  # a float32 base: nothing to cast, autograd keeps x itself
             flat = x.reshape(-1, self.in_features)  # (N, in)
             u = self.lora_A(self.lora_dropout(flat))  # (N, r)
@@ -95,7 +96,7 @@ class LoRALinear(nn.Module):
             if self.training and self.dropout_p > 0:
                 keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.dropout_p)  # (..., in)
             update = _LoRABranch.apply(x, self.lora_A.weight, self.lora_B.weight, keep, 1 / (1 - self.dropout_p))
-            out = F.linear(x, self.weight)  # (..., out), base dtype
+            out = frozen_linear(x, self.weight)  # (..., out), base dtype (float32 GEMMs on a CPU without bf16 units)
             return out + (self.scaling * update).to(out.dtype)
 
     def merged_weight(self) -> torch.Tensor:

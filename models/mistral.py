@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.bf16 import attention
+
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
 
 
@@ -229,11 +231,43 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cos, sin)  # (B, nh, T, hd), (B, nkv, T, hd), (B, nkv, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_index, start_pos, k, v)  # (B, nkv, start_pos + T, hd)
+        # models/bf16.py: SDPA itself, or in float32 for bf16 on a CPU without bf16 units (4x faster there)
         if mask is None:  # full causal attention over a fresh sequence: let SDPA pick its fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            y = attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hd)
+            y = attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, keeping gate and up for the backward pass and recomputing silu(gate) there.
+
+    Written as `F.silu(gate) * up`, autograd keeps three [N, F] tensors per layer: gate (silu's backward), silu(gate)
+    and up (the product's); the product itself is kept by down_proj's LoRA branch. Here silu(gate) is recomputed,
+    one [N, F] fewer: at SmolLM2's shape 1536 of the ~11,500 floats a layer keeps per token. The backward pass calls
+    the kernels autograd calls (aten.silu_backward; the product rule), so gradients are bit-identical:
+
+        d/d up = grad * silu(gate)        d/d gate = silu_backward(grad * up, gate)
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def swiglu(gate, up):
+    """silu(gate) * up; with autograd, through _SwiGLU (the same values and gradients, less memory)."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLU.apply(gate, up)
+    return F.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -244,7 +278,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # SwiGLU: down(silu(gate x) * up x)
 
 
 class Block(nn.Module):

@@ -26,13 +26,15 @@ numerators exp(z - max z) (one exp per logit), is the only vocabulary-sized allo
 The pure per-chunk math after each GEMM is torch.compiled (two fused kernels, the token dimension dynamic,
 so varying lengths do not recompile); `compile=False` or the environment variable SPL_NO_COMPILE=1 gives the
 eager path, and it is used automatically, with one warning, where compilation is unavailable. bfloat16
-inputs: the projection runs in the input dtype (its GEMM accumulates in float32), everything after it in
-float32; outputs are float32.
+inputs: the projection runs in the input dtype (its GEMM accumulates in float32), or on a float32 copy of the weight
+on a CPU without bf16 matrix units (models/bf16.py), everything after it in float32; outputs are float32.
 """
 import os
 import warnings
 
 import torch
+
+from models.bf16 import upcast
 
 DEFAULT_CHUNK_SIZE = 256  # tokens per chunk: [256, 32000] float32 logits are 33 MB (eval/bench/logprobs.py)
 
@@ -63,11 +65,18 @@ def naive_sequence_logprobs(hidden, weight, targets, mask, *, average=False):
 
 def _chunk_logits(hidden, weight, out):
     """z = W h for one chunk: hidden [C, D], weight [V, D] -> out, a float32 [C, V] buffer reused across chunks
-    (a fresh 33 MB tensor per chunk would cost page faults and fragment the heap). GEMMs accumulate in float32."""
+    (a fresh 33 MB tensor per chunk would cost page faults and fragment the heap). GEMMs accumulate in float32.
+    A float32 weight with bf16 hidden states is `_gemm_weight`'s copy (a CPU without bf16 units): h is upcast."""
     out = out[: hidden.shape[0]]  # [C, V]: the last chunk may be shorter
-    if out.dtype == hidden.dtype:
-        return torch.mm(hidden, weight.T, out=out)  # [C, V]
+    if out.dtype == weight.dtype:
+        return torch.mm(hidden.to(weight.dtype), weight.T, out=out)  # [C, V]
     return out.copy_(hidden @ weight.T)  # [C, V]: a bfloat16 GEMM, its output upcast
+
+
+def _gemm_weight(weight):
+    """The head weight the forward GEMMs read: itself, or a float32 copy of a bf16 one on a CPU without bf16 units
+    (models/bf16.py: one conversion per call, V x D, then every chunk's product at float32's rate)."""
+    return weight.float() if upcast(weight) else weight
 
 
 def _softmax_numerators_(logits, targets):
@@ -139,6 +148,7 @@ def _forward_only(hidden, weight, positions, targets, chunk_size, compile):
     """log-probs [N] of the tokens at `positions` of hidden [M, D], no gradient: one GEMM per chunk."""
     token_logps = torch.empty(positions.shape[0], dtype=torch.float32, device=hidden.device)  # [N]
     logits_buffer = _logits_buffer(positions, weight, chunk_size)  # [C, V]
+    weight = _gemm_weight(weight)  # [V, D]
     for start in range(0, positions.shape[0], chunk_size):
         chunk = slice(start, start + chunk_size)
         logits = _chunk_logits(hidden.index_select(0, positions[chunk]), weight, logits_buffer)  # [C, V]
@@ -158,6 +168,7 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         lse = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)  # [N]
         token_grads = hidden.new_empty(num_tokens, hidden.shape[1]) if precompute else None  # [N, D] d logp/d h
         logits_buffer = _logits_buffer(positions, weight, chunk_size)  # [C, V]
+        saved_weight, weight = weight, _gemm_weight(weight)  # [V, D]: float32 GEMMs where bf16 is not native
         for start in range(0, num_tokens, chunk_size):
             chunk = slice(start, start + chunk_size)
             logits = _chunk_logits(hidden.index_select(0, positions[chunk]), weight, logits_buffer)  # [C, V]
@@ -171,7 +182,7 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         if precompute:
             ctx.save_for_backward(positions, token_grads)
         else:
-            ctx.save_for_backward(hidden, weight, positions, targets, lse)
+            ctx.save_for_backward(hidden, saved_weight, positions, targets, lse)
         return token_logps
 
     @staticmethod
@@ -188,10 +199,11 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if hidden_needs_grad else None  # [M, D]
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # [V, D]
         logits_buffer = _logits_buffer(positions, weight, ctx.chunk_size)  # [C, V]
+        forward_weight = _gemm_weight(weight)  # [V, D]: the logits as the forward pass computed them
         for start in range(0, positions.shape[0], ctx.chunk_size):  # recompute each chunk's logits
             chunk = slice(start, start + ctx.chunk_size)
             hidden_chunk = hidden.index_select(0, positions[chunk])  # [C, D]
-            logits = _chunk_logits(hidden_chunk, weight, logits_buffer)  # [C, V]
+            logits = _chunk_logits(hidden_chunk, forward_weight, logits_buffer)  # [C, V]
             grad_logits = _chunk_grad_logits_(logits, lse[chunk], targets[chunk], grad_token_logps[chunk],
                                               ctx.compile).to(weight.dtype)  # [C, V]  g * (onehot - p)
             if hidden_needs_grad:

@@ -243,3 +243,18 @@ def test_logits_to_probs_matches_hf_processor_chain(temperature, random_logits):
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(logits_to_probs(random_logits, temperature),
                                TemperatureLogitsWarper(temperature)(None, random_logits.clone()).softmax(-1))
+
+
+def test_invert_cdf_by_hand():
+    """probs (0.1, 0, 0.3, 0.6) have the CDF intervals [0, 0.1) -> 0, empty -> 1, [0.1, 0.4) -> 2, [0.4, 1) -> 3;
+    an unnormalised row (x 2) scales u by its total. Uniforms on both sides of each boundary land as derived, the
+    zero-probability token never, and u just below 1 stays inside the last interval."""
+    from models.generate import invert_cdf
+
+    probs = torch.tensor([0.1, 0.0, 0.3, 0.6], dtype=torch.float64)
+    uniforms = torch.tensor([0.0, 0.0999, 0.1001, 0.3999, 0.4001, 1 - 2 ** -53], dtype=torch.float64)
+    expected = [0, 0, 2, 2, 3, 3]
+    assert invert_cdf(probs.expand(6, -1), uniforms).tolist() == expected
+    assert invert_cdf((2 * probs).float().expand(6, -1), uniforms).tolist() == expected
+    last_zero = torch.tensor([[0.5, 0.5, 0.0]])  # u * total rounding up to the total must not select the zero tail
+    assert invert_cdf(last_zero, torch.tensor([1 - 2 ** -53], dtype=torch.float64)).tolist() == [1]

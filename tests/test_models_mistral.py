@@ -246,3 +246,71 @@ def test_config_refuses_impossible_values(overrides, message):
         del hf["vocab_size"]
     with pytest.raises(ConfigError, match=rf"^config\.json: .*{message}"):
         MistralConfig.from_hf_dict(hf)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_gradients_are_autograds_bit_for_bit(dtype):
+    """Oracle: autograd on the plain expression `F.silu(gate) * up`. The memory-saving `swiglu` (silu recomputed
+    in the backward pass) gives the same output and the same gate and up gradients, bit for bit (torch.equal),
+    in float32 and bfloat16; and it keeps two [N, F] tensors for the backward pass, not three."""
+    from models.mistral import swiglu
+
+    generator = torch.Generator().manual_seed(0)
+    gate, up, grad = (torch.randn(7, 33, generator=generator).to(dtype) for _ in range(3))
+    plain = [t.clone().requires_grad_() for t in (gate, up)]
+    ours = [t.clone().requires_grad_() for t in (gate, up)]
+    expected = torch.nn.functional.silu(plain[0]) * plain[1]
+    result = swiglu(*ours)
+    expected.backward(grad)
+    result.backward(grad)
+    assert torch.equal(result, expected)
+    for mine, reference in zip(ours, plain):
+        assert torch.equal(mine.grad, reference.grad)
+
+    def saved_elements(output):
+        seen, total, stack = set(), 0, [output.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            total += sum(getattr(node, name).numel() for name in dir(node)
+                         if name.startswith("_saved_") and isinstance(getattr(node, name), torch.Tensor))
+            total += sum(t.numel() for t in getattr(node, "saved_tensors", ()))
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        return total
+
+    fresh = [t.clone().requires_grad_() for t in (gate, up)]
+    assert saved_elements(swiglu(*fresh)) == 2 * gate.numel()
+    assert saved_elements(torch.nn.functional.silu(fresh[0]) * fresh[1]) == 3 * gate.numel()
+
+
+def test_swiglu_model_gradients_unchanged(monkeypatch):
+    """Oracle: the same model with the plain `F.silu(gate) * up` in its MLP. A two-layer model with LoRA on every
+    projection gives the same loss and the same LoRA gradients, bit for bit, in float32."""
+    import models.mistral as mistral
+    from models import add_lora, build_model
+    from models.lora import TARGET_NAMES
+
+    config = MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
+                           rope_theta=1e4, sliding_window=None, tie_word_embeddings=True,
+                           max_position_embeddings=64)
+
+    def gradients():
+        torch.manual_seed(0)  # LoRA's A draws from the global generator
+        model = add_lora(build_model(config, seed=0), 4, 8.0, 0.0, TARGET_NAMES)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+        loss = model(tokens()).log_softmax(-1)[..., 5].sum()
+        loss.backward()
+        return loss, {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = gradients()
+    monkeypatch.setattr(mistral, "swiglu", lambda gate, up: torch.nn.functional.silu(gate) * up)
+    plain_loss, plain_grads = gradients()
+    assert torch.equal(loss, plain_loss) and grads.keys() == plain_grads.keys()
+    for name in grads:
+        assert torch.equal(grads[name], plain_grads[name]), name

@@ -231,12 +231,17 @@ def test_bench_flop_count_equals_torch_flop_counter(shape):
 def test_bench_step_smoke(tmp_path):
     """eval/bench/step.py runs scaled down on CPU and reports a consistent record."""
     result = subprocess.run([sys.executable, str(ROOT / "eval" / "bench" / "step.py"), "--device", "cpu", "--scale",
-                             "0.03125", "--vocab", "512", "--compile", "off", "--iters", "1", "--matmul-size", "256"],
+                             "0.03125", "--vocab", "512", "--compile", "off", "--iters", "1", "--matmul-size", "256",
+                             "--profile", "5"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert (record["dim"], record["heads"], record["layers"], record["seq"], record["vocab"]) == (128, 1, 1, 32, 512)
     assert record["tokens"] == 2 * record["pairs"] * record["seq"] and record["time_ms"] > 0
-    assert record["tokens_per_s"] == pytest.approx(record["tokens"] / record["time_ms"] * 1000)
+    assert record["tokens_per_s"] == pytest.approx(record["tokens"] / record["cpu_time_ms"] * 1000)  # CPU: per CPU s
     assert 0 < record["mfu"] and record["peak_mb"] > 0 and record["first_loss"] > 0
     assert "MFU" in result.stdout
+    # --profile: the step's self CPU time by group, shares of one whole; the GEMMs are a group of their own
+    assert sum(record["profile"].values()) == pytest.approx(1.0) and record["profile"]["matmul"] > 0
+    assert set(record["matmul_tflops_per_s_by_layout"]) == {"a @ b", "a @ b.T", "a.T @ b"}
+    assert record["matmul_tflops_per_s"] == max(record["matmul_tflops_per_s_by_layout"].values())

@@ -4,6 +4,7 @@
     python eval/bench/against_trl.py                             # D = 512, 4 layers, V = 32000; 64 pairs, 8 DPO steps of 8
     python eval/bench/against_trl.py --repeats 3                 # alternating repeats, medians
     python eval/bench/against_trl.py --side spl --workdir DIR    # one side in this process (what the parent runs)
+    python eval/bench/against_trl.py --model smollm2 --pairs 4 --steps 2 --batch-size 2 --repeats 2   # the real model
 
 One invocation writes a random Mistral (std 0.02, GQA 8/2 heads, FFN 1792) in HF format with Mistral's real v1
 tokenizer (`tokenizer.model.v1` from the mistral_common wheel), and 64 preference pairs of English-like text whose
@@ -30,9 +31,17 @@ process's threads) is printed too: on a machine shared with other jobs, a proces
 its wall time, differently in every run, while its CPU time barely moves, so the CPU-time ratio is the steadier
 estimate of what the wall-time ratio is on an idle machine.
 
+--model runs both sides on a real checkpoint instead (what train.py's --model takes: a directory, a .gguf file, or
+`smollm2`, SmolLM2-135M-Instruct converted from its GGUF file by models/gguf.py): spl reads it with its own
+tokenizer and chat format (models/), TRL with transformers' AutoModelForCausalLM and AutoTokenizer on the same
+directory, the prompt rendered by the checkpoint's chat template (apply_chat_template, its default system prompt
+included) and the response followed by the tokenizer's EOS, <|im_end|> for SmolLM2 (TRL's conversational path would
+also train on the "\n" the template writes after it, a token spl's pairs do not have).
+
 At step 0 the LoRA B matrices are zero on both sides, so the two compute the same function of the same tokens:
-the first step's figures must agree whenever the tokens agree, which is checked pair by pair (TRL tokenises prompt + response as one string, spl each segment
-on its own; with ASCII text and sentencepiece's whitespace split they coincide).
+the first step's figures must agree whenever the tokens agree, which is checked pair by pair (TRL tokenises
+prompt + response as one string, spl each segment on its own; with ASCII text they coincide), and the loss and both
+mean log-probs are compared: the largest relative difference is printed against 1e-5.
 """
 import argparse
 import json
@@ -103,17 +112,23 @@ def write_inputs(workdir: Path, args) -> None:
 
     from data.batching import PreferenceBatches
     from data.tokenization import load_preference_data
-    from models import MistralConfig, Tokenizer, build_model, save_pretrained
+    from models import MistralConfig, build_model, save_pretrained
+    from models.tokenizer import load_tokenizer
 
-    import mistral_common
-    tokenizer_path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    heads = args.dim // 64
-    config = MistralConfig(vocab_size=32000, hidden_size=args.dim, intermediate_size=args.dim * 7 // 2,
-                           num_hidden_layers=args.layers, num_attention_heads=heads,
-                           num_key_value_heads=max(1, heads // 4), head_dim=64, rms_norm_eps=1e-5, rope_theta=1e4,
-                           sliding_window=4096, tie_word_embeddings=False, max_position_embeddings=32768)
-    torch.manual_seed(0)
-    save_pretrained(build_model(config, seed=0), workdir / "model", tokenizer_path=tokenizer_path)
+    if args.model:  # a real checkpoint: the directory resolve_model gives train.py (smollm2: the converted GGUF)
+        from models.gguf import resolve_model
+        (workdir / "model").symlink_to(resolve_model(args.model).resolve(), target_is_directory=True)
+    else:
+        import mistral_common
+        tokenizer_path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+        heads = args.dim // 64
+        config = MistralConfig(vocab_size=32000, hidden_size=args.dim, intermediate_size=args.dim * 7 // 2,
+                               num_hidden_layers=args.layers, num_attention_heads=heads,
+                               num_key_value_heads=max(1, heads // 4), head_dim=64, rms_norm_eps=1e-5,
+                               rope_theta=1e4, sliding_window=4096, tie_word_embeddings=False,
+                               max_position_embeddings=32768)
+        torch.manual_seed(0)
+        save_pretrained(build_model(config, seed=0), workdir / "model", tokenizer_path=tokenizer_path)
 
     rng = np.random.default_rng(0)
 
@@ -125,17 +140,23 @@ def write_inputs(workdir: Path, args) -> None:
     (workdir / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
 
     # spl's tokens and epoch-0 batch order, as train.py computes them.
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer, _ = load_tokenizer(workdir / "model")
     examples, _ = load_preference_data(workdir / "pairs.jsonl", tokenizer, args.max_length,
                                        args.max_length - 1)
     if len(examples) != len(pairs):
         raise SystemExit(f"bench_trl: spl kept {len(examples)} of {len(pairs)} pairs")
     order = [i for batch in PreferenceBatches(examples, args.batch_size, tokenizer.pad_id, seed=0).epoch_order(0)
              for i in batch]
-    # TRL's view: the same text, in spl's order; the prompt rendered in the v1 chat format as plain text (TRL's
-    # non-conversational path tokenises prompt + chosen as one string, BOS added, "</s>" appended).
-    trl_rows = [{"prompt": f"[INST] {pairs[i]['prompt']} [/INST]", "chosen": " " + pairs[i]["chosen"],
-                 "rejected": " " + pairs[i]["rejected"]} for i in order]
+    # TRL's view: the same text, in spl's order. With the v1 tokenizer the prompt is rendered in the v1 chat format
+    # as plain text here (TRL's non-conversational path tokenises prompt + chosen as one string, BOS added, "</s>"
+    # appended); with a real checkpoint run_trl renders it with the checkpoint's own chat template (HF's
+    # apply_chat_template), so "chat" holds the user's turn.
+    if args.model:
+        trl_rows = [{"chat": pairs[i]["prompt"], "chosen": pairs[i]["chosen"], "rejected": pairs[i]["rejected"]}
+                    for i in order]
+    else:
+        trl_rows = [{"prompt": f"[INST] {pairs[i]['prompt']} [/INST]", "chosen": " " + pairs[i]["chosen"],
+                     "rejected": " " + pairs[i]["rejected"]} for i in order]
     (workdir / "trl_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trl_rows), encoding="utf-8")
     spl_tokens = [{"prompt_ids": examples[i].prompt_ids, "chosen_ids": examples[i].chosen_ids,
                    "rejected_ids": examples[i].rejected_ids} for i in order]
@@ -203,6 +224,17 @@ def StepTimes():
     return _StepTimes()
 
 
+def render_chat_rows(rows: list[dict], tokenizer) -> list[dict]:
+    """TRL's text rows for a real checkpoint, from {"chat": user turn, "chosen", "rejected"}: the prompt is the
+    checkpoint's chat template's generation prompt (HF's apply_chat_template, `tokenizer` an HF tokenizer) and each
+    response its plain text; TRL appends the tokenizer's EOS to it, which for a ChatML model such as SmolLM2-Instruct
+    is <|im_end|>, the end of the assistant's turn (TRL's conversational path would also keep the template's "\n"
+    after <|im_end|>, a token spl's pairs do not train on)."""
+    return [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": row["chat"]}],
+                                                     add_generation_prompt=True, tokenize=False),
+             "chosen": row["chosen"], "rejected": row["rejected"]} for row in rows]
+
+
 def run_trl(workdir: Path, args, precompute: bool) -> dict:
     import torch
     torch.set_num_threads(1)
@@ -213,12 +245,16 @@ def run_trl(workdir: Path, args, precompute: bool) -> dict:
     baseline_kb = resident_kb("VmRSS")
 
     start = time.perf_counter()
-    tokenizer = transformers.LlamaTokenizer.from_pretrained(workdir / "model", add_bos_token=True,
-                                                            add_eos_token=False)
+    rows = [json.loads(line) for line in (workdir / "trl_pairs.jsonl").read_text().splitlines()]
+    if args.model:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "model")
+        rows = render_chat_rows(rows, tokenizer)
+    else:
+        tokenizer = transformers.LlamaTokenizer.from_pretrained(workdir / "model", add_bos_token=True,
+                                                                add_eos_token=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32,
                                                               attn_implementation="sdpa")
-    dataset = datasets.Dataset.from_list([json.loads(line) for line in
-                                          (workdir / "trl_pairs.jsonl").read_text().splitlines()])
+    dataset = datasets.Dataset.from_list(rows)
     config = trl.DPOConfig(
         output_dir=str(workdir / "trl_run"), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
@@ -247,6 +283,15 @@ def run_trl(workdir: Path, args, precompute: bool) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- the parent
 
+def model_name(args) -> str:
+    return args.model if args.model else f"random Mistral D={args.dim}, {args.layers} layers, V=32000"
+
+
+def first_step_difference(spl: dict, trl: dict) -> float:
+    """The largest of |spl - trl| / |trl| over the first step's loss and mean chosen and rejected log-probs."""
+    return max(abs(spl[key] - trl[key]) / abs(trl[key]) for key in ("loss", "logps_chosen", "logps_rejected"))
+
+
 def run_child(side: str, workdir: Path, args) -> dict:
     """One side in a fresh process with one thread; its wall time from here, its record from its last line."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
@@ -265,7 +310,7 @@ def run_child(side: str, workdir: Path, args) -> dict:
 
 def child_args(args) -> list[str]:
     out = ["--pairs", str(args.pairs), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--max-length", str(args.max_length)]
+           "--max-length", str(args.max_length)] + (["--model", args.model] if args.model else [])
     return out + [f"--spl-arg={a}" for a in args.spl_args]
 
 
@@ -290,7 +335,7 @@ def compare(workdir: Path, args) -> int:
         return (r["peak_kb"] - r["baseline_kb"]) / 1024
 
     print(f"\n{args.pairs} pairs, {args.steps} DPO steps of {args.batch_size} pairs, LoRA r=16 on {len(TARGETS)} "
-          f"projections, D={args.dim}, {args.layers} layers, V=32000, float32, 1 thread per process, "
+          f"projections, {model_name(args)}, float32, 1 thread per process, "
           f"{args.repeats} alternating repeat(s), medians; {tokens} training tokens")
     print(f"{'side':<16}{'wall s':>9}{'training s':>12}{'training CPU s':>16}{'setup s':>9}{'tokens/s':>10}"
           f"{'peak extra MB':>15}")
@@ -310,12 +355,22 @@ def compare(workdir: Path, args) -> int:
     print("first step (before any update; means over the batch's pairs):")
     for side in args.sides:
         r = runs[side][0]
-        print(f"  {side:<16} loss {r['loss']:.6f}  logps chosen {r['logps_chosen']:.4f}  "
-              f"rejected {r['logps_rejected']:.4f}")
+        print(f"  {side:<16} loss {r['loss']:.7f}  logps chosen {r['logps_chosen']:.5f}  "
+              f"rejected {r['logps_rejected']:.5f}")
+    summary = {"model": model_name(args), "training_tokens": tokens, "runs": runs}
     for side in (s for s in args.sides if s != "spl"):
-        trl_tokens = runs[side][0]["tokens"]
+        trl_tokens = runs[side][0].pop("tokens")
+        for r in runs[side][1:]:
+            r.pop("tokens")
         agree = sum(a == b for a, b in zip(trl_tokens, spl_tokens))
         print(f"tokens: {agree} of {len(spl_tokens)} pairs identical between spl and {side}")
+        if "spl" in runs:
+            worst = first_step_difference(runs["spl"][0], runs[side][0])
+            print(f"first step, spl vs {side}: largest relative difference {worst:.2e} over loss and both log-probs "
+                  f"({'within' if worst <= 1e-5 else 'NOT within'} 1e-5)")
+            summary[f"first_step_relative_difference_{side}"] = worst
+    if args.json:
+        print(json.dumps(summary))
     return 0
 
 
@@ -329,10 +384,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--model", help="a real checkpoint for both sides, as train.py's --model takes it (a directory, "
+                                   "a .gguf file, or smollm2) instead of the random Mistral")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--prompt-words", type=int, default=85, help="median prompt length in words (~1.3 tokens each)")
     p.add_argument("--response-words", type=int, default=28, help="median response length in words")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of every run's record")
     p.add_argument("--spl-arg", dest="spl_args", action="append", default=[],
                    help="an extra train.py argument (repeatable), e.g. --spl-arg=--no-shared-prefix")
     args = p.parse_args(argv)

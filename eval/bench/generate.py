@@ -3,6 +3,7 @@
     python eval/bench/generate.py                      # N = 16 samples x 128 new tokens, the world model's shape
     python eval/bench/generate.py --threads 1 --repeats 5   # one thread only
     python eval/bench/generate.py --busy 1               # the same while another CPU-bound job runs
+    python eval/bench/generate.py --model smollm2 --threads 1   # the real SmolLM2-135M-Instruct, a chat prompt
 
 Both methods run at torch's default thread count and at one thread (--threads N: only at N). With --busy K,
 K competing processes (each a one-thread matmul loop, like another job on the machine) run during every timed
@@ -16,8 +17,15 @@ eos_id=None; HF: min_new_tokens = max_new_tokens, so EOS cannot end a row early)
 N x max_new_tokens tokens. Each method runs once to warm up, then `--repeats` times; the table gives the median
 wall time, tokens/s (N x max_new_tokens / time) and the speed ratio against HF. CPU, float32.
 
+With --model (a directory, a .gguf file or smollm2, as sample.py takes it: models/gguf.py resolve_model), both
+load that checkpoint instead (HF through AutoModelForCausalLM on the same directory), and the prompt is a user turn
+in the checkpoint's chat format ("Write a short story about a lighthouse keeper.", encoded by our tokenizer, as
+sample.py encodes it); the same no-EOS rule holds, so both still produce exactly N x max_new_tokens tokens.
+
 What differs between the two: ours prefills the prompt once and repeats its KV cache N times, and decodes into a
-preallocated cache; HF expands the prompt to N rows (num_return_sequences) and grows a DynamicCache.
+preallocated cache; HF expands the prompt to N rows (num_return_sequences) and grows a DynamicCache. Ours draws
+each token by inverting the CDF (one uniform per row), HF with torch.multinomial (one exponential per vocabulary
+entry: at V = 49152 and one thread, 16% of our decoding time before we changed it, docs/speed.md).
 Timings on a shared machine vary with its load; compare ratios from the same run.
 """
 from __future__ import annotations
@@ -54,14 +62,35 @@ def build_checkpoint(directory: Path, seed: int = 0):
     return model
 
 
-def time_runs(function, repeats: int) -> list[float]:
+def load_real(name, dtype, device):
+    """(HF model, our model, prompt ids) for a real checkpoint: the directory resolve_model gives sample.py, read
+    by both; the prompt a user turn in its chat format."""
+    import transformers
+
+    from models import load_pretrained
+    from models.gguf import resolve_model
+    from models.tokenizer import load_tokenizer
+
+    directory = resolve_model(name)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+    ours = load_pretrained(directory, dtype=dtype, device=device).eval()
+    tokenizer, _ = load_tokenizer(directory)
+    prompt = tokenizer.encode_prompt([{"role": "user", "content": "Write a short story about a lighthouse keeper."}])
+    return hf_model, ours, prompt
+
+
+def time_runs(function, repeats: int) -> tuple[list[float], list[float]]:
+    """(wall seconds, CPU seconds) of `repeats` calls after one warm-up call. The CPU time (all the process's
+    threads) is the steadier figure on a machine shared with other jobs, where a one-thread process waits for a core
+    for part of its wall time, differently in every run."""
     function()  # warm-up: first-call allocations and kernel selection
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         function()
-        times.append(time.perf_counter() - started)
-    return times
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
+    return wall, cpu
 
 
 BUSY_LOOP = "import torch\ntorch.set_num_threads(1)\na = torch.randn(384, 384)\nwhile True:\n    a = (a @ a).tanh()\n"
@@ -92,6 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--busy", type=int, default=0, help="competing one-thread CPU jobs during the timed runs")
     p.add_argument("--device", default="cpu", help="cpu or cuda (both models there; times CUDA-synchronised)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="both models' weights")
+    p.add_argument("--model", help="a real checkpoint (directory, .gguf file or smollm2) instead of the random one")
     p.add_argument("--json", action="store_true", help="also print one JSON line of the medians")
     args = p.parse_args(argv)
 
@@ -103,12 +133,14 @@ def main(argv=None) -> int:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     thread_counts = [args.threads] if args.threads else sorted({torch.get_num_threads(), 1}, reverse=True)
     n, new = args.num_samples, args.max_new_tokens
-    prompt = torch.randint(3, WORLD_SHAPE["vocab_size"], (args.prompt_length,),
-                           generator=torch.Generator().manual_seed(0)).tolist()
-
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_model = build_checkpoint(Path(tmp) / "model").to(device, dtype)
-        ours = load_pretrained(Path(tmp) / "model", dtype=dtype, device=device).eval()
+    if args.model:
+        hf_model, ours, prompt = load_real(args.model, dtype, device)
+    else:
+        prompt = torch.randint(3, WORLD_SHAPE["vocab_size"], (args.prompt_length,),
+                               generator=torch.Generator().manual_seed(0)).tolist()
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_model = build_checkpoint(Path(tmp) / "model").to(device, dtype)
+            ours = load_pretrained(Path(tmp) / "model", dtype=dtype, device=device).eval()
 
     def synchronised(function):  # CUDA runs asynchronously: a timed call ends when the device is done
         def run():
@@ -141,20 +173,26 @@ def main(argv=None) -> int:
             results[threads, "HF transformers generate"] = time_runs(synchronised(run_hf), args.repeats)
 
     tokens = n * new
-    print(f"N = {n} samples x {new} new tokens, prompt {len(prompt)} tokens, torch {torch.__version__}, "
-          f"{device} {args.dtype}, "
-          f"median of {args.repeats}; {args.busy} competing CPU job(s) running")
-    print(f"{'threads':>7} {'method':<26} {'seconds':>9} {'tokens/s':>10} {'speed vs HF':>12}")
-    for (threads, name), times in results.items():
-        seconds = statistics.median(times)
-        baseline = statistics.median(results[threads, "HF transformers generate"])
-        print(f"{threads:>7} {name:<26} {seconds:>9.3f} {tokens / seconds:>10.0f} {baseline / seconds:>11.2f}x")
+    print(f"{args.model or 'random world-shape Mistral'}: "
+          f"N = {n} samples x {new} new tokens, prompt {len(prompt)} tokens, torch {torch.__version__}, "
+          f"{device} {args.dtype}, median of {args.repeats}; {args.busy} competing CPU job(s) running")
+    print(f"{'threads':>7} {'method':<26} {'wall s':>8} {'CPU s':>8} {'tokens/s':>9} {'per CPU s':>10} "
+          f"{'speed vs HF (wall, CPU)':>24}")
+    medians = {key: (statistics.median(wall), statistics.median(cpu)) for key, (wall, cpu) in results.items()}
+    for (threads, name), (wall, cpu) in medians.items():
+        hf_wall, hf_cpu = medians[threads, "HF transformers generate"]
+        print(f"{threads:>7} {name:<26} {wall:>8.3f} {cpu:>8.3f} {tokens / wall:>9.0f} {tokens / cpu:>10.0f} "
+              f"{hf_wall / wall:>15.2f}x {hf_cpu / cpu:>6.2f}x")
     if len(thread_counts) > 1:
-        ours = {t: statistics.median(results[t, "ours (models.generate)"]) for t in thread_counts}
+        ours = {t: medians[t, "ours (models.generate)"][0] for t in thread_counts}
         print(f"ours: {thread_counts[0]} threads take {ours[thread_counts[0]] / ours[1]:.2f}x the time of one thread")
     if args.json:
-        print(json.dumps({f"{name.split()[0].lower()}_tokens_per_s_{threads}_threads": tokens / statistics.median(times)
-                          for (threads, name), times in results.items()} | {"device": str(device), "dtype": args.dtype}))
+        record = {}
+        for (threads, name), (wall, cpu) in medians.items():
+            method = name.split()[0].lower()
+            record[f"{method}_tokens_per_s_{threads}_threads"] = tokens / wall
+            record[f"{method}_tokens_per_cpu_s_{threads}_threads"] = tokens / cpu
+        print(json.dumps(record | {"device": str(device), "dtype": args.dtype, "model": args.model}))
     return 0
 
 

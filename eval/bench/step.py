@@ -21,7 +21,9 @@ with N = 2 x pairs x seq tokens and S = 2 x pairs x (seq - prompt) response toke
     output head on the S response tokens (spl/logprobs.py): logits 2 V D S, their gradient into h 2 V D S
 
 MFU = model FLOPs / step time / the bf16 (or --dtype) matmul rate measured here on the same device
-(an n x n x n torch.mm, --matmul-size), not the datasheet peak.
+(n x n x n products, --matmul-size, in the three layouts a linear layer uses; the fastest), not the datasheet peak.
+--profile ROWS profiles one more step (torch.profiler): its top operators by self CPU time and the step's time by
+group (matmul, attention, casts and copies, optimizer, allocation, elementwise).
 
 Memory: on CUDA, peak = torch.cuda.max_memory_allocated over the timed steps (weights included), peak extra =
 peak minus what was allocated before them (weights, optimizer state, batch). On CPU, as in
@@ -210,22 +212,33 @@ def hf_step(shape: Shape, dtype, device, checkpoint, grad_checkpointing: bool, c
 
 # ------------------------------------------------------------------------------------------------------ measurement
 
-def matmul_rate(device, dtype, n: int, iters: int = 10) -> float:
-    """Measured FLOP/s of an n x n x n torch.mm in `dtype` on `device` (median of `iters`)."""
+# The three products a linear layer y = x W^T runs: forward x @ W^T, input gradient g @ W, weight gradient g^T @ x.
+# On a CPU without bfloat16 matrix units (no AVX512-BF16 or AMX) their bf16 rates differ by 15x (this project's AMD
+# EPYC, one thread: a @ b 0.9, a @ b.T 9.4, a.T @ b 14.7 GFLOP/s; float32 about 70 in every layout), so one layout
+# alone does not say what the hardware can do; the MFU is taken against the fastest.
+LAYOUTS = {"a @ b": lambda a, b: a @ b, "a @ b.T": lambda a, b: a @ b.T, "a.T @ b": lambda a, b: a.T @ b}
+
+
+def matmul_rates(device, dtype, n: int, iters: int = 10) -> dict:
+    """{layout: measured FLOP/s} of n x n x n products in `dtype` on `device` (median of `iters` each)."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=generator).to(device, dtype)
     b = torch.randn(n, n, generator=generator).to(device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        torch.mm(a, b)
-    sync()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        torch.mm(a, b)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time  # see run_side on CPU time
+    rates = {}
+    for name, product in LAYOUTS.items():
+        for _ in range(2):
+            product(a, b)
         sync()
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(times)
+        times = []
+        for _ in range(iters):
+            start = clock()
+            product(a, b)
+            sync()
+            times.append(clock() - start)
+        rates[name] = 2 * n ** 3 / statistics.median(times)
+    return rates
 
 
 def device_name(device) -> str:
@@ -234,22 +247,73 @@ def device_name(device) -> str:
     return f"CPU, {torch.get_num_threads()} threads"
 
 
+# Where a step's time goes: torch.profiler's self CPU time per operator, put into the groups below (matched on the
+# operator's name; the first group that matches wins). "matmul" is the GEMMs (the model FLOPs); everything else is
+# the rest of the step the issue asks about.
+PROFILE_GROUPS = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::matmul")),
+    ("attention", ("scaled_dot_product", "_flash_attention", "_efficient_attention")),
+    ("casts and copies", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous",
+                          "aten::cat", "aten::index_select", "aten::index_copy", "aten::gather", "aten::scatter")),
+    ("optimizer", ("Optimizer.step", "aten::_foreach", "aten::addcdiv", "aten::addcmul", "aten::lerp",
+                   "aten::sqrt", "aten::norm", "aten::linalg_vector_norm", "aten::_fused_adam")),
+    ("allocation", ("aten::empty", "aten::zeros", "aten::zero_", "aten::fill_", "aten::new_", "aten::resize_")),
+    ("elementwise", ("aten::",)),
+)
+
+
+def profile_step(step, rows: int = 25) -> dict:
+    """One step under torch.profiler (after the timed steps): the top `rows` operators by self CPU time, printed,
+    and {group: share of the step's self CPU time} by PROFILE_GROUPS."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    groups = dict.fromkeys([name for name, _ in PROFILE_GROUPS] + ["other"], 0.0)
+    for event in events:
+        group = next((name for name, keys in PROFILE_GROUPS if any(event.key.startswith(k) or k in event.key
+                                                                     for k in keys)), "other")
+        groups[group] += event.self_cpu_time_total
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
+    shares = {name: seconds / total for name, seconds in groups.items()}
+    print("  self CPU time by group: " + ", ".join(f"{name} {100 * share:.1f}%" for name, share in shares.items()))
+    return shares
+
+
 def run_side(args, shape: Shape) -> dict:
     """One side in this process -> its JSON record."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     make = ours_step if args.side == "ours" else hf_step
     compile = {"auto": None, "on": True, "off": False}[args.compile]
     step = make(shape, dtype, device, args.checkpoint, args.grad_checkpointing, compile)
-    result = measure(step, device, args.iters)
+    cpu_times = []
+
+    def timed_step():  # the step's CPU time beside measure's wall time
+        start = time.process_time()
+        out = step()
+        cpu_times.append(time.process_time() - start)
+        return out
+    result = measure(timed_step, device, args.iters)
+    # On CPU the rates are per CPU second: a one-thread process on a machine shared with other jobs waits for a core
+    # for part of its wall time, differently in every run, while its CPU time (and so the ratio of the step to the
+    # matmul rate, both measured that way) barely moves. On CUDA, wall time (synchronised).
+    result["cpu_time_ms"] = 1000 * statistics.median(cpu_times[1:])  # the timed steps, not the warm-up
+    seconds = result["time_ms" if device.type == "cuda" else "cpu_time_ms"] / 1000
     tokens = 2 * shape.pairs * shape.seq
     flops = step_flops(shape)["total"]
     record = {"side": args.side, "device": device_name(device), "dtype": args.dtype, **asdict(shape),
               "grad_checkpointing": args.grad_checkpointing, "tokens": tokens, **result,
-              "tokens_per_s": tokens / (result["time_ms"] / 1000), "model_tflops": flops / 1e12,
-              "achieved_tflops_per_s": flops / (result["time_ms"] / 1000) / 1e12}
+              "tokens_per_s": tokens / seconds, "model_tflops": flops / 1e12,
+              "achieved_tflops_per_s": flops / seconds / 1e12}
     if args.matmul_size:
-        rate = matmul_rate(device, dtype, args.matmul_size)
-        record |= {"matmul_tflops_per_s": rate / 1e12, "mfu": record["achieved_tflops_per_s"] * 1e12 / rate}
+        rates = matmul_rates(device, dtype, args.matmul_size, iters=3 if device.type == "cpu" else 10)
+        rate = max(rates.values())
+        record |= {"matmul_tflops_per_s": rate / 1e12, "mfu": record["achieved_tflops_per_s"] * 1e12 / rate,
+                   "matmul_tflops_per_s_by_layout": {name: r / 1e12 for name, r in rates.items()}}
+    if args.profile:
+        record["profile"] = profile_step(step, args.profile)
     return record
 
 
@@ -257,11 +321,14 @@ def print_record(r: dict) -> None:
     print(f"{r['side']}: one LoRA SPL step, D={r['dim']} L={r['layers']} F={r['ffn']} H={r['heads']}/{r['kv_heads']} "
           f"V={r['vocab']} r={r['rank']}, {r['pairs']} pairs x {r['seq']} tokens, {r['dtype']}"
           f"{', grad checkpointing' if r['grad_checkpointing'] else ''}, on {r['device']}, torch {torch.__version__}")
-    print(f"  step {r['time_ms']:.1f} ms (median), {r['tokens_per_s']:.0f} tokens/s, peak memory "
+    print(f"  step {r['time_ms']:.1f} ms (median; CPU time {r['cpu_time_ms']:.1f} ms), {r['tokens_per_s']:.0f} "
+          f"tokens/s{' per CPU second' if r['device'].startswith('CPU') else ''}, peak memory "
           f"{r['peak_mb'] / 1024:.2f} GiB (extra over weights and state {r['peak_extra_mb'] / 1024:.2f} GiB)")
     if "mfu" in r:
         print(f"  {r['model_tflops']:.4g} TFLOP/step -> {r['achieved_tflops_per_s']:.4g} TFLOP/s; measured "
-              f"{r['dtype']} matmul {r['matmul_tflops_per_s']:.4g} TFLOP/s; MFU {100 * r['mfu']:.1f}%")
+              f"{r['dtype']} matmul {r['matmul_tflops_per_s']:.4g} TFLOP/s (fastest of "
+              + ", ".join(f"{k} {v:.3g}" for k, v in r["matmul_tflops_per_s_by_layout"].items())
+              + f"); MFU {100 * r['mfu']:.1f}%")
 
 
 def compare_hf(args, shape: Shape) -> None:
@@ -314,6 +381,8 @@ def main(argv=None):
                         help="--compare-hf: keep glibc's default heap (see the docstring) instead of a fixed "
                              "mmap threshold")
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="after timing, profile one more step: its top ROWS operators and time by group")
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="n of the n x n x n matmul that measures the peak rate (default 8192 on CUDA, 2048 on "
                              "CPU; 0: skip MFU)")
