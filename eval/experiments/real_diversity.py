@@ -1,6 +1,6 @@
 """Claim 2 on real text: SPL's sequence-level temperature against token-level sampling on SmolLM2-135M-Instruct.
 
-    python -m eval.experiments.real_diversity                  # 16 prompts: the sweep, the table, the Pareto plot
+    python -m eval.experiments.real_diversity                  # 12 prompts: the sweep, the table, the Pareto plot
     python -m eval.experiments.real_diversity --train-tau 2    # and SPL trained on uniform preferences (LoRA)
     python -m eval.experiments.real_diversity --quick          # the world's tiny model, 2 prompts (the test)
 
@@ -60,12 +60,16 @@ PROMPTS = (
 )
 # name -> (family, sampling keywords of models.generate). T = 1 itself is the pool's first N samples.
 TOKEN_METHODS = {
-    "T=0.6": ("temperature", {"temperature": 0.6}), "T=0.8": ("temperature", {"temperature": 0.8}),
-    "T=1.2": ("temperature", {"temperature": 1.2}),
-    "min-p=0.1": ("min-p", {"min_p": 0.1}), "min-p=0.3": ("min-p", {"min_p": 0.3}),
-    "top-p=0.8": ("top-p", {"top_p": 0.8}), "top-p=0.95": ("top-p", {"top_p": 0.95}),
-    "top-k=10": ("top-k", {"top_k": 10}), "top-k=50": ("top-k", {"top_k": 50}),
+    "T=0.5": ("temperature", {"temperature": 0.5}), "T=0.7": ("temperature", {"temperature": 0.7}),
+    "T=0.85": ("temperature", {"temperature": 0.85}), "T=1.2": ("temperature", {"temperature": 1.2}),
+    "min-p=0.05": ("min-p", {"min_p": 0.05}), "min-p=0.1": ("min-p", {"min_p": 0.1}),
+    "min-p=0.3": ("min-p", {"min_p": 0.3}),
+    "top-p=0.8": ("top-p", {"top_p": 0.8}), "top-p=0.9": ("top-p", {"top_p": 0.9}),
+    "top-p=0.95": ("top-p", {"top_p": 0.95}),
+    "top-k=10": ("top-k", {"top_k": 10}), "top-k=20": ("top-k", {"top_k": 20}), "top-k=50": ("top-k", {"top_k": 50}),
 }
+# The default sweep: what a 2-core machine shared with six other jobs sampled in about 40 minutes (--methods all).
+DEFAULT_METHODS = ("T=0.7", "T=1.2", "min-p=0.1", "min-p=0.3", "top-p=0.9", "top-k=20")
 TAUS = (0.5, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0)  # sequence-level temperatures for (a)
 
 # ---- the sequence-level temperature by importance resampling (a) ------------------------------------------------
@@ -196,8 +200,10 @@ def train_uniform(args, out: Path, prompts, pool_groups, tau: float, model_name:
     """Train SPL (alpha = tau * beta) on uniform pairs with train.py; returns the run directory."""
     from eval.experiments.policies import main_job_options, train_policy
     data = write_jsonl(out / "uniform_pairs.jsonl", uniform_pairs(prompts, pool_groups, args.pairs_per_prompt))
+    # The main job's recipe (option-mass anchor, whole prompts per batch, LoRA on the projections and the head), with
+    # --train-prompts prompts (each with its --pairs-per-prompt pairs) per step in place of its 15.
     extra = (*main_job_options(model=True), "--model", model_name, "--lr", args.lr, "--warmup-steps", 1,
-             "--batch-size", args.train_batch, "--prompts-per-batch", 0, "--anchor", 0, "--threads", args.threads or 1)
+             "--prompts-per-batch", args.train_prompts, "--threads", args.threads or 1)
     return train_policy(out / f"spl_tau{tau:g}", data, round(tau * args.beta, 10), args.beta, "spl", args.train_steps,
                         extra=tuple(extra), progress=args.progress)
 
@@ -241,30 +247,36 @@ def parse_args(argv=None):
                           "unused (--taus sets the sequence-level temperatures)", beta=0.1, steps=12, lr=1e-3,
                           steps_help="unused (--train-steps)")
     p.add_argument("--model", default="smollm2", help="the reference model (default smollm2)")
-    p.add_argument("--prompts", type=int, help=f"how many of the {len(PROMPTS)} prompts (default 16; --quick 2)")
-    p.add_argument("--samples", type=int, help="N: samples per prompt and method (default 10; --quick 3)")
-    p.add_argument("--pool", type=int, help="M: T = 1 samples per prompt for resampling (default 48; --quick 6)")
+    p.add_argument("--prompts", type=int, help=f"how many of the {len(PROMPTS)} prompts (default 12; --quick 2)")
+    p.add_argument("--samples", type=int, help="N: samples per prompt and method (default 8; --quick 3)")
+    p.add_argument("--pool", type=int, help="M: T = 1 samples per prompt for resampling (default 32; --quick 6)")
     p.add_argument("--tokens", type=int, help="new tokens per response (default 32; --quick 6)")
     p.add_argument("--taus", help=f"sequence-level temperatures (default {','.join(map(str, TAUS))})")
+    p.add_argument("--methods", help=f"comma-separated token-level methods of {', '.join(TOKEN_METHODS)}, or all "
+                   f"(default {','.join(DEFAULT_METHODS)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-tau", help="comma-separated tau = alpha/beta to train on uniform pairs (default none)")
     p.add_argument("--train-steps", type=int, default=12)
-    p.add_argument("--train-batch", type=int, default=16, help="pairs per step")
+    p.add_argument("--train-prompts", type=int, default=2, help="prompts per step (all their pairs)")
     p.add_argument("--pairs-per-prompt", type=int, default=8)
     p.add_argument("--held-out", type=int, default=8, help="held-out pool responses per prompt for the slope")
     args = p.parse_args(argv)
     quick = args.quick
-    args.prompts = args.prompts or (2 if quick else 16)
-    args.samples, args.pool = args.samples or (3 if quick else 10), args.pool or (6 if quick else 48)
+    args.prompts = args.prompts or (2 if quick else 12)
+    args.samples, args.pool = args.samples or (3 if quick else 8), args.pool or (6 if quick else 32)
     args.tokens = args.tokens or (6 if quick else 32)
     args.taus = parse_list(p, "--taus", args.taus, TAUS)
     args.train_tau = parse_list(p, "--train-tau", args.train_tau, ())
-    check_arguments(p, [(1 <= args.prompts <= len(PROMPTS), f"--prompts: 1 to {len(PROMPTS)}, got {args.prompts}"),
+    args.methods = (tuple(TOKEN_METHODS) if args.methods == "all" else
+                    DEFAULT_METHODS if args.methods is None else tuple(args.methods.split(",")))
+    unknown = [m for m in args.methods if m not in TOKEN_METHODS]
+    check_arguments(p, [(not unknown, f"--methods: unknown {', '.join(unknown)} (known: {', '.join(TOKEN_METHODS)})"),
+                        (1 <= args.prompts <= len(PROMPTS), f"--prompts: 1 to {len(PROMPTS)}, got {args.prompts}"),
                         (args.samples >= 2, f"--samples: at least 2 (pairs), got {args.samples}"),
                         (args.pool >= args.samples, f"--pool ({args.pool}) must be at least --samples ({args.samples})"),
                         (args.tokens >= 1, f"--tokens: at least 1, got {args.tokens}"),
                         (all(t > 0 for t in args.taus + args.train_tau), "--taus, --train-tau: positive numbers"),
-                        (args.train_steps >= 1 and args.train_batch >= 1, "--train-steps, --train-batch: at least 1")])
+                        (args.train_steps >= 1 and args.train_prompts >= 1, "--train-steps, --train-prompts: at least 1")])
     return args
 
 
@@ -336,7 +348,8 @@ def main(argv=None) -> int:
         per_prompt.extend({"method": name, "prompt": prompts[i], **row} for i, row in enumerate(rows))
 
     add("T=1", "temperature", metrics_of([r for g in pool_groups for r in g[:args.samples]]))
-    for index, (name, (family, sampling)) in enumerate(TOKEN_METHODS.items()):
+    for name in args.methods:
+        index, (family, sampling) = list(TOKEN_METHODS).index(name), TOKEN_METHODS[name]
         records = cached(out / "samples" / f"{name}.json", {**common, "samples": args.samples, **sampling},
                          lambda: sample_method(model, tokenizer, prompts, args.samples, args.tokens,
                                                args.seed + 1 + index, **sampling))
@@ -355,7 +368,8 @@ def main(argv=None) -> int:
         summaries[-1].update(slope_vs_ref=slope, slope_target=1 / tau, train_seconds=round(seconds, 1),
                              train_steps=args.train_steps)
         trained.append({"tau": tau, "slope": slope, "target": 1 / tau, "train_seconds": seconds})
-    write_csv(out / "summary.csv", summaries)
+    keys = list(dict.fromkeys(key for row in summaries for key in row))  # trained rows add their slope
+    write_csv(out / "summary.csv", [{key: row.get(key, "") for key in keys} for row in summaries])
     write_csv(out / "per_prompt.csv", per_prompt)
     write_json(out / "run.json", {**common, "samples": args.samples, "pool": args.pool, "taus": list(args.taus),
                                   "trained": trained, "seconds": time.perf_counter() - start})
