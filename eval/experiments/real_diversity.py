@@ -303,6 +303,8 @@ def plot(rows: list[dict], path: Path):
         members = [r for r in rows if r["family"] == family]
         if family in ("min-p", "top-p", "top-k"):
             members = base + members  # each filter reaches T = 1 at its loose end
+        if family == "temperature":
+            members = sorted(members, key=lambda r: float(r["method"].split("=")[1]))
         style = "-o" if family != "SPL trained" else "*"
         for ax, (x, y) in zip(axes, (("per_token_loss", "pairwise_distance"), ("relevance", "vendi"))):
             ax.plot([r[x] for r in members], [r[y] for r in members], style, label=family, markersize=6)
