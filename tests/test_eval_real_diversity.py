@@ -119,6 +119,7 @@ def test_quick_run_writes_every_method(tmp_path):
     assert set(rows) == {"T=1", *rd.DEFAULT_METHODS, "SPL-IS tau=0.5", "SPL-IS tau=1", "SPL-IS tau=2",
                          "SPL-LoRA tau=2"}
     assert float(rows["SPL-LoRA tau=2"]["slope_target"]) == 0.5 and np.isfinite(float(rows["SPL-LoRA tau=2"]["slope_vs_ref"]))
+    assert float(rows["SPL-LoRA tau=2"]["slope_trained_prompts"]) == float(rows["SPL-LoRA tau=2"]["slope_vs_ref"])
     assert float(rows["SPL-IS tau=1"]["ess"]) == pytest.approx(6.0)
     assert float(rows["SPL-IS tau=0.5"]["ess"]) < 6.0 and float(rows["SPL-IS tau=2"]["ess"]) < 6.0
     pool = json.loads((tmp_path / "samples" / "pool.json").read_text())["records"]

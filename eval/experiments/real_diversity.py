@@ -199,7 +199,12 @@ def centred_slope(policy_logprobs, ref_logprobs, prompt_index) -> float:
 def train_uniform(args, out: Path, prompts, pool_groups, tau: float, model_name: str):
     """Train SPL (alpha = tau * beta) on uniform pairs with train.py; returns the run directory."""
     from eval.experiments.policies import main_job_options, train_policy
-    data = write_jsonl(out / "uniform_pairs.jsonl", uniform_pairs(prompts, pool_groups, args.pairs_per_prompt))
+    count = args.train_on or len(prompts)  # the first `count` prompts give the pairs; the rest are never trained on
+    records = uniform_pairs(prompts[:count], pool_groups[:count], args.pairs_per_prompt)
+    if not records:
+        raise ValueError(f"no pairs to train on: no prompt among the first {count} has two pool responses that "
+                         f"ended within --tokens {args.tokens} (raise --tokens or --pool)")
+    data = write_jsonl(out / "uniform_pairs.jsonl", records)
     # The main job's recipe (option-mass anchor, whole prompts per batch, LoRA on the projections and the head), with
     # --train-prompts prompts (each with its --pairs-per-prompt pairs) per step in place of its 15.
     extra = (*main_job_options(model=True), "--model", model_name, "--lr", args.lr, "--warmup-steps", 1,
@@ -222,10 +227,19 @@ def trained_records(args, out, model_dir, tokenizer, prompts, pool_groups, tau, 
         ref_nll = sequence_nll(policy, [r["prompt_ids"] for r in records], [r["token_ids"] for r in records])
     for record, nll in zip(records, ref_nll.tolist()):
         record["policy_logprob"], record["logprob"] = record["logprob"], -nll  # quality is judged by the reference
-    held_out = [r for group in pool_groups for r in group[2 * args.pairs_per_prompt:][:args.held_out] if r["token_ids"]]
+    pairs = [json.loads(line) for line in (out / "uniform_pairs.jsonl").read_text(encoding="utf-8").splitlines()]
+    trained_texts = {(pair["prompt"], text) for pair in pairs for text in (pair["chosen"], pair["rejected"])}
+    held_out = [[r for r in group if r["token_ids"] and (prompts[i], r["text"]) not in trained_texts][:args.held_out]
+                for i, group in enumerate(pool_groups)]  # pool responses never paired, per prompt
+    held_out = [r for group in held_out for r in group]
     policy_nll = sequence_nll(policy, [r["prompt_ids"] for r in held_out], [r["token_ids"] for r in held_out])
-    slope = centred_slope(-policy_nll, [r["logprob"] for r in held_out], [r["prompt_index"] for r in held_out])
-    return records, slope, seconds
+    slopes = {}
+    for name, keep in (("all", lambda i: True), ("trained_prompts", lambda i: i < (args.train_on or len(prompts))),
+                       ("new_prompts", lambda i: i >= (args.train_on or len(prompts)))):
+        rows = [k for k, r in enumerate(held_out) if keep(r["prompt_index"])]
+        slopes[name] = (centred_slope(-policy_nll[rows], [held_out[k]["logprob"] for k in rows],
+                                      [held_out[k]["prompt_index"] for k in rows]) if rows else float("nan"))
+    return records, slopes, seconds
 
 
 def load_models(args):
@@ -259,6 +273,7 @@ def parse_args(argv=None):
     p.add_argument("--train-steps", type=int, default=12)
     p.add_argument("--train-prompts", type=int, default=2, help="prompts per step (all their pairs)")
     p.add_argument("--pairs-per-prompt", type=int, default=8)
+    p.add_argument("--train-on", type=int, help="train on the first N prompts' pairs only (default: all)")
     p.add_argument("--held-out", type=int, default=8, help="held-out pool responses per prompt for the slope")
     args = p.parse_args(argv)
     quick = args.quick
@@ -276,7 +291,8 @@ def parse_args(argv=None):
                         (args.pool >= args.samples, f"--pool ({args.pool}) must be at least --samples ({args.samples})"),
                         (args.tokens >= 1, f"--tokens: at least 1, got {args.tokens}"),
                         (all(t > 0 for t in args.taus + args.train_tau), "--taus, --train-tau: positive numbers"),
-                        (args.train_steps >= 1 and args.train_prompts >= 1, "--train-steps, --train-prompts: at least 1")])
+                        (args.train_steps >= 1 and args.train_prompts >= 1, "--train-steps, --train-prompts: at least 1"),
+                        (args.train_on is None or 1 <= args.train_on <= args.prompts, "--train-on: 1 to --prompts")])
     return args
 
 
@@ -364,12 +380,13 @@ def main(argv=None) -> int:
             pool, weights, lambda i, e: resampled_vendi(e, weights[i], args.samples, 10, generator)))
     trained = []
     for tau in args.train_tau:
-        records, slope, seconds = trained_records(args, out, model_dir, tokenizer, prompts, pool_groups, tau,
-                                                  model_name, args.seed + 100)
+        records, slopes, seconds = trained_records(args, out, model_dir, tokenizer, prompts, pool_groups, tau,
+                                                   model_name, args.seed + 100)
         add(f"SPL-LoRA tau={tau:g}", "SPL trained", metrics_of(records))
-        summaries[-1].update(slope_vs_ref=slope, slope_target=1 / tau, train_seconds=round(seconds, 1),
-                             train_steps=args.train_steps)
-        trained.append({"tau": tau, "slope": slope, "target": 1 / tau, "train_seconds": seconds})
+        summaries[-1].update(slope_vs_ref=slopes["all"], slope_trained_prompts=slopes["trained_prompts"],
+                             slope_new_prompts=slopes["new_prompts"], slope_target=1 / tau,
+                             train_seconds=round(seconds, 1), train_steps=args.train_steps)
+        trained.append({"tau": tau, "slopes": slopes, "target": 1 / tau, "train_seconds": seconds})
     keys = list(dict.fromkeys(key for row in summaries for key in row))  # trained rows add their slope
     write_csv(out / "summary.csv", [{key: row.get(key, "") for key in keys} for row in summaries])
     write_csv(out / "per_prompt.csv", per_prompt)
@@ -377,8 +394,9 @@ def main(argv=None) -> int:
                                   "trained": trained, "seconds": time.perf_counter() - start})
     print(format_table(summaries))
     for t in trained:
-        print(f"SPL-LoRA tau={t['tau']:g}: slope of log pi_theta on log pi_ref {t['slope']:.3f} "
-              f"(closed form {t['target']:.3f}), trained in {t['train_seconds']:.0f} s")
+        print(f"SPL-LoRA tau={t['tau']:g}: slope of log pi_theta on log pi_ref over held-out responses "
+              f"{t['slopes']['all']:.3f} (trained prompts {t['slopes']['trained_prompts']:.3f}, new prompts "
+              f"{t['slopes']['new_prompts']:.3f}; closed form {t['target']:.3f}), trained in {t['train_seconds']:.0f} s")
     figure = plot(summaries, out / "pareto.png")
     print(f"done in {time.perf_counter() - start:.0f} s; {out / 'summary.csv'}" + (f", {figure}" if figure else ""))
     return 0
