@@ -58,19 +58,16 @@ PROMPTS = (
     "Write a motivational quote.", "Name a sport and describe it briefly.", "Invent a word and define it.",
     "Describe a sunset in one sentence.",
 )
-# name -> (family, sampling keywords of models.generate). T = 1 itself is the pool's first N samples.
-TOKEN_METHODS = {
-    "T=0.5": ("temperature", {"temperature": 0.5}), "T=0.7": ("temperature", {"temperature": 0.7}),
-    "T=0.85": ("temperature", {"temperature": 0.85}), "T=1.2": ("temperature", {"temperature": 1.2}),
-    "min-p=0.05": ("min-p", {"min_p": 0.05}), "min-p=0.1": ("min-p", {"min_p": 0.1}),
-    "min-p=0.3": ("min-p", {"min_p": 0.3}),
-    "top-p=0.8": ("top-p", {"top_p": 0.8}), "top-p=0.9": ("top-p", {"top_p": 0.9}),
-    "top-p=0.95": ("top-p", {"top_p": 0.95}),
-    "top-k=10": ("top-k", {"top_k": 10}), "top-k=20": ("top-k", {"top_k": 20}), "top-k=50": ("top-k", {"top_k": 50}),
-}
+# name -> (family, sampling keywords of models.generate). T = 1 itself is the pool's first N samples. The grid is the
+# paper's (Appendix B.3: temperature in [1, 1.5]; min-p 0.1 with T in [1.3, 4]; top-p 0.9 with T in [1.1, 1.7];
+# top-k 180 with T in [1.1, 2.5]), and T < 1 for the other end of the front.
+TOKEN_METHODS = {f"T={t:g}": ("temperature", {"temperature": t}) for t in (0.5, 0.7, 0.85, 1.2, 1.5)}
+TOKEN_METHODS |= {f"min-p=0.1,T={t:g}": ("min-p", {"min_p": 0.1, "temperature": t}) for t in (1.5, 2.0, 3.0)}
+TOKEN_METHODS |= {f"top-p=0.9,T={t:g}": ("top-p", {"top_p": 0.9, "temperature": t}) for t in (1.3, 1.7)}
+TOKEN_METHODS |= {f"top-k=180,T={t:g}": ("top-k", {"top_k": 180, "temperature": t}) for t in (1.5, 2.5)}
 # The default sweep: what a 2-core machine shared with six other jobs sampled in about 40 minutes (--methods all).
-DEFAULT_METHODS = ("T=0.7", "T=1.2", "min-p=0.1", "min-p=0.3", "top-p=0.9", "top-k=20")
-TAUS = (0.5, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0)  # sequence-level temperatures for (a)
+DEFAULT_METHODS = ("T=1.2", "T=1.5", "min-p=0.1,T=1.5", "min-p=0.1,T=2", "top-p=0.9,T=1.3", "top-k=180,T=1.5")
+TAUS = (0.5, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0, 3.0)  # sequence-level temperatures for (a); the paper's SPL: [1, 11]
 
 # ---- the sequence-level temperature by importance resampling (a) ------------------------------------------------
 
@@ -314,18 +311,13 @@ def plot(rows: list[dict], path: Path):
         print("matplotlib not installed (pip install matplotlib): no plot", file=sys.stderr)
         return None
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    base = [r for r in rows if r["method"] == "T=1"]
     for family in dict.fromkeys(r["family"] for r in rows):
-        members = [r for r in rows if r["family"] == family]
-        if family in ("min-p", "top-p", "top-k"):
-            members = base + members  # each filter reaches T = 1 at its loose end
-        if family == "temperature":
-            members = sorted(members, key=lambda r: float(r["method"].split("=")[1]))
+        members = sorted((r for r in rows if r["family"] == family), key=lambda r: float(r["method"].split("=")[-1]))
         style = "-o" if family != "SPL trained" else "*"
         for ax, (x, y) in zip(axes, (("per_token_loss", "pairwise_distance"), ("relevance", "vendi"))):
             ax.plot([r[x] for r in members], [r[y] for r in members], style, label=family, markersize=6)
             for r in members:
-                ax.annotate(r["method"].split("=")[-1], (r[x], r[y]), fontsize=6)
+                ax.annotate(r["method"].split("=")[-1], (r[x], r[y]), fontsize=6)  # T or tau
     axes[0].set(xlabel="per-token loss under the reference (lower: better)", ylabel="mean pairwise cosine distance")
     axes[1].set(xlabel="relevance cos(prompt, response) (higher: better)", ylabel="Vendi score")
     axes[0].legend(fontsize=7)
