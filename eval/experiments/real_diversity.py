@@ -67,7 +67,7 @@ TOKEN_METHODS |= {f"top-p=0.9,T={t:g}": ("top-p", {"top_p": 0.9, "temperature": 
 TOKEN_METHODS |= {f"top-k=180,T={t:g}": ("top-k", {"top_k": 180, "temperature": t}) for t in (1.5, 2.5)}
 # The default sweep: what a 2-core machine shared with six other jobs sampled in about 40 minutes (--methods all).
 DEFAULT_METHODS = ("T=1.2", "T=1.5", "min-p=0.1,T=1.5", "min-p=0.1,T=2", "top-p=0.9,T=1.3", "top-k=180,T=1.5")
-TAUS = (0.5, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0, 3.0)  # sequence-level temperatures for (a); the paper's SPL: [1, 11]
+TAUS = (0.5, 0.7, 0.85, 0.95, 1.0, 1.05, 1.25, 1.5, 2.0, 3.0)  # sequence-level temperatures for (a); the paper's SPL: [1, 11]
 
 # ---- the sequence-level temperature by importance resampling (a) ------------------------------------------------
 
