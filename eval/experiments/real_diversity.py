@@ -337,11 +337,19 @@ def main(argv=None) -> int:
     prompt_embeddings = encoder.encode(prompts)  # (P, D)
     common = {"model": model_name, "prompts": prompts, "tokens": args.tokens, "seed": args.seed}
 
+    embedded = {}  # text -> embedding: the pool is scored once per tau, its texts encoded once
+
+    def embed(texts):
+        missing = list(dict.fromkeys(t for t in texts if t not in embedded))
+        if missing:
+            embedded.update(zip(missing, encoder.encode(missing)))
+        return torch.stack([embedded[t] for t in texts])  # (M, D)
+
     def metrics_of(records, weights=None, vendi=None):
         groups = by_prompt(records, len(prompts))
         rows = []
         for i, group in enumerate(groups):
-            embeddings = encoder.encode([r["text"] for r in group])
+            embeddings = embed([r["text"] for r in group])
             rows.append(prompt_metrics(embeddings, prompt_embeddings[i], [r["logprob"] for r in group],
                                        [len(r["token_ids"]) for r in group], [r["eos"] for r in group],
                                        None if weights is None else weights[i], None if vendi is None else vendi(i, embeddings)))
