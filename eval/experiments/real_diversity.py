@@ -49,7 +49,8 @@ from eval.experiments.common import (check_arguments, experiment_parser, parse_l
 
 PROMPTS = (
     "Write a one-sentence story about a dragon.", "Name a fruit.", "Suggest a name for a cat.",
-    "Give me an idea for a weekend hobby.", "Describe the ocean in one sentence.", "Name a color and say why you like it.",
+    "Give me an idea for a weekend hobby.", "Describe the ocean in one sentence.",
+    "Name a color and say why you like it.",
     "Write a short poem about rain.", "Suggest a title for a mystery novel.", "Tell me a fun fact about space.",
     "Name a famous scientist.", "Invent a new ice cream flavor.", "Give me a tip for staying focused.",
     "Describe a city at night in one sentence.", "Suggest a name for a coffee shop.", "Write a riddle.",
@@ -67,7 +68,8 @@ TOKEN_METHODS |= {f"top-p=0.9,T={t:g}": ("top-p", {"top_p": 0.9, "temperature": 
 TOKEN_METHODS |= {f"top-k=180,T={t:g}": ("top-k", {"top_k": 180, "temperature": t}) for t in (1.5, 2.5)}
 # The default sweep: what a 2-core machine shared with six other jobs sampled in about 40 minutes (--methods all).
 DEFAULT_METHODS = ("T=1.2", "T=1.5", "min-p=0.1,T=1.5", "min-p=0.1,T=2", "top-p=0.9,T=1.3", "top-k=180,T=1.5")
-TAUS = (0.5, 0.7, 0.85, 0.95, 1.0, 1.05, 1.25, 1.5, 2.0, 3.0)  # sequence-level temperatures for (a); the paper's SPL: [1, 11]
+# sequence-level temperatures for (a); the paper's SPL sweeps alpha/beta in [1, 11]
+TAUS = (0.5, 0.7, 0.85, 0.95, 1.0, 1.05, 1.25, 1.5, 2.0, 3.0)
 
 # ---- the sequence-level temperature by importance resampling (a) ------------------------------------------------
 
@@ -98,7 +100,8 @@ def resampled_vendi(embeddings, weights, draws: int, repeats: int, generator) ->
     """Mean Vendi score of `draws` responses drawn with replacement by `weights` (SIR), over `repeats` drawings."""
     from eval.metrics import vendi_score
     w = torch.as_tensor(weights, dtype=torch.float64)
-    scores = [vendi_score(torch.as_tensor(embeddings)[torch.multinomial(w, draws, replacement=True, generator=generator)])
+    embeddings = torch.as_tensor(embeddings)
+    scores = [vendi_score(embeddings[torch.multinomial(w, draws, replacement=True, generator=generator)])
               for _ in range(repeats)]
     return float(np.mean(scores))
 
@@ -212,7 +215,8 @@ def train_uniform(args, out: Path, prompts, pool_groups, tau: float, model_name:
 
 def trained_records(args, out, model_dir, tokenizer, prompts, pool_groups, tau, model_name, seed):
     """(b): train, sample the policy at T = 1, score its samples under the reference (adapters off), and measure
-    the slope of log pi_theta on log pi_ref over held-out pool responses. -> (records, slope, seconds)."""
+    the slope of log pi_theta on log pi_ref over held-out pool responses (all, on trained prompts, on prompts
+    never trained on). -> (records, slopes, seconds)."""
     from eval.metrics import sequence_nll
     from models import disable_lora, load_adapter, load_pretrained
     start = time.perf_counter()
@@ -285,10 +289,12 @@ def parse_args(argv=None):
     check_arguments(p, [(not unknown, f"--methods: unknown {', '.join(unknown)} (known: {', '.join(TOKEN_METHODS)})"),
                         (1 <= args.prompts <= len(PROMPTS), f"--prompts: 1 to {len(PROMPTS)}, got {args.prompts}"),
                         (args.samples >= 2, f"--samples: at least 2 (pairs), got {args.samples}"),
-                        (args.pool >= args.samples, f"--pool ({args.pool}) must be at least --samples ({args.samples})"),
+                        (args.pool >= args.samples, f"--pool ({args.pool}) must be at least --samples "
+                                                    f"({args.samples})"),
                         (args.tokens >= 1, f"--tokens: at least 1, got {args.tokens}"),
                         (all(t > 0 for t in args.taus + args.train_tau), "--taus, --train-tau: positive numbers"),
-                        (args.train_steps >= 1 and args.train_prompts >= 1, "--train-steps, --train-prompts: at least 1"),
+                        (args.train_steps >= 1 and args.train_prompts >= 1,
+                         "--train-steps, --train-prompts: at least 1"),
                         (args.train_on is None or 1 <= args.train_on <= args.prompts, "--train-on: 1 to --prompts")])
     return args
 
@@ -352,13 +358,15 @@ def main(argv=None) -> int:
             embeddings = embed([r["text"] for r in group])
             rows.append(prompt_metrics(embeddings, prompt_embeddings[i], [r["logprob"] for r in group],
                                        [len(r["token_ids"]) for r in group], [r["eos"] for r in group],
-                                       None if weights is None else weights[i], None if vendi is None else vendi(i, embeddings)))
+                                       None if weights is None else weights[i],
+                                       None if vendi is None else vendi(i, embeddings)))
         return rows
 
     pool = cached(out / "samples" / "pool.json", {**common, "samples": args.pool},
                   lambda: sample_method(model, tokenizer, prompts, args.pool, args.tokens, args.seed))
     pool_groups = by_prompt(pool, len(prompts))
-    print(f"pool: {args.pool} samples x {len(prompts)} prompts at T = 1 ({time.perf_counter() - start:.0f} s)", flush=True)
+    print(f"pool: {args.pool} samples x {len(prompts)} prompts at T = 1 ({time.perf_counter() - start:.0f} s)",
+          flush=True)
     summaries, per_prompt = [], []
 
     def add(name, family, rows):
@@ -396,7 +404,8 @@ def main(argv=None) -> int:
     for t in trained:
         print(f"SPL-LoRA tau={t['tau']:g}: slope of log pi_theta on log pi_ref over held-out responses "
               f"{t['slopes']['all']:.3f} (trained prompts {t['slopes']['trained_prompts']:.3f}, new prompts "
-              f"{t['slopes']['new_prompts']:.3f}; closed form {t['target']:.3f}), trained in {t['train_seconds']:.0f} s")
+              f"{t['slopes']['new_prompts']:.3f}; closed form {t['target']:.3f}), "
+              f"trained in {t['train_seconds']:.0f} s")
     figure = plot(summaries, out / "pareto.png")
     print(f"done in {time.perf_counter() - start:.0f} s; {out / 'summary.csv'}" + (f", {figure}" if figure else ""))
     return 0
