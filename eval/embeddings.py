@@ -298,8 +298,9 @@ def load_minilm(path=None) -> SentenceEncoder:
         state = load_safetensors(read("model.safetensors"))
     except (KeyError, FileNotFoundError) as error:
         raise FileNotFoundError(f"{path}: missing a file of the model ({error})") from None
-    if not pooling.get("pooling_mode_mean_tokens") or any(
-            value for key, value in pooling.items() if key.startswith("pooling_mode_") and key != "pooling_mode_mean_tokens"):
+    others = [key for key, value in pooling.items()
+              if key.startswith("pooling_mode_") and key != "pooling_mode_mean_tokens" and value]
+    if not pooling.get("pooling_mode_mean_tokens") or others:
         raise ValueError(f"{path}: 1_Pooling/config.json: only mean pooling is implemented, got {pooling}")
     with torch.device("meta"):
         model = BertEncoder(config)

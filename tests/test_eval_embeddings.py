@@ -16,7 +16,7 @@ from eval import embeddings
 CORPUS = [
     "Write a one-sentence story about a dragon.",
     "Once upon a time, a small dragon named Ember hoarded books instead of gold!",
-    "Café, résumé, naïve, Ångström, façade; ΣΟΦΙΑ and σοφός",  # accents stripped; per-character lowercase
+    "Café, résumé, naïve, Ångström, façade; ΣΟΦΙΑ and σοφός",  # accents stripped, lowercased per character
     "İstanbul ﬁne ﬂour",  # dotted capital I, ligatures
     "日本語のテキスト and 中文字符 mixed with 한국어",  # CJK ideographs split, kana and hangul not
     "tab\tnew\nline\rret\x0bvt\x0cff\x85nel\u2028ls\u00a0nbsp\u3000ideo\u200bzwsp",  # whitespace vs controls
@@ -30,7 +30,8 @@ CORPUS = [
     "Numbers 3.14159, 1,000,000 and 2nd/3rd; e-mail a.b@c.org; URL https://x.y/z?q=1",
     "A cat named Whiskers. " * 40,  # over 256 ids: truncated to 254 pieces + [CLS] + [SEP]
 ]
-FILES = ["config.json", "1_Pooling/config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+FILES = ["config.json", "1_Pooling/config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+         "special_tokens_map.json"]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Claim 2 on real text: SPL's sequence-level temperature against token-level sampling on SmolLM2-135M-Instruct.
 
-    python -m eval.experiments.real_diversity                  # 16 prompts: the sweep, the table, the Pareto plot
+    python -m eval.experiments.real_diversity                  # 12 prompts: the sweep, the table, the Pareto plot
     python -m eval.experiments.real_diversity --train-tau 2    # and SPL trained on uniform preferences (LoRA)
     python -m eval.experiments.real_diversity --quick          # the world's tiny model, 2 prompts (the test)
 
@@ -49,7 +49,8 @@ from eval.experiments.common import (check_arguments, experiment_parser, parse_l
 
 PROMPTS = (
     "Write a one-sentence story about a dragon.", "Name a fruit.", "Suggest a name for a cat.",
-    "Give me an idea for a weekend hobby.", "Describe the ocean in one sentence.", "Name a color and say why you like it.",
+    "Give me an idea for a weekend hobby.", "Describe the ocean in one sentence.",
+    "Name a color and say why you like it.",
     "Write a short poem about rain.", "Suggest a title for a mystery novel.", "Tell me a fun fact about space.",
     "Name a famous scientist.", "Invent a new ice cream flavor.", "Give me a tip for staying focused.",
     "Describe a city at night in one sentence.", "Suggest a name for a coffee shop.", "Write a riddle.",
@@ -58,15 +59,17 @@ PROMPTS = (
     "Write a motivational quote.", "Name a sport and describe it briefly.", "Invent a word and define it.",
     "Describe a sunset in one sentence.",
 )
-# name -> (family, sampling keywords of models.generate). T = 1 itself is the pool's first N samples.
-TOKEN_METHODS = {
-    "T=0.6": ("temperature", {"temperature": 0.6}), "T=0.8": ("temperature", {"temperature": 0.8}),
-    "T=1.2": ("temperature", {"temperature": 1.2}),
-    "min-p=0.1": ("min-p", {"min_p": 0.1}), "min-p=0.3": ("min-p", {"min_p": 0.3}),
-    "top-p=0.8": ("top-p", {"top_p": 0.8}), "top-p=0.95": ("top-p", {"top_p": 0.95}),
-    "top-k=10": ("top-k", {"top_k": 10}), "top-k=50": ("top-k", {"top_k": 50}),
-}
-TAUS = (0.5, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0)  # sequence-level temperatures for (a)
+# name -> (family, sampling keywords of models.generate). T = 1 itself is the pool's first N samples. The grid is the
+# paper's (Appendix B.3: temperature in [1, 1.5]; min-p 0.1 with T in [1.3, 4]; top-p 0.9 with T in [1.1, 1.7];
+# top-k 180 with T in [1.1, 2.5]), and T < 1 for the other end of the front.
+TOKEN_METHODS = {f"T={t:g}": ("temperature", {"temperature": t}) for t in (0.5, 0.7, 0.85, 1.2, 1.5)}
+TOKEN_METHODS |= {f"min-p=0.1,T={t:g}": ("min-p", {"min_p": 0.1, "temperature": t}) for t in (1.5, 2.0, 3.0)}
+TOKEN_METHODS |= {f"top-p=0.9,T={t:g}": ("top-p", {"top_p": 0.9, "temperature": t}) for t in (1.3, 1.7)}
+TOKEN_METHODS |= {f"top-k=180,T={t:g}": ("top-k", {"top_k": 180, "temperature": t}) for t in (1.5, 2.5)}
+# The default sweep: what a 2-core machine shared with six other jobs sampled in about 40 minutes (--methods all).
+DEFAULT_METHODS = ("T=1.2", "T=1.5", "min-p=0.1,T=1.5", "min-p=0.1,T=2", "top-p=0.9,T=1.3", "top-k=180,T=1.5")
+# sequence-level temperatures for (a); the paper's SPL sweeps alpha/beta in [1, 11]
+TAUS = (0.5, 0.7, 0.85, 0.95, 1.0, 1.05, 1.25, 1.5, 2.0, 3.0)
 
 # ---- the sequence-level temperature by importance resampling (a) ------------------------------------------------
 
@@ -97,7 +100,8 @@ def resampled_vendi(embeddings, weights, draws: int, repeats: int, generator) ->
     """Mean Vendi score of `draws` responses drawn with replacement by `weights` (SIR), over `repeats` drawings."""
     from eval.metrics import vendi_score
     w = torch.as_tensor(weights, dtype=torch.float64)
-    scores = [vendi_score(torch.as_tensor(embeddings)[torch.multinomial(w, draws, replacement=True, generator=generator)])
+    embeddings = torch.as_tensor(embeddings)
+    scores = [vendi_score(embeddings[torch.multinomial(w, draws, replacement=True, generator=generator)])
               for _ in range(repeats)]
     return float(np.mean(scores))
 
@@ -195,16 +199,24 @@ def centred_slope(policy_logprobs, ref_logprobs, prompt_index) -> float:
 def train_uniform(args, out: Path, prompts, pool_groups, tau: float, model_name: str):
     """Train SPL (alpha = tau * beta) on uniform pairs with train.py; returns the run directory."""
     from eval.experiments.policies import main_job_options, train_policy
-    data = write_jsonl(out / "uniform_pairs.jsonl", uniform_pairs(prompts, pool_groups, args.pairs_per_prompt))
+    count = args.train_on or len(prompts)  # the first `count` prompts give the pairs; the rest are never trained on
+    records = uniform_pairs(prompts[:count], pool_groups[:count], args.pairs_per_prompt)
+    if not records:
+        raise ValueError(f"no pairs to train on: no prompt among the first {count} has two pool responses that "
+                         f"ended within --tokens {args.tokens} (raise --tokens or --pool)")
+    data = write_jsonl(out / "uniform_pairs.jsonl", records)
+    # The main job's recipe (option-mass anchor, whole prompts per batch, LoRA on the projections and the head), with
+    # --train-prompts prompts (each with its --pairs-per-prompt pairs) per step in place of its 15.
     extra = (*main_job_options(model=True), "--model", model_name, "--lr", args.lr, "--warmup-steps", 1,
-             "--batch-size", args.train_batch, "--prompts-per-batch", 0, "--anchor", 0, "--threads", args.threads or 1)
+             "--prompts-per-batch", args.train_prompts, "--threads", args.threads or 1)
     return train_policy(out / f"spl_tau{tau:g}", data, round(tau * args.beta, 10), args.beta, "spl", args.train_steps,
                         extra=tuple(extra), progress=args.progress)
 
 
 def trained_records(args, out, model_dir, tokenizer, prompts, pool_groups, tau, model_name, seed):
     """(b): train, sample the policy at T = 1, score its samples under the reference (adapters off), and measure
-    the slope of log pi_theta on log pi_ref over held-out pool responses. -> (records, slope, seconds)."""
+    the slope of log pi_theta on log pi_ref over held-out pool responses (all, on trained prompts, on prompts
+    never trained on). -> (records, slopes, seconds)."""
     from eval.metrics import sequence_nll
     from models import disable_lora, load_adapter, load_pretrained
     start = time.perf_counter()
@@ -216,10 +228,19 @@ def trained_records(args, out, model_dir, tokenizer, prompts, pool_groups, tau, 
         ref_nll = sequence_nll(policy, [r["prompt_ids"] for r in records], [r["token_ids"] for r in records])
     for record, nll in zip(records, ref_nll.tolist()):
         record["policy_logprob"], record["logprob"] = record["logprob"], -nll  # quality is judged by the reference
-    held_out = [r for group in pool_groups for r in group[2 * args.pairs_per_prompt:][:args.held_out] if r["token_ids"]]
+    pairs = [json.loads(line) for line in (out / "uniform_pairs.jsonl").read_text(encoding="utf-8").splitlines()]
+    trained_texts = {(pair["prompt"], text) for pair in pairs for text in (pair["chosen"], pair["rejected"])}
+    held_out = [[r for r in group if r["token_ids"] and (prompts[i], r["text"]) not in trained_texts][:args.held_out]
+                for i, group in enumerate(pool_groups)]  # pool responses never paired, per prompt
+    held_out = [r for group in held_out for r in group]
     policy_nll = sequence_nll(policy, [r["prompt_ids"] for r in held_out], [r["token_ids"] for r in held_out])
-    slope = centred_slope(-policy_nll, [r["logprob"] for r in held_out], [r["prompt_index"] for r in held_out])
-    return records, slope, seconds
+    slopes = {}
+    for name, keep in (("all", lambda i: True), ("trained_prompts", lambda i: i < (args.train_on or len(prompts))),
+                       ("new_prompts", lambda i: i >= (args.train_on or len(prompts)))):
+        rows = [k for k, r in enumerate(held_out) if keep(r["prompt_index"])]
+        slopes[name] = (centred_slope(-policy_nll[rows], [held_out[k]["logprob"] for k in rows],
+                                      [held_out[k]["prompt_index"] for k in rows]) if rows else float("nan"))
+    return records, slopes, seconds
 
 
 def load_models(args):
@@ -241,30 +262,40 @@ def parse_args(argv=None):
                           "unused (--taus sets the sequence-level temperatures)", beta=0.1, steps=12, lr=1e-3,
                           steps_help="unused (--train-steps)")
     p.add_argument("--model", default="smollm2", help="the reference model (default smollm2)")
-    p.add_argument("--prompts", type=int, help=f"how many of the {len(PROMPTS)} prompts (default 16; --quick 2)")
-    p.add_argument("--samples", type=int, help="N: samples per prompt and method (default 10; --quick 3)")
-    p.add_argument("--pool", type=int, help="M: T = 1 samples per prompt for resampling (default 48; --quick 6)")
+    p.add_argument("--prompts", type=int, help=f"how many of the {len(PROMPTS)} prompts (default 12; --quick 2)")
+    p.add_argument("--samples", type=int, help="N: samples per prompt and method (default 8; --quick 3)")
+    p.add_argument("--pool", type=int, help="M: T = 1 samples per prompt for resampling (default 32; --quick 6)")
     p.add_argument("--tokens", type=int, help="new tokens per response (default 32; --quick 6)")
     p.add_argument("--taus", help=f"sequence-level temperatures (default {','.join(map(str, TAUS))})")
+    p.add_argument("--methods", help=f"comma-separated token-level methods of {', '.join(TOKEN_METHODS)}, or all "
+                   f"(default {','.join(DEFAULT_METHODS)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-tau", help="comma-separated tau = alpha/beta to train on uniform pairs (default none)")
     p.add_argument("--train-steps", type=int, default=12)
-    p.add_argument("--train-batch", type=int, default=16, help="pairs per step")
+    p.add_argument("--train-prompts", type=int, default=2, help="prompts per step (all their pairs)")
     p.add_argument("--pairs-per-prompt", type=int, default=8)
+    p.add_argument("--train-on", type=int, help="train on the first N prompts' pairs only (default: all)")
     p.add_argument("--held-out", type=int, default=8, help="held-out pool responses per prompt for the slope")
     args = p.parse_args(argv)
     quick = args.quick
-    args.prompts = args.prompts or (2 if quick else 16)
-    args.samples, args.pool = args.samples or (3 if quick else 10), args.pool or (6 if quick else 48)
+    args.prompts = args.prompts or (2 if quick else 12)
+    args.samples, args.pool = args.samples or (3 if quick else 8), args.pool or (6 if quick else 32)
     args.tokens = args.tokens or (6 if quick else 32)
     args.taus = parse_list(p, "--taus", args.taus, TAUS)
     args.train_tau = parse_list(p, "--train-tau", args.train_tau, ())
-    check_arguments(p, [(1 <= args.prompts <= len(PROMPTS), f"--prompts: 1 to {len(PROMPTS)}, got {args.prompts}"),
+    args.methods = (tuple(TOKEN_METHODS) if args.methods == "all" else
+                    DEFAULT_METHODS if args.methods is None else tuple(args.methods.split(",")))
+    unknown = [m for m in args.methods if m not in TOKEN_METHODS]
+    check_arguments(p, [(not unknown, f"--methods: unknown {', '.join(unknown)} (known: {', '.join(TOKEN_METHODS)})"),
+                        (1 <= args.prompts <= len(PROMPTS), f"--prompts: 1 to {len(PROMPTS)}, got {args.prompts}"),
                         (args.samples >= 2, f"--samples: at least 2 (pairs), got {args.samples}"),
-                        (args.pool >= args.samples, f"--pool ({args.pool}) must be at least --samples ({args.samples})"),
+                        (args.pool >= args.samples, f"--pool ({args.pool}) must be at least --samples "
+                                                    f"({args.samples})"),
                         (args.tokens >= 1, f"--tokens: at least 1, got {args.tokens}"),
                         (all(t > 0 for t in args.taus + args.train_tau), "--taus, --train-tau: positive numbers"),
-                        (args.train_steps >= 1 and args.train_batch >= 1, "--train-steps, --train-batch: at least 1")])
+                        (args.train_steps >= 1 and args.train_prompts >= 1,
+                         "--train-steps, --train-prompts: at least 1"),
+                        (args.train_on is None or 1 <= args.train_on <= args.prompts, "--train-on: 1 to --prompts")])
     return args
 
 
@@ -286,16 +317,13 @@ def plot(rows: list[dict], path: Path):
         print("matplotlib not installed (pip install matplotlib): no plot", file=sys.stderr)
         return None
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    base = [r for r in rows if r["method"] == "T=1"]
     for family in dict.fromkeys(r["family"] for r in rows):
-        members = [r for r in rows if r["family"] == family]
-        if family in ("min-p", "top-p", "top-k"):
-            members = base + members  # each filter reaches T = 1 at its loose end
+        members = sorted((r for r in rows if r["family"] == family), key=lambda r: float(r["method"].split("=")[-1]))
         style = "-o" if family != "SPL trained" else "*"
         for ax, (x, y) in zip(axes, (("per_token_loss", "pairwise_distance"), ("relevance", "vendi"))):
             ax.plot([r[x] for r in members], [r[y] for r in members], style, label=family, markersize=6)
             for r in members:
-                ax.annotate(r["method"].split("=")[-1], (r[x], r[y]), fontsize=6)
+                ax.annotate(r["method"].split("=")[-1], (r[x], r[y]), fontsize=6)  # T or tau
     axes[0].set(xlabel="per-token loss under the reference (lower: better)", ylabel="mean pairwise cosine distance")
     axes[1].set(xlabel="relevance cos(prompt, response) (higher: better)", ylabel="Vendi score")
     axes[0].legend(fontsize=7)
@@ -315,20 +343,30 @@ def main(argv=None) -> int:
     prompt_embeddings = encoder.encode(prompts)  # (P, D)
     common = {"model": model_name, "prompts": prompts, "tokens": args.tokens, "seed": args.seed}
 
+    embedded = {}  # text -> embedding: the pool is scored once per tau, its texts encoded once
+
+    def embed(texts):
+        missing = list(dict.fromkeys(t for t in texts if t not in embedded))
+        if missing:
+            embedded.update(zip(missing, encoder.encode(missing)))
+        return torch.stack([embedded[t] for t in texts])  # (M, D)
+
     def metrics_of(records, weights=None, vendi=None):
         groups = by_prompt(records, len(prompts))
         rows = []
         for i, group in enumerate(groups):
-            embeddings = encoder.encode([r["text"] for r in group])
+            embeddings = embed([r["text"] for r in group])
             rows.append(prompt_metrics(embeddings, prompt_embeddings[i], [r["logprob"] for r in group],
                                        [len(r["token_ids"]) for r in group], [r["eos"] for r in group],
-                                       None if weights is None else weights[i], None if vendi is None else vendi(i, embeddings)))
+                                       None if weights is None else weights[i],
+                                       None if vendi is None else vendi(i, embeddings)))
         return rows
 
     pool = cached(out / "samples" / "pool.json", {**common, "samples": args.pool},
                   lambda: sample_method(model, tokenizer, prompts, args.pool, args.tokens, args.seed))
     pool_groups = by_prompt(pool, len(prompts))
-    print(f"pool: {args.pool} samples x {len(prompts)} prompts at T = 1 ({time.perf_counter() - start:.0f} s)", flush=True)
+    print(f"pool: {args.pool} samples x {len(prompts)} prompts at T = 1 ({time.perf_counter() - start:.0f} s)",
+          flush=True)
     summaries, per_prompt = [], []
 
     def add(name, family, rows):
@@ -336,7 +374,8 @@ def main(argv=None) -> int:
         per_prompt.extend({"method": name, "prompt": prompts[i], **row} for i, row in enumerate(rows))
 
     add("T=1", "temperature", metrics_of([r for g in pool_groups for r in g[:args.samples]]))
-    for index, (name, (family, sampling)) in enumerate(TOKEN_METHODS.items()):
+    for name in args.methods:
+        index, (family, sampling) = list(TOKEN_METHODS).index(name), TOKEN_METHODS[name]
         records = cached(out / "samples" / f"{name}.json", {**common, "samples": args.samples, **sampling},
                          lambda: sample_method(model, tokenizer, prompts, args.samples, args.tokens,
                                                args.seed + 1 + index, **sampling))
@@ -349,20 +388,24 @@ def main(argv=None) -> int:
             pool, weights, lambda i, e: resampled_vendi(e, weights[i], args.samples, 10, generator)))
     trained = []
     for tau in args.train_tau:
-        records, slope, seconds = trained_records(args, out, model_dir, tokenizer, prompts, pool_groups, tau,
-                                                  model_name, args.seed + 100)
+        records, slopes, seconds = trained_records(args, out, model_dir, tokenizer, prompts, pool_groups, tau,
+                                                   model_name, args.seed + 100)
         add(f"SPL-LoRA tau={tau:g}", "SPL trained", metrics_of(records))
-        summaries[-1].update(slope_vs_ref=slope, slope_target=1 / tau, train_seconds=round(seconds, 1),
-                             train_steps=args.train_steps)
-        trained.append({"tau": tau, "slope": slope, "target": 1 / tau, "train_seconds": seconds})
-    write_csv(out / "summary.csv", summaries)
+        summaries[-1].update(slope_vs_ref=slopes["all"], slope_trained_prompts=slopes["trained_prompts"],
+                             slope_new_prompts=slopes["new_prompts"], slope_target=1 / tau,
+                             train_seconds=round(seconds, 1), train_steps=args.train_steps)
+        trained.append({"tau": tau, "slopes": slopes, "target": 1 / tau, "train_seconds": seconds})
+    keys = list(dict.fromkeys(key for row in summaries for key in row))  # trained rows add their slope
+    write_csv(out / "summary.csv", [{key: row.get(key, "") for key in keys} for row in summaries])
     write_csv(out / "per_prompt.csv", per_prompt)
     write_json(out / "run.json", {**common, "samples": args.samples, "pool": args.pool, "taus": list(args.taus),
                                   "trained": trained, "seconds": time.perf_counter() - start})
     print(format_table(summaries))
     for t in trained:
-        print(f"SPL-LoRA tau={t['tau']:g}: slope of log pi_theta on log pi_ref {t['slope']:.3f} "
-              f"(closed form {t['target']:.3f}), trained in {t['train_seconds']:.0f} s")
+        print(f"SPL-LoRA tau={t['tau']:g}: slope of log pi_theta on log pi_ref over held-out responses "
+              f"{t['slopes']['all']:.3f} (trained prompts {t['slopes']['trained_prompts']:.3f}, new prompts "
+              f"{t['slopes']['new_prompts']:.3f}; closed form {t['target']:.3f}), "
+              f"trained in {t['train_seconds']:.0f} s")
     figure = plot(summaries, out / "pareto.png")
     print(f"done in {time.perf_counter() - start:.0f} s; {out / 'summary.csv'}" + (f", {figure}" if figure else ""))
     return 0
