@@ -14,7 +14,7 @@ pairs of the first items only, over three training seeds; the last items are hel
   --items world (default): the world's 48 items and its reference model (data/world/mcq.py, trained on them);
   --items N: N new items of the same law about towns the world never named (data/world/calibration_items.py) and a
      base made here, the world's reference after LoRA SFT on their answers, merged. Measured 2026-12-07: at 400 steps
-     of 32 answers the base had not begun to learn them (docs/claims-representation-calibration.md), so the
+     of 32 answers the base had not begun to learn them (docs/claims.md), so the
      default stays the world's own items.
 
 Every policy and the base are scored on each split by the letters' probabilities after Appendix D's prompt
