@@ -38,6 +38,14 @@ def native_bf16(device: torch.device) -> bool:
     return device.type != "cpu" or _cpu_has_bf16_units()
 
 
+def bf16_note(device) -> str:
+    """What a bf16 model does on `device`, for train.py's start-up line: nothing to say but on a CPU without bf16
+    matrix units."""
+    if native_bf16(torch.device(device)):
+        return ""
+    return " (bfloat16 weights; no bf16 matrix units on this CPU, so products run in float32: models/bf16.py)"
+
+
 def upcast(tensor: torch.Tensor) -> bool:
     """Whether `tensor`'s products go through float32 here: a bf16 tensor where bf16 is not native."""
     return tensor.dtype == torch.bfloat16 and not native_bf16(tensor.device)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from data.tokenization import check_lengths
 from models.chat_format import FORMATS as CHAT_FORMATS
+from models.bf16 import bf16_note
 from models.lora import HEAD_TARGET, TARGET_NAMES, check_head_dropout, max_rank, resolve_targets
 from spl.cli import ArgumentParser, UsageError, check_seed, check_threads
 from spl.evaluation import check_evaluation_options
@@ -467,6 +468,7 @@ def describe(c: TrainConfig, num_parameters: int, trainable: dict, num_examples:
             f"trainable{' (LoRA)' if c.lora_rank else ''}; {num_examples} examples, {total_steps} steps of "
             f"{f'{c.prompts_per_batch} prompts' if c.prompts_per_batch else c.batch_size}"
             f"{f', anchor {c.anchor:g}' if c.anchor else ''} on {device}{processes}"
+            f"{bf16_note(device) if c.dtype == 'bfloat16' else ''}"
             + "".join("\n" + line for line in warnings(c, total_steps)))
 
 

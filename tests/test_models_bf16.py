@@ -73,3 +73,18 @@ def test_frozen_linear_keeps_the_bf16_weight_and_rounds_like_bf16(monkeypatch):
 def test_native_bf16_can_be_forced(monkeypatch, forced, expected):
     monkeypatch.setenv("SPL_NATIVE_BF16", forced)
     assert native_bf16(torch.device("cpu")) is expected
+
+
+def test_start_up_line_says_what_bf16_does_on_this_cpu(monkeypatch):
+    """Invariant: train.py's summary line names the float32 products exactly when models/bf16.py takes that path
+    (`native_bf16` false), and says nothing for float32 runs or bf16 kernels."""
+    import torch
+
+    from models.bf16 import native_bf16
+    from spl.config import describe, parse_args
+    cpu = torch.device("cpu")
+    for forced in ("0", "1"):
+        monkeypatch.setenv("SPL_NATIVE_BF16", forced)
+        line = describe(parse_args(["--dtype", "bfloat16"]), 2e6, {}, 10, 30, 1, cpu)
+        assert ("products run in float32" in line) == (not native_bf16(cpu)) == (forced == "0")
+        assert "products run in float32" not in describe(parse_args([]), 2e6, {}, 10, 30, 1, cpu)
