@@ -178,6 +178,11 @@ def test_every_real_token_goes_through_the_mlp_once_and_no_padding_does(tiny_mod
     per_prompt = mlp_token_counts(model, batch, tree=False)  # two layers: prefixes (one), then rows (both)
     assert per_prompt == [sum(n - 1 for n in prompt_lengths.values())] + [continuation_tokens] * 2
     assert sum(seen) < sum(per_prompt) < batch["input_ids"].numel() * 2
+    batch = few_shot_batch()  # a shared few-shot opening, a repeated prompt (as in a reference pass's pairs)
+    seen = mlp_token_counts(model, batch)
+    # the opening once, then each question's tokens but its last (the continuation's first) once: 14 + 4 + 8 + 2;
+    # the repeated prompt and the two prompts inside others add nothing
+    assert sum(seen[:-2]) == len(distinct_prefixes(batch)) == 14 + 4 + 8 + 2
 
 
 def few_shot_batch(seed=0):

@@ -14,11 +14,15 @@ the one that keeps the most is CHOSEN, a few-shot conversation (earlier turns an
 The preference data are the world's Bradley-Terry soft pairs (data/world/opinion_pairs_soft.jsonl: the same pairs
 and labels) with the prompt replaced by that conversation, written to --out (pairs.jsonl). Each run is train.py
 with --model smollm2 and the main job's recipe (spl/config.py WORLD_MAIN_JOB: anchor 0.1, whole prompts per batch,
-LoRA on the seven projections and the tied lm_head), fewer steps at a larger step size so that a run fits the
-2-core machine. The report is the main job's (data/world/report.py opinion_report) with SmolLM2 as the reference:
+LoRA on the seven projections and the tied lm_head; --anchor and --prompts-per-batch), fewer steps at a larger
+step size so that a run fits the 2-core machine. What makes a step affordable: the 30 conversations share their
+first ~200 of ~250 tokens (system prompt, few-shot turns), which models/prefix.py's prefix tree computes once per
+batch (and train.py's reference pass, each distinct prompt once). The report is the main job's (data/world/report.py opinion_report) with SmolLM2 as the reference:
 per question the population, SmolLM2's distribution over the options, the learned one, the closed form
 pi* ∝ pi_ref^(beta/alpha) p^(1/alpha) (Prop. A.1) and the option masses. Then each policy is sampled (and SmolLM2
-itself): the share of samples that are exactly an option, and their frequencies against the closed form.
+itself): per question until ~100 samples are exactly an option (or a cap), the shared opening prefilled once and
+a sample dropped from the batch as soon as it can no longer be an option; the share that are an option (against
+the option mass), and the option samples' frequencies against the closed form, beside their sampling noise.
 sample.py reads one user turn per prompt, not a conversation, so the few-shot prompts are sampled here with
 models.generate (the same function sample.py calls).
 
@@ -92,7 +96,8 @@ CHOSEN = "system+fewshot3+listed+only"  # the most option mass of WORDINGS (docs
 
 # name -> (loss, alpha, beta): DPO is SPL at alpha = beta; SPL at alpha/beta 2 and 10 with alpha = 1 (the issue).
 RUNS = {"dpo": ("dpo", 0.1, 0.1), "spl2": ("spl", 1.0, 0.5), "spl10": ("spl", 1.0, 0.1)}
-# The main job's recipe (spl/config.py WORLD_MAIN_JOB) on SmolLM2: --model would otherwise take paper-chat's values.
+# The main job's recipe (spl/config.py WORLD_MAIN_JOB) on SmolLM2: --model would otherwise take paper-chat's values
+# (the anchor's weight and the prompts per batch are options of the command: --anchor, --prompts-per-batch).
 RECIPE = ("--lora-targets", ",".join([*TARGET_NAMES, HEAD_TARGET]),
           "--lora-rank", "16", "--lora-alpha", "32", "--lora-dropout", "0", "--max-length", "512",
           "--max-prompt-length", "448")
