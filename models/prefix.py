@@ -1,5 +1,5 @@
-"""Shared-prefix scoring: each prompt of a batch runs through the decoder once, and its responses continue from
-its keys and values.
+"""Shared-prefix scoring: each prompt of a batch runs through the decoder once (and the tokens several prompts
+open with, once for all of them), and its responses continue from its keys and values.
 
 A prompt-grouped batch (data/batching.py) holds R rows `prompt + response` of P distinct prompts; row r belongs
 to prompt `response_prompt[r]`, whose length is `prompt_lengths[r]` = L. The row's log-prob needs the hidden

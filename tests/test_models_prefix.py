@@ -231,8 +231,9 @@ def test_shared_prompt_prefixes_lora_gradients_equal_the_unshared_path(tiny_mode
 def test_prefix_tree_holds_each_distinct_prefix_once_and_rebuilds_every_sequence():
     """Invariants of the radix tree on random sequences over a 3-token alphabet (many shared runs, duplicates,
     empty ones): the nodes from a sequence's leaf to its root cover its positions exactly, each node starting
-    where its parent ends, and every sequence through a node has the same tokens there; the nodes' tokens total the number of distinct non-empty prefixes
-    (the uncompressed trie's nodes, counted with a set); only a root is empty; parents come earlier."""
+    where its parent ends, and every sequence through a node has the same tokens there; the nodes' tokens total
+    the number of distinct non-empty prefixes (the uncompressed trie's nodes, counted with a set); only a root is
+    empty; parents come earlier."""
     from models.prefix import prefix_tree
 
     g = torch.Generator().manual_seed(0)

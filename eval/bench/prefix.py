@@ -120,8 +120,8 @@ def main(argv=None):
     unshared_real = sum(int(b["attention_mask"].sum()) for b in batches)
     splits = [split_shared_prefix(b) for b in batches]
     per_prompt_positions = sum(int(s["prefix_lengths"].sum() + s["continuation_lengths"].sum()) for s in splits)
-    shared_positions = sum(sum(int(level["lengths"].sum()) for level in s["levels"]) + int(s["continuation_lengths"].sum())
-                           for s in splits)
+    shared_positions = sum(sum(int(level["lengths"].sum()) for level in s["levels"])
+                           + int(s["continuation_lengths"].sum()) for s in splits)  # the prefix tree's nodes, once
     with torch.no_grad(), disable_lora(model):
         references = [unshared_logprobs(model, b) for b in batches]  # (2B,) each, LoRA off
 

@@ -9,7 +9,8 @@ SmolLM2 answers "The best pet for a family is:" with sentences ("The best pet fo
 options as responses hold almost none of its probability. The question is therefore put in a wording that makes
 it answer with an option (WORDINGS; its chat template adds the default system prompt unless the wording has
 one), and the probability SmolLM2 puts on the exact options (option text + <|im_end|>) is measured for each:
-the one that keeps the most is CHOSEN, a few-shot conversation (earlier turns answered with an exact option) under a system prompt that asks for an option.
+the one that keeps the most is CHOSEN, a few-shot conversation (earlier turns answered with an exact option)
+under a system prompt that asks for an option.
 
 The preference data are the world's Bradley-Terry soft pairs (data/world/opinion_pairs_soft.jsonl: the same pairs
 and labels) with the prompt replaced by that conversation, written to --out (pairs.jsonl). Each run is train.py
@@ -17,7 +18,8 @@ with --model smollm2 and the main job's recipe (spl/config.py WORLD_MAIN_JOB: an
 LoRA on the seven projections and the tied lm_head; --anchor and --prompts-per-batch), fewer steps at a larger
 step size so that a run fits the 2-core machine. What makes a step affordable: the 30 conversations share their
 first ~200 of ~250 tokens (system prompt, few-shot turns), which models/prefix.py's prefix tree computes once per
-batch (and train.py's reference pass, each distinct prompt once). The report is the main job's (data/world/report.py opinion_report) with SmolLM2 as the reference:
+batch (and train.py's reference pass, each distinct prompt once). The report is the main job's
+(data/world/report.py opinion_report) with SmolLM2 as the reference:
 per question the population, SmolLM2's distribution over the options, the learned one, the closed form
 pi* ∝ pi_ref^(beta/alpha) p^(1/alpha) (Prop. A.1) and the option masses. Then each policy is sampled (and SmolLM2
 itself): per question until ~100 samples are exactly an option (or a cap), the shared opening prefilled once and
