@@ -102,9 +102,11 @@ def test_full_model_logprobs_and_every_gradient_equal_the_unshared_path(tiny_mod
     assert_same_as_unshared(model, mixed_batch())
 
 
+@pytest.mark.parametrize("batch", ["mixed", "few_shot"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_lora_gradients_equal_the_unshared_path(tiny_model, checkpointing):
-    """LoRA on all seven projections with B moved off zero; with gradient checkpointing (train mode) too."""
+def test_lora_gradients_equal_the_unshared_path(tiny_model, checkpointing, batch):
+    """LoRA on all seven projections with B moved off zero; with gradient checkpointing (train mode) too; on
+    prompts of their own (mixed_batch) and on prompts sharing a few-shot opening (few_shot_batch: the tree)."""
     model = tiny_model(seed=2, dtype=torch.float64, sliding_window=4)
     add_lora(model, rank=4, alpha=8, targets="all-linear")
     with torch.no_grad():
@@ -114,7 +116,7 @@ def test_lora_gradients_equal_the_unshared_path(tiny_model, checkpointing):
     model.double()
     model.gradient_checkpointing = checkpointing
     model.train(checkpointing)
-    assert_same_as_unshared(model, mixed_batch(seed=3), seed=1)
+    assert_same_as_unshared(model, mixed_batch(seed=3) if batch == "mixed" else few_shot_batch(seed=4), seed=1)
 
 
 def test_pairs_whose_prompts_are_all_one_token(tiny_model):
@@ -212,20 +214,6 @@ def test_shared_prompt_prefixes_full_model_equal_the_unshared_path(tiny_model, a
     batch = few_shot_batch()
     assert len(split_shared_prefix(batch)["levels"]) >= 3
     assert_same_as_unshared(model, batch, seed=2)
-
-
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_shared_prompt_prefixes_lora_gradients_equal_the_unshared_path(tiny_model, checkpointing):
-    model = tiny_model(seed=7, dtype=torch.float64, sliding_window=6)
-    add_lora(model, rank=4, alpha=8, targets="all-linear")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
-    model.double()
-    model.gradient_checkpointing = checkpointing
-    model.train(checkpointing)
-    assert_same_as_unshared(model, few_shot_batch(seed=4), seed=3)
 
 
 def test_prefix_tree_holds_each_distinct_prefix_once_and_rebuilds_every_sequence():
