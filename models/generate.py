@@ -127,6 +127,69 @@ def decode_n_tokens(model: Mistral, logits, cache: KVCache, max_new_tokens: int,
     return new_tokens, lengths, logprobs
 
 
+def decode_until(model: Mistral, logits, cache: KVCache, max_new_tokens: int, sample, eos_id: int | None = None,
+                 stop=None, logprob_dtype=torch.float32):
+    """`decode_n_tokens` where rows leave the batch as they end: at their first `eos_id`, or where
+    `stop(tokens) -> bool [n]`, called after each step with the running rows' tokens so far [n, step + 1],
+    says so (e.g. a row that can no longer be one of a few answers). An ended row's cache rows are dropped, so
+    each step costs the rows still running. Returns what `decode_n_tokens` does (a stopped row's length counts
+    its last token). The draws come from a shrinking batch, so with a seeded generator the samples differ from
+    `decode_n_tokens`' (each row's tokens have the same distribution: each is drawn from its own logits)."""
+    rows, device = logits.shape[0], logits.device
+    new_tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
+    logprobs = torch.zeros(rows, dtype=logprob_dtype, device=device)
+    lengths = torch.full((rows,), max_new_tokens, device=device)
+    running = torch.arange(rows, device=device)  # (n,) the batch rows still decoding, in cache order
+    for step in range(max_new_tokens):
+        token = sample(logits)  # (n,)
+        token_logprob = logits.float().log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)  # (n,) float32
+        logprobs[running] += token_logprob.to(logprob_dtype)
+        new_tokens[running, step] = token
+        ended = token == eos_id if eos_id is not None else torch.zeros_like(token, dtype=torch.bool)  # (n,)
+        if stop is not None:
+            ended |= torch.as_tensor(stop(new_tokens[running, :step + 1]), dtype=torch.bool, device=device)
+        lengths[running[ended]] = step + 1
+        if bool(ended.all()) or step + 1 == max_new_tokens:
+            break
+        if bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(1)  # (n',)
+            running, token = running[keep], token[keep]
+            cache.reorder(keep)
+        logits = decode_one_token(model, token, cache)  # (n, V)
+    return new_tokens, lengths, logprobs
+
+
+@dataclass
+class PromptPrefix:
+    """Keys and values of tokens that several prompts open with (a system prompt, few-shot turns), computed once:
+    `generate(..., prefix=...)` copies them into the prompt's cache and prefills only the rest. Attention of the
+    rest reads the same keys and values a whole prefill would write, so the logits are the same up to float
+    rounding (tests/test_models_generate.py)."""
+    ids: list[int]
+    cache: KVCache  # batch 1, positions 0 .. len(ids) - 1 filled
+
+
+@torch.no_grad()
+def prefill_prefix(model: Mistral, ids: list[int]) -> PromptPrefix:
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    cache = KVCache(model.config, 1, len(ids), dtype=dtype, device=device)
+    if ids:
+        prefill(model, torch.tensor([ids], dtype=torch.long, device=device), cache)
+    return PromptPrefix(list(ids), cache)
+
+
+def common_prefix(prompts: list[list[int]]) -> list[int]:
+    """The longest token prefix of every prompt, short of each prompt's last token (a prompt's own prefill then
+    has a token to give the next-token logits)."""
+    shortest = min(len(ids) for ids in prompts) - 1
+    common = []
+    for column in zip(*(ids[:shortest] for ids in prompts)):
+        if any(token != column[0] for token in column):
+            break
+        common.append(column[0])
+    return common
+
+
 @dataclass
 class Generation:
     tokens: list[list[int]]  # per sample, the new tokens up to and including EOS (if it came)
@@ -136,8 +199,12 @@ class Generation:
 @torch.no_grad()
 def generate(model: Mistral, prompt_ids: list[int], max_new_tokens: int, num_samples: int = 1,
              temperature: float = 1.0, top_k=None, top_p=None, min_p=None, eos_id: int | None = None,
-             generator: torch.Generator | None = None) -> Generation:
-    """`num_samples` continuations of one prompt, batched: the prompt is prefilled once and its cache repeated."""
+             generator: torch.Generator | None = None, prefix: PromptPrefix | None = None,
+             stop=None) -> Generation:
+    """`num_samples` continuations of one prompt, batched: the prompt is prefilled once and its cache repeated.
+    prefix: keys and values of the prompt's first tokens, computed once for several prompts (`prefill_prefix`;
+    used where the prompt opens with them and goes on after). stop: rows leave the batch as they end, at EOS or
+    where stop(tokens so far) says so (`decode_until`); without it every row decodes until all have ended."""
     if not prompt_ids:
         raise ValueError("generate: prompt_ids is empty (a chat prompt starts with BOS)")
     if temperature < 0:
@@ -146,13 +213,25 @@ def generate(model: Mistral, prompt_ids: list[int], max_new_tokens: int, num_sam
     dtype = model.embed_tokens.weight.dtype
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, dtype=dtype, device=device)
-    logits = prefill(model, prompt, cache)  # (1, V)
+    n = len(prefix.ids) if prefix is not None else 0
+    if 0 < n < len(prompt_ids) and prompt_ids[:n] == prefix.ids:
+        for layer in range(len(cache.keys)):  # positions 0 .. n - 1 from the shared prefill
+            cache.keys[layer][:, :, :n] = prefix.cache.keys[layer][:, :, :n]
+            cache.values[layer][:, :, :n] = prefix.cache.values[layer][:, :, :n]
+        cache.pos = n
+        logits = prefill(model, prompt[:, n:], cache)  # (1, V): only the prompt's own tokens
+    else:
+        logits = prefill(model, prompt, cache)  # (1, V)
     cache.reorder(torch.zeros(num_samples, dtype=torch.long, device=device))
     logits = logits.expand(num_samples, -1)  # (N, V)
 
-    new_tokens, lengths, logprobs = decode_n_tokens(
-        model, logits, cache, max_new_tokens, lambda x: sample_token(x, temperature, top_k, top_p, min_p, generator),
-        eos_id)
+    def draw(x):
+        return sample_token(x, temperature, top_k, top_p, min_p, generator)
+
+    if stop is None:
+        new_tokens, lengths, logprobs = decode_n_tokens(model, logits, cache, max_new_tokens, draw, eos_id)
+    else:
+        new_tokens, lengths, logprobs = decode_until(model, logits, cache, max_new_tokens, draw, eos_id, stop)
     tokens = [new_tokens[i, : int(lengths[i])].tolist() for i in range(num_samples)]
     return Generation(tokens=tokens, logprobs=logprobs.tolist())
 

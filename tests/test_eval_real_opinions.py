@@ -28,7 +28,7 @@ from models.gguf import resolve_model
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("real_opinions")
     torch.manual_seed(0)
-    assert main(["--quick", "--out", str(out), "--runs", "spl10", "--steps", "1", "--samples", "3"]) == 0
+    assert main(["--quick", "--out", str(out), "--runs", "spl10", "--steps", "1"]) == 0  # 3 option samples, <= 6
     return out
 
 
@@ -74,11 +74,17 @@ def test_report_invariants_and_closed_form(quick):
         assert row["tv_learned_vs_closed_form"] == pytest.approx(0.5 * float((learned - closed).abs().sum()))
         for key in ("reference_option_mass", "learned_option_mass"):
             assert 0.0 <= row[key] <= 1.0
-        assert len(row["sample_counts"]) == len(row["options"]) and 0 <= sum(row["sample_counts"]) <= 3
+        assert len(row["sample_counts"]) == len(row["options"]) and 0 <= sum(row["sample_counts"]) <= 6
+        # rounds of up to 100 until 3 option samples or 6 drawn: one round of 6 here
+        assert row["samples_drawn"] == 6 and len(row["sample_texts"]) == 2
     sampling = report["sampling"]
-    assert sampling["samples"] == 6 and 0 <= sampling["option_samples"] <= 6
-    assert sampling["option_share"] == pytest.approx(sampling["option_samples"] / 6)
-    assert 0.0 <= sampling["tv_samples_vs_closed_form"] <= 1.0
+    rows = report["questions"]
+    assert sampling["samples"] == 12 and sampling["option_samples"] == sum(sum(r["sample_counts"]) for r in rows)
+    assert sampling["option_share"] == pytest.approx(sum(sum(r["sample_counts"]) / 6 for r in rows) / 2)
+    for key in ("tv_samples_vs_closed_form", "tv_noise_floor", "tv_samples_vs_learned"):
+        assert 0.0 <= sampling[key] <= 1.0
+    own = json.loads((quick / "reference_samples.json").read_text())
+    assert own["summary"]["samples"] == 12 and len(own["questions"]) == 2
 
 
 def test_pairs_are_the_worlds_soft_pairs_in_the_chosen_wording(quick):

@@ -258,3 +258,46 @@ def test_invert_cdf_by_hand():
     assert invert_cdf((2 * probs).float().expand(6, -1), uniforms).tolist() == expected
     last_zero = torch.tensor([[0.5, 0.5, 0.0]])  # u * total rounding up to the total must not select the zero tail
     assert invert_cdf(last_zero, torch.tensor([1 - 2 ** -53], dtype=torch.float64)).tolist() == [1]
+
+
+# --- a prefix shared by several prompts; rows that leave the batch as they end ---
+
+def test_generate_from_a_shared_prefix_equals_generate_from_the_whole_prompt(tiny_model):
+    """Two prompts opening with the same 9 tokens (past a sliding window of 4): generate with their common prefix
+    prefilled once (`prefill_prefix`) gives the tokens and log-probs of generate on the whole prompt (oracle: the
+    plain path, itself checked above against HF), greedy and sampled with the same seed."""
+    from models.generate import common_prefix, prefill_prefix
+
+    model = tiny_model(sliding_window=4, num_key_value_heads=1)
+    shared = tokens(batch=1, length=9, seed=3)[0].tolist()
+    prompts = [shared + [7, 8, 9], shared + [11]]
+    assert common_prefix(prompts) == shared and common_prefix([[1, 2], [1, 2]]) == [1]
+    prefix = prefill_prefix(model, common_prefix(prompts))
+    for ids in prompts:
+        for temperature, samples in ((0.0, 1), (1.0, 5)):
+            plain = generate(model, ids, 6, samples, temperature, generator=torch.Generator().manual_seed(1))
+            cached = generate(model, ids, 6, samples, temperature, generator=torch.Generator().manual_seed(1),
+                              prefix=prefix)
+            assert cached.tokens == plain.tokens
+            torch.testing.assert_close(torch.tensor(cached.logprobs), torch.tensor(plain.logprobs), atol=1e-5, rtol=0)
+
+
+def test_rows_that_end_leave_the_batch_and_keep_their_own_tokens(tiny_model):
+    """decode_until (generate with stop): 64 samples at temperature 1 where a row ends at EOS (token 3) or when
+    stop says so (its tokens so far sum past 600). Invariants per row: it ends exactly at the first position where
+    one of the two holds (or at max_new_tokens), and its log-prob equals the one recomputed from one full forward
+    of prompt + its tokens (so every row kept reading its own cache rows as others were dropped)."""
+    model = tiny_model(sliding_window=5, num_key_value_heads=1)
+    prompt = tokens(batch=1, length=7, seed=4)[0].tolist()
+    out = generate(model, prompt, 8, 64, 1.0, eos_id=3, generator=torch.Generator().manual_seed(0),
+                   stop=lambda so_far: so_far.sum(1) > 600)
+    lengths = {len(t) for t in out.tokens}
+    assert len(lengths) > 2  # rows really ended at different steps
+    with torch.no_grad():
+        for row, logprob in zip(out.tokens, out.logprobs):
+            ended = [i for i in range(len(row)) if row[i] == 3 or sum(row[:i + 1]) > 600]
+            assert len(row) == (ended[0] + 1 if ended else 8)
+            ids = torch.tensor([prompt + row])
+            logps = model(ids)[0, len(prompt) - 1:-1].log_softmax(-1)  # (n, V)
+            expected = logps.gather(1, torch.tensor(row)[:, None]).sum()
+            assert logprob == pytest.approx(float(expected), abs=1e-4)

@@ -102,9 +102,11 @@ def test_full_model_logprobs_and_every_gradient_equal_the_unshared_path(tiny_mod
     assert_same_as_unshared(model, mixed_batch())
 
 
+@pytest.mark.parametrize("batch", ["mixed", "few_shot"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_lora_gradients_equal_the_unshared_path(tiny_model, checkpointing):
-    """LoRA on all seven projections with B moved off zero; with gradient checkpointing (train mode) too."""
+def test_lora_gradients_equal_the_unshared_path(tiny_model, checkpointing, batch):
+    """LoRA on all seven projections with B moved off zero; with gradient checkpointing (train mode) too; on
+    prompts of their own (mixed_batch) and on prompts sharing a few-shot opening (few_shot_batch: the tree)."""
     model = tiny_model(seed=2, dtype=torch.float64, sliding_window=4)
     add_lora(model, rank=4, alpha=8, targets="all-linear")
     with torch.no_grad():
@@ -114,7 +116,7 @@ def test_lora_gradients_equal_the_unshared_path(tiny_model, checkpointing):
     model.double()
     model.gradient_checkpointing = checkpointing
     model.train(checkpointing)
-    assert_same_as_unshared(model, mixed_batch(seed=3), seed=1)
+    assert_same_as_unshared(model, mixed_batch(seed=3) if batch == "mixed" else few_shot_batch(seed=4), seed=1)
 
 
 def test_pairs_whose_prompts_are_all_one_token(tiny_model):
@@ -141,24 +143,107 @@ def test_split_computes_each_prompt_once_and_each_response_token_once():
         assert split["continuation_loss_mask"][r].sum() == batch["loss_mask"][r].sum()
 
 
-def test_every_real_token_goes_through_the_mlp_once_and_no_padding_does(tiny_model):
-    """Invariant (counted with forward hooks): per layer, the MLP sees sum over prompts of (L - 1) prefix tokens
-    (but the last layer, whose prefix output nothing reads) plus sum over rows of (len - L + 1) continuation
-    tokens, i.e. each prompt once and no pad position, where the unshared forward sees R x T positions."""
-    model = tiny_model(seed=5, sliding_window=4)
+def distinct_prefixes(batch):
+    """The set of distinct non-empty token prefixes of the batch's prompts' prefixes (tokens 0 .. L - 2): the
+    positions a trie of them holds, each computed once by the tree."""
+    prefixes = set()
+    for ids, n in zip(batch["input_ids"].tolist(), batch["prompt_lengths"].tolist()):
+        prefixes.update(tuple(ids[:k]) for k in range(1, n))
+    return prefixes
+
+
+def mlp_token_counts(model, batch, **split_options):
+    """Tokens seen by each MLP call (forward hooks), in call order, for one shared-prefix forward."""
     seen = []
     hooks = [block.mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[:-1].numel()))
              for block in model.layers]
-    batch = mixed_batch()
     with torch.no_grad():
-        shared_prefix_logprobs(model, batch, compile=False)
+        split = split_shared_prefix(batch, **split_options)
+        shared_prefix_hidden_states(model, split)
     for hook in hooks:
         hook.remove()
+    return seen
+
+
+def test_every_real_token_goes_through_the_mlp_once_and_no_padding_does(tiny_model):
+    """Invariant (counted with forward hooks): the prefixes' tree runs each distinct prefix position once (the
+    trie of the prompts' prefixes: in mixed_batch three prompts share their BOS, so 8 + 5 + 12 - 2 positions)
+    through every layer's MLP but the last (whose prefix output nothing reads), then the rows' continuations
+    (len - L + 1 each) through both; tree=False runs each prompt's prefix once (8 + 0 + 5 + 12). Either way fewer
+    than the R x T positions of the unshared forward, and no pad position."""
+    model = tiny_model(seed=5, sliding_window=4)
+    batch = mixed_batch()
     prompt_lengths = {int(p): int(n) for p, n in zip(batch["response_prompt"], batch["prompt_lengths"])}
-    prefix_tokens = sum(n - 1 for n in prompt_lengths.values())  # 8 + 0 + 5 + 12
     continuation_tokens = int((batch["attention_mask"].sum(-1) - batch["prompt_lengths"] + 1).sum())
-    assert seen == [prefix_tokens] + [continuation_tokens] * 2  # two layers: prefixes (one), then rows (both)
-    assert prefix_tokens + continuation_tokens < batch["input_ids"].numel()
+    seen = mlp_token_counts(model, batch)
+    assert sum(seen[:-2]) == len(distinct_prefixes(batch)) == 23 and seen[-2:] == [continuation_tokens] * 2
+    per_prompt = mlp_token_counts(model, batch, tree=False)  # two layers: prefixes (one), then rows (both)
+    assert per_prompt == [sum(n - 1 for n in prompt_lengths.values())] + [continuation_tokens] * 2
+    assert sum(seen) < sum(per_prompt) < batch["input_ids"].numel() * 2
+    batch = few_shot_batch()  # a shared few-shot opening, a repeated prompt (as in a reference pass's pairs)
+    seen = mlp_token_counts(model, batch)
+    # the opening once, then each question's tokens but its last (the continuation's first) once: 14 + 4 + 8 + 2;
+    # the repeated prompt and the two prompts inside others add nothing
+    assert sum(seen[:-2]) == len(distinct_prefixes(batch)) == 14 + 4 + 8 + 2
+
+
+def few_shot_batch(seed=0):
+    """Prompts as a few-shot job and a pair batch make them: a shared 14-token system/few-shot prefix, then a
+    question; prompts 0 and 3 identical (one prompt in two pairs), prompt 4 a prefix of prompt 1 plus one token,
+    prompt 5 only the shared prefix's first 6 tokens; rows in a shuffled prompt order. Long enough for the
+    sliding windows below to cut into the shared part."""
+    g = torch.Generator().manual_seed(seed)
+    shared = [1] + random_ids(g, 13)
+    questions = [random_ids(g, 5), random_ids(g, 9), random_ids(g, 3)]
+    prompts = [shared + questions[0], shared + questions[1], shared + questions[2], shared + questions[0],
+               shared + questions[1][:4], shared[:6]]
+    responses = [(3, random_ids(g, 2) + [2]), (0, random_ids(g, 4) + [2]), (5, random_ids(g, 3) + [2]),
+                 (1, [2]), (2, random_ids(g, 6) + [2]), (4, random_ids(g, 2) + [2]), (0, random_ids(g, 1) + [2]),
+                 (3, random_ids(g, 5) + [2]), (1, random_ids(g, 3) + [2])]
+    return grouped_batch(prompts, responses)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_shared_prompt_prefixes_full_model_equal_the_unshared_path(tiny_model, architecture):
+    """Prompts that share a few-shot prefix, repeat, or are prefixes of each other: log-probs and every
+    parameter's gradient equal the unshared path's in float64 (the tree's levels: the shared part, the
+    questions, the continuations)."""
+    model = tiny_model(seed=6, dtype=torch.float64, **ARCHITECTURES[architecture])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    batch = few_shot_batch()
+    assert len(split_shared_prefix(batch)["levels"]) >= 3
+    assert_same_as_unshared(model, batch, seed=2)
+
+
+def test_prefix_tree_holds_each_distinct_prefix_once_and_rebuilds_every_sequence():
+    """Invariants of the radix tree on random sequences over a 3-token alphabet (many shared runs, duplicates,
+    empty ones): the nodes from a sequence's leaf to its root cover its positions exactly, each node starting
+    where its parent ends, and every sequence through a node has the same tokens there; the nodes' tokens total
+    the number of distinct non-empty prefixes (the uncompressed trie's nodes, counted with a set); only a root is
+    empty; parents come earlier."""
+    from models.prefix import prefix_tree
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        sequences = [torch.randint(0, 3, (int(torch.randint(0, 7, (1,), generator=g)),), generator=g).tolist()
+                     for _ in range(int(torch.randint(1, 12, (1,), generator=g)))]
+        sequences += sequences[:2]  # duplicates
+        nodes, leaf = prefix_tree(sequences)
+        tokens_at = {}  # node -> the tokens of every sequence through it at its positions
+        for ids, node in zip(sequences, leaf):
+            path = []
+            while node >= 0:
+                start, end, parent = nodes[node]
+                assert parent < node and (parent < 0 or nodes[parent][1] == start) and (end > start or parent < 0)
+                path = list(range(start, end)) + path
+                tokens_at.setdefault(node, set()).add(tuple(ids[start:end]))
+                node = parent
+            assert path == list(range(len(ids)))  # the nodes' spans cover the sequence exactly
+        distinct = {tuple(ids[:k]) for ids in sequences for k in range(1, len(ids) + 1)}
+        assert sum(end - start for start, end, _ in nodes) == len(distinct)
+        assert all(len(tokens) == 1 for tokens in tokens_at.values())
+        assert len(set(map(tuple, sequences))) == len(set(leaf))  # identical sequences, and only they, share a leaf
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -199,18 +284,20 @@ def test_bad_batches_are_refused():
 
 
 def test_bench_prefix_smoke(capsys):
-    """eval/bench/prefix.py end to end on a tiny model: both sides' first loss agree (B = 0, the same batch), and
-    the shared side computes fewer positions."""
+    """eval/bench/prefix.py end to end on a tiny model whose prompts share 12 opening tokens: the three sides'
+    first loss agree (B = 0, the same batch), and the tree computes fewer positions than each prompt on its own,
+    which computes fewer than the unshared rows."""
     from eval.bench import prefix as bench_prefix
 
     bench_prefix.main(["--dim", "64", "--layers", "1", "--vocab", "200", "--pairs", "2", "--batches", "1",
-                       "--repeats", "1", "--prompt-median", "20", "--response-median", "6"])
+                       "--repeats", "1", "--prompt-median", "20", "--response-median", "6", "--common-prefix", "12"])
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("first loss"))
-    unshared, shared = (float(part.split()[-1]) for part in line.split(":", 1)[1].split(","))
-    assert abs(unshared - shared) <= 1e-5 * abs(unshared)
-    ratio = next(line for line in out.splitlines() if line.startswith("pairs:")).rsplit("(", 1)[1]
-    assert float(ratio.split("x")[0]) < 1
+    unshared, shared, per_prompt = (float(part.split()[-1]) for part in line.split(":", 1)[1].split(","))
+    assert abs(unshared - shared) <= 1e-5 * abs(unshared) and abs(unshared - per_prompt) <= 1e-5 * abs(unshared)
+    line = next(line for line in out.splitlines() if line.startswith("pairs:"))
+    shared_ratio, per_prompt_ratio = (float(part.split(")")[0].rstrip("x")) for part in line.split("(")[-2:])
+    assert shared_ratio < per_prompt_ratio < 1
 
 
 def test_train_py_with_and_without_shared_prefix_trains_the_same_adapter(tiny_run, tmp_path):
