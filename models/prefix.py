@@ -63,9 +63,9 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from models.bf16 import attention  # SDPA, in float32 for bf16 on a CPU without bf16 units
 from models.mistral import apply_rope, attention_mask, rope_cos_sin
 
 
@@ -236,9 +236,9 @@ def _attention(q, k, v, packing, masks, past=None):
         if past is not None and past[0][b] is not None:
             k_b, v_b = torch.cat([past[0][b], k_b], 2), torch.cat([past[1][b], v_b], 2)  # (1, nkv, start + n, hd)
         if masks[b] is None:
-            y = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True, enable_gqa=True)  # (1, nh, n, hd)
+            y = attention(q_b, k_b, v_b, is_causal=True, enable_gqa=True)  # (1, nh, n, hd)
         else:
-            y = F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=masks[b], enable_gqa=True)  # (1, nh, n, hd)
+            y = attention(q_b, k_b, v_b, attn_mask=masks[b], enable_gqa=True)  # (1, nh, n, hd)
         outputs.append(y)
     y = torch.cat(outputs, 2)  # (1, nh, N, hd)
     return y[0].transpose(0, 1).reshape(y.shape[2], -1)  # (N, nh * hd)
