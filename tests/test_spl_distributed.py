@@ -37,16 +37,26 @@ def args(data, model, out, *extra):
             "--no-progress", "--max-length", "40", "--max-prompt-length", "24", "--save-every", "2", *extra]
 
 
-def torchrun(argv, processes=2):
+def torchrun(argv, processes=2, script=ROOT / "train.py"):
     """`torchrun --standalone --nproc_per_node N train.py argv` (a free port, one thread per process)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               str(ROOT / "train.py"), *argv]
+               str(script), *argv]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
+
+
+def torchrun_jobs(jobs, root, processes=2):
+    """Several train.py jobs in one torchrun launch (tests/torchrun_jobs.py: each process calls train.main for each
+    job in turn); `jobs` maps a name to train.py's argv. Returns each job's output, every process's together."""
+    listing = [{"argv": [str(a) for a in argv], "stdout": str(root / f"{name}.stdout")} for name, argv in jobs.items()]
+    (root / "jobs.json").write_text(json.dumps(listing), encoding="utf-8")
+    torchrun([str(root / "jobs.json")], processes, script=ROOT / "tests" / "torchrun_jobs.py")
+    return {name: "".join(Path(f"{job['stdout']}.{rank}").read_text(encoding="utf-8") for rank in range(processes))
+            for name, job in zip(jobs, listing)}
 
 
 def adapter(out):
@@ -70,19 +80,57 @@ def assert_close_adapters(a, b):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=TOLERANCE, msg=name)
 
 
+def grouped_data(root):
+    """7 prompts x 3 pairs of different lengths, for prompt-grouped batches."""
+    rows = []
+    for i in range(7):
+        responses = ["dogs are loyal", "cats are calm" + " and calm" * (i % 3), "fish are quiet"]
+        rows += [{"prompt": f"which pet is best? {i}", "chosen": responses[a], "rejected": responses[b],
+                  "chosen_prob": q} for a, b, q in ((0, 1, 0.6), (0, 2, 0.8), (1, 2, 0.7))]
+    data = root / "grouped.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return data
+
+
+GROUPED = ("--prompts-per-batch", "4", "--anchor", "0.5")
+FSDP = ("--fsdp", "--lora-dropout", "0.1")
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_run, tmp_path_factory):
-    """The same 4-step job run by one process and by two under torchrun."""
+    """The same 4-step job run by one process and by two under torchrun; the two-process FSDP2 run and the
+    prompt-grouped one of their tests, in the same launch."""
     root = tmp_path_factory.mktemp("distributed")
     rows = [json.loads(line) for line in Path(tiny_run["data"]).read_text().splitlines()][:21]
     for i, row in enumerate(rows):
         row["chosen"] += " and calm" * (i % 4)  # different lengths: each share has its own padding
     data = root / "prefs21.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    grouped = grouped_data(root)
+    model = tiny_run["model"]
     one, two = root / "one", root / "two"
-    assert train.main(args(data, tiny_run["model"], one)) == 0
-    stdout = torchrun(args(data, tiny_run["model"], two, "--grad-checkpointing"))
-    return {"data": data, "model": tiny_run["model"], "one": one, "two": two, "stdout": stdout, "root": root}
+    assert train.main(args(data, model, one)) == 0
+    stdout = torchrun_jobs({"two": args(data, model, two, "--grad-checkpointing"),
+                            "fsdp": args(data, model, root / "fsdp", *FSDP),
+                            "grouped": args(grouped, model, root / "grouped-two", *GROUPED)}, root)
+    return {"data": data, "model": model, "one": one, "two": two, "stdout": stdout["two"], "root": root,
+            "fsdp_stdout": stdout["fsdp"], "grouped": grouped}
+
+
+@pytest.fixture(scope="module")
+def resumed(runs):
+    """The two-process runs, damaged or rolled back, then resumed with their own commands (one launch)."""
+    root = runs["root"]
+    copy = root / "resumed"
+    shutil.copytree(runs["two"], copy)
+    damaged = copy / "checkpoints" / "step_000004" / "optimizer.safetensors"  # cut short: a full disk
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    shutil.rmtree(copy / "adapter")
+    roll_back(root / "fsdp", root / "fsdp-resumed")
+    stdout = torchrun_jobs({"resumed": args(runs["data"], runs["model"], copy, "--grad-checkpointing", "--resume"),
+                            "fsdp-resumed": args(runs["data"], runs["model"], root / "fsdp-resumed", *FSDP,
+                                                 "--resume")}, root)
+    return {"stdout": stdout["resumed"], "damaged": damaged}
 
 
 def test_two_processes_equal_one_process(runs):
@@ -122,35 +170,26 @@ def assert_same_steps(a, b):
         [{k: v for k, v in r.items() if k not in timing} for r in b]
 
 
-def test_resume_under_torchrun_is_bit_identical(runs):
+def test_resume_under_torchrun_is_bit_identical(runs, resumed):
     """Damage the two-process run's step-4 checkpoint (its optimizer file cut short) and resume it with the same
     command: the damaged one is named and passed over, steps 3 and 4 are computed again from the step-2
     checkpoint (every process's RNG, the global data position, the reference log-probs from the cache that rank
     0 wrote), and the adapter and every logged value equal the uninterrupted run's exactly."""
-    resumed = runs["root"] / "resumed"
-    shutil.copytree(runs["two"], resumed)
-    damaged = resumed / "checkpoints" / "step_000004" / "optimizer.safetensors"  # cut short: a full disk
-    damaged.write_bytes(damaged.read_bytes()[:100])
-    shutil.rmtree(resumed / "adapter")
-    stdout = torchrun(args(runs["data"], runs["model"], resumed, "--grad-checkpointing", "--resume"))
-    assert f"damaged checkpoint: {damaged}: 100 bytes" in stdout  # named in one line, passed over
+    stdout = resumed["stdout"]
+    assert f"damaged checkpoint: {resumed['damaged']}: 100 bytes" in stdout  # named in one line, passed over
     assert "resumed from" in stdout and "step 2" in stdout
     assert "reference log-probs: loaded" in stdout  # the cache rank 0 wrote, sent to the other process
-    assert_same_tensors(adapter(runs["two"]), adapter(resumed))
-    assert_same_steps(metrics(runs["two"]), metrics(resumed))
+    assert_same_tensors(adapter(runs["two"]), adapter(runs["root"] / "resumed"))
+    assert_same_steps(metrics(runs["two"]), metrics(runs["root"] / "resumed"))
 
 
-def test_fsdp_with_dropout_resumes_bit_identical(runs):
+def test_fsdp_with_dropout_resumes_bit_identical(runs, resumed):
     """FSDP2 sharding the frozen weights, LoRA dropout 0.1 (each process draws its own noise): a run rolled back to
     its step-2 checkpoint and resumed ends exactly where the uninterrupted one ends, adapter and logged values."""
     full = runs["root"] / "fsdp"
-    extra = ("--fsdp", "--lora-dropout", "0.1")
-    stdout = torchrun(args(runs["data"], runs["model"], full, *extra))
-    assert "(FSDP)" in stdout
-    resumed = roll_back(full, runs["root"] / "fsdp-resumed")
-    torchrun(args(runs["data"], runs["model"], resumed, *extra, "--resume"))
-    assert_same_tensors(adapter(full), adapter(resumed))
-    assert_same_steps(metrics(full), metrics(resumed))
+    assert "(FSDP)" in runs["fsdp_stdout"]
+    assert_same_tensors(adapter(full), adapter(runs["root"] / "fsdp-resumed"))
+    assert_same_steps(metrics(full), metrics(runs["root"] / "fsdp-resumed"))
 
 
 def test_shares_partition_every_global_batch(tiny_run):
@@ -192,22 +231,13 @@ def test_batch_size_must_split_over_processes(monkeypatch, capsys):
     assert "--fsdp shards the frozen weights across processes" in err and err.count("\n") == 1
 
 
-def test_grouped_anchored_two_processes_equal_one_process(tiny_run, tmp_path):
+def test_grouped_anchored_two_processes_equal_one_process(runs, tmp_path):
     """Prompt-grouped batches with the anchor under torchrun: each process takes whole prompts of every global
     micro-batch (PromptGroupedBatches.shares), so each prompt's option-mass anchor sees all its responses on one
     process, and the two-process adapter equals the one-process one. 7 prompts x 3 pairs, 2 prompts per
     micro-batch: the epoch's last micro-batch holds one prompt, so one rank runs a stand-in weighted 0."""
-    rows = []
-    for i in range(7):
-        responses = ["dogs are loyal", "cats are calm" + " and calm" * (i % 3), "fish are quiet"]
-        rows += [{"prompt": f"which pet is best? {i}", "chosen": responses[a], "rejected": responses[b],
-                  "chosen_prob": q} for a, b, q in ((0, 1, 0.6), (0, 2, 0.8), (1, 2, 0.7))]
-    data = tmp_path / "grouped.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    extra = ("--prompts-per-batch", "4", "--anchor", "0.5")
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert train.main(args(data, tiny_run["model"], one, *extra)) == 0
-    torchrun(args(data, tiny_run["model"], two, *extra))
+    one, two = tmp_path / "one", runs["root"] / "grouped-two"
+    assert train.main(args(runs["grouped"], runs["model"], one, *GROUPED)) == 0
     a, b = adapter(one), adapter(two)
     assert a.keys() == b.keys() and any(t.abs().max() > 1e-3 for name, t in a.items() if "lora_B" in name)
     for name in a:  # measured 1.3e-5 at most (entries ~0.2): float32 rounding of differently padded shares, which
