@@ -8,6 +8,7 @@ from the safetensors files (memory-mapped), so the process holds about one copy 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -133,6 +134,13 @@ def _check_layer_count(path: Path, config: MistralConfig, files: list[Path]) -> 
                               f"files hold layers 0..{max(stored)} (missing keys for every layer above)")
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in `tensor`. Its min and max in one pass (NaN propagates into both, an infinity shows in
+    one): 20x faster than `torch.isfinite(tensor).all()`, which writes a bool tensor as large as the weights
+    (0.5 s for SmolLM2's 28M-entry embedding on one thread, a minute for a 7B model)."""
+    return tensor.numel() == 0 or all(math.isfinite(float(v)) for v in torch.aminmax(tensor))
+
+
 def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Mistral:
     """Load an HF-format Mistral (or Llama) directory. dtype None keeps the stored dtype; device None is CPU."""
     path = Path(path)
@@ -180,7 +188,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None) -> Mist
                                          f"{hf_name}: {tensor.dtype} in {file.name}, not floating point")
                         misshaped_names.add(name)  # reported as mis-shaped, not also as missing
                         continue
-                    if not bool(torch.isfinite(tensor).all()):  # one pass, while the tensor is at hand
+                    if not all_finite(tensor):  # while the tensor is at hand
                         raise CheckpointError(f"{file}: {hf_name} holds NaN or infinite values; the weights are "
                                               f"damaged (or overflowed when saved)")
                     state[name] = tensor.to(dtype) if dtype is not None else tensor

@@ -260,3 +260,18 @@ def test_saved_directory_has_ordinary_permissions(tiny_model, tmp_path):
         os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
     assert {stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()} == {0o644}
+
+
+def test_all_finite_equals_isfinite_all():
+    """The loader's one-pass check against its definition, `torch.isfinite(t).all()`: NaN, +inf and -inf at the
+    first, a middle and the last entry, in every floating dtype a checkpoint holds, and the empty tensor."""
+    from models.checkpoint import all_finite
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        base = torch.randn(7, 13).to(dtype)
+        assert all_finite(base) and all_finite(base[:0])
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for index in (0, 45, 90):
+                t = base.clone().view(-1)
+                t[index] = bad
+                assert all_finite(t) == bool(torch.isfinite(t).all()) is False, (dtype, bad, index)
