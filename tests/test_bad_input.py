@@ -260,7 +260,7 @@ def inputs(tiny_run, tmp_path_factory):
 def base_argv(script, inputs, tmp):
     if script == "train.py":
         return ["--model", inputs["model"], "--data", inputs["data"], "--out", str(tmp / "run"), "--steps", "2",
-                "--batch-size", "4", "--lora-rank", "4", "--no-progress", "--max-length", "40",
+                "--batch-size", "4", "--lora-rank", "4", "--no-progress", "--no-plot", "--max-length", "40",
                 "--max-prompt-length", "24", "--threads", "1"]
     return ["--model", inputs["model"], "--prompt", "which pet is best?", "-n", "2", "--max-new-tokens", "4",
             "--device", "cpu"]

@@ -109,7 +109,8 @@ def test_train_on_a_three_shard_split_uses_every_record(tiny_run, tmp_path, caps
     for k in range(3):
         write_jsonl(repo / "data" / f"train-{k:05d}-of-00003.jsonl", rows[8 * k:8 * k + 8])
     argv = ["--model", str(tiny_run["model"]), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "4",
-            "--lora-rank", "2", "--max-length", "40", "--max-prompt-length", "24", "--threads", "1", "--no-progress"]
+            "--lora-rank", "2", "--max-length", "40", "--max-prompt-length", "24", "--threads", "1",
+            "--no-progress", "--no-plot"]
     assert train.main(["--data", str(repo), *argv]) == 0
     printed = capsys.readouterr().out
     assert "(+ 2 more): read 24 pairs, kept 24, skipped 0" in printed and "24 examples, 1 steps" in printed

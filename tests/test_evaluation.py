@@ -56,7 +56,7 @@ def run_args(checkpoint, out, *extra):
     return ["--model", str(checkpoint["model"]), "--data", str(checkpoint["train"]), "--out", str(out), "--steps", "2",
             "--batch-size", "4", "--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--lr", "2e-2",
             "--warmup-steps", "0", "--max-length", "64", "--max-prompt-length", "48", "--threads", "1",
-            "--no-progress", "--no-compile", *extra]
+            "--no-progress", "--no-plot", "--no-compile", *extra]
 
 
 def metrics(out):

@@ -190,7 +190,8 @@ def run_script(path: Path, root: Path, script, out: Path, name: str) -> None:
     else:
         code, _, err = script("train.py", ["--model", model, "--data", root / "prefs.jsonl", "--out", out,
                                            "--steps", "1", "--batch-size", "4", "--lora-rank", "2", "--max-length",
-                                           "40", "--max-prompt-length", "24", "--no-progress", "--threads", "1"])
+                                           "40", "--max-prompt-length", "24", "--no-progress", "--no-plot",
+                                           "--threads", "1"])
     if code == 0:
         return
     err = err.strip()

@@ -407,7 +407,7 @@ def test_train_py_adapter_on_the_tied_model_loads_in_peft(smollm2_dir, tmp_path)
     assert train.main(["--model", str(smollm2_dir), "--data", str(data), "--out", str(tmp_path / "run"),
                        "--steps", "2", "--batch-size", "1", "--max-length", "48", "--max-prompt-length", "40",
                        "--lora-targets", "q_proj,v_proj,lm_head", "--lora-dropout", "0", "--lr", "1e-2",
-                       "--warmup-steps", "0", "--threads", "1", "--no-progress"]) == 0
+                       "--warmup-steps", "0", "--threads", "1", "--no-progress", "--no-plot"]) == 0
     adapter = tmp_path / "run" / "adapter"
     assert sorted(json.loads((adapter / "adapter_config.json").read_text())["target_modules"]) == [
         "lm_head", "q_proj", "v_proj"]

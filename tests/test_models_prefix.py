@@ -312,7 +312,8 @@ def test_train_py_with_and_without_shared_prefix_trains_the_same_adapter(tiny_ru
     def run(out, *extra):
         argv = ["--model", str(tiny_run["model"]), "--data", str(tiny_run["data"]), "--out", str(out), "--steps", "6",
                 "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "2", "--lora-rank", "4", "--lora-alpha", "8",
-                "--lora-dropout", "0", "--no-progress", "--max-length", "40", "--max-prompt-length", "24", *extra]
+                "--lora-dropout", "0", "--no-progress", "--no-plot", "--max-length", "40", "--max-prompt-length", "24",
+                *extra]
         assert train.main(argv) == 0
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         return records, load_file(str(out / "adapter" / "adapter_model.safetensors"))

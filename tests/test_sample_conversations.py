@@ -91,7 +91,7 @@ def test_the_base_model_is_read_from_the_adapter(tiny_run, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(["--model", str(tiny_run["model"]), "--data", str(tiny_run["data"]), "--out", str(out),
                        "--steps", "2", "--batch-size", "4", "--lr", "5e-2", "--lora-rank", "2", "--max-length", "40",
-                       "--max-prompt-length", "24", "--threads", "1", "--no-progress"]) == 0
+                       "--max-prompt-length", "24", "--threads", "1", "--no-progress", "--no-plot"]) == 0
     capsys.readouterr()
     adapter = out / "adapter"
     alone = sampled(capsys, ["--adapter", str(adapter), "--prompt", "which pet is best?", "-n", "2"])

@@ -34,7 +34,8 @@ TOLERANCE = 1e-5
 def args(data, model, out, *extra):
     return ["--model", str(model), "--data", str(data), "--out", str(out), "--steps", "4", "--batch-size", "8",
             "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps", "2", "--lora-rank", "4", "--lora-dropout", "0",
-            "--no-progress", "--max-length", "40", "--max-prompt-length", "24", "--save-every", "2", *extra]
+            "--no-progress", "--no-plot", "--max-length", "40", "--max-prompt-length", "24", "--save-every", "2",
+            *extra]
 
 
 def torchrun(argv, processes=2, script=ROOT / "train.py"):

@@ -550,7 +550,7 @@ def test_off_option_weight_bounds_hold_and_are_attained(alpha, beta):
 
 def online_args(out, *extra):
     return ["--loss", "spl-online", "--alpha", "0.2", "--beta", "0.1", "--steps", "4", "--batch-size", "3",
-            "--online-samples", "3", "--warmup-steps", "1", "--out", str(out), "--no-progress", *extra]
+            "--online-samples", "3", "--warmup-steps", "1", "--out", str(out), "--no-progress", "--no-plot", *extra]
 
 
 def test_train_spl_online_on_the_world_resumes_bit_identically(tmp_path):
@@ -594,7 +594,8 @@ def test_train_reward_model_then_online_spl_reports_the_reward_optimum(tmp_path)
     from models import Tokenizer
 
     rm, out = tmp_path / "rm", tmp_path / "online"
-    assert train.main(["--loss", "reward", "--steps", "3", "--batch-size", "4", "--out", str(rm), "--no-progress"]) == 0
+    assert train.main(["--loss", "reward", "--steps", "3", "--batch-size", "4", "--out", str(rm), "--no-progress",
+                       "--no-plot"]) == 0
     assert train.main(online_args(out, "--steps", "2", "--reward-model", str(rm), "--reward-floor", "-4.6")) == 0
     report = json.loads((out / "report.json").read_text())
     assert "mean_closed_form_option_mass" not in report  # the full-space optimum is the exact reward's

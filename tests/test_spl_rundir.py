@@ -56,7 +56,7 @@ def place(tiny_run, tmp_path, monkeypatch):
 def base(home: Path) -> list[str]:
     return ["--model", str(home / "model"), "--data", str(home / "data" / "prefs.jsonl"), "--steps", "1",
             "--batch-size", "4", "--lora-rank", "2", "--max-length", "40", "--max-prompt-length", "24",
-            "--no-progress", "--threads", "1"]
+            "--no-progress", "--no-plot", "--threads", "1"]
 
 
 def refused(argv, root: Path, capsys, words) -> str:

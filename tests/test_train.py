@@ -34,7 +34,8 @@ def tiny(tiny_run):
 def args(tiny, out, *extra):
     return ["--model", str(tiny["model"]), "--data", str(tiny["data"]), "--out", str(out), "--steps", "6",
             "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps", "2", "--lora-rank", "4", "--lora-alpha", "8",
-            "--lora-dropout", "0.1", "--no-progress", "--max-length", "40", "--max-prompt-length", "24", *extra]
+            "--lora-dropout", "0.1", "--no-progress", "--no-plot", "--max-length", "40", "--max-prompt-length", "24",
+            *extra]
 
 
 def adapter(out):

@@ -62,7 +62,7 @@ def pairs(tmp_path_factory):
 def run_args(model, data, out, *extra):
     return ["--model", str(model), "--data", str(data), "--out", str(out), "--steps", "1", "--batch-size", "2",
             "--lora-rank", "2", "--lora-alpha", "2", "--max-length", "48", "--max-prompt-length", "32", "--lr", "1e-3",
-            "--warmup-steps", "1", "--threads", "1", "--no-progress", *extra]
+            "--warmup-steps", "1", "--threads", "1", "--no-progress", "--no-plot", *extra]
 
 
 @pytest.mark.parametrize("name", list(CHECKPOINTS))

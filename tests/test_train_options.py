@@ -16,7 +16,7 @@ from spl.config import PRESETS, parse_args
 def args(tiny, out, *extra):
     return ["--model", str(tiny["model"]), "--data", str(tiny["data"]), "--out", str(out), "--steps", "3",
             "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "1", "--lora-rank", "2", "--lora-alpha", "4",
-            "--no-progress", "--max-length", "40", "--max-prompt-length", "24", "--threads", "1", *extra]
+            "--no-progress", "--no-plot", "--max-length", "40", "--max-prompt-length", "24", "--threads", "1", *extra]
 
 
 def checkpoints(out):

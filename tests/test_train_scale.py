@@ -121,7 +121,7 @@ def test_bfloat16_weights_train_float32_lora(tiny_run):
 def test_train_bfloat16_keeps_checkpoints_and_adapter_float32(tiny_run, tmp_path):
     out = tmp_path / "run"
     argv = ["--model", str(tiny_run["model"]), "--data", str(tiny_run["data"]), "--out", str(out), "--steps", "2",
-            "--batch-size", "4", "--lr", "1e-2", "--lora-rank", "4", "--no-progress", "--max-length", "40",
+            "--batch-size", "4", "--lr", "1e-2", "--lora-rank", "4", "--no-progress", "--no-plot", "--max-length", "40",
             "--max-prompt-length", "24", "--dtype", "bfloat16", "--grad-checkpointing", "--save-every", "2"]
     assert train.main(argv) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

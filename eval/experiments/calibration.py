@@ -177,7 +177,7 @@ def base_options(seed: int = 0) -> tuple:
     from spl.config import WORLD_MAIN_JOB
 
     return ("--batch-size", 32, "--lr", 3e-3, "--max-prompt-length", MAX_PROMPT, "--lora-targets",
-            ",".join(WORLD_MAIN_JOB["lora_targets"]), "--seed", seed, "--no-plot")
+            ",".join(WORLD_MAIN_JOB["lora_targets"]), "--seed", seed)
 
 
 def policy_options(base, seed) -> tuple:
@@ -186,9 +186,8 @@ def policy_options(base, seed) -> tuple:
     from eval.experiments.policies import main_job_options
 
     if base is None:
-        return (*main_job_options(), "--seed", seed, "--no-plot")
-    return (*main_job_options(model=True), "--model", base, "--max-prompt-length", MAX_PROMPT, "--seed", seed,
-            "--no-plot")
+        return (*main_job_options(), "--seed", seed)
+    return (*main_job_options(model=True), "--model", base, "--max-prompt-length", MAX_PROMPT, "--seed", seed)
 
 
 def build_base(out: Path, sft: Path, steps: int, progress: bool = False) -> Path:

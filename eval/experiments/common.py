@@ -13,7 +13,8 @@ from pathlib import Path
 
 
 def experiment_parser(doc: str, out: str, quick_help: str, ratios_help: str, beta: float, steps: int, lr,
-                      steps_help: str = "training steps per policy") -> argparse.ArgumentParser:
+                      steps_help: str = "training steps per policy",
+                      lr_help: str | None = None) -> argparse.ArgumentParser:
     """The options every experiment takes, in one place: --out, --quick, --ratios, --beta, --steps, --lr,
     --threads, --progress. Each experiment adds its own after these. lr None: train.py's own default (not passed)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
@@ -22,8 +23,8 @@ def experiment_parser(doc: str, out: str, quick_help: str, ratios_help: str, bet
     p.add_argument("--ratios", help=ratios_help)
     p.add_argument("--beta", type=float, default=beta)
     p.add_argument("--steps", type=int, help=f"{steps_help} (default {steps})")
-    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})" if lr is not None
-                   else "peak learning rate (default: train.py's, the main job's)")
+    p.add_argument("--lr", type=float, default=lr, help=lr_help or (f"peak learning rate (default {lr:g})" if lr
+                   is not None else "peak learning rate (default: train.py's, the main job's)"))
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (default 0: as train.py, one for the world's small model on CPU)")
     p.add_argument("--progress", action="store_true", help="train.py's progress bars")

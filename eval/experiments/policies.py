@@ -16,9 +16,9 @@ from data.world import MODEL_DIR
 from models import Tokenizer, load_adapter, load_pretrained
 from spl.config import OWN_MODEL_PRESET, PRESETS, WORLD_MAIN_JOB, parse_args
 
-IGNORED = ("resume", "overwrite", "progress", "inputs", "detected_chat_format")  # options that do not change what
-# a run trains, and what train.py records beside them in config.json (the inputs' fingerprints, the chat format it
-# detected), which parse_args cannot know: without them no finished run ever matched and every sweep retrained
+IGNORED = ("resume", "overwrite", "progress", "plot", "inputs", "detected_chat_format")  # options that do not change
+# what a run trains, and what train.py records beside them in config.json (the inputs' fingerprints, the chat format
+# it detected), which parse_args cannot know: without them no finished run ever matched and every sweep retrained
 
 
 def main_job_options(model: bool = False) -> tuple[str, ...]:
@@ -45,10 +45,11 @@ def recipe_line(argv) -> str:
 
 def train_policy(out, data, alpha: float, beta: float, loss: str = "spl", steps: int = 150,
                  extra: tuple = (), progress: bool = False) -> Path:
-    """Train (or reuse) a LoRA policy on `data` with train.py; returns the run directory."""
+    """Train (or reuse) a LoRA policy on `data` with train.py; returns the run directory. No curves.png per
+    policy (`--no-plot`): the experiments draw their own figures, and matplotlib takes ~0.5 s a run."""
     out = Path(out)
     argv = ["--data", str(data), "--loss", loss, "--alpha", str(alpha), "--beta", str(beta), "--steps", str(steps),
-            "--out", str(out), *map(str, extra)]
+            "--out", str(out), *map(str, extra), "--no-plot"]
     if not progress:
         argv.append("--no-progress")
     if finished_run_matches(out, argv):

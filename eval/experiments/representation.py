@@ -272,7 +272,7 @@ def train_options(lr=None) -> tuple:
     when one is given; otherwise train.py's default, the main job's)."""
     from eval.experiments.policies import main_job_options
 
-    return (*(("--lr", lr) if lr is not None else ()), *main_job_options(), "--no-plot")  # no per-run curves.png
+    return (*(("--lr", lr) if lr is not None else ()), *main_job_options())
 
 
 def run_experiment(out: Path, datasets, trained, ratios, exact_ratios, beta: float, steps: int, lr=None,
