@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 import train
 from spl import distributed
 import spl.config as train_config
+from tests.test_spl_online import online_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
@@ -99,8 +100,8 @@ FSDP = ("--fsdp", "--lora-dropout", "0.1")
 
 @pytest.fixture(scope="module")
 def runs(tiny_run, tmp_path_factory):
-    """The same 4-step job run by one process and by two under torchrun; the two-process FSDP2 run and the
-    prompt-grouped one of their tests, in the same launch."""
+    """The same 4-step job run by one process and by two under torchrun; the two-process FSDP2, prompt-grouped
+    and online SPL runs of their tests, in the same launch."""
     root = tmp_path_factory.mktemp("distributed")
     rows = [json.loads(line) for line in Path(tiny_run["data"]).read_text().splitlines()][:21]
     for i, row in enumerate(rows):
@@ -113,7 +114,9 @@ def runs(tiny_run, tmp_path_factory):
     assert train.main(args(data, model, one)) == 0
     stdout = torchrun_jobs({"two": args(data, model, two, "--grad-checkpointing"),
                             "fsdp": args(data, model, root / "fsdp", *FSDP),
-                            "grouped": args(grouped, model, root / "grouped-two", *GROUPED)}, root)
+                            "grouped": args(grouped, model, root / "grouped-two", *GROUPED),
+                            "online": online_args(root / "online", "--steps", "2", "--batch-size", "4", "--threads",
+                                                  "1")}, root)  # the last --steps wins
     return {"data": data, "model": model, "one": one, "two": two, "stdout": stdout["two"], "root": root,
             "fsdp_stdout": stdout["fsdp"], "grouped": grouped}
 
@@ -268,3 +271,17 @@ def test_grouped_shares_keep_whole_prompts(tiny_run):
         prompts = [{i // 3 for i in pairs} for pairs in counted]
         assert all(len(pairs) == 3 * len(p) for pairs, p in zip(counted, prompts))  # whole prompts only
         assert len(prompts) < 2 or not prompts[0] & prompts[1]
+
+
+def test_train_spl_online_under_torchrun(runs):
+    """Online SPL with two processes (gloo), each sampling for its share of every batch of prompts: the run
+    completes, every step's metrics are logged once (summed over both shares: the option fraction stays a
+    fraction), only rank 0 writes the adapter and the report, and the adapter trained. (Resuming under torchrun is
+    bit-identical: docs/results.md gives the command that showed it.)"""
+    out = runs["root"] / "online"
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(0 <= r["option_fraction"] <= 1 and 0 < r["candidate_mass"] <= 1 for r in records)
+    assert len(json.loads((out / "report.json").read_text())["questions"]) == 30
+    tensors = adapter(out)
+    assert any(float(t.abs().max()) > 0 for name, t in tensors.items() if "lora_B" in name)

@@ -609,27 +609,6 @@ def test_train_reward_model_then_online_spl_reports_the_reward_optimum(tmp_path)
     torch.testing.assert_close(torch.tensor(row["reward_scores"], dtype=torch.float64), scores, rtol=1e-6, atol=1e-6)
 
 
-def test_train_spl_online_under_torchrun(tmp_path):
-    """Two processes (gloo), each sampling for its share of every batch of prompts: the run completes, every
-    step's metrics are logged once (summed over both shares: the option fraction stays a fraction), only rank 0
-    writes the adapter and the report, and the adapter trained. (Resuming under torchrun is bit-identical: the
-    README gives the command that showed it; three launches are too slow for this suite.)"""
-    import json
-
-    from safetensors.torch import load_file
-
-    from tests.test_spl_distributed import torchrun
-
-    out = tmp_path / "two"
-    torchrun(online_args(out, "--steps", "2", "--batch-size", "4", "--threads", "1"))  # the last --steps wins
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2]
-    assert all(0 <= r["option_fraction"] <= 1 and 0 < r["candidate_mass"] <= 1 for r in records)
-    assert len(json.loads((out / "report.json").read_text())["questions"]) == 30
-    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    assert any(float(t.abs().max()) > 0 for name, t in tensors.items() if "lora_B" in name)
-
-
 @pytest.mark.parametrize("extra, message", [
     (("--lora-dropout", "0.1"), "--lora-dropout 0"),
     (("--online-samples", "1"), "--online-samples must be >= 2"),
