@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.mistral import embedding
+
 MAX_SEQ_LENGTH = 256  # sentence_bert_config.json: longer texts are truncated to 256 ids, [CLS] and [SEP] included
 _CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
         (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
@@ -179,9 +181,9 @@ class BertEncoder(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         d = config.hidden_size
-        self.word_embeddings = nn.Embedding(config.vocab_size, d)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, d)
+        self.word_embeddings = embedding(config.vocab_size, d)  # uninitialised on the meta device (load_minilm)
+        self.position_embeddings = embedding(config.max_position_embeddings, d)
+        self.token_type_embeddings = embedding(config.type_vocab_size, d)
         self.embedding_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 

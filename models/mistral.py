@@ -326,16 +326,19 @@ class KVCache:
         self.values = [v[index] for v in self.values]
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding(num, dim), left uninitialised when built on the meta device to be loaded (load_pretrained):
+    normal_ on a meta tensor imports torch._dynamo, 2-4 s of a process's start-up, for values never used."""
+    if torch.empty(0).device.type == "meta":
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
+
+
 class Mistral(nn.Module):
     def __init__(self, config: MistralConfig):
         super().__init__()
         self.config = config
-        if torch.empty(0).device.type == "meta":  # built on the meta device to be loaded (load_pretrained): no init,
-            # since normal_ on a meta tensor imports torch._dynamo, 2-4 s of a process's start-up for values never used
-            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                             _weight=torch.empty(config.vocab_size, config.hidden_size))
-        else:
-            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
