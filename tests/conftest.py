@@ -21,6 +21,15 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (each file's whole run takes 10-40 s: a real model, torchrun launches, an experiment's
+    --quick, train.py processes) go first, the rest after in their order. pytest-xdist hands out whole files
+    (`--dist loadfile`) in this order (`--no-loadscope-reorder`; by default it puts the files with the most tests
+    first, which left the slow few-test files for last and one worker running them alone): longest first, the
+    two workers finish together."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept within each group
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the test. ATen's CPU kernels (log_sigmoid among them) parallelise even a

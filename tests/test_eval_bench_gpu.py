@@ -7,7 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from eval.bench import gpu
+
+pytestmark = pytest.mark.slow  # the dry run: scheduled first (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,6 +31,8 @@ from eval.experiments import strategy_mix as sm
 from eval.experiments.common import read_csv
 from eval.metrics import bootstrap_interval, pass_at_k
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 
 # ---- pass@k ------------------------------------------------------------------------------------------------------
 

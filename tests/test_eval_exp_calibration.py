@@ -20,6 +20,8 @@ from eval.experiments import calibration as exp
 from eval.experiments.common import read_csv
 from eval.metrics import expected_calibration_error
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 LETTERS = "ABCD"
 
 

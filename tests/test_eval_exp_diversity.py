@@ -28,6 +28,8 @@ from eval.embeddings import load_minilm
 from eval.experiments.policies import load_policy
 from eval.metrics import vendi_score
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 TOL = dict(rel=1e-9, abs=1e-12)
 PANELS = [f"front:{d}/{q}" for d, q in exp.FRONT_PANELS]
 

@@ -28,7 +28,7 @@ from eval.experiments import representation as exp
 from eval.experiments.common import read_csv
 from spl.losses import spl_loss
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: scheduled first (conftest.py)
 WORLD = load_world()
 
 

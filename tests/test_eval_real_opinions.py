@@ -23,6 +23,8 @@ from data.world.opinions import opinion_questions
 from eval.experiments.real_opinions import CHOSEN, SHOTS, conversations, main
 from models.gguf import resolve_model
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):

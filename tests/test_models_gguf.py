@@ -25,6 +25,8 @@ from models import load_adapter, load_pretrained, save_pretrained
 from models.gguf import SHORT_NAMES, cache_dir, convert, installed_file, main, resolve_model
 from models.gguf_reader import GGUFError, GGUFFile
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 SUPPORTED = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
 PROMPTS = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
            "In 2024, 3.14159 * 12 = 37.7; ½ of 10 is 5 — naïve café, 東京, emoji 🙂!",

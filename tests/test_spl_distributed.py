@@ -28,6 +28,8 @@ from spl import distributed
 import spl.config as train_config
 from tests.test_spl_online import online_args
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
 

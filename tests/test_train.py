@@ -23,6 +23,8 @@ import train
 import spl.config as train_config
 from models.lora import TARGET_NAMES
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
