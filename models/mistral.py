@@ -329,7 +329,7 @@ class KVCache:
 def embedding(num: int, dim: int) -> nn.Embedding:
     """nn.Embedding(num, dim), left uninitialised when built on the meta device to be loaded (load_pretrained):
     normal_ on a meta tensor imports torch._dynamo, 2-4 s of a process's start-up, for values never used."""
-    if torch.empty(0).device.type == "meta":
+    if torch.get_default_device().type == "meta":
         return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
     return nn.Embedding(num, dim)
 

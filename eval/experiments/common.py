@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 
-def experiment_parser(doc: str, out: str, quick_help: str, ratios_help: str, beta: float, steps: int, lr,
+def experiment_parser(doc: str, out: str, quick_help: str, ratios_help: str, beta: float, steps: int | str, lr,
                       steps_help: str = "training steps per policy",
                       lr_help: str | None = None) -> argparse.ArgumentParser:
     """The options every experiment takes, in one place: --out, --quick, --ratios, --beta, --steps, --lr,

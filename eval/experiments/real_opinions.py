@@ -375,9 +375,10 @@ def main(argv=None) -> int:
         loss, alpha, beta = RUNS[run]
         steps, lr, prompts = SCHEDULES[run]
         steps = option(args.steps, {"steps": 2} if args.quick else {}, "steps", steps)
-        extra = [*RECIPE, "--model", args.model, "--lr", option(args.lr, {}, "lr", lr), "--warmup-steps", warmup,
-                 "--dtype", args.dtype, "--batch-size", 170, "--threads", args.threads,
-                 "--prompts-per-batch", option(args.prompts_per_batch, {}, "prompts_per_batch", prompts),
+        lr = args.lr if args.lr is not None else lr
+        prompts = args.prompts_per_batch if args.prompts_per_batch is not None else prompts
+        extra = [*RECIPE, "--model", args.model, "--lr", lr, "--warmup-steps", warmup, "--dtype", args.dtype,
+                 "--batch-size", 170, "--threads", args.threads, "--prompts-per-batch", prompts,
                  "--anchor", args.anchor]
         start = time.perf_counter()
         run_dir = train_policy(out / run, data, alpha, beta, loss, steps, extra=tuple(extra), progress=args.progress)
