@@ -20,9 +20,16 @@ from data.reference_cache import ReferenceCacheKey
 from data.tokenization import load_preference_data
 from models.tokenizer import Tokenizer
 
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
-datasets = pytest.importorskip("datasets")
+
+
+def writers():
+    """pyarrow, pyarrow.parquet and HF datasets: the forms' writers (test oracles, requirements-dev.txt), imported
+    by the tests that write, not at collection (datasets alone takes ~0.8 s to import, on every xdist worker)."""
+    import datasets
+    import pyarrow
+    import pyarrow.parquet
+    return pyarrow, pyarrow.parquet, datasets
+
 
 V1 = Path(pytest.importorskip("mistral_common").__file__).parent / "data" / "tokenizer.model.v1"
 
@@ -63,6 +70,7 @@ def write_forms(directory: Path, rows: list[dict]) -> dict[str, Path]:
     forms["jsonl"].write_text(lines, encoding="utf-8")
     forms["jsonl.gz"].write_bytes(gzip.compress(lines.encode()))
     forms["json.gz"].write_bytes(gzip.compress(json.dumps(rows, indent=2, ensure_ascii=False).encode()))
+    pa, pq, datasets = writers()
     pq.write_table(pa.Table.from_pylist(rows), forms["parquet"])
     datasets.Dataset.from_list(rows).save_to_disk(str(forms["save_to_disk"]))
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(forms["dataset_dict"]))
@@ -111,6 +119,7 @@ def test_every_form_gives_the_same_records_examples_skips_and_cache_key(tmp_path
 def test_splits_choose_records_and_change_the_cache_key(tmp_path, tokenizer):
     train, test = STANDARD[:2], STANDARD[3:4]
     saved = tmp_path / "dict"
+    _, _, datasets = writers()
     datasets.DatasetDict({"train": datasets.Dataset.from_list(train),
                           "test": datasets.Dataset.from_list(test)}).save_to_disk(str(saved))
     repo = tmp_path / "repo"

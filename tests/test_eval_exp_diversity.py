@@ -17,9 +17,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
-import scipy.stats
 import torch
-from vendi_score import vendi
 
 from data.world import load_world, validate_story
 from eval.experiments import diversity as exp
@@ -102,6 +100,7 @@ def test_outputs_recipe_and_structure(quick_run):
 
 def test_metrics_recomputed_from_samples(quick_run):
     """Validity, the exact reward, the attribute entropies and the n-gram Vendi from the saved texts."""
+    from vendi_score import vendi
     spec, n = load_world().stories, exp.QUICK["num_samples"]
 
     def kernel(a, b):  # cosine of word 1- and 2-gram count vectors
@@ -137,6 +136,7 @@ def test_metrics_recomputed_from_samples(quick_run):
 def test_embedding_columns_by_unbatched_encoding(quick_run, encoder):
     """Each text embedded alone (no padding, no batch); per input Vendi by vendi-score's score_X and Eq. 44,
     mean over all ordered pairs of 1 - cos, in numpy."""
+    from vendi_score import vendi
     n = exp.QUICK["num_samples"]
     assert quick_run["experiment"]["embeddings"] == "all-MiniLM-L6-v2"
     for label in ("dpo-2 T=2", "spl-2 T=1"):
@@ -287,6 +287,7 @@ def test_story_rewards_by_hand():
 
 def test_vendi_score_against_the_vendi_score_package():
     """eval.metrics.vendi_score (cosine kernel) against vendi-score's score_X (rows normalised, K = X X^T)."""
+    from vendi_score import vendi
     x = np.random.default_rng(0).normal(size=(7, 5))
     x[3] = 2.5 * x[1]  # a repeated direction
     assert vendi_score(torch.tensor(x)) == pytest.approx(float(vendi.score_X(x)), rel=1e-9)
@@ -294,6 +295,7 @@ def test_vendi_score_against_the_vendi_score_package():
 
 def test_t_interval_against_scipy():
     """mean -+ t_{0.975, n-1} s / sqrt(n) as scipy.stats.t.interval gives it; the table against t.ppf."""
+    import scipy.stats
     np.testing.assert_allclose(fronts.T_975, scipy.stats.t.ppf(0.975, np.arange(1, 11)), rtol=1e-9)
     for values in ([1.0, 2.0], [0.3, -0.1, 0.7], list(np.random.default_rng(1).normal(size=11))):
         centre, low, high = fronts.t_interval(values)

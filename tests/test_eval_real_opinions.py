@@ -13,6 +13,7 @@ of one step, a few samples. What it checks, each against its own oracle:
 """
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -48,12 +49,15 @@ def test_reference_equals_hf_llama(quick):
     prompt_ids = hf_tokenizer.encode(prompt, add_special_tokens=False)
     end = hf_tokenizer.convert_tokens_to_ids("<|im_end|>")
     logps = []
-    with torch.no_grad():
+    with torch.no_grad():  # the prompt once, with HF's KV cache; each option continues a copy of it
+        prompt = hf(torch.tensor([prompt_ids]), use_cache=True)
+        first = prompt.logits[0, -1].double().log_softmax(-1)  # (V,): the response's first token
         for option in question.options:
             response = hf_tokenizer.encode(option, add_special_tokens=False) + [end]
-            ids = torch.tensor([prompt_ids + response])
-            logits = hf(ids).logits[0, len(prompt_ids) - 1:-1].double().log_softmax(-1)  # (len(response), V)
-            logps.append(float(logits.gather(1, torch.tensor(response)[:, None]).sum()))
+            cache = copy.deepcopy(prompt.past_key_values)
+            logits = hf(torch.tensor([response[:-1]]), past_key_values=cache).logits[0].double().log_softmax(-1)
+            rest = logits.gather(1, torch.tensor(response[1:])[:, None]).sum()  # (len(response) - 1, V) -> ()
+            logps.append(float(first[response[0]] + rest))
     logps = torch.tensor(logps, dtype=torch.float64)
     row = json.loads((quick / "spl10" / "real_report.json").read_text())["questions"][0]
     torch.testing.assert_close(torch.tensor(row["reference"], dtype=torch.float64), logps.softmax(0),

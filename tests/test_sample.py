@@ -7,9 +7,6 @@ HF forward (temperature 1, unfiltered); HF's logits warpers (temperature, top-k,
 every sampled token must lie in. Bad input: exit codes and one-line messages naming file:line.
 """
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import sentencepiece
@@ -18,7 +15,6 @@ from conftest import TINY, randomize_weights_
 
 import sample
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXT = [
     "the cat sat on the mat and looked at the dog",
     "a dog ran to the park with a red ball",
@@ -208,11 +204,11 @@ def test_missing_default_model_is_one_clear_line(tmp_path, capsys, monkeypatch):
     assert "\n" not in err
 
 
-def test_script_reports_bad_input_without_traceback(world, tmp_path):
+def test_script_reports_bad_input_without_traceback(world, tmp_path, script):
+    """As a process would run it (tests/conftest.py `script`; tests/test_bad_input.py starts real processes)."""
     path = tmp_path / "prompts.jsonl"
     path.write_text("not json\n", encoding="utf-8")
-    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(world["dir"]), "--prompts",
-                             str(path)], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
-    assert f"{path}:1: not valid JSON" in result.stderr
+    code, _, stderr = script("sample.py", ["--model", world["dir"], "--prompts", path])
+    assert code == 1
+    assert "Traceback" not in stderr and stderr.count("\n") == 1
+    assert f"{path}:1: not valid JSON" in stderr

@@ -53,10 +53,13 @@ def torchrun(argv, processes=2, script=ROOT / "train.py"):
     return result.stdout
 
 
-def torchrun_jobs(jobs, root, processes=2):
+def torchrun_jobs(jobs, root, processes=2, prepare=None):
     """Several train.py jobs in one torchrun launch (tests/torchrun_jobs.py: each process calls train.main for each
-    job in turn); `jobs` maps a name to train.py's argv. Returns each job's output, every process's together."""
-    listing = [{"argv": [str(a) for a in argv], "stdout": str(root / f"{name}.stdout")} for name, argv in jobs.items()]
+    job in turn); `jobs` maps a name to train.py's argv, `prepare` a job's name to ["module:function", args...]
+    that rank 0 calls before that job. Returns each job's output, every process's together."""
+    prepare = prepare or {}
+    listing = [{"argv": [str(a) for a in argv], "stdout": str(root / f"{name}.stdout"),
+                "prepare": [str(a) for a in prepare.get(name, [])]} for name, argv in jobs.items()]
     (root / "jobs.json").write_text(json.dumps(listing), encoding="utf-8")
     torchrun([str(root / "jobs.json")], processes, script=ROOT / "tests" / "torchrun_jobs.py")
     return {name: "".join(Path(f"{job['stdout']}.{rank}").read_text(encoding="utf-8") for rank in range(processes))
@@ -100,10 +103,23 @@ GROUPED = ("--prompts-per-batch", "4", "--anchor", "0.5")
 FSDP = ("--fsdp", "--lora-dropout", "0.1")
 
 
+def damage_and_roll_back(root):
+    """Before the resumed jobs (rank 0, in the launch): the two-process run copied with its step-4 checkpoint's
+    optimizer file cut short (a full disk) and its adapter gone; the FSDP2 run rolled back to step 2."""
+    root = Path(root)
+    copy = root / "resumed"
+    shutil.copytree(root / "two", copy)
+    damaged = copy / "checkpoints" / "step_000004" / "optimizer.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    shutil.rmtree(copy / "adapter")
+    roll_back(root / "fsdp", root / "fsdp-resumed")
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_run, tmp_path_factory):
     """The same 4-step job run by one process and by two under torchrun; the two-process FSDP2, prompt-grouped
-    and online SPL runs of their tests, in the same launch."""
+    and online SPL runs of their tests; then the two-process and FSDP2 runs damaged or rolled back
+    (`damage_and_roll_back`) and resumed with their own commands: all in one launch."""
     root = tmp_path_factory.mktemp("distributed")
     rows = [json.loads(line) for line in Path(tiny_run["data"]).read_text().splitlines()][:21]
     for i, row in enumerate(rows):
@@ -118,25 +134,19 @@ def runs(tiny_run, tmp_path_factory):
                             "fsdp": args(data, model, root / "fsdp", *FSDP),
                             "grouped": args(grouped, model, root / "grouped-two", *GROUPED),
                             "online": online_args(root / "online", "--steps", "2", "--batch-size", "4", "--threads",
-                                                  "1")}, root)  # the last --steps wins
+                                                  "1"),  # the last --steps wins
+                            "resumed": args(data, model, root / "resumed", "--grad-checkpointing", "--resume"),
+                            "fsdp-resumed": args(data, model, root / "fsdp-resumed", *FSDP, "--resume")},
+                           root, prepare={"resumed": ["tests.test_spl_distributed:damage_and_roll_back", root]})
     return {"data": data, "model": model, "one": one, "two": two, "stdout": stdout["two"], "root": root,
-            "fsdp_stdout": stdout["fsdp"], "grouped": grouped}
+            "fsdp_stdout": stdout["fsdp"], "grouped": grouped, "resumed_stdout": stdout["resumed"]}
 
 
 @pytest.fixture(scope="module")
 def resumed(runs):
-    """The two-process runs, damaged or rolled back, then resumed with their own commands (one launch)."""
-    root = runs["root"]
-    copy = root / "resumed"
-    shutil.copytree(runs["two"], copy)
-    damaged = copy / "checkpoints" / "step_000004" / "optimizer.safetensors"  # cut short: a full disk
-    damaged.write_bytes(damaged.read_bytes()[:100])
-    shutil.rmtree(copy / "adapter")
-    roll_back(root / "fsdp", root / "fsdp-resumed")
-    stdout = torchrun_jobs({"resumed": args(runs["data"], runs["model"], copy, "--grad-checkpointing", "--resume"),
-                            "fsdp-resumed": args(runs["data"], runs["model"], root / "fsdp-resumed", *FSDP,
-                                                 "--resume")}, root)
-    return {"stdout": stdout["resumed"], "damaged": damaged}
+    """The resumed two-process run's output and the file cut short (`damage_and_roll_back`)."""
+    return {"stdout": runs["resumed_stdout"],
+            "damaged": runs["root"] / "resumed" / "checkpoints" / "step_000004" / "optimizer.safetensors"}
 
 
 def test_two_processes_equal_one_process(runs):

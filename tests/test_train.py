@@ -193,11 +193,11 @@ def test_existing_run_is_never_overwritten(tiny, tmp_path, capsys):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
-def test_script_reports_bad_input_without_traceback(tiny, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args(tiny, tmp_path / "r", "--alpha", "-1")],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+def test_script_reports_bad_input_without_traceback(tiny, tmp_path, script):
+    """As a process would run it (tests/conftest.py `script`; tests/test_bad_input.py starts real processes)."""
+    code, _, stderr = script("train.py", args(tiny, tmp_path / "r", "--alpha", "-1"))
+    assert code == 2
+    assert "Traceback" not in stderr and stderr.count("\n") == 1
 
 
 def test_presets_are_the_papers_recipes():

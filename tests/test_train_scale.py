@@ -8,9 +8,6 @@ adapter; its loss equals the float32 model's up to bf16 rounding. The benchmark'
 (eval/bench/step.py docstring) equals what torch.utils.flop_counter counts in the step's matrix products.
 """
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +23,6 @@ from eval.bench import step as bench_step
 from models import add_lora, load_pretrained
 from spl.step import Objective, preference_step, reference_logprobs
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def pairs_batch(vocab, seed=0):
@@ -228,19 +224,18 @@ def test_bench_flop_count_equals_torch_flop_counter(shape):
     assert flops["total"] == matmuls + flops["attention"]
 
 
-def test_bench_step_smoke(tmp_path):
-    """eval/bench/step.py runs scaled down on CPU and reports a consistent record."""
-    result = subprocess.run([sys.executable, str(ROOT / "eval" / "bench" / "step.py"), "--device", "cpu", "--scale",
-                             "0.03125", "--vocab", "512", "--compile", "off", "--iters", "1", "--matmul-size", "256",
-                             "--profile", "5"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    record = json.loads(result.stdout.strip().splitlines()[-1])
+def test_bench_step_smoke(capsys):
+    """eval/bench/step.py runs scaled down on CPU and reports a consistent record (its main, in this process: the
+    script's own start is one import of torch)."""
+    bench_step.main(["--device", "cpu", "--scale", "0.03125", "--vocab", "512", "--compile", "off", "--iters", "1",
+                     "--matmul-size", "256", "--profile", "5"])
+    stdout = capsys.readouterr().out
+    record = json.loads(stdout.strip().splitlines()[-1])
     assert (record["dim"], record["heads"], record["layers"], record["seq"], record["vocab"]) == (128, 1, 1, 32, 512)
     assert record["tokens"] == 2 * record["pairs"] * record["seq"] and record["time_ms"] > 0
     assert record["tokens_per_s"] == pytest.approx(record["tokens"] / record["cpu_time_ms"] * 1000)  # CPU: per CPU s
     assert 0 < record["mfu"] and record["peak_mb"] > 0 and record["first_loss"] > 0
-    assert "MFU" in result.stdout
+    assert "MFU" in stdout
     # --profile: the step's self CPU time by group, shares of one whole; the GEMMs are a group of their own
     assert sum(record["profile"].values()) == pytest.approx(1.0) and record["profile"]["matmul"] > 0
     assert set(record["matmul_tflops_per_s_by_layout"]) == {"a @ b", "a @ b.T", "a.T @ b"}

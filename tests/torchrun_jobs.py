@@ -1,8 +1,10 @@
 """Several train.py jobs in one torchrun launch, for the tests: `torchrun ... tests/torchrun_jobs.py JOBS.json`.
 
-JOBS.json is a list of {"argv": [...], "stdout": "PATH"}. Every process calls `train.main(argv)` for each job in
-turn, as `torchrun train.py argv` would (train.main joins the process group and leaves it), and writes what it
-printed to PATH.RANK. A launch costs torchrun's start and every process's import of torch and train.py (~6
+JOBS.json is a list of {"argv": [...], "stdout": "PATH"}, each optionally with "prepare": ["module:function",
+arg, ...]. Every process calls `train.main(argv)` for each job in turn, as `torchrun train.py argv` would
+(train.main joins the process group and leaves it), and writes what it printed to PATH.RANK. A job's prepare
+function runs on rank 0 before the job starts (the others wait for it: they block on the job's port, which rank 0
+publishes after it), so a job may use files the jobs before it wrote (e.g. damage a checkpoint, then resume). A launch costs torchrun's start and every process's import of torch and train.py (~6
 CPU-seconds on the 2-core machine), more than a tiny job's training: the suite pays it once for several jobs.
 A job that fails stops the launch with its exit code.
 
@@ -12,6 +14,7 @@ twice through torchrun's own store is not safe: destroy_process_group resets the
 group's keys have the first one's names, and a process arriving early can read its peer's stale address and
 wait forever (seen: rank 1 in a broadcast, rank 0 still building its gloo group)."""
 import contextlib
+import importlib
 import json
 import os
 import socket
@@ -38,6 +41,9 @@ launch = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
 os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"  # env:// then starts a store on rank 0 at MASTER_PORT
 for i, job in enumerate(json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))):
     if rank == 0:
+        if job.get("prepare"):
+            module, function = job["prepare"][0].split(":")
+            getattr(importlib.import_module(module), function)(*job["prepare"][1:])
         launch.set(f"torchrun_jobs/{i}/port", free_port())
     os.environ["MASTER_PORT"] = launch.get(f"torchrun_jobs/{i}/port").decode()
     with open(f"{job['stdout']}.{rank}", "w", encoding="utf-8", buffering=1) as log, contextlib.redirect_stdout(log):
