@@ -173,7 +173,7 @@ def test_gate_rows_at_the_anchored_optimum_and_at_the_reference(world):
     at_optimum = [anchored_optimum(r, torch.tensor(g.population, dtype=torch.float64), 0.2, exp.BETA)
                   for r, g in zip(refs, groups)]
     rows = sm.gate_rows(world.arithmetic, groups, at_optimum, refs, 0.2, exp.BETA)
-    assert all(r["tv"] < 1e-9 and abs(r["log_mass_ratio"]) < 1e-9 for r in rows)
+    assert all(r["tv"] < 1e-9 and r["tv_strategy"] < 1e-9 and abs(r["log_mass_ratio"]) < 1e-9 for r in rows)
     assert sm.gate_summary(rows, "spl-2", [5])[0]["gate_met"]
     rows = sm.gate_rows(world.arithmetic, groups, refs, refs, 0.2, exp.BETA)
     for r, ref, g in zip(rows, refs, groups):
@@ -181,6 +181,14 @@ def test_gate_rows_at_the_anchored_optimum_and_at_the_reference(world):
         assert r["tv"] == pytest.approx(0.5 * float((torch.softmax(ref, -1) - target).abs().sum()), abs=1e-12)
         assert sum(v for k, v in r.items() if k.startswith("closed_")) == pytest.approx(1.0, abs=1e-12)
         assert r["policy_direct"] == pytest.approx(r["reference_direct"], abs=1e-12)
+        # the strategy mix: the slipped candidate is a direct solution with a wrong product, counted as direct
+        problem = next(q for q in world.arithmetic if q.id == g.id)
+        assert [sm.strategy_of(problem, t) for t, label in zip(g.candidates, sm.candidate_labels(problem, g))
+                if label == sm.SLIP] == ["direct"]
+        folded = {k: r[f"reference_{k}"] - r[f"closed_{k}"] for k in ("split", "round") if f"closed_{k}" in r}
+        folded["direct"] = r["reference_direct"] + r["reference_slip"] - r["closed_direct"] - r["closed_slip"]
+        assert r["tv_strategy"] == pytest.approx(0.5 * sum(abs(v) for v in folded.values()), abs=1e-12)
+        assert r["tv_strategy"] <= r["tv"] + 1e-12  # merging outcomes never raises a total variation
 
 
 # ---- the sampler ----------------------------------------------------------------------------------------------------
@@ -260,7 +268,7 @@ def test_quick_run_counts_tables_and_screen(quick_run, world):
     assert not {r["prompt"] for r in problems} & taken_prompts
     _, gate = read_csv(quick_run / "gate.csv")
     assert {(r["policy"], r["seed"]) for r in gate} == {(p, s) for p in ("dpo", "spl-2") for s in ("0", "1")}
-    assert all((float(r["tv"]) <= sm.GATE_TV) == (r["gate_met"] == "True") for r in gate)
+    assert all((float(r["tv_strategy"]) <= sm.GATE_TV) == (r["gate_met"] == "True") for r in gate)
     experiment = json.loads((quick_run / "experiment.json").read_text())
     assert "--anchor" in experiment["recipe"] and "--model" in experiment["recipe"]
 
@@ -271,3 +279,40 @@ def test_bad_arguments_fail_at_start(tmp_path, capsys):
         with pytest.raises(SystemExit) as stopped:
             exp.main([*argv, "--out", str(tmp_path)])
         assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_merge_of_one_run_split_by_seed_writes_that_run(quick_run, tmp_path, capsys):
+    """--merge: the quick run's two seeds, split into two parts as `--seeds 0` and `--seeds 1` would have written
+    them (each with the reference's rows, which every part samples with seed 0), merge back into the quick run's
+    own files, byte for byte; parts that disagree, or share a seed, are refused in one line."""
+    from eval.experiments.common import write_csv, write_json, write_jsonl
+
+    experiment = json.loads((quick_run / "experiment.json").read_text())
+    samples = [json.loads(line) for line in (quick_run / "samples.jsonl").read_text().splitlines()]
+    parts = []
+    for seed in (1, 0):  # given out of order: the merge puts seed 0 first, as the one run did
+        part = tmp_path / f"seed{seed}"
+        part.mkdir()
+        mine = lambda row: row["setting"] == "reference T=1" or int(row["seed"]) == seed  # noqa: E731
+        write_csv(part / "problems.csv", [r for r in read_csv(quick_run / "problems.csv")[1] if mine(r)])
+        write_jsonl(part / "samples.jsonl", [x for x in samples if mine(x)])
+        write_csv(part / "gate.csv", [r for r in read_csv(quick_run / "gate.csv")[1] if int(r["seed"]) == seed])
+        write_csv(part / "screen.csv", read_csv(quick_run / "screen.csv")[1])
+        write_json(part / "experiment.json", dict(experiment, seeds=[seed], seconds=1.0, runs={
+            k: v for k, v in experiment["runs"].items() if k.endswith(f"seed {seed}")}))
+        parts.append(part)
+    merged = tmp_path / "merged"
+    assert exp.main(["--merge", *map(str, parts), "--out", str(merged)]) == 0
+    for name in ("problems.csv", "samples.jsonl", "gate.csv", "pass_at_k.csv", "differences.csv", "matching.csv",
+                 "strategies.csv", "screen.csv"):
+        assert (merged / name).read_bytes() == (quick_run / name).read_bytes(), name
+    again = json.loads((merged / "experiment.json").read_text())
+    assert again["seeds"] == [0, 1] and again["runs"] == experiment["runs"]
+    capsys.readouterr()
+    assert exp.main(["--merge", str(parts[0]), str(parts[0]), "--out", str(tmp_path / "twice")]) == 1
+    assert "a seed appears in two parts" in capsys.readouterr().err
+    other = json.loads((parts[1] / "experiment.json").read_text())
+    write_json(parts[1] / "experiment.json", dict(other, num_samples=other["num_samples"] + 1))
+    assert exp.main(["--merge", *map(str, parts), "--out", str(tmp_path / "other")]) == 1
+    err = capsys.readouterr().err
+    assert f"{parts[1]}: not the same experiment" in err and err.count("\n") == 1

@@ -2,6 +2,9 @@
 
     python -m eval.experiments.best_of_n            # the full run: 2 seeds x (DPO, SPL at alpha/beta 2, 4, 10)
     python -m eval.experiments.best_of_n --quick    # seconds: 2 seeds, DPO and SPL 2, 2 steps, 4 problems, n = 8
+    # the full run as two processes, one seed each (one per core), then their one result:
+    python -m eval.experiments.best_of_n --seeds 0 --out A & python -m eval.experiments.best_of_n --seeds 1 --out B
+    python -m eval.experiments.best_of_n --merge A B --out runs/exp_best_of_n
 
 The paper's claim: DPO collapses onto the strategies raters like best, SPL (global temperature alpha/beta > 1) keeps
 the others, and on hard problems, where a correct sample is rare, that diversity raises best-of-N. Here the
@@ -47,10 +50,13 @@ from eval.experiments.common import check_arguments, experiment_parser, option, 
 BETA = 0.1
 TEMPERATURES = (1.0, 1.2)  # DPO's token temperatures
 SPL_RATIOS = (2.0, 4.0, 10.0)  # alpha / beta
-STEPS = 100
+# Each method's schedule (steps, peak lr), long enough to pass the gate (docs/claims.md): DPO's optimum pi_ref p^10
+# lies ~9 nats of log-ratio from the reference at levels 2 and 4, SPL's within ~1, and Adam's steps are ~lr whatever
+# the gradient's scale, so DPO needs more of them. --steps and --lr replace both.
+SCHEDULES = {"dpo": (1000, 1e-2), "spl": (300, 5e-3)}
 SEEDS = (0, 1)
 LEVELS = {"hard": 5, "medium": 4, "easy": 2}  # sampled in this order: the hard level is the claim
-PROBLEMS = {"hard": 16, "medium": 4, "easy": 4}  # the brief's 64/32/32 did not fit the shared machine (docs)
+PROBLEMS = {"hard": 64, "medium": 32, "easy": 32}
 SCREEN = (1 / 512, 1 / 16)  # the hard level's reference success window
 MAX_DRAWS = 4000  # fresh draws tried per level before giving up
 NUM_SAMPLES, REFERENCE_SAMPLES = 128, 32
@@ -144,12 +150,15 @@ def pairs_file(out: Path, world, levels, max_pairs: int | None) -> Path:
     return write_jsonl(out / "strategy_pairs.jsonl", records[:max_pairs] if max_pairs else records)
 
 
-def recipe(steps: int, seed: int) -> tuple:
-    """train.py's options after --data/--loss/--alpha/--beta/--steps: the main job's recipe with --model."""
+def recipe(seed, lr) -> tuple:
+    """train.py's options after --data/--loss/--alpha/--beta/--steps: the main job's recipe with --model, at
+    peak learning rate `lr`."""
     from data.world.arithmetic import ARITHMETIC_MODEL_DIR
     from eval.experiments.policies import main_job_options
 
-    return ("--model", str(ARITHMETIC_MODEL_DIR), *main_job_options(model=True), "--seed", str(seed))
+    options = list(main_job_options(model=True))
+    options[options.index("--lr") + 1] = str(lr)
+    return ("--model", str(ARITHMETIC_MODEL_DIR), *options, "--seed", str(seed))
 
 
 def trained_groups(world, data: Path) -> list:
@@ -229,8 +238,9 @@ def commit() -> str:
 
 # ---- the run ----------------------------------------------------------------------------------------------------
 
-def train_all(out: Path, world, data: Path, settings, seeds, steps: int, progress: bool):
-    """Train (or reuse) every policy for every seed and print its gate. -> ({(policy, seed): run dir}, gate rows)."""
+def train_all(out: Path, world, data: Path, settings, seeds, schedules: dict, progress: bool):
+    """Train (or reuse) every policy for every seed with its method's (steps, lr) and print its gate.
+    -> ({(policy, seed): run dir}, gate rows)."""
     from data.world.arithmetic import ARITHMETIC_MODEL_DIR  # noqa: F401 (checked by main)
     from eval.experiments.common import alpha_for
     from eval.experiments.policies import recipe_line, train_policy
@@ -242,17 +252,20 @@ def train_all(out: Path, world, data: Path, settings, seeds, steps: int, progres
             if setting.method == "reference" or (setting.policy, seed) in runs:
                 continue
             started, alpha = time.perf_counter(), alpha_for(setting.ratio, BETA)
+            steps, lr = schedules[setting.method]
             run = train_policy(out / "runs" / f"seed{seed}" / setting.policy, data, alpha, BETA, loss=setting.method,
-                               steps=steps, extra=recipe(steps, seed), progress=progress)
+                               steps=steps, extra=recipe(seed, lr), progress=progress)
             runs[setting.policy, seed] = str(run)
             rows = gate(world, groups, str(run), alpha, setting.policy, seed)
             gates += rows
             print(f"  trained {setting.policy} seed {seed} (alpha {alpha:g}, beta {BETA:g}, "
                   f"{time.perf_counter() - started:.0f} s); gate by level: " + "; ".join(
-                      f"L{r['level']} TV {r['tv']:.3f} direct {r['policy_direct']:.2f} (closed "
+                      f"L{r['level']} TV {r['tv_strategy']:.3f} (candidates {r['tv']:.3f}) direct "
+                      f"{r['policy_direct']:.2f} (closed "
                       f"{r['closed_direct']:.2f}){'' if r['gate_met'] else ' NOT MET'}" for r in rows), flush=True)
-    print("recipe: " + recipe_line(["--data", data, "--loss", "LOSS", "--alpha", "ALPHA", "--beta", BETA,
-                                    "--steps", steps, *recipe(steps, "SEED")]), flush=True)
+    for method, (steps, lr) in schedules.items():
+        print(f"recipe ({method}): " + recipe_line(["--data", data, "--loss", method, "--alpha", "ALPHA", "--beta",
+                                                    BETA, "--steps", steps, *recipe("SEED", lr)]), flush=True)
     return runs, gates
 
 
@@ -315,6 +328,56 @@ def write_results(out: Path, settings, problem_rows, samples, gates, screen, n: 
     print(f"wrote {', '.join(p.name for p in written)} in {out}", flush=True)
 
 
+# ---- --merge: runs of some seeds each, as one ----------------------------------------------------------------------
+
+INTEGER_COLUMNS = ("seed", "level", "n", "correct")
+
+
+def read_part(part: Path) -> dict:
+    """One run's outputs back from its files: problems.csv typed as sample_problem wrote it (the padding "" left
+    out), samples.jsonl, gate.csv and screen.csv as text (written back as read), experiment.json."""
+    from eval.experiments.common import read_csv
+
+    rows = []
+    for row in read_csv(part / "problems.csv")[1]:
+        row = {k: v for k, v in row.items() if v != ""}
+        rows.append({k: int(v) if k in INTEGER_COLUMNS or k[:2] in ("n_", "c_") else
+                     float(v) if k == "unique_fraction" else v for k, v in row.items()})
+    return {"experiment": json.loads((part / "experiment.json").read_text(encoding="utf-8")), "rows": rows,
+            "samples": [json.loads(line) for line in (part / "samples.jsonl").read_text(encoding="utf-8").splitlines()],
+            "gates": read_csv(part / "gate.csv")[1], "screen": read_csv(part / "screen.csv")[1]}
+
+
+def merge(parts: list[Path], out: Path) -> None:
+    """--merge PART ...: runs of this experiment that each trained and sampled some of the seeds (one process per
+    core, `--seeds 0` and `--seeds 1`), written as the one run with all the seeds would write them. A seed's policies
+    and draws do not depend on the other seeds (train.py --seed; the sampling generator is seeded by seed and
+    level), so the union of the parts' rows, in the one run's order, is that run's; the reference (sampled with
+    seed 0 in every part, the same draws) is kept once. The parts must agree on everything but their seeds."""
+    read = [read_part(Path(part)) for part in parts]
+    same = lambda e: {k: v for k, v in e.items() if k not in ("seeds", "runs", "seconds", "commit")}  # noqa: E731
+    for part, r in zip(parts, read):
+        if same(r["experiment"]) != same(read[0]["experiment"]):
+            raise ValueError(f"{part}: not the same experiment as {parts[0]} (settings, problems, steps or recipe)")
+    seeds = [s for r in read for s in r["experiment"]["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--merge: a seed appears in two parts ({', '.join(map(str, seeds))})")
+    experiment = dict(read[0]["experiment"], seeds=sorted(seeds), merged_from=[str(p) for p in parts],
+                      runs={k: v for r in read for k, v in r["experiment"]["runs"].items()},
+                      seconds={str(p): r["experiment"]["seconds"] for p, r in zip(parts, read)})
+    settings = [Setting(s["method"], s["ratio"], s["temperature"]) for s in experiment["settings"]]
+    labels, levels = [s.label for s in settings], list(LEVELS.values())
+    reference = Setting("reference", 1.0, 1.0).label
+    rows = [row for i, r in enumerate(read) for row in r["rows"] if i == 0 or row["setting"] != reference]
+    rows.sort(key=lambda row: (levels.index(row["level"]), labels.index(row["setting"]), row["seed"]))  # stable
+    level_of = {row["problem"]: row["level"] for row in rows}
+    samples = [x for i, r in enumerate(read) for x in r["samples"] if i == 0 or x["setting"] != reference]
+    samples.sort(key=lambda x: (levels.index(level_of[x["problem"]]), labels.index(x["setting"]), x["seed"]))
+    gates = sorted((g for r in read for g in r["gates"]), key=lambda g: int(g["seed"]))
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out, settings, rows, samples, gates, read[0]["screen"], experiment["num_samples"], experiment)
+
+
 def padded(rows) -> list[dict]:
     """Rows with the union of their keys (in first-seen order), "" where a row has none (the reference's n is
     smaller, so it has fewer pass@k columns; levels have different strategies)."""
@@ -368,7 +431,10 @@ def format_differences(differences, matching) -> str:
 def main(argv=None) -> int:
     p = experiment_parser(__doc__, "runs/exp_best_of_n", "seconds: 2 seeds, DPO and SPL 2, 2 training steps, 4 "
                           "problems, 8 samples", "SPL alpha/beta values (default %s)" % ",".join(
-                              f"{r:g}" for r in SPL_RATIOS), BETA, STEPS, 5e-3, "training steps per policy")
+                              f"{r:g}" for r in SPL_RATIOS), BETA, "each method's: " + ", ".join(
+                              f"{m} {st}" for m, (st, _) in SCHEDULES.items()), None, "training steps per policy",
+                          "peak learning rate (default: each method's, " + ", ".join(
+                              f"{m} {lr:g}" for m, (_, lr) in SCHEDULES.items()) + ")")
     p.add_argument("--temperatures", help="DPO's token temperatures (default %s)"
                    % ",".join(f"{t:g}" for t in TEMPERATURES))
     p.add_argument("--seeds", help="training seeds (default %s)" % ",".join(map(str, SEEDS)))
@@ -377,13 +443,23 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, help=f"n samples per problem, setting and seed (default {NUM_SAMPLES})")
     p.add_argument("--reference-samples", type=int, help=f"the reference's n, for scale (default {REFERENCE_SAMPLES})")
     p.add_argument("--max-new-tokens", type=int, help=f"default {MAX_NEW_TOKENS}")
+    p.add_argument("--merge", nargs="+", metavar="PART", help="write into --out the one result of runs that each "
+                   "did some of the seeds (e.g. --seeds 0 and --seeds 1 in two processes); trains and samples nothing")
     args = p.parse_args(argv)
+    if args.merge:
+        try:
+            merge([Path(part) for part in args.merge], Path(args.out))
+        except (OSError, ValueError, KeyError) as error:
+            print(f"best_of_n: error: --merge: {error}", file=sys.stderr)
+            return 1
+        return 0
     quick = QUICK if args.quick else {}
     temperatures = parse_list(p, "--temperatures", args.temperatures, TEMPERATURES)
     ratios = parse_list(p, "--ratios", args.ratios, quick.get("ratios", SPL_RATIOS))
     seeds = tuple(dict.fromkeys(parse_list(p, "--seeds", args.seeds, SEEDS, int)))
     counts = parse_list(p, "--problems", args.problems, quick.get("problems", PROBLEMS).values(), int)
-    steps = option(args.steps, quick, "steps", STEPS)
+    schedules = {method: (option(args.steps, quick, "steps", steps), args.lr if args.lr is not None else lr)
+                 for method, (steps, lr) in SCHEDULES.items()}
     n = option(args.num_samples, quick, "num_samples", NUM_SAMPLES)
     n_reference = option(args.reference_samples, quick, "reference_samples", REFERENCE_SAMPLES)
     max_new_tokens = option(args.max_new_tokens, quick, "max_new_tokens", MAX_NEW_TOKENS)
@@ -394,9 +470,10 @@ def main(argv=None) -> int:
         (args.beta == BETA, f"--beta: this experiment's closed forms and runs use beta = {BETA}, got {args.beta}"),
         (all(s >= 0 for s in seeds), f"--seeds must be >= 0, got {seeds}"),
         (len(counts) == 3 and all(c >= 1 for c in counts), f"--problems: three counts >= 1, got {counts}"),
-        (steps > 0 and n >= 1 and n_reference >= 1 and max_new_tokens >= 1,
-         f"need --steps, --num-samples, --reference-samples, --max-new-tokens >= 1 "
-         f"(got {steps}, {n}, {n_reference}, {max_new_tokens})")])
+        (all(st > 0 and lr > 0 for st, lr in schedules.values()), f"need --steps and --lr > 0, got {args.steps}, "
+         f"{args.lr}"),
+        (n >= 1 and n_reference >= 1 and max_new_tokens >= 1,
+         f"need --num-samples, --reference-samples, --max-new-tokens >= 1 (got {n}, {n_reference}, {max_new_tokens})")])
 
     from data.world import load_world
     from data.world.arithmetic import ARITHMETIC_MODEL_DIR
@@ -415,7 +492,9 @@ def main(argv=None) -> int:
     world = load_world()
     print(f"experiment 3, best-of-N as a mechanism test: seeds {', '.join(map(str, seeds))}; DPO at T in "
           f"{', '.join(f'{t:g}' for t in temperatures)}, SPL at alpha/beta in {', '.join(f'{r:g}' for r in ratios)} "
-          f"(beta {BETA:g}), {steps} steps; {n} samples per problem", flush=True)
+          f"(beta {BETA:g}); steps and peak lr: " + ", ".join(f"{m} {st} at {lr:g}" for m, (st, lr) in
+                                                                schedules.items()) + f"; {n} samples per problem",
+          flush=True)
     reference, tokenizer = load_policy(None, model_dir=ARITHMETIC_MODEL_DIR)
     problems, screen = choose_problems(world, reference, tokenizer, dict(zip(LEVELS, counts)))
     hard = [r for r in screen if r["level_name"] == "hard"]
@@ -423,14 +502,14 @@ def main(argv=None) -> int:
           f"kept {sum(r['kept'] for r in hard)} of {len(hard)} fresh draws with reference success in "
           f"[1/{1 / SCREEN[0]:.0f}, 1/{1 / SCREEN[1]:.0f}]", flush=True)
     data = pairs_file(out, world, set(LEVELS.values()), quick.get("max_pairs"))
-    runs, gates = train_all(out, world, data, settings, seeds, steps, args.progress)
+    runs, gates = train_all(out, world, data, settings, seeds, schedules, args.progress)
     experiment = {"settings": [dataclasses.asdict(s) | {"label": s.label} for s in settings], "seeds": list(seeds),
-                  "steps": steps, "beta": BETA, "data": str(data), "levels": LEVELS,
+                  "schedules": {m: {"steps": st, "lr": lr} for m, (st, lr) in schedules.items()}, "beta": BETA, "data": str(data), "levels": LEVELS,
                   "problems": dict(zip(LEVELS, counts)), "screen": list(SCREEN), "num_samples": n,
                   "reference_samples": n_reference, "max_new_tokens": max_new_tokens, "runs": {
                       f"{k[0]} seed {k[1]}": v for k, v in runs.items()},
                   "recipe": ["--data", str(data), "--loss", "dpo|spl", "--alpha", "ratio*beta", "--beta", str(BETA),
-                             "--steps", str(steps), *recipe(steps, "SEED")], "commit": commit()}
+                             "--steps", "STEPS", *recipe("SEED", "LR")], "commit": commit()}
     problem_rows, samples = [], []
 
     def report():
