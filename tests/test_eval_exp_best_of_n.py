@@ -271,6 +271,9 @@ def test_quick_run_counts_tables_and_screen(quick_run, world):
     assert all((float(r["tv_strategy"]) <= sm.GATE_TV) == (r["gate_met"] == "True") for r in gate)
     experiment = json.loads((quick_run / "experiment.json").read_text())
     assert "--anchor" in experiment["recipe"] and "--model" in experiment["recipe"]
+    assert experiment["schedules"] == {name: {"steps": 2, "lr": lr} for name, (_, lr) in exp.SCHEDULES.items()}
+    spl2 = json.loads((quick_run / "runs" / "seed0" / "spl-2" / "config.json").read_text())
+    assert (spl2["steps"], spl2["lr"]) == (2, exp.SCHEDULES["spl-2"][1])  # its own row, not the "spl" default
 
 
 def test_bad_arguments_fail_at_start(tmp_path, capsys):
