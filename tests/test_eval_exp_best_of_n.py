@@ -20,6 +20,7 @@ import math
 import random
 import re
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,8 +302,13 @@ def test_merge_of_one_run_split_by_seed_writes_that_run(quick_run, tmp_path, cap
         write_jsonl(part / "samples.jsonl", [x for x in samples if mine(x)])
         write_csv(part / "gate.csv", [r for r in read_csv(quick_run / "gate.csv")[1] if int(r["seed"]) == seed])
         write_csv(part / "screen.csv", read_csv(quick_run / "screen.csv")[1])
-        write_json(part / "experiment.json", dict(experiment, seeds=[seed], seconds=1.0, runs={
-            k: v for k, v in experiment["runs"].items() if k.endswith(f"seed {seed}")}))
+        pairs = part / "strategy_pairs.jsonl"  # each part's own copy, as each process writes one in its --out
+        pairs.write_bytes(Path(experiment["data"]).read_bytes())
+        recipe = list(experiment["recipe"])
+        recipe[recipe.index("--data") + 1] = str(pairs)
+        write_json(part / "experiment.json", dict(experiment, seeds=[seed], seconds=1.0, data=str(pairs),
+                                                  recipe=recipe, runs={k: v for k, v in experiment["runs"].items()
+                                                                       if k.endswith(f"seed {seed}")}))
         parts.append(part)
     merged = tmp_path / "merged"
     assert exp.main(["--merge", *map(str, parts), "--out", str(merged)]) == 0
@@ -314,8 +320,8 @@ def test_merge_of_one_run_split_by_seed_writes_that_run(quick_run, tmp_path, cap
     capsys.readouterr()
     assert exp.main(["--merge", str(parts[0]), str(parts[0]), "--out", str(tmp_path / "twice")]) == 1
     assert "a seed appears in two parts" in capsys.readouterr().err
-    other = json.loads((parts[1] / "experiment.json").read_text())
-    write_json(parts[1] / "experiment.json", dict(other, num_samples=other["num_samples"] + 1))
+    with open(parts[1] / "strategy_pairs.jsonl", "a", encoding="utf-8") as f:  # other pairs
+        f.write("{}\n")
     assert exp.main(["--merge", *map(str, parts), "--out", str(tmp_path / "other")]) == 1
     err = capsys.readouterr().err
     assert f"{parts[1]}: not the same experiment" in err and err.count("\n") == 1

@@ -356,14 +356,22 @@ def merge(parts: list[Path], out: Path) -> None:
     level), so the union of the parts' rows, in the one run's order, is that run's; the reference (sampled with
     seed 0 in every part, the same draws) is kept once. The parts must agree on everything but their seeds."""
     read = [read_part(Path(part)) for part in parts]
-    same = lambda e: {k: v for k, v in e.items() if k not in ("seeds", "runs", "seconds", "commit")}  # noqa: E731
+
+    def same(e: dict) -> dict:  # what must agree: all but the seeds, the runs, the times, and where the pairs file is
+        recipe = list(e["recipe"])
+        recipe[recipe.index("--data") + 1] = "DATA"
+        return {k: v for k, v in e.items() if k not in ("seeds", "runs", "seconds", "commit", "data")} | {
+            "recipe": recipe, "pairs": Path(e["data"]).read_bytes()}
+
     for part, r in zip(parts, read):
         if same(r["experiment"]) != same(read[0]["experiment"]):
-            raise ValueError(f"{part}: not the same experiment as {parts[0]} (settings, problems, steps or recipe)")
+            raise ValueError(f"{part}: not the same experiment as {parts[0]} (settings, problems, schedules, pairs "
+                             f"or recipe)")
     seeds = [s for r in read for s in r["experiment"]["seeds"]]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--merge: a seed appears in two parts ({', '.join(map(str, seeds))})")
     experiment = dict(read[0]["experiment"], seeds=sorted(seeds), merged_from=[str(p) for p in parts],
+                      commits={str(p): r["experiment"]["commit"] for p, r in zip(parts, read)},
                       runs={k: v for r in read for k, v in r["experiment"]["runs"].items()},
                       seconds={str(p): r["experiment"]["seconds"] for p, r in zip(parts, read)})
     settings = [Setting(s["method"], s["ratio"], s["temperature"]) for s in experiment["settings"]]
