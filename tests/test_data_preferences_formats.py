@@ -21,7 +21,6 @@ from data.tokenization import load_preference_data
 from models.tokenizer import Tokenizer
 
 
-
 def writers():
     """pyarrow, pyarrow.parquet and HF datasets: the forms' writers (test oracles, requirements-dev.txt), imported
     by the tests that write, not at collection (datasets alone takes ~0.8 s to import, on every xdist worker)."""

@@ -50,11 +50,11 @@ def test_reference_equals_hf_llama(quick):
     end = hf_tokenizer.convert_tokens_to_ids("<|im_end|>")
     logps = []
     with torch.no_grad():  # the prompt once, with HF's KV cache; each option continues a copy of it
-        prompt = hf(torch.tensor([prompt_ids]), use_cache=True)
-        first = prompt.logits[0, -1].double().log_softmax(-1)  # (V,): the response's first token
+        prefilled = hf(torch.tensor([prompt_ids]), use_cache=True)
+        first = prefilled.logits[0, -1].double().log_softmax(-1)  # (V,): the response's first token
         for option in question.options:
             response = hf_tokenizer.encode(option, add_special_tokens=False) + [end]
-            cache = copy.deepcopy(prompt.past_key_values)
+            cache = copy.deepcopy(prefilled.past_key_values)
             logits = hf(torch.tensor([response[:-1]]), past_key_values=cache).logits[0].double().log_softmax(-1)
             rest = logits.gather(1, torch.tensor(response[1:])[:, None]).sum()  # (len(response) - 1, V) -> ()
             logps.append(float(first[response[0]] + rest))

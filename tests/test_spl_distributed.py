@@ -101,6 +101,7 @@ def grouped_data(root):
 
 GROUPED = ("--prompts-per-batch", "4", "--anchor", "0.5")
 FSDP = ("--fsdp", "--lora-dropout", "0.1")
+DAMAGED = Path("checkpoints") / "step_000004" / "optimizer.safetensors"  # of the resumed copy: cut short
 
 
 def damage_and_roll_back(root):
@@ -109,7 +110,7 @@ def damage_and_roll_back(root):
     root = Path(root)
     copy = root / "resumed"
     shutil.copytree(root / "two", copy)
-    damaged = copy / "checkpoints" / "step_000004" / "optimizer.safetensors"
+    damaged = copy / DAMAGED
     damaged.write_bytes(damaged.read_bytes()[:100])
     shutil.rmtree(copy / "adapter")
     roll_back(root / "fsdp", root / "fsdp-resumed")
@@ -145,8 +146,7 @@ def runs(tiny_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def resumed(runs):
     """The resumed two-process run's output and the file cut short (`damage_and_roll_back`)."""
-    return {"stdout": runs["resumed_stdout"],
-            "damaged": runs["root"] / "resumed" / "checkpoints" / "step_000004" / "optimizer.safetensors"}
+    return {"stdout": runs["resumed_stdout"], "damaged": runs["root"] / "resumed" / DAMAGED}
 
 
 def test_two_processes_equal_one_process(runs):

@@ -24,7 +24,6 @@ from models import add_lora, load_pretrained
 from spl.step import Objective, preference_step, reference_logprobs
 
 
-
 def pairs_batch(vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
 

@@ -4,8 +4,9 @@ JOBS.json is a list of {"argv": [...], "stdout": "PATH"}, each optionally with "
 arg, ...]. Every process calls `train.main(argv)` for each job in turn, as `torchrun train.py argv` would
 (train.main joins the process group and leaves it), and writes what it printed to PATH.RANK. A job's prepare
 function runs on rank 0 before the job starts (the others wait for it: they block on the job's port, which rank 0
-publishes after it), so a job may use files the jobs before it wrote (e.g. damage a checkpoint, then resume). A launch costs torchrun's start and every process's import of torch and train.py (~6
-CPU-seconds on the 2-core machine), more than a tiny job's training: the suite pays it once for several jobs.
+publishes after it), so a job may use files the jobs before it wrote (e.g. damage a checkpoint, then resume).
+A launch costs torchrun's start and every process's import of torch and train.py (~6 CPU-seconds on the 2-core
+machine), more than a tiny job's training: the suite pays it once for several jobs.
 A job that fails stops the launch with its exit code.
 
 Each job joins a process group of its own, on a fresh store: rank 0 picks a free port, hands it to the others

@@ -240,7 +240,7 @@ def commit() -> str:
 # ---- the run ----------------------------------------------------------------------------------------------------
 
 def train_all(out: Path, world, data: Path, settings, seeds, schedules: dict, progress: bool):
-    """Train (or reuse) every policy for every seed with its method's (steps, lr) and print its gate.
+    """Train (or reuse) every policy for every seed with its schedule's (steps, lr) and print its gate.
     -> ({(policy, seed): run dir}, gate rows)."""
     from data.world.arithmetic import ARITHMETIC_MODEL_DIR  # noqa: F401 (checked by main)
     from eval.experiments.common import alpha_for
@@ -363,13 +363,14 @@ def merge(parts: list[Path], out: Path) -> None:
         return {k: v for k, v in e.items() if k not in ("seeds", "runs", "seconds", "commit", "data")} | {
             "recipe": recipe, "pairs": Path(e["data"]).read_bytes()}
 
-    for part, r in zip(parts, read):
-        if same(r["experiment"]) != same(read[0]["experiment"]):
+    first = same(read[0]["experiment"])
+    for part, r in zip(parts[1:], read[1:]):
+        if same(r["experiment"]) != first:
             raise ValueError(f"{part}: not the same experiment as {parts[0]} (settings, problems, schedules, pairs "
                              f"or recipe)")
     seeds = [s for r in read for s in r["experiment"]["seeds"]]
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"--merge: a seed appears in two parts ({', '.join(map(str, seeds))})")
+        raise ValueError(f"a seed appears in two parts ({', '.join(map(str, seeds))})")
     experiment = dict(read[0]["experiment"], seeds=sorted(seeds), merged_from=[str(p) for p in parts],
                       commits={str(p): r["experiment"]["commit"] for p, r in zip(parts, read)},
                       runs={k: v for r in read for k, v in r["experiment"]["runs"].items()},
@@ -513,7 +514,8 @@ def main(argv=None) -> int:
     data = pairs_file(out, world, set(LEVELS.values()), quick.get("max_pairs"))
     runs, gates = train_all(out, world, data, settings, seeds, schedules, args.progress)
     experiment = {"settings": [dataclasses.asdict(s) | {"label": s.label} for s in settings], "seeds": list(seeds),
-                  "schedules": {m: {"steps": st, "lr": lr} for m, (st, lr) in schedules.items()}, "beta": BETA, "data": str(data), "levels": LEVELS,
+                  "schedules": {m: {"steps": st, "lr": lr} for m, (st, lr) in schedules.items()}, "beta": BETA,
+                  "data": str(data), "levels": LEVELS,
                   "problems": dict(zip(LEVELS, counts)), "screen": list(SCREEN), "num_samples": n,
                   "reference_samples": n_reference, "max_new_tokens": max_new_tokens, "runs": {
                       f"{k[0]} seed {k[1]}": v for k, v in runs.items()},
