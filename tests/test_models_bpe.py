@@ -194,10 +194,17 @@ def test_tekken_refusals(tmp_path):
     with pytest.raises(CheckpointError, match=r"default_vocab_size 300 does not fit 20 special tokens and 256 ranks"):
         BPETokenizer(path)
     document["config"]["default_vocab_size"] = 276
-    document["vocab"][7]["token_bytes"] = "not base64!"
-    path.write_text(json.dumps(document), encoding="utf-8")
-    with pytest.raises(CheckpointError, match=r"vocab\[7\].token_bytes is not base64"):
-        BPETokenizer(path)
+    for change, problem in [
+            (lambda vocab: vocab[7].update(token_bytes="not base64!"), r"vocab\[7\].token_bytes is not base64"),
+            (lambda vocab: vocab[9].pop("token_bytes"), r"vocab\[9\].token_bytes is not base64"),
+            (lambda vocab: vocab[5].update(rank=6), r"vocab\[5\] has rank 6 and bytes b'\\x05' \(expected rank 5,"),
+            (lambda vocab: vocab[3].update(token_bytes=base64.b64encode(b"\x04").decode()),
+             r"vocab\[3\] has rank 3 and bytes b'\\x04' \(expected rank 3, the first 256 single bytes\)")]:
+        changed = json.loads(json.dumps(document))
+        change(changed["vocab"])
+        path.write_text(json.dumps(changed), encoding="utf-8")
+        with pytest.raises(CheckpointError, match=problem):
+            BPETokenizer(path)
 
 
 # ---- tokenizer.json against HF tokenizers and transformers ----------------------------------------------------
@@ -322,6 +329,11 @@ def test_smollm2_template_writes_its_default_system_message(tmp_path_factory):
         ours.encode_prompt(msgs(("system", ""), ("user", "Hi")))  # normalised away here, an empty block there
 
 
+def unmade_merge(vocab: dict) -> str:
+    """A merge "a b" of two one-character tokens of `vocab` whose concatenation is not in it."""
+    return next(f"{a} {b}" for a in vocab for b in vocab if len(a) == len(b) == 1 and a + b not in vocab)
+
+
 def test_tokenizer_json_detection_and_refusals(tmp_path):
     directory = write_tokenizer_dir(tmp_path / "plain", "gpt2", None, "<|im_end|>", None)
     with pytest.raises(CheckpointError, match=r"tokenizer_config.json: no chat_template .* pass --chat-format NAME"):
@@ -338,12 +350,24 @@ def test_tokenizer_json_detection_and_refusals(tmp_path):
             (lambda d: d.update(pre_tokenizer={"type": "Metaspace"}), r"pre_tokenizer.type 'Metaspace': not supported"),
             (lambda d: d["added_tokens"][0].update(lstrip=True), r"added_tokens\[0\].lstrip True is not supported"),
             (lambda d: d["model"]["merges"].append("oops"), r"model.merges\[\d+\] 'oops' is not a pair of tokens"),
+            # a space is no character of GPT-2's alphabet (it writes "Ġ"), nor is anything above chr(323)
+            (lambda d: d["model"]["vocab"].update({"a b": 1000}), r"model.vocab token 'a b' is not in the byte-level"),
+            (lambda d: d["model"]["merges"].append("中 a"), r"model.merges '中' is not in the byte-level alphabet"),
+            (lambda d: d["model"]["merges"].append(unmade_merge(d["model"]["vocab"])),
+             r"model.merges\[\d+\] '. .' makes no token of the vocab"),
             (lambda d: d["added_tokens"].append(7), r"added_tokens\[\d+\] needs an int id and a str content")]:
         changed = json.loads(json.dumps(document))
         change(changed)
         (directory / "tokenizer.json").write_text(json.dumps(changed), encoding="utf-8")
         with pytest.raises(CheckpointError, match=problem):
             BPETokenizer(directory / "tokenizer.json", "chatml")
+    changed = json.loads(json.dumps(document))
+    first = changed["model"]["merges"][0]
+    changed["model"]["merges"].append(first)  # listed twice: the pair keeps its first rank
+    (directory / "tokenizer.json").write_text(json.dumps(changed), encoding="utf-8")
+    to_byte = {character: b for b, character in bytes_to_unicode().items()}
+    left, right = (bytes(to_byte[c] for c in token) for token in (first.split(" ") if isinstance(first, str) else first))
+    assert BPETokenizer(directory / "tokenizer.json", "chatml")._rank(left, right) == 0
 
 
 @pytest.mark.parametrize("unk_token, fuse_unk", [(None, False), ("<|endoftext|>", False), ("<|endoftext|>", True)])

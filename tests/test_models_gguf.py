@@ -10,6 +10,7 @@ dequantisation put through HF's own un-permutation; a `tokenizers` BPE built fro
 the tokenizer metadata, with SmolLM2's Digits step (which HF's GGUF tokenizer drops); HF peft for a tied head.
 The real model (135M parameters, 0.54 GB in float32) is converted and loaded once for the module.
 """
+import copy
 import json
 import math
 import re
@@ -396,13 +397,12 @@ def test_tied_model_save_load_keeps_the_tie(smollm2, tmp_path):
         torch.testing.assert_close(loaded(ids), smollm2(ids), rtol=0, atol=0)
 
 
-def test_train_py_adapter_on_the_tied_model_loads_in_peft(smollm2_dir, tmp_path):
+def test_train_py_adapter_on_the_tied_model_loads_in_peft(smollm2_dir, smollm2, smollm2_hf, tmp_path):
     """train.py, 2 steps of SPL with LoRA on q_proj, v_proj and the tied lm_head (one short pair): the
     adapter it writes, loaded by HF peft onto HF's LlamaForCausalLM of the converted directory, gives the logits of
     ours (load_pretrained + load_adapter) within 1e-4, and differs from the base model (the steps moved it)."""
     import train
     from peft import PeftModel
-    from transformers import LlamaForCausalLM
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "Best pet?", "chosen": "A cat.", "rejected": "A fish.",
                                 "chosen_prob": 0.7}) + "\n", encoding="utf-8")
@@ -415,8 +415,9 @@ def test_train_py_adapter_on_the_tied_model_loads_in_peft(smollm2_dir, tmp_path)
         "lm_head", "q_proj", "v_proj"]
     ids = torch.tensor([[1, 4093, 198, 30, 31, 32, 2]])
     with torch.no_grad():
-        ours = load_adapter(load_pretrained(smollm2_dir).eval(), adapter)(ids)
-        peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(smollm2_dir).eval(), adapter).eval()
+        # copies of the module's two loadings of the directory (each adapter is injected into its model in place)
+        ours = load_adapter(copy.deepcopy(smollm2), adapter)(ids)
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(smollm2_hf), adapter).eval()
         expected = peft_model(ids).logits
         with peft_model.disable_adapter():
             base = peft_model(ids).logits

@@ -119,8 +119,9 @@ def _wait_for(path: Path, process, timeout=120):
         time.sleep(0.05)
 
 
-def test_sigkill_then_resume_is_bit_identical(tiny, tmp_path):
-    """Killed hard at an arbitrary moment after the first checkpoint: resume ends where the full run ends."""
+def test_sigkill_then_resume_is_bit_identical(tiny, tmp_path, capsys):
+    """Killed hard at an arbitrary moment after the first checkpoint: resume ends where the full run ends. SIGKILL
+    leaves out/.lock naming the dead process; --resume takes it over and says whose it was."""
     full, killed = tmp_path / "full", tmp_path / "killed"
     many = ("--steps", "40", "--save-every", "2")
     assert train.main(args(tiny, full, *many)) == 0
@@ -129,7 +130,13 @@ def test_sigkill_then_resume_is_bit_identical(tiny, tmp_path):
     time.sleep(0.3)  # somewhere in a later step, or in the middle of a save
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert process.returncode == -signal.SIGKILL  # killed before it finished its 40 steps
+    assert json.loads((killed / ".lock").read_text())["pid"] == process.pid
+    capsys.readouterr()
     assert train.main(args(tiny, killed, *many, "--resume")) == 0
+    said = capsys.readouterr().out
+    assert f"took over the lock of process {process.pid} on " in said and "which no longer runs" in said
+    assert not (killed / ".lock").exists()
     assert_same_tensors(adapter(full), adapter(killed))
     assert not [p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith(".")]  # no staging left
 
@@ -425,19 +432,3 @@ def test_second_process_on_a_busy_directory_is_refused(tiny, tmp_path, capsys):
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / ".lock").exists()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 31))
-
-
-def test_lock_of_a_killed_run_is_taken_over(tiny, tmp_path, capsys):
-    """SIGKILL leaves out/.lock naming the dead process; --resume takes it over and says whose it was."""
-    out = tmp_path / "run"
-    process = _start(tiny, out, "--steps", "100000", "--save-every", "2")
-    _wait_for(out / "checkpoints" / "step_000002", process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert json.loads((out / ".lock").read_text())["pid"] == process.pid
-    capsys.readouterr()
-    assert train.main(args(tiny, out, "--steps", "4", "--save-every", "2", "--resume")) == 0
-    said = capsys.readouterr().out
-    assert f"took over the lock of process {process.pid} on " in said and "which no longer runs" in said
-    assert not (out / ".lock").exists()
-
