@@ -152,17 +152,31 @@ def option_stop(tokenizer, options):
     return stop
 
 
+def shared_opening(model, tokenizer, chats, prefix=None):
+    """(each conversation's prompt ids, the prefill of the tokens they all open with): `prefix` if given."""
+    prompts = [tokenizer.encode_prompt(chat) for chat in chats]
+    return prompts, prefix if prefix is not None else prefill_prefix(model, common_prefix(prompts))
+
+
+def sample_both(model, tokenizer, questions, chats, sampling: dict) -> tuple[list[dict], list[list[str]]]:
+    """`sample_options` and `sample_texts` with `sampling`'s counts, the conversations' opening prefilled once."""
+    _, prefix = shared_opening(model, tokenizer, chats)
+    rows = sample_options(model, tokenizer, questions, chats, sampling["option_samples"], sampling["max_samples"],
+                          prefix=prefix)
+    return rows, sample_texts(model, tokenizer, chats, sampling["text_samples"], prefix=prefix)
+
+
 def sample_options(model, tokenizer, questions, chats, option_samples: int, max_samples: int, seed: int = 0,
-                   round_size: int = 100, max_new_tokens: int = 16) -> list[dict]:
+                   round_size: int = 100, max_new_tokens: int = 16, prefix=None) -> list[dict]:
     """Per question, samples at temperature 1 in rounds of `round_size` until `option_samples` of them are exactly
     an option (the text then <|im_end|>) or `max_samples` are drawn: how many were drawn and each option's count.
     The rounds stop on the count of option samples, not on which options they are, so the counts' frequencies are
     unbiased draws from the model's distribution over the options; samples / drawn estimates the option mass.
     Each conversation's shared opening (system prompt, few-shot turns) is prefilled once for all of them, and a
-    row stops as soon as it is no prefix of an option (`option_stop`)."""
+    row stops as soon as it is no prefix of an option (`option_stop`). prefix: that opening's prefill, if the
+    caller has it (`shared_opening`)."""
     generator = torch.Generator().manual_seed(seed)
-    prompts = [tokenizer.encode_prompt(chat) for chat in chats]
-    prefix = prefill_prefix(model, common_prefix(prompts))
+    prompts, prefix = shared_opening(model, tokenizer, chats, prefix)
     rows = []
     for q, ids in zip(questions, prompts):
         counts, drawn, stop = [0] * len(q.options), 0, option_stop(tokenizer, q.options)
@@ -179,11 +193,10 @@ def sample_options(model, tokenizer, questions, chats, option_samples: int, max_
     return rows
 
 
-def sample_texts(model, tokenizer, chats, num_samples: int, seed: int = 0, max_new_tokens: int = 16):
+def sample_texts(model, tokenizer, chats, num_samples: int, seed: int = 0, max_new_tokens: int = 16, prefix=None):
     """Per conversation, `num_samples` whole completions at temperature 1 (up to max_new_tokens): what it says."""
     generator = torch.Generator().manual_seed(seed)
-    prompts = [tokenizer.encode_prompt(chat) for chat in chats]
-    prefix = prefill_prefix(model, common_prefix(prompts))
+    prompts, prefix = shared_opening(model, tokenizer, chats, prefix)
     return [[tokenizer.decode(tokens) for tokens in generate(
         model, ids, max_new_tokens, num_samples, temperature=1.0, eos_id=tokenizer.end_of_turn_id,
         generator=generator, prefix=prefix).tokens] for ids in prompts]
@@ -229,8 +242,7 @@ def evaluate(model, tokenizer, questions, chats, loss: str, alpha: float, beta: 
     report = opinion_report(model, tokenizer, questions, report_alpha, beta, conversations=chats,
                             reference=reference)
     start = time.perf_counter()
-    rows = sample_options(model, tokenizer, questions, chats, sampling["option_samples"], sampling["max_samples"])
-    texts = sample_texts(model, tokenizer, chats, sampling["text_samples"])
+    rows, texts = sample_both(model, tokenizer, questions, chats, sampling)
     report["sampling"] = {**sample_summary(report, rows), "seconds": time.perf_counter() - start}
     for q, row, decoded in zip(report["questions"], rows, texts):
         q["sample_counts"], q["samples_drawn"], q["sample_texts"] = row["counts"], row["samples"], decoded
@@ -359,8 +371,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         own = {"alpha": 1.0, "beta": 1.0, "questions": [{"closed_form": lp.softmax(0).tolist(),
                                                           "learned": lp.softmax(0).tolist()} for lp in reference]}
-        rows = sample_options(model, tokenizer, questions, chats, sampling["option_samples"], sampling["max_samples"])
-        texts = sample_texts(model, tokenizer, chats, sampling["text_samples"])
+        rows, texts = sample_both(model, tokenizer, questions, chats, sampling)
         summary = {**sample_summary(own, rows), "seconds": time.perf_counter() - start,
                    "option_mass": float(sum(lp.logsumexp(0).exp() for lp in reference) / len(reference))}
         write_json(own_path, {"settings": settings, "summary": summary, "questions": [
