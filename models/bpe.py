@@ -89,8 +89,8 @@ def _from_alphabet(tokens: list[str]) -> list[bytes] | None:
     maps over the whole list (str.translate, then encode), no Python frame per token."""
     texts = list(map(str.translate, tokens, repeat(_TO_LATIN1)))
     try:
-        if list(map(len, texts)) == list(map(len, tokens)):  # nothing deleted
-            return list(map(str.encode, texts, repeat("latin-1")))  # nothing left above Latin-1
+        if list(map(len, texts)) == list(map(len, tokens)):  # nothing deleted: no code point below chr(324) outside
+            return list(map(str.encode, texts, repeat("latin-1")))  # the alphabet; none above it (not Latin-1)
     except UnicodeEncodeError:
         pass
     return None
@@ -250,13 +250,10 @@ class BPETokenizer(TokenizerBase):
         tokens are mapped at once (`_from_alphabet`, no Python frame per token: SmolLM2 has 147k of them); where
         that finds anything wrong, the per-token loop below finds the first culprit and names it."""
         def raw(token: str, where: str) -> bytes:
-            text = token.translate(_TO_LATIN1)
-            try:
-                if len(text) == len(token):  # a code point below the alphabet's last that is not in it: deleted
-                    return text.encode("latin-1")  # one above it: kept, and not Latin-1
-            except UnicodeEncodeError:
-                pass
-            raise _checkpoint_error(f"{self.path}: {where} {token!r} is not in the byte-level alphabet")
+            mapped = _from_alphabet([token])
+            if mapped is None:
+                raise _checkpoint_error(f"{self.path}: {where} {token!r} is not in the byte-level alphabet")
+            return mapped[0]
 
         vocab = _field(model, "vocab", dict, self.path, "model.")
         if not all(isinstance(index, int) and index >= 0 for index in vocab.values()):
