@@ -34,21 +34,26 @@ start .. end - 1, and its queries attend to its ancestors' keys and values follo
 
     K_node = [K_root, ..., K_parent, K_own]          (1, nkv, end, hd), under the same mask as above
 
-Nodes are computed level by level (a level's nodes packed together, each on its parent's keys), and each row's
-continuation attends to its prompt's node. Identical prompts share a node (a pair batch's prompts each computed
-once however many pairs repeat them), and two prompts that agree on their first k tokens compute those k once.
-The gradient argument is unchanged: every use of a node's keys and values is a view or copy of its one
-computation, so the gradients from all the nodes and rows below it reach it and sum there. Each level adds one
-pass through the layers (for the small launches of a short level) and each node a copy of its ancestors' keys
-and values per layer; `split_shared_prefix(batch, tree=False)` gives the per-prompt split (each prompt its own
-root: the computation before the tree, kept for benchmarks).
+and each row's continuation attends to its prompt's node. Identical prompts share a node (a pair batch's prompts
+each computed once however many pairs repeat them), and two prompts that agree on their first k tokens compute
+those k once. The gradient argument is unchanged: every use of a node's keys and values is a view or copy of its
+one computation, so the gradients from all the nodes and rows below it reach it and sum there. Each node adds a
+copy of its ancestors' keys and values per layer; `split_shared_prefix(batch, tree=False)` gives the per-prompt
+split (each prompt its own root: the computation before the tree, kept for benchmarks).
+
+One pass: a layer's input is known for every token once the layer below has run, and what a node or row attends
+to is its ancestors' keys and values *in the same layer*. So the tree's nodes and the rows' continuations go
+through the layers together, packed in one sequence (`Layout`: nodes in level order, then the continuations):
+one product per projection over all of their tokens, attention run by run with ancestors first. (Level by
+level, each level its own pass through the layers, a 24-token system prompt shared by a batch makes a pass of
+24-row products, which a CPU runs at half the rate of a few hundred rows and a GPU at a fraction: docs/speed.md.)
 
 Padding: none is computed. A batch's prompt and response lengths vary independently, so any rectangular layout
 of them is far from dense (a third or more padding on HH-RLHF-shaped pairs, even with length grouping, which
 sorts by the whole row). Norms, projections and MLPs act on each token alone, so they run on the packed real
-tokens (`Packing`); attention runs one sequence at a time on its slice of them (its own length, its prefix's
-keys: variable-length attention in plain PyTorch, one SDPA call per prompt and per row and layer, which on CPU
-costs less than the padded scores it avoids).
+tokens; attention runs one sequence at a time on its slice of them (its own length, its prefix's keys:
+variable-length attention in plain PyTorch, one SDPA call per node and per row and layer, which on CPU costs less
+than the padded scores it avoids).
 
 What it saves: the prefix's projections, MLPs and attention run P times instead of R times (each pair's prompt
 once instead of twice; a group of K responses once instead of K times), nothing runs on padding, and the last
@@ -190,12 +195,10 @@ def split_shared_prefix(batch, tree: bool = True) -> dict:
 class Packing:
     """The real tokens of a right-padded [B, T] layout, in order: `index` [N] of their flat positions in B * T, and
     `lengths`, each sequence's count of them (so sequence b is the slice of packed tokens after sequences 0..b-1).
-
-    Norms, projections and MLPs act on each token alone, so they run on the N packed tokens [1, N, D]; attention
-    runs sequence by sequence on slices of them (`split`): no position of padding is computed anywhere."""
+    Norms, projections and MLPs act on each token alone, so they run on packed tokens: no position of padding is
+    computed anywhere."""
 
     def __init__(self, lengths, T: int):
-        self.B, self.T = lengths.shape[0], T
         real = torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
         self.index = real.flatten().nonzero().squeeze(1)  # (N,)
         self.lengths = lengths.tolist()  # [B] Python ints
@@ -203,10 +206,6 @@ class Packing:
     def pack(self, padded):
         """[B, T, ...] -> [N, ...]"""
         return padded.flatten(0, 1).index_select(0, self.index)
-
-    def split(self, t):
-        """Heads of packed tokens (1, h, N, hd) -> B views (1, h, n_b, hd), one per sequence."""
-        return t.split(self.lengths, dim=2)
 
 
 def sequence_masks(starts: list[int], lengths: list[int], window: int | None, device) -> list:
@@ -224,110 +223,115 @@ def sequence_masks(starts: list[int], lengths: list[int], window: int | None, de
     return masks
 
 
-def _attention(q, k, v, packing, masks, past=None):
-    """Attention of every sequence on its own slice of the packed tokens, q (1, nh, N, hd), k, v (1, nkv, N, hd)
-    -> (N, nh * hd), heads concatenated. Sequence b attends to past[0][b], past[1][b] (its prefix's keys and
-    values, (1, nkv, start_b, hd) each; no past, or None for b: none) followed by its own, under masks[b]
-    (`sequence_masks`)."""
+class Layout:
+    """Every run of tokens one shared-prefix forward computes, packed in one sequence: the prefixes' tree nodes in
+    level order (every node after its parent), then the R continuations. Per run s: `lengths[s]` tokens at
+    absolute positions `starts[s]` ..., attending after `parents[s]`'s keys and values (the run of its parent node,
+    for a continuation its prompt's node; -1: nothing before it), under `masks[s]` (`sequence_masks`). `ids` [N]
+    and `positions` [N] are the packed tokens; the first `prefix_tokens` of them are the tree's, the rest the
+    continuations', `index` the continuations' flat positions in the padded [R, Tr] layout."""
+
+    def __init__(self, split, window: int | None):
+        continuation_ids, start = split["continuation_ids"], split["continuation_start"]  # (R, Tr), (R,)
+        device = continuation_ids.device
+        ids, positions, self.lengths, self.parents, node_run = [], [], [], [], {}
+        for level in split["levels"]:
+            packing = Packing(level["lengths"], level["ids"].shape[1])
+            ids.append(packing.pack(level["ids"]))
+            positions.append(packing.pack(level["start"][:, None] + torch.arange(level["ids"].shape[1],
+                                                                                 device=device)))
+            for node, parent, n in zip(level["node"].tolist(), level["parent"].tolist(), packing.lengths):
+                node_run[node] = len(self.lengths)
+                self.lengths.append(n)
+                self.parents.append(node_run[parent] if parent >= 0 else -1)
+        self.nodes, self.prefix_tokens = len(self.lengths), sum(self.lengths)
+        R, Tr = continuation_ids.shape
+        packing = Packing(split["continuation_lengths"], Tr)
+        ids.append(packing.pack(continuation_ids))
+        positions.append(packing.pack(start[:, None] + torch.arange(Tr, device=device)))
+        self.index = packing.index  # (Nc,)
+        self.lengths += packing.lengths
+        self.parents += [node_run[node] for node in split["continuation_node"].tolist()]
+        self.ids, self.positions = torch.cat(ids), torch.cat(positions)  # (N,), (N,)
+        starts = [int(p[0]) if len(p) else 0 for p in self.positions.split(self.lengths)]
+        self.masks = sequence_masks(starts, self.lengths, window, device)
+
+
+def _tree_attention(q, k, v, layout: Layout, first: int):
+    """Attention of runs first, first + 1, ... of `layout` (queries q (1, nh, Nq, hd), their tokens packed),
+    every run on its ancestors' keys and values followed by its own (k, v (1, nkv, N, hd): every run's, in
+    layout order) -> (Nq, nh * hd), heads concatenated. A node's keys from position 0 are its parent's followed
+    by its own, built once per node and layer and read by its children and continuations."""
+    full = []  # per node: (keys, values) from position 0 to its end, (1, nkv, end, hd)
     outputs = []
-    for b, (q_b, k_b, v_b) in enumerate(zip(packing.split(q), packing.split(k), packing.split(v))):
-        if q_b.shape[2] == 0:  # an empty sequence (a one-token prompt has no prefix)
+    queries = iter(q.split(layout.lengths[first:], 2))
+    for s, (k_s, v_s) in enumerate(zip(k.split(layout.lengths, 2), v.split(layout.lengths, 2))):
+        parent = layout.parents[s]
+        if parent >= 0 and full[parent][0].shape[2] > 0:
+            k_s, v_s = torch.cat([full[parent][0], k_s], 2), torch.cat([full[parent][1], v_s], 2)
+        if s < layout.nodes:
+            full.append((k_s, v_s))
+        if s < first:
             continue
-        if past is not None and past[0][b] is not None:
-            k_b, v_b = torch.cat([past[0][b], k_b], 2), torch.cat([past[1][b], v_b], 2)  # (1, nkv, start + n, hd)
-        if masks[b] is None:
-            y = attention(q_b, k_b, v_b, is_causal=True, enable_gqa=True)  # (1, nh, n, hd)
+        q_s = next(queries)
+        if q_s.shape[2] == 0:  # an empty root (the prompts disagree on their first token)
+            continue
+        mask = layout.masks[s]
+        if mask is None:
+            outputs.append(attention(q_s, k_s, v_s, is_causal=True, enable_gqa=True))  # (1, nh, n, hd)
         else:
-            y = attention(q_b, k_b, v_b, attn_mask=masks[b], enable_gqa=True)  # (1, nh, n, hd)
-        outputs.append(y)
-    y = torch.cat(outputs, 2)  # (1, nh, N, hd)
-    return y[0].transpose(0, 1).reshape(y.shape[2], -1)  # (N, nh * hd)
+            outputs.append(attention(q_s, k_s, v_s, attn_mask=mask, enable_gqa=True))  # (1, nh, n, hd)
+    y = torch.cat(outputs, 2)  # (1, nh, Nq, hd)
+    return y[0].transpose(0, 1).reshape(y.shape[2], -1)  # (Nq, nh * hd)
 
 
-def _packed_block(block, x, cos, sin, packing, masks, past=None):
-    """models.mistral.Block.forward on packed tokens x [1, N, D] with RoPE tables cos, sin [N, hd], each sequence
-    attending to its `past` keys and values (`_attention`) before its own. Returns x [1, N, D] and the packed
-    tokens' own k, v (1, nkv, N, hd)."""
-    attn = block.self_attn
-    q, k, v = attn.project(block.input_layernorm(x), cos, sin)  # (1, nh, N, hd), (1, nkv, N, hd), (1, nkv, N, hd)
-    x = x + attn.o_proj(_attention(q, k, v, packing, masks, past))[None]  # (1, N, D)
-    return x + block.mlp(block.post_attention_layernorm(x)), k, v
-
-
-def _packed_keys_values(block, x, cos, sin):
-    """Only the keys and values of a block's input x [1, N, D] (the last layer's prefix: the continuations read
-    them, and nothing reads its queries, attention output or MLP): k, v (1, nkv, N, hd), RoPE applied to k,
-    the values `_packed_block` returns."""
+def _tree_block(block, x, cos, sin, layout: Layout, last: bool):
+    """models.mistral.Block.forward on every packed token x [1, N, D] (RoPE tables cos, sin [N, hd]), each run
+    attending to its ancestors before itself (`_tree_attention`). In the last layer only the continuations'
+    outputs are read (no target is predicted from a prefix position): the prefix computes its keys and values
+    and nothing else, and the block returns the continuations' x [1, Nc, D] only."""
     attn = block.self_attn
     h = block.input_layernorm(x)  # (1, N, D)
-    k = attn.k_proj(h).view(1, -1, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (1, nkv, N, hd)
-    v = attn.v_proj(h).view(1, -1, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (1, nkv, N, hd)
-    return apply_rope(k, cos, sin), v
+    if not last:
+        q, k, v = attn.project(h, cos, sin)  # (1, nh, N, hd), (1, nkv, N, hd), (1, nkv, N, hd)
+        y = _tree_attention(q, k, v, layout, first=0)  # (N, nh * hd)
+    else:
+        n = layout.prefix_tokens
+        k = attn.k_proj(h).view(1, -1, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (1, nkv, N, hd)
+        v = attn.v_proj(h).view(1, -1, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (1, nkv, N, hd)
+        q = attn.q_proj(h[:, n:]).view(1, -1, attn.n_heads, attn.head_dim).transpose(1, 2)  # (1, nh, Nc, hd)
+        q, k = apply_rope(q, cos[n:], sin[n:]), apply_rope(k, cos, sin)
+        y = _tree_attention(q, k, v, layout, first=layout.nodes)  # (Nc, nh * hd)
+        x = x[:, n:]  # (1, Nc, D)
+    x = x + attn.o_proj(y)[None]
+    return x + block.mlp(block.post_attention_layernorm(x))
 
 
 def shared_prefix_hidden_states(model, split):
     """Final-norm hidden states [R, Tr, D] of every row's continuation (zeros at padding), each node of the
     prefixes' tree computed once, nothing computed on padding. `split` is `split_shared_prefix`'s dict. Equal to
-    `model.hidden_states(prompt + response)` at those positions (module docstring)."""
+    `model.hidden_states(prompt + response)` at those positions (module docstring).
+
+    One pass through the layers for everything: a layer's input is known for every token once the layer before
+    has run, and the keys and values a run attends to are its ancestors' in the same layer, so the tree's nodes
+    and the continuations go through each layer together (one product per projection over all their tokens),
+    only attention running run by run, ancestors first."""
     config = model.config
     checkpointing = model.gradient_checkpointing and model.training and torch.is_grad_enabled()
-    continuation_ids, start = split["continuation_ids"], split["continuation_start"]  # (R, Tr), (R,)
-    device = continuation_ids.device
+    layout = Layout(split, config.sliding_window)
+    cos, sin = rope_cos_sin(layout.positions, config.head_dim, config.rope_theta,
+                            model.embed_tokens.weight.dtype)  # (N, hd)
+    x = model.embed_tokens(layout.ids)[None]  # (1, N, D)
     last = len(model.layers) - 1
-
-    def run(function, block, *args):
-        if checkpointing:
-            return torch.utils.checkpoint.checkpoint(function, block, *args, use_reentrant=False)
-        return function(block, *args)
-
-    def rope(positions):  # (N,) -> cos, sin (N, hd)
-        return rope_cos_sin(positions, config.head_dim, config.rope_theta, model.embed_tokens.weight.dtype)
-
-    def pasts(layer, nodes):  # the keys and values before each sequence: (keys, values), a view or None each
-        return ([None if kv[n] is None else kv[n][layer][0] for n in nodes],
-                [None if kv[n] is None else kv[n][layer][1] for n in nodes])
-
-    # 1. The prefixes' tree, level by level: each node from its start, on its ancestors' keys and values, keeping
-    # per layer its own after theirs (kv[node][layer] = (keys, values), each (1, nkv, end, hd); None: empty).
-    kv = [None] * sum(len(level["node"]) for level in split["levels"])
-    for level in split["levels"]:
-        lengths = level["lengths"]
-        if int(lengths.sum()) == 0:
-            continue  # an empty root: nothing before its children
-        S, T = level["ids"].shape
-        nodes, parents = level["node"].tolist(), level["parent"].tolist()
-        packing = Packing(lengths, T)
-        cos, sin = rope(packing.pack(level["start"][:, None] + torch.arange(T, device=device)))  # (N, hd)
-        masks = sequence_masks(level["start"].tolist(), packing.lengths, config.sliding_window, device)
-        x = model.embed_tokens(packing.pack(level["ids"]))[None]  # (1, N, D)
-        own = []  # per layer: (keys, values), each S views (1, nkv, n_s, hd)
-        for layer, block in enumerate(model.layers):
-            past = pasts(layer, parents) if parents[0] >= 0 else None  # a level's nodes: all roots or none
-            if layer < last:
-                x, k, v = run(_packed_block, block, x, cos, sin, packing, masks, past)  # k, v: (1, nkv, N, hd)
-            else:
-                # No target is predicted from a prefix position, so its last layer's output is never read: only
-                # that layer's keys and values are (its queries, attention, o_proj and MLP are skipped).
-                k, v = run(_packed_keys_values, block, x, cos, sin)
-            own.append((packing.split(k), packing.split(v)))
-        for s, node in enumerate(nodes):
-            if packing.lengths[s] == 0:
-                continue
-            kv[node] = [(k[s], v[s]) if parents[s] < 0 or kv[parents[s]] is None else
-                        (torch.cat([kv[parents[s]][layer][0], k[s]], 2), torch.cat([kv[parents[s]][layer][1], v[s]], 2))
-                        for layer, (k, v) in enumerate(own)]  # (1, nkv, end, hd) each
-
-    # 2. The R continuations, each attending to its prompt's node's keys and values and then to its own.
-    R, Tr = continuation_ids.shape
-    packing = Packing(split["continuation_lengths"], Tr)
-    cos, sin = rope(packing.pack(start[:, None] + torch.arange(Tr, device=device)))  # (Nc, hd)
-    masks = sequence_masks(start.tolist(), packing.lengths, config.sliding_window, device)
-    node_of_row = split["continuation_node"].tolist()
-    x = model.embed_tokens(packing.pack(continuation_ids))[None]  # (1, Nc, D)
     for layer, block in enumerate(model.layers):
-        x, _, _ = run(_packed_block, block, x, cos, sin, packing, masks, pasts(layer, node_of_row))  # (1, Nc, D)
+        if checkpointing:
+            x = torch.utils.checkpoint.checkpoint(_tree_block, block, x, cos, sin, layout, layer == last,
+                                                  use_reentrant=False)
+        else:
+            x = _tree_block(block, x, cos, sin, layout, layer == last)
     hidden = model.norm(x)[0]  # (Nc, D)
-    return hidden.new_zeros(R * Tr, hidden.shape[-1]).index_copy(0, packing.index, hidden).view(R, Tr, -1)
+    R, Tr = split["continuation_ids"].shape
+    return hidden.new_zeros(R * Tr, hidden.shape[-1]).index_copy(0, layout.index, hidden).view(R, Tr, -1)
 
 
 __all__ = ["prefix_tree", "split_shared_prefix", "shared_prefix_hidden_states"]

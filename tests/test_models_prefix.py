@@ -166,25 +166,32 @@ def mlp_token_counts(model, batch, **split_options):
 
 
 def test_every_real_token_goes_through_the_mlp_once_and_no_padding_does(tiny_model):
-    """Invariant (counted with forward hooks): the prefixes' tree runs each distinct prefix position once (the
-    trie of the prompts' prefixes: in mixed_batch three prompts share their BOS, so 8 + 5 + 12 - 2 positions)
-    through every layer's MLP but the last (whose prefix output nothing reads), then the rows' continuations
-    (len - L + 1 each) through both; tree=False runs each prompt's prefix once (8 + 0 + 5 + 12). Either way fewer
-    than the R x T positions of the unshared forward, and no pad position."""
+    """Invariant (counted with forward hooks): one pass through the layers, every layer's MLP called once; it
+    sees each distinct prefix position once (the trie of the prompts' prefixes: in mixed_batch three prompts share
+    their BOS, so 8 + 5 + 12 - 2 positions) and the rows' continuations (len - L + 1 each) in every layer but the
+    last, whose prefix output nothing reads (only the continuations there); tree=False runs each prompt's prefix
+    once (8 + 0 + 5 + 12). Either way fewer than the R x T positions of the unshared forward, and no pad
+    position."""
     model = tiny_model(seed=5, sliding_window=4)
     batch = mixed_batch()
     prompt_lengths = {int(p): int(n) for p, n in zip(batch["response_prompt"], batch["prompt_lengths"])}
     continuation_tokens = int((batch["attention_mask"].sum(-1) - batch["prompt_lengths"] + 1).sum())
+    layers = len(model.layers)
+    assert layers >= 2
     seen = mlp_token_counts(model, batch)
-    assert sum(seen[:-2]) == len(distinct_prefixes(batch)) == 23 and seen[-2:] == [continuation_tokens] * 2
-    per_prompt = mlp_token_counts(model, batch, tree=False)  # two layers: prefixes (one), then rows (both)
-    assert per_prompt == [sum(n - 1 for n in prompt_lengths.values())] + [continuation_tokens] * 2
-    assert sum(seen) < sum(per_prompt) < batch["input_ids"].numel() * 2
+    assert len(distinct_prefixes(batch)) == 23
+    assert seen == [23 + continuation_tokens] * (layers - 1) + [continuation_tokens]
+    per_prompt = mlp_token_counts(model, batch, tree=False)
+    assert per_prompt == [sum(n - 1 for n in prompt_lengths.values()) + continuation_tokens] * (layers - 1) + [
+        continuation_tokens]
+    assert sum(seen) < sum(per_prompt) < batch["input_ids"].numel() * layers
     batch = few_shot_batch()  # a shared few-shot opening, a repeated prompt (as in a reference pass's pairs)
     seen = mlp_token_counts(model, batch)
     # the opening once, then each question's tokens but its last (the continuation's first) once: 14 + 4 + 8 + 2;
     # the repeated prompt and the two prompts inside others add nothing
-    assert sum(seen[:-2]) == len(distinct_prefixes(batch)) == 14 + 4 + 8 + 2
+    continuation_tokens = int((batch["attention_mask"].sum(-1) - batch["prompt_lengths"] + 1).sum())
+    assert len(distinct_prefixes(batch)) == 14 + 4 + 8 + 2
+    assert seen == [14 + 4 + 8 + 2 + continuation_tokens] * (layers - 1) + [continuation_tokens]
 
 
 def few_shot_batch(seed=0):
