@@ -260,8 +260,13 @@ def test_grouped_anchored_two_processes_equal_one_process(runs, tmp_path):
         # AdamW turns into steps of up to lr where a gradient entry is near 0; a wrong split moves them by ~lr = 1e-2
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-4, msg=name)
     for a, b in zip(metrics(one), metrics(two)):
+        # Step 1 (before any update) is the computation itself: equal to float32 rounding (measured 8e-8 at most).
+        # Later steps differ by more as AdamW's first, sign-like updates turn a gradient entry's rounding into an
+        # lr-sized step (measured 1.2e-5 at step 2, 1.7e-4 at steps 3 and 4: the shares' prefix trees pack their
+        # tokens differently); a prompt whose responses were split over the processes would move the anchor by
+        # O(1) from step 2 on.
         for key in ("loss", "anchor", "margin", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+            assert b[key] == pytest.approx(a[key], rel=1e-6 if a["step"] == 1 else 1e-3, abs=1e-6), (a["step"], key)
 
 
 def test_grouped_shares_keep_whole_prompts(tiny_run):
