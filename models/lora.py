@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from models.bf16 import frozen_linear
 from models.checkpoint import CheckpointError, raise_key_problems
+from models.mistral import swiglu
 
 TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The output head is a target too when named (PEFT's `target_modules=[..., "lm_head"]`), never in "all-linear"
@@ -99,6 +100,15 @@ class LoRALinear(nn.Module):
             out = frozen_linear(x, self.weight)  # (..., out), base dtype (float32 GEMMs on a CPU without bf16 units)
             return out + (self.scaling * update).to(out.dtype)
 
+    def from_swiglu(self, gate, up):
+        """self(silu(gate) * up): models.mistral.MLP's down projection. On a float32 base with the branch on and no
+        dropout, through `_SwiGLULoRA`, which keeps gate and up but not their [..., in] product."""
+        fusable = (not self.disabled and (self.dropout_p == 0 or not self.training) and torch.is_grad_enabled()
+                   and gate.dtype == up.dtype == self.weight.dtype == self.lora_A.weight.dtype)
+        if not fusable:
+            return self(swiglu(gate, up))
+        return _SwiGLULoRA.apply(gate, up, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
+
     def merged_weight(self) -> torch.Tensor:
         """W0 + (alpha / r) B A, summed in float32 and cast back to W0's dtype ([out, in])."""
         delta = self.lora_B.weight @ self.lora_A.weight  # (out, r) @ (r, in) -> (out, in), float32
@@ -151,6 +161,54 @@ class _LoRABranch(torch.autograd.Function):
                 grad_x = grad_x * keep * ctx.keep_scale
             grad_x = grad_x.to(x.dtype)
         return grad_x, grad_A, grad_B, None, None
+
+
+class _SwiGLULoRA(torch.autograd.Function):
+    """out = W0 p + s B A p with p = silu(gate) * up: the MLP's SwiGLU and its LoRA down projection in one Function,
+    float32. gate, up [..., F]; W0 [D, F] frozen; A [r, F], B [D, r]; s = alpha / r.
+
+    Written as `down_proj(swiglu(gate, up))`, autograd keeps gate and up (SwiGLU's backward) and also the product p
+    (A's gradient reads the layer's input). p is silu(gate) * up, one elementwise pass from what is kept anyway, so
+    this Function keeps gate, up and u = A p [..., r] and recomputes p in the backward pass: one [..., F] tensor fewer
+    per layer, at SmolLM2's shape 1536 of the ~10,300 floats a LoRA layer keeps per token, at Mistral-7B's 14336 of
+    ~74,000. The two input gradients (the frozen product's and the branch's) are summed inside one GEMM:
+
+        g_p = g W0 + s (g B) A      dA = s (g B)^T p      dB = s g^T u
+        d gate = silu_backward(g_p * up, gate)            d up = g_p * silu(gate)
+
+    Forward values are those of the unfused modules (the same kernels in the same order); gradients differ by
+    summation order (tests/test_models_lora.py).
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, weight_A, weight_B, scaling):
+        p = F.silu(gate) * up  # (..., F)
+        flat = p.reshape(-1, p.shape[-1])  # (N, F)
+        u = F.linear(flat, weight_A)  # (N, r)
+        out = F.linear(flat, weight).addmm_(u, weight_B.T, alpha=scaling)  # (N, D), as LoRALinear.forward
+        ctx.scaling = scaling
+        ctx.save_for_backward(gate, up, weight, weight_A, weight_B, u)
+        return out.view(*p.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (..., D)
+        gate, up, weight, weight_A, weight_B, u = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, D)
+        gB = (g @ weight_B).mul_(ctx.scaling)  # (N, r)  s g B
+        silu = F.silu(gate).reshape(-1, gate.shape[-1])  # (N, F), recomputed
+        grad_A = grad_B = grad_gate = grad_up = None
+        if ctx.needs_input_grad[3]:
+            grad_A = gB.T @ (silu * up.reshape(silu.shape))  # (r, F)  s (g B)^T p, p recomputed
+        if ctx.needs_input_grad[4]:
+            grad_B = (g.T @ u).mul_(ctx.scaling)  # (D, r)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_p = (g @ weight).addmm_(gB, weight_A)  # (N, F)  g W0 + s (g B) A
+            if ctx.needs_input_grad[0]:
+                grad_gate = torch.ops.aten.silu_backward(grad_p * up.reshape(grad_p.shape),
+                                                         gate.reshape(grad_p.shape)).view(gate.shape)
+            if ctx.needs_input_grad[1]:
+                grad_up = grad_p.mul_(silu).view(up.shape)  # in place: grad_p is not read again
+        return grad_gate, grad_up, None, grad_A, grad_B, None
 
 
 def resolve_targets(targets) -> tuple[str, ...]:

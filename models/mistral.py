@@ -277,8 +277,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # SwiGLU: down(silu(gate x) * up x)
+    def forward(self, x):  # SwiGLU: down(silu(gate x) * up x)
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if hasattr(self.down_proj, "from_swiglu"):  # a LoRA layer (models/lora.py): the product is not kept
+            return self.down_proj.from_swiglu(gate, up)
+        return self.down_proj(swiglu(gate, up))
 
 
 class Block(nn.Module):

@@ -72,6 +72,60 @@ def test_lora_linear_closed_form_and_gradients():
     assert layer.weight.grad is None and not layer.weight.requires_grad
 
 
+def test_swiglu_into_lora_down_projection_closed_form_and_what_it_keeps():
+    """`LoRALinear.from_swiglu(gate, up)` (the MLP's down projection, `_SwiGLULoRA`) against the closed form, float64:
+    p = silu(gate) * up, y = W0 p + s B A p; with g = dL/dy, g_p = W0^T g + s A^T B^T g (per token), dL/dB = s g (A p)^T,
+    dL/dA = s B^T g p^T, dL/dup = g_p * silu(gate), dL/dgate = g_p * up * silu'(gate) with
+    silu'(z) = sigma(z) (1 + z (1 - sigma(z))). Invariant: autograd keeps gate and up but not p (two [N, F] tensors,
+    where `self(swiglu(gate, up))` keeps three). Dropout, a disabled branch and no-grad take the unfused path: the
+    same values."""
+    from models.mistral import swiglu
+
+    torch.manual_seed(0)
+    N, F_, D, r, s = 7, 12, 5, 3, 4.0 / 3
+    weight = torch.randn(D, F_, dtype=torch.float64)
+    layer = LoRALinear(weight.clone(), rank=r, alpha=4.0).double()
+    with torch.no_grad():
+        layer.lora_A.weight.normal_()
+        layer.lora_B.weight.normal_()
+    A, B = layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone()
+    gate = torch.randn(2, N, F_, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(2, N, F_, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, N, D, dtype=torch.float64)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.shape) or t, lambda t: t):
+        y = layer.from_swiglu(gate, up)
+    activations = [shape for shape in kept if math.prod(shape) == 2 * N * F_]  # [N, F] tensors kept
+    assert activations == [gate.shape, gate.shape]
+    sig = torch.sigmoid(gate.detach())
+    p = gate.detach() * sig * up.detach()
+    torch.testing.assert_close(y, p @ weight.T + s * (p @ A.T) @ B.T, rtol=1e-12, atol=1e-12)
+    (y * g).sum().backward()
+    ps, gs = p.reshape(-1, F_), g.reshape(-1, D)
+    grad_p = g @ weight + s * (g @ B) @ A  # (2, N, F)
+    torch.testing.assert_close(layer.lora_B.weight.grad, s * gs.T @ (ps @ A.T), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.lora_A.weight.grad, s * B.T @ gs.T @ ps, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(up.grad, grad_p * gate.detach() * sig, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gate.grad, grad_p * up.detach() * sig * (1 + gate.detach() * (1 - sig)),
+                               rtol=1e-12, atol=1e-12)
+    assert layer.weight.grad is None
+
+    kept.clear()  # the unfused modules keep the product too: what the Function saves
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.shape) or t, lambda t: t):
+        layer(swiglu(gate, up))
+    assert len([shape for shape in kept if math.prod(shape) == 2 * N * F_]) == 3
+    for setup in ("dropout", "disabled", "no_grad"):  # the fallbacks: values of the unfused path
+        other = LoRALinear(weight.clone(), rank=r, alpha=4.0, dropout=0.5 if setup == "dropout" else 0.0).double()
+        other.load_state_dict(layer.state_dict())
+        other.disabled = setup == "disabled"
+        other.train(setup == "dropout")
+        with torch.no_grad() if setup == "no_grad" else torch.enable_grad():
+            torch.manual_seed(1)
+            fused = other.from_swiglu(gate, up)
+            torch.manual_seed(1)
+            torch.testing.assert_close(fused, other(swiglu(gate, up)), rtol=0, atol=0, msg=setup)
+
+
 def test_kaiming_init_matches_pytorch_linear_default():
     """A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)) (gain sqrt(2/(1+5)), bound gain*sqrt(3/in))."""
     layer = LoRALinear(torch.zeros(8, 400), rank=64, alpha=64)
