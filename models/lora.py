@@ -18,7 +18,10 @@ dtype. The branch casts its input to float32, computes B A x in float32, and cas
 output's dtype before the sum, which is what PEFT does on a bf16 base (it keeps adapters in float32 by default).
 On such a base the branch runs as one autograd Function (`_LoRABranch`) that keeps the bf16 input for the backward
 pass rather than a float32 copy per target (see there: at Mistral-7B's shape those copies weigh as much as all other
-activations together).
+activations together). With dropout it runs as that Function on a float32 base too, keeping a one-byte mask where
+nn.Dropout and the adapter's linear layer would keep two float32 tensors per target. The MLP's down projection
+takes its input as gate and up (`LoRALinear.from_swiglu`, `_SwiGLULoRA`) and recomputes their product in the
+backward pass instead of keeping it.
 `merge_lora` forms W0 + (alpha / r) B A in float32 and casts once, back to W0's dtype.
 
 Tied embeddings (`tie_word_embeddings: true`, SmolLM2): the head's W0 is the embedding's tensor. LoRA on `lm_head`
@@ -72,7 +75,6 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=weight.device, dtype=torch.float32)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=weight.device, dtype=torch.float32)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
         self.reset_lora_parameters()
 
@@ -84,30 +86,36 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if self.disabled:
             return frozen_linear(x, self.weight)  # (..., out), base dtype
-        if x.dtype == self.lora_A.weight.dtype:  # a float32 base: nothing to cast, autograd keeps x itself
+        dropout = self.training and self.dropout_p > 0
+        if x.dtype == self.lora_A.weight.dtype and not dropout:  # a float32 base: autograd keeps x itself
             flat = x.reshape(-1, self.in_features)  # (N, in)
-            u = self.lora_A(self.lora_dropout(flat))  # (N, r)
+            u = self.lora_A(flat)  # (N, r)
             # out += scaling * u B^T inside the GEMM (beta = 1): no (N, out) temporaries for the scale and the sum,
             # which at a small D cost as much as the rank-r GEMM itself. In place is safe: F.linear's backward
             # needs x and W, never its output (a fresh 2-D tensor, not a view, whose in-place backward would copy).
             out = F.linear(flat, self.weight).addmm_(u, self.lora_B.weight.T, alpha=self.scaling)  # (N, out)
             return out.view(*x.shape[:-1], self.out_features)
-        else:  # a bf16 base: the same float32 math, keeping x (not a float32 copy of it) for the backward pass
-            keep = None
-            if self.training and self.dropout_p > 0:
-                keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.dropout_p)  # (..., in)
-            update = _LoRABranch.apply(x, self.lora_A.weight, self.lora_B.weight, keep, 1 / (1 - self.dropout_p))
-            out = frozen_linear(x, self.weight)  # (..., out), base dtype (float32 GEMMs on a CPU without bf16 units)
-            return out + (self.scaling * update).to(out.dtype)
+        # A bf16 base, or dropout: the branch as one Function that keeps x (not a float32 copy of it, nor the dropped
+        # copy and the float mask nn.Dropout keeps: two [..., in] floats per target) and a one-byte mask. The mask
+        # is the one F.dropout draws from the same seed (a bool tensor's bernoulli_ takes the same draws).
+        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.dropout_p) if dropout else None
+        update = _LoRABranch.apply(x, self.lora_A.weight, self.lora_B.weight, keep, 1 / (1 - self.dropout_p))
+        out = frozen_linear(x, self.weight)  # (..., out), base dtype (float32 GEMMs on a CPU without bf16 units)
+        if out.dtype == update.dtype:
+            return out.add_(update, alpha=self.scaling)  # in place, as above
+        return out + (self.scaling * update).to(out.dtype)
 
     def from_swiglu(self, gate, up):
-        """self(silu(gate) * up): models.mistral.MLP's down projection. On a float32 base with the branch on and no
-        dropout, through `_SwiGLULoRA`, which keeps gate and up but not their [..., in] product."""
-        fusable = (not self.disabled and (self.dropout_p == 0 or not self.training) and torch.is_grad_enabled()
+        """self(silu(gate) * up): models.mistral.MLP's down projection. On a float32 base with the branch on, through
+        `_SwiGLULoRA`, which keeps gate and up (and dropout's one-byte mask) but not their [..., in] product."""
+        fusable = (not self.disabled and torch.is_grad_enabled()
                    and gate.dtype == up.dtype == self.weight.dtype == self.lora_A.weight.dtype)
         if not fusable:
             return self(swiglu(gate, up))
-        return _SwiGLULoRA.apply(gate, up, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
+        dropout = self.training and self.dropout_p > 0
+        keep = torch.empty_like(gate, dtype=torch.bool).bernoulli_(1 - self.dropout_p) if dropout else None
+        return _SwiGLULoRA.apply(gate, up, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, keep,
+                                 1 / (1 - self.dropout_p))
 
     def merged_weight(self) -> torch.Tensor:
         """W0 + (alpha / r) B A, summed in float32 and cast back to W0's dtype ([out, in])."""
@@ -134,7 +142,7 @@ class _LoRABranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_A, weight_B, keep, keep_scale):
-        x32 = x.float()  # (..., in)
+        x32 = x.to(weight_A.dtype)  # (..., in): float32 (float64 in float64 tests); itself for a float32 x
         if keep is not None:
             x32 = x32 * keep * keep_scale  # dropout
         u = F.linear(x32, weight_A)  # (..., r)
@@ -145,13 +153,13 @@ class _LoRABranch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # grad (..., out), float32
         x, weight_A, weight_B, keep, u = ctx.saved_tensors
-        grad = grad.float()
+        grad = grad.to(weight_A.dtype)
         grad_u = grad @ weight_B  # (..., r)
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[2]:
             grad_B = grad.reshape(-1, grad.shape[-1]).T @ u.reshape(-1, u.shape[-1])  # (out, r)
         if ctx.needs_input_grad[1]:
-            x32 = x.float()  # (..., in), recomputed
+            x32 = x.to(weight_A.dtype)  # (..., in), recomputed
             if keep is not None:
                 x32 = x32 * keep * ctx.keep_scale
             grad_A = grad_u.reshape(-1, grad_u.shape[-1]).T @ x32.reshape(-1, x32.shape[-1])  # (r, in)
@@ -164,51 +172,60 @@ class _LoRABranch(torch.autograd.Function):
 
 
 class _SwiGLULoRA(torch.autograd.Function):
-    """out = W0 p + s B A p with p = silu(gate) * up: the MLP's SwiGLU and its LoRA down projection in one Function,
-    float32. gate, up [..., F]; W0 [D, F] frozen; A [r, F], B [D, r]; s = alpha / r.
+    """out = W0 p + s B A dropout(p) with p = silu(gate) * up: the MLP's SwiGLU and its LoRA down projection in one
+    Function, float32. gate, up [..., F]; W0 [D, F] frozen; A [r, F], B [D, r]; s = alpha / r; keep None or dropout's
+    bool mask [..., F], kept entries scaled by keep_scale = 1 / (1 - dropout).
 
     Written as `down_proj(swiglu(gate, up))`, autograd keeps gate and up (SwiGLU's backward) and also the product p
-    (A's gradient reads the layer's input). p is silu(gate) * up, one elementwise pass from what is kept anyway, so
-    this Function keeps gate, up and u = A p [..., r] and recomputes p in the backward pass: one [..., F] tensor fewer
-    per layer, at SmolLM2's shape 1536 of the ~10,300 floats a LoRA layer keeps per token, at Mistral-7B's 14336 of
-    ~74,000. The two input gradients (the frozen product's and the branch's) are summed inside one GEMM:
+    (A's gradient reads the branch's input; with dropout, the dropped copy and a float mask as well). p is
+    silu(gate) * up, one elementwise pass from what is kept anyway, so this Function keeps gate, up, the mask and
+    u = A dropout(p) [..., r], and recomputes p in the backward pass: at SmolLM2's shape 9% less saved activation
+    memory without dropout (docs/speed.md). The two input gradients (the frozen product's and the branch's) are
+    summed inside one GEMM when there is no dropout:
 
-        g_p = g W0 + s (g B) A      dA = s (g B)^T p      dB = s g^T u
+        g_p = g W0 + dropout'(s (g B) A)      dA = s (g B)^T dropout(p)      dB = s g^T u
         d gate = silu_backward(g_p * up, gate)            d up = g_p * silu(gate)
 
-    Forward values are those of the unfused modules (the same kernels in the same order); gradients differ by
-    summation order (tests/test_models_lora.py).
+    Forward values are those of the unfused modules (the same kernels in the same order, the same dropout mask
+    for a seed); gradients differ by summation order (tests/test_models_lora.py).
     """
 
     @staticmethod
-    def forward(ctx, gate, up, weight, weight_A, weight_B, scaling):
+    def forward(ctx, gate, up, weight, weight_A, weight_B, scaling, keep, keep_scale):
         p = F.silu(gate) * up  # (..., F)
         flat = p.reshape(-1, p.shape[-1])  # (N, F)
-        u = F.linear(flat, weight_A)  # (N, r)
+        branch_in = flat if keep is None else flat * keep.reshape(flat.shape) * keep_scale  # dropout(p)
+        u = F.linear(branch_in, weight_A)  # (N, r)
         out = F.linear(flat, weight).addmm_(u, weight_B.T, alpha=scaling)  # (N, D), as LoRALinear.forward
-        ctx.scaling = scaling
-        ctx.save_for_backward(gate, up, weight, weight_A, weight_B, u)
+        ctx.scaling, ctx.keep_scale = scaling, keep_scale
+        ctx.save_for_backward(gate, up, weight, weight_A, weight_B, u, keep)
         return out.view(*p.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):  # grad (..., D)
-        gate, up, weight, weight_A, weight_B, u = ctx.saved_tensors
+        gate, up, weight, weight_A, weight_B, u, keep = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (N, D)
         gB = (g @ weight_B).mul_(ctx.scaling)  # (N, r)  s g B
         silu = F.silu(gate).reshape(-1, gate.shape[-1])  # (N, F), recomputed
+        up, mask = up.reshape(silu.shape), None if keep is None else keep.reshape(silu.shape)
         grad_A = grad_B = grad_gate = grad_up = None
         if ctx.needs_input_grad[3]:
-            grad_A = gB.T @ (silu * up.reshape(silu.shape))  # (r, F)  s (g B)^T p, p recomputed
+            branch_in = silu * up  # p, recomputed
+            if mask is not None:
+                branch_in = branch_in.mul_(mask).mul_(ctx.keep_scale)  # dropout(p)
+            grad_A = gB.T @ branch_in  # (r, F)
         if ctx.needs_input_grad[4]:
             grad_B = (g.T @ u).mul_(ctx.scaling)  # (D, r)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_p = (g @ weight).addmm_(gB, weight_A)  # (N, F)  g W0 + s (g B) A
+            if mask is None:
+                grad_p = (g @ weight).addmm_(gB, weight_A)  # (N, F)  g W0 + s (g B) A
+            else:
+                grad_p = (g @ weight).add_((gB @ weight_A).mul_(mask).mul_(ctx.keep_scale))
             if ctx.needs_input_grad[0]:
-                grad_gate = torch.ops.aten.silu_backward(grad_p * up.reshape(grad_p.shape),
-                                                         gate.reshape(grad_p.shape)).view(gate.shape)
+                grad_gate = torch.ops.aten.silu_backward(grad_p * up, gate.reshape(silu.shape)).view(gate.shape)
             if ctx.needs_input_grad[1]:
-                grad_up = grad_p.mul_(silu).view(up.shape)  # in place: grad_p is not read again
-        return grad_gate, grad_up, None, grad_A, grad_B, None
+                grad_up = grad_p.mul_(silu).view(gate.shape)  # in place: grad_p is not read again
+        return grad_gate, grad_up, None, grad_A, grad_B, None, None, None
 
 
 def resolve_targets(targets) -> tuple[str, ...]:

@@ -114,16 +114,33 @@ def test_swiglu_into_lora_down_projection_closed_form_and_what_it_keeps():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.shape) or t, lambda t: t):
         layer(swiglu(gate, up))
     assert len([shape for shape in kept if math.prod(shape) == 2 * N * F_]) == 3
-    for setup in ("dropout", "disabled", "no_grad"):  # the fallbacks: values of the unfused path
-        other = LoRALinear(weight.clone(), rank=r, alpha=4.0, dropout=0.5 if setup == "dropout" else 0.0).double()
+    for setup in ("disabled", "no_grad"):  # the fallbacks: the unfused path itself
+        other = LoRALinear(weight.clone(), rank=r, alpha=4.0).double()
         other.load_state_dict(layer.state_dict())
         other.disabled = setup == "disabled"
-        other.train(setup == "dropout")
         with torch.no_grad() if setup == "no_grad" else torch.enable_grad():
-            torch.manual_seed(1)
-            fused = other.from_swiglu(gate, up)
-            torch.manual_seed(1)
-            torch.testing.assert_close(fused, other(swiglu(gate, up)), rtol=0, atol=0, msg=setup)
+            assert torch.equal(other.from_swiglu(gate, up), other(swiglu(gate, up))), setup
+
+    # Dropout (training): the same mask as the unfused modules draw from the same seed, so the same values and
+    # gradients; autograd keeps gate, up and the one-byte mask, not p (the unfused modules keep p too).
+    dropping = LoRALinear(weight.clone(), rank=r, alpha=4.0, dropout=0.5).double().train()
+    dropping.load_state_dict(layer.state_dict())
+    results = []
+    for fused in (True, False):
+        gate.grad = up.grad = None
+        dropping.zero_grad(set_to_none=True)
+        kept.clear()
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.dtype, t.shape)) or t, lambda t: t):
+            y = dropping.from_swiglu(gate, up) if fused else dropping(swiglu(gate, up))
+        (y * g).sum().backward()
+        results.append([y.detach(), gate.grad, up.grad, dropping.lora_A.weight.grad, dropping.lora_B.weight.grad])
+        floats = [shape for dtype, shape in kept if dtype == torch.float64 and math.prod(shape) == 2 * N * F_]
+        assert len(floats) == 2 if fused else len(floats) >= 3
+        assert (torch.bool, gate.shape) in kept if fused else True
+    assert (results[0][0] != p @ weight.T + s * (p @ A.T) @ B.T).any()  # the mask dropped something
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_kaiming_init_matches_pytorch_linear_default():
@@ -223,6 +240,17 @@ def test_dropout_acts_on_lora_branch_only():
     eval_out = layer(x)
     torch.testing.assert_close(eval_out, x @ weight.T + (x @ A.T) @ B.T, rtol=1e-5, atol=1e-5)
     assert max_abs(train_out, eval_out) > 1e-3
+    # Gradients through the dropped branch (the branch's Function, which keeps x and a one-byte mask): with
+    # m = dropped / x the mask scaled by 2, dL/dB = s g (A m x)^T, dL/dA = s B^T g (m x)^T, dL/dx = W0^T g + m A^T B^T g.
+    layer.train()
+    x.requires_grad_(True)
+    g = torch.randn(3, 6)
+    torch.manual_seed(7)
+    (layer(x) * g).sum().backward()
+    m = dropped / x.detach().masked_fill(x.detach() == 0, 1)  # 0 or 2
+    torch.testing.assert_close(layer.lora_B.weight.grad, g.T @ (dropped @ A.T), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_A.weight.grad, B.T @ g.T @ dropped, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, g @ weight + m * ((g @ B) @ A), rtol=1e-5, atol=1e-5)
 
 
 def test_lora_stays_float32_on_bf16_base(tiny_model):
