@@ -278,11 +278,12 @@ def _tree_attention(q, k, v, layout: Layout, first: int):
             continue
         mask = layout.masks[s]
         if mask is None:
-            outputs.append(attention(q_s, k_s, v_s, is_causal=True, enable_gqa=True))  # (1, nh, n, hd)
+            y = attention(q_s, k_s, v_s, is_causal=True, enable_gqa=True)  # (1, nh, n, hd)
         else:
-            outputs.append(attention(q_s, k_s, v_s, attn_mask=mask, enable_gqa=True))  # (1, nh, n, hd)
-    y = torch.cat(outputs, 2)  # (1, nh, Nq, hd)
-    return y[0].transpose(0, 1).reshape(y.shape[2], -1)  # (Nq, nh * hd)
+            y = attention(q_s, k_s, v_s, attn_mask=mask, enable_gqa=True)  # (1, nh, n, hd)
+        # (n, nh * hd): a view, as SDPA keeps the token-major layout q has from its projection
+        outputs.append(y[0].transpose(0, 1).reshape(q_s.shape[2], -1))
+    return torch.cat(outputs)  # (Nq, nh * hd), the one copy
 
 
 def _tree_block(block, x, cos, sin, layout: Layout, last: bool):
