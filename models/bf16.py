@@ -51,6 +51,20 @@ def upcast(tensor: torch.Tensor) -> bool:
     return tensor.dtype == torch.bfloat16 and not native_bf16(tensor.device)
 
 
+def frozen_product(x, weight):
+    """x W^T for a frozen W, the value `frozen_linear` computes (no autograd): in float32 where bf16 is not native."""
+    if upcast(x):
+        return F.linear(x.float(), weight.float()).to(x.dtype)  # (..., out)
+    return F.linear(x, weight)
+
+
+def frozen_input_grad(grad, weight):
+    """g W, the input gradient of `frozen_linear` for an upstream gradient g [..., out]: the same rule."""
+    if upcast(grad):
+        return (grad.float() @ weight.float()).to(grad.dtype)  # (..., in)
+    return grad @ weight
+
+
 class _Float32FrozenLinear(torch.autograd.Function):
     """y = x W^T for bf16 x [..., in] and a frozen bf16 W [out, in], both products in float32, y rounded to bf16.
     Keeps W itself for the backward pass (a parameter: no copy), not its float32 copy:
@@ -61,12 +75,12 @@ class _Float32FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(weight)
-        return F.linear(x.float(), weight.float()).to(x.dtype)  # (..., out)
+        return frozen_product(x, weight)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad):  # grad (..., out)
         (weight,) = ctx.saved_tensors
-        return (grad.float() @ weight.float()).to(grad.dtype), None  # (..., in)
+        return frozen_input_grad(grad, weight), None  # (..., in)
 
 
 def frozen_linear(x, weight):

@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.bf16 import frozen_linear
+from models.bf16 import frozen_input_grad, frozen_linear, frozen_product
 from models.checkpoint import CheckpointError, raise_key_problems
 from models.mistral import swiglu
 
@@ -106,10 +106,9 @@ class LoRALinear(nn.Module):
         return out + (self.scaling * update).to(out.dtype)
 
     def from_swiglu(self, gate, up):
-        """self(silu(gate) * up): models.mistral.MLP's down projection. On a float32 base with the branch on, through
-        `_SwiGLULoRA`, which keeps gate and up (and dropout's one-byte mask) but not their [..., in] product."""
-        fusable = (not self.disabled and torch.is_grad_enabled()
-                   and gate.dtype == up.dtype == self.weight.dtype == self.lora_A.weight.dtype)
+        """self(silu(gate) * up): models.mistral.MLP's down projection. With the branch on, through `_SwiGLULoRA`,
+        which keeps gate and up (and dropout's one-byte mask) but not their [..., in] product."""
+        fusable = not self.disabled and torch.is_grad_enabled() and gate.dtype == up.dtype == self.weight.dtype
         if not fusable:
             return self(swiglu(gate, up))
         dropout = self.training and self.dropout_p > 0
@@ -173,54 +172,65 @@ class _LoRABranch(torch.autograd.Function):
 
 class _SwiGLULoRA(torch.autograd.Function):
     """out = W0 p + s B A dropout(p) with p = silu(gate) * up: the MLP's SwiGLU and its LoRA down projection in one
-    Function, float32. gate, up [..., F]; W0 [D, F] frozen; A [r, F], B [D, r]; s = alpha / r; keep None or dropout's
-    bool mask [..., F], kept entries scaled by keep_scale = 1 / (1 - dropout).
+    Function. gate, up [..., F] and W0 [D, F] (frozen) in the base's dtype; A [r, F], B [D, r] float32 (the
+    adapter's); s = alpha / r; keep None or dropout's bool mask [..., F], kept entries scaled by keep_scale =
+    1 / (1 - dropout).
 
     Written as `down_proj(swiglu(gate, up))`, autograd keeps gate and up (SwiGLU's backward) and also the product p
-    (A's gradient reads the branch's input; with dropout, the dropped copy and a float mask as well). p is
-    silu(gate) * up, one elementwise pass from what is kept anyway, so this Function keeps gate, up, the mask and
-    u = A dropout(p) [..., r], and recomputes p in the backward pass: at SmolLM2's shape 9% less saved activation
-    memory without dropout (docs/speed.md). The two input gradients (the frozen product's and the branch's) are
-    summed inside one GEMM when there is no dropout:
+    (A's gradient reads the branch's input; with dropout on a float32 base, the dropped copy and a float mask as
+    well). p is silu(gate) * up, one elementwise pass from what is kept anyway, so this Function keeps gate, up, the
+    mask and u = A dropout(p) [..., r], and recomputes p in the backward pass: at SmolLM2's shape 9% less saved
+    activation memory (docs/speed.md), at Mistral-7B's one [N, 14336] tensor per layer. With g = dL/dout:
 
         g_p = g W0 + dropout'(s (g B) A)      dA = s (g B)^T dropout(p)      dB = s g^T u
         d gate = silu_backward(g_p * up, gate)            d up = g_p * silu(gate)
 
-    Forward values are those of the unfused modules (the same kernels in the same order, the same dropout mask
-    for a seed); gradients differ by summation order (tests/test_models_lora.py).
+    the branch in float32 as LoRALinear computes it (p upcast; its input gradient rounded to the base's dtype), the
+    frozen product as models/bf16.py runs it. Forward values are those of the unfused modules (the same kernels in
+    the same order, the same dropout mask for a seed); gradients differ by summation order
+    (tests/test_models_lora.py).
     """
 
     @staticmethod
     def forward(ctx, gate, up, weight, weight_A, weight_B, scaling, keep, keep_scale):
-        p = F.silu(gate) * up  # (..., F)
+        p = F.silu(gate) * up  # (..., F), base dtype
         flat = p.reshape(-1, p.shape[-1])  # (N, F)
-        branch_in = flat if keep is None else flat * keep.reshape(flat.shape) * keep_scale  # dropout(p)
+        branch_in = flat.to(weight_A.dtype)  # float32 (itself on a float32 base)
+        if keep is not None:
+            branch_in = branch_in * keep.reshape(flat.shape) * keep_scale  # dropout(p)
         u = F.linear(branch_in, weight_A)  # (N, r)
-        out = F.linear(flat, weight).addmm_(u, weight_B.T, alpha=scaling)  # (N, D), as LoRALinear.forward
+        if flat.dtype == weight_A.dtype:  # as LoRALinear.forward on a float32 base
+            out = F.linear(flat, weight).addmm_(u, weight_B.T, alpha=scaling)  # (N, D)
+        else:  # as LoRALinear.forward on a bf16 base
+            out = frozen_product(flat, weight) + (scaling * F.linear(u, weight_B)).to(flat.dtype)  # (N, D)
         ctx.scaling, ctx.keep_scale = scaling, keep_scale
         ctx.save_for_backward(gate, up, weight, weight_A, weight_B, u, keep)
         return out.view(*p.shape[:-1], out.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad):  # grad (..., D)
+    def backward(ctx, grad):  # grad (..., D), base dtype
         gate, up, weight, weight_A, weight_B, u, keep = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (N, D)
-        gB = (g @ weight_B).mul_(ctx.scaling)  # (N, r)  s g B
-        silu = F.silu(gate).reshape(-1, gate.shape[-1])  # (N, F), recomputed
+        g32 = g.to(weight_A.dtype)  # (N, D) the branch's upstream gradient, float32
+        gB = (g32 @ weight_B).mul_(ctx.scaling)  # (N, r)  s g B
+        silu = F.silu(gate).reshape(-1, gate.shape[-1])  # (N, F), recomputed, base dtype
         up, mask = up.reshape(silu.shape), None if keep is None else keep.reshape(silu.shape)
         grad_A = grad_B = grad_gate = grad_up = None
         if ctx.needs_input_grad[3]:
-            branch_in = silu * up  # p, recomputed
+            branch_in = (silu * up).to(weight_A.dtype)  # p, recomputed
             if mask is not None:
                 branch_in = branch_in.mul_(mask).mul_(ctx.keep_scale)  # dropout(p)
             grad_A = gB.T @ branch_in  # (r, F)
         if ctx.needs_input_grad[4]:
-            grad_B = (g.T @ u).mul_(ctx.scaling)  # (D, r)
+            grad_B = (g32.T @ u).mul_(ctx.scaling)  # (D, r)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            if mask is None:
-                grad_p = (g @ weight).addmm_(gB, weight_A)  # (N, F)  g W0 + s (g B) A
+            if mask is None and g.dtype == weight_A.dtype:
+                grad_p = (g @ weight).addmm_(gB, weight_A)  # (N, F)  g W0 + s (g B) A, one GEMM's sum
             else:
-                grad_p = (g @ weight).add_((gB @ weight_A).mul_(mask).mul_(ctx.keep_scale))
+                branch = gB @ weight_A  # (N, F) float32
+                if mask is not None:
+                    branch = branch.mul_(mask).mul_(ctx.keep_scale)
+                grad_p = frozen_input_grad(g, weight).add_(branch.to(g.dtype))
             if ctx.needs_input_grad[0]:
                 grad_gate = torch.ops.aten.silu_backward(grad_p * up, gate.reshape(silu.shape)).view(gate.shape)
             if ctx.needs_input_grad[1]:
