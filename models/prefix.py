@@ -225,10 +225,10 @@ def sequence_masks(starts: list[int], lengths: list[int], window: int | None, de
 
 class Layout:
     """Every run of tokens one shared-prefix forward computes, packed in one sequence: the prefixes' tree nodes in
-    level order (every node after its parent), then the R continuations. Per run s: `lengths[s]` tokens at
-    absolute positions `starts[s]` ..., attending after `parents[s]`'s keys and values (the run of its parent node,
-    for a continuation its prompt's node; -1: nothing before it), under `masks[s]` (`sequence_masks`). `ids` [N]
-    and `positions` [N] are the packed tokens; the first `prefix_tokens` of them are the tree's, the rest the
+    level order (every node after its parent), then the R continuations. Per run s: `lengths[s]` tokens,
+    attending after `parents[s]`'s keys and values (the run of its parent node, for a continuation its prompt's
+    node; -1: nothing before it), under `masks[s]` (`sequence_masks`). `ids` [N] and `positions` [N] (absolute)
+    are the packed tokens; the first `prefix_tokens` of them are the tree's (`nodes` runs), the rest the
     continuations', `index` the continuations' flat positions in the padded [R, Tr] layout."""
 
     def __init__(self, split, window: int | None):
@@ -245,7 +245,7 @@ class Layout:
                 self.lengths.append(n)
                 self.parents.append(node_run[parent] if parent >= 0 else -1)
         self.nodes, self.prefix_tokens = len(self.lengths), sum(self.lengths)
-        R, Tr = continuation_ids.shape
+        Tr = continuation_ids.shape[1]
         packing = Packing(split["continuation_lengths"], Tr)
         ids.append(packing.pack(continuation_ids))
         positions.append(packing.pack(start[:, None] + torch.arange(Tr, device=device)))
