@@ -86,8 +86,8 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if self.disabled:
             return frozen_linear(x, self.weight)  # (..., out), base dtype
-        dropout = self.training and self.dropout_p > 0
-        if x.dtype == self.lora_A.weight.dtype and not dropout:  # a float32 base: autograd keeps x itself
+        keep = self._dropout_mask(x)  # (..., in) bool, or None: no dropout
+        if x.dtype == self.lora_A.weight.dtype and keep is None:  # a float32 base: autograd keeps x itself
             flat = x.reshape(-1, self.in_features)  # (N, in)
             u = self.lora_A(flat)  # (N, r)
             # out += scaling * u B^T inside the GEMM (beta = 1): no (N, out) temporaries for the scale and the sum,
@@ -96,9 +96,7 @@ class LoRALinear(nn.Module):
             out = F.linear(flat, self.weight).addmm_(u, self.lora_B.weight.T, alpha=self.scaling)  # (N, out)
             return out.view(*x.shape[:-1], self.out_features)
         # A bf16 base, or dropout: the branch as one Function that keeps x (not a float32 copy of it, nor the dropped
-        # copy and the float mask nn.Dropout keeps: two [..., in] floats per target) and a one-byte mask. The mask
-        # is the one F.dropout draws from the same seed (a bool tensor's bernoulli_ takes the same draws).
-        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.dropout_p) if dropout else None
+        # copy and the float mask nn.Dropout keeps: two [..., in] floats per target) and the one-byte mask.
         update = _LoRABranch.apply(x, self.lora_A.weight, self.lora_B.weight, keep, 1 / (1 - self.dropout_p))
         out = frozen_linear(x, self.weight)  # (..., out), base dtype (float32 GEMMs on a CPU without bf16 units)
         if out.dtype == update.dtype:
@@ -111,10 +109,15 @@ class LoRALinear(nn.Module):
         fusable = not self.disabled and torch.is_grad_enabled() and gate.dtype == up.dtype == self.weight.dtype
         if not fusable:
             return self(swiglu(gate, up))
-        dropout = self.training and self.dropout_p > 0
-        keep = torch.empty_like(gate, dtype=torch.bool).bernoulli_(1 - self.dropout_p) if dropout else None
-        return _SwiGLULoRA.apply(gate, up, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, keep,
-                                 1 / (1 - self.dropout_p))
+        return _SwiGLULoRA.apply(gate, up, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                                 self._dropout_mask(gate), 1 / (1 - self.dropout_p))
+
+    def _dropout_mask(self, x):
+        """Dropout's keep mask for the branch's input x, bool (one byte per entry), or None when dropout is off. It is
+        the mask F.dropout draws from the same seed (a bool tensor's bernoulli_ takes the same draws)."""
+        if not (self.training and self.dropout_p > 0):
+            return None
+        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - self.dropout_p)
 
     def merged_weight(self) -> torch.Tensor:
         """W0 + (alpha / r) B A, summed in float32 and cast back to W0's dtype ([out, in])."""

@@ -73,12 +73,12 @@ def test_lora_linear_closed_form_and_gradients():
 
 
 def test_swiglu_into_lora_down_projection_closed_form_and_what_it_keeps():
-    """`LoRALinear.from_swiglu(gate, up)` (the MLP's down projection, `_SwiGLULoRA`) against the closed form, float64:
-    p = silu(gate) * up, y = W0 p + s B A p; with g = dL/dy, g_p = W0^T g + s A^T B^T g (per token), dL/dB = s g (A p)^T,
-    dL/dA = s B^T g p^T, dL/dup = g_p * silu(gate), dL/dgate = g_p * up * silu'(gate) with
+    """`LoRALinear.from_swiglu(gate, up)` (the MLP's down projection, `_SwiGLULoRA`) against the closed form,
+    float64: p = silu(gate) * up, y = W0 p + s B A p; with g = dL/dy, g_p = W0^T g + s A^T B^T g (per token),
+    dL/dB = s g (A p)^T, dL/dA = s B^T g p^T, dL/dup = g_p * silu(gate), dL/dgate = g_p * up * silu'(gate) with
     silu'(z) = sigma(z) (1 + z (1 - sigma(z))). Invariant: autograd keeps gate and up but not p (two [N, F] tensors,
-    where `self(swiglu(gate, up))` keeps three). Dropout, a disabled branch and no-grad take the unfused path: the
-    same values."""
+    where `self(swiglu(gate, up))` keeps three). A disabled branch and no-grad take the unfused path itself; with
+    dropout the Function equals the unfused modules for the same seed."""
     from models.mistral import swiglu
 
     torch.manual_seed(0)
