@@ -213,7 +213,7 @@ class Rollouts:
 
 
 @torch.no_grad()
-def sample_rollouts(model, prompt_ids: list[list[int]], k: int, max_new_tokens: int, eos_id: int,
+def sample_rollouts(model, prompt_ids: list[list[int]], k: int, max_new_tokens: int, eos_id: int | None,
                     generator: torch.Generator | None = None) -> Rollouts:
     """K completions per prompt from the model itself: temperature 1, no top-k/p or min-p (Eq. 4 is an
     expectation over pi). Built from models/generate.py's pieces (prefill, decode_n_tokens, sample_token),
