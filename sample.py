@@ -63,8 +63,8 @@ class PromptError(ValueError):
 
 
 def read_prompts(path) -> list[str | list[dict]]:
-    """Prompts from a .jsonl file (objects with a "prompt": a string, or chat messages ending with a user turn) or
-    any other file (one prompt per line)."""
+    """Prompts from a .jsonl file (objects with a "prompt": a string, or chat messages ending with a user turn; or,
+    as HF chat datasets name them, "messages") or any other file (one prompt per line)."""
     path = Path(path)
     if not path.is_file():
         raise PromptError(f"{path}: no such file")
@@ -85,34 +85,37 @@ def read_prompts(path) -> list[str | list[dict]]:
             raise PromptError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
         except RecursionError:  # a line made to break the parser
             raise PromptError(f"{path}:{number}: not valid JSON (nested too deeply to parse)") from None
-        if not isinstance(record, dict) or "prompt" not in record:
-            raise PromptError(f'{path}:{number}: missing field "prompt"')
-        prompts.append(conversation_or_text(record["prompt"], f"{path}:{number}"))
+        field = next((key for key in ("prompt", "messages") if isinstance(record, dict) and key in record), None)
+        if field is None:
+            raise PromptError(f'{path}:{number}: missing field "prompt" (or "messages", chat messages)')
+        prompts.append(conversation_or_text(record[field], f"{path}:{number}", field))
     if not prompts:
         raise PromptError(f"{path}: no prompts")
     return prompts
 
 
-def conversation_or_text(value, where: str) -> str | list[dict]:
+def conversation_or_text(value, where: str, field: str = "prompt") -> str | list[dict]:
     """A "prompt" field: a non-empty string, or chat messages as training data's (data/preferences.py parse_prompt's
-    rules) ending with a user turn; PromptError naming `where` otherwise."""
+    rules) ending with a user turn; a "messages" field: such messages only. PromptError naming `where` otherwise."""
     def fail(problem):
         raise PromptError(f"{where}: {problem}")
 
+    if field == "messages" and (not isinstance(value, list) or not value):
+        fail(f'field "messages" must be a non-empty list of messages, got {value!r:.60}')
     if isinstance(value, str):
         if not value.strip():
-            fail('field "prompt" must be a non-empty string or a list of messages')
+            fail(f'field "{field}" must be a non-empty string or a list of messages')
         if lone_surrogate(value):  # "\ud800" in JSON: no tokenizer can encode it
-            fail(f'field "prompt" {lone_surrogate(value)}')
+            fail(f'field "{field}" {lone_surrogate(value)}')
         return value
     if not isinstance(value, list) or not value:
-        fail(f'field "prompt" must be a non-empty string or a list of messages, got {value!r:.60}')
-    messages = parse_prompt(value, "prompt", fail)
+        fail(f'field "{field}" must be a non-empty string or a list of messages, got {value!r:.60}')
+    messages = parse_prompt(value, field, fail)
     for message in messages:
         if lone_surrogate(message["content"]):
-            fail(f'field "prompt" {lone_surrogate(message["content"])}')
+            fail(f'field "{field}" {lone_surrogate(message["content"])}')
     if messages[-1]["role"] != "user":
-        fail(f'field "prompt": the last message must be the user\'s turn, got role {messages[-1]["role"]!r}')
+        fail(f'field "{field}": the last message must be the user\'s turn, got role {messages[-1]["role"]!r}')
     return messages
 
 

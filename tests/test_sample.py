@@ -163,7 +163,7 @@ def test_readable_output(world, capsys):
 
 @pytest.mark.parametrize("content, message", [
     ('{"prompt": "a"}\n{"prompt": \n', "{path}:2: not valid JSON"),
-    ('{"prompt": "a"}\n\n{"text": "b"}\n', '{path}:3: missing field "prompt"'),
+    ('{"prompt": "a"}\n\n{"text": "b"}\n', '{path}:3: missing field "prompt" (or "messages", chat messages)'),
     ('{"prompt": 5}\n', '{path}:1: field "prompt" must be a non-empty string'),
     ("\n\n", "{path}: no prompts"),
 ], ids=["bad_json", "missing_field", "not_a_string", "empty"])

@@ -61,6 +61,10 @@ def test_conversations_and_system_flag_are_prompted_as_mistral_common_does(v1_mo
                                                           {"role": "user", "content": "Best season?"}])
     (only,) = sampled(capsys, ["--model", str(v1_model), "--prompt", "Best season?", "--system", "Be brief."])
     assert only["prompt_ids"] == second["prompt_ids"]
+    # "messages", as HF chat datasets name a conversation, is read as "prompt" is
+    prompts.write_text(json.dumps({"messages": CONVERSATION}) + "\n", encoding="utf-8")
+    (only,) = sampled(capsys, ["--model", str(v1_model), "--prompts", str(prompts)])
+    assert only["prompt_ids"] == mistral_common_prompt(CONVERSATION) and only["prompt"] == CONVERSATION
 
 
 @pytest.mark.parametrize("record, problem", [
@@ -68,6 +72,9 @@ def test_conversations_and_system_flag_are_prompted_as_mistral_common_does(v1_mo
                                    "'assistant'"),
     ({"prompt": [{"role": "user"}]}, 'field "prompt" message 0: expected an object with "role" and "content"'),
     ({"prompt": 3}, 'field "prompt" must be a non-empty string or a list of messages, got 3'),
+    ({"messages": "Best pet?"}, "field \"messages\" must be a non-empty list of messages, got 'Best pet?'"),
+    ({"messages": CONVERSATION[:3]}, "field \"messages\": the last message must be the user's turn, got role "
+                                     "'assistant'"),
 ])
 def test_bad_conversations_are_refused_naming_the_line(v1_model, tmp_path, capsys, record, problem):
     prompts = tmp_path / "prompts.jsonl"
