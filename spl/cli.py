@@ -32,6 +32,11 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+def steps(count: int) -> str:
+    """"1 step", "4 steps": the run's length as the start-up lines and errors say it."""
+    return f"{count} step{'s' * (count != 1)}"
+
+
 def resolve_device(name: str):
     """--device as a torch.device (auto: CUDA if available); a bad name is a usage error."""
     try:

@@ -19,7 +19,7 @@ from data.tokenization import check_lengths
 from models.chat_format import FORMATS as CHAT_FORMATS
 from models.bf16 import bf16_note
 from models.lora import HEAD_TARGET, TARGET_NAMES, check_head_dropout, max_rank, resolve_targets
-from spl.cli import ArgumentParser, UsageError, check_seed, check_threads
+from spl.cli import ArgumentParser, UsageError, check_seed, check_threads, steps
 from spl.evaluation import check_evaluation_options
 from spl.losses import FDPO_DIVERGENCES, check_label_smoothing
 from spl.online import ESTIMATORS as ONLINE_ESTIMATORS
@@ -465,7 +465,7 @@ def describe(c: TrainConfig, num_parameters: int, trainable: dict, num_examples:
     `warnings`."""
     processes = f" x {world_size} processes{' (FSDP)' if c.fsdp else ''}" if world_size > 1 else ""
     return (f"model: {num_parameters / 1e6:.2f}M parameters; {sum(p.numel() for p in trainable.values()) / 1e6:.3f}M "
-            f"trainable{' (LoRA)' if c.lora_rank else ''}; {num_examples} examples, {total_steps} steps of "
+            f"trainable{' (LoRA)' if c.lora_rank else ''}; {num_examples} examples, {steps(total_steps)} of "
             f"{f'{c.prompts_per_batch} prompts' if c.prompts_per_batch else c.batch_size}"
             f"{f', anchor {c.anchor:g}' if c.anchor else ''} on {device}{processes}"
             f"{bf16_note(device) if c.dtype == 'bfloat16' else ''}"
@@ -494,6 +494,6 @@ def warnings(c: TrainConfig, total_steps: int) -> list[str]:
     """One line per option that does something other than it seems to in this run."""
     said = []
     if c.warmup_steps > total_steps:
-        said.append(f"warning: --warmup-steps {c.warmup_steps} is longer than the run's {total_steps} steps: the "
+        said.append(f"warning: --warmup-steps {c.warmup_steps} is longer than the run's {steps(total_steps)}: the "
                     f"learning rate never reaches --lr {c.lr:g} (it ends at {c.lr * total_steps / c.warmup_steps:.3g})")
     return said

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from data.reference_cache import reference_logps
 from models.lora import lora_modules
 from spl import runs
-from spl.cli import UsageError
+from spl.cli import UsageError, steps
 
 
 @dataclass(frozen=True)
@@ -326,7 +326,7 @@ def resume(out: Path, trainable: dict, optimizer, batches, total_steps: int, pro
     checkpoint = Path(checkpoint)
     tensors, optimizer_state, rng, state = found[1] if procs.main else runs.load_checkpoint(checkpoint)
     if state["step"] > total_steps:
-        raise UsageError(f"{checkpoint}: is step {state['step']}, past the {total_steps} steps asked for; give "
+        raise UsageError(f"{checkpoint}: is step {state['step']}, past the {steps(total_steps)} asked for; give "
                          f"--steps {state['step']} or more to continue")
     if set(tensors) != set(trainable):
         raise runs.RunError(f"{checkpoint}: holds {sorted(set(tensors) ^ set(trainable))[:4]}... "

@@ -113,7 +113,7 @@ def test_train_on_a_three_shard_split_uses_every_record(tiny_run, tmp_path, caps
             "--no-progress", "--no-plot"]
     assert train.main(["--data", str(repo), *argv]) == 0
     printed = capsys.readouterr().out
-    assert "(+ 2 more): read 24 pairs, kept 24, skipped 0" in printed and "24 examples, 1 steps" in printed
+    assert "(+ 2 more): read 24 pairs, kept 24, skipped 0" in printed and "24 examples, 1 step of" in printed
     parts = [str(p) for p in sorted((repo / "data").iterdir())]
     assert train.main(["--data", *parts[:2], *argv, "--overwrite"]) == 0  # several paths
     assert "16 examples" in capsys.readouterr().out

@@ -99,7 +99,7 @@ def test_resume_refuses_a_changed_option_and_extends_steps(tiny, tmp_path, capsy
         assert err.startswith(f"train.py: error: {out / 'config.json'}: ") and said in err and "\n" not in err
         assert {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.rglob("*")} == before
     assert train.main(args(tiny, out, "--steps", "1", "--save-every", "2", "--resume")) == 2
-    assert "is step 2, past the 1 steps asked for" in capsys.readouterr().err
+    assert "is step 2, past the 1 step asked for" in capsys.readouterr().err
     assert train.main(args(tiny, out, "--steps", "3", "--save-every", "2", "--resume", "--log-every", "1")) == 0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3] and (out / "checkpoints" / "step_000003").is_dir()
