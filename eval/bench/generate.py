@@ -196,8 +196,10 @@ def main(argv=None) -> int:
         hf_model = attach_lora(hf_model, ours, args.lora, Path(adapter_dir.name) / "adapter")
         difference = next_token_difference(hf_model, ours, prompt)
         print(f"LoRA r = {args.lora} on both: next-token logits differ by {difference:.1e} of their largest")
-        if difference > 1e-4:
-            raise SystemExit("generate bench: the two models with the adapter are not the same function")
+        tolerance = 1e-4 if dtype == torch.float32 else 5e-2  # bf16: each side rounds its activations its own way
+        if difference > tolerance:
+            raise SystemExit(f"generate bench: the two models with the adapter are not the same function "
+                             f"({difference:.1e} > {tolerance:g})")
 
     def synchronised(function):  # CUDA runs asynchronously: a timed call ends when the device is done
         def run():

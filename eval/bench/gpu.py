@@ -17,7 +17,8 @@ seconds and the step's own JSON record (the last JSON line it printed).
   logprobs_fused  eval/bench/logprobs.py at D = 4096, V = 32768 (B = 4, T = 1024, bf16): the fused kernel, torch's
   logprobs_naive  chunked F.linear_cross_entropy and the naive log_softmax path, time and peak extra memory each
   logprobs_torch
-  generate        eval/bench/generate.py: models.generate against HF generate, 16 samples x 128 tokens, bf16
+  generate        eval/bench/generate.py: models.generate and online SPL's sampler against HF generate + peft, a
+                  live LoRA (r = 16) on both, 16 samples x 128 tokens, bf16
   torchrun_train  torchrun --nproc_per_node 1 train.py: 3 steps of the main job on the GPU, launched as at scale
   nccl_fsdp2      this module's --fsdp-smoke under torchrun: a process group on NCCL (gloo on the dry run), an
                   all-reduce, then the frozen weights sharded with FSDP2's fully_shard (spl.distributed's
@@ -69,7 +70,7 @@ def steps(dry_run: bool, work: Path) -> list[tuple[str, list[str], dict, int]]:
                                 "--dtype", dtype, *logprobs_shape], {}, 40)
           for name, method in (("fused", "fused"), ("naive", "naive"), ("torch", "torch_chunked"))],
         ("generate", [py, str(ROOT / "eval/bench/generate.py"), "--device", device, "--dtype", dtype, "--json",
-                      *generate_shape], {}, 45),
+                      "--lora", "16", *generate_shape], {}, 45),
         ("torchrun_train", [*torchrun, str(ROOT / "train.py"), "--steps", "3", "--device", device, "--no-progress",
                            "--out", str(work / "torchrun")], {}, 45),
         ("nccl_fsdp2", [*torchrun, str(ROOT / "eval/bench/gpu.py"), "--fsdp-smoke", "--device", device], {}, 45),
