@@ -89,9 +89,9 @@ def load_real(name, dtype, device):
 
 
 def attach_lora(hf_model, ours, rank: int, directory: Path, seed: int = 0):
-    """The same live LoRA adapter on both models -> (HF's peft model, largest difference of the next-token logits
-    relative to their largest magnitude). Ours: models/lora.py on the seven projections, B drawn at random (std
-    0.02) so the branch is not zero; written in PEFT format (models/peft.py) and read by peft onto HF's model."""
+    """The same live LoRA adapter on both models -> HF's model wrapped by peft (ours is changed in place). Ours:
+    models/lora.py on the seven projections, lora_alpha = rank, B drawn at random (std 0.02) so the branch is not
+    zero; written in PEFT format (models/peft.py) to `directory` and read from there by peft onto HF's model."""
     import peft
     import torch
 
